@@ -1,0 +1,141 @@
+//! The validated manifest: what the supervisor runs from. Every value here is resolved
+//! (defaults applied, relative paths made absolute against the manifest's directory,
+//! `"auto"` turned into a number), so the supervisor never re-interprets raw TOML.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+/// A whole manifest after parsing and validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Manifest {
+    /// The manifest file, absolute.
+    pub path: PathBuf,
+    /// The directory relative paths were resolved against (the manifest's directory).
+    pub dir: PathBuf,
+    /// `[supervisor]`.
+    pub supervisor: SupervisorConfig,
+    /// `[sockets.NAME]`, by name.
+    pub sockets: BTreeMap<String, SocketConfig>,
+    /// `[apps.NAME]`, by name.
+    pub apps: BTreeMap<String, AppConfig>,
+    /// `[metrics]`, when present.
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[supervisor]`: settings of the clusterd process itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SupervisorConfig {
+    /// Default grace period between the stop signal and SIGKILL (`stop_timeout`, default 10s).
+    pub stop_timeout: Duration,
+    /// Directory for the control socket, pid file and notify socket (`run_dir`); `None` means
+    /// the default chosen by the supervisor.
+    pub run_dir: Option<PathBuf>,
+}
+
+/// `[sockets.NAME]`: a listening socket clusterd binds once and hands to workers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SocketConfig {
+    /// Where to listen.
+    pub listen: Listen,
+    /// `backlog` (default 1024).
+    pub backlog: u32,
+    /// `mode` of a unix socket file, e.g. `"0660"` (default 0o666 minus umask: `None`).
+    pub mode: Option<u32>,
+}
+
+/// The address of a listening socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// `"host:port"` or `"[v6]:port"`; the host was resolved at validation time.
+    Tcp(SocketAddr),
+    /// `"unix:/path"`; relative paths are resolved against the manifest's directory.
+    Unix(PathBuf),
+}
+
+/// `[apps.NAME]`: one group of identical workers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppConfig {
+    /// `command`: argv, non-empty. `argv[0]` containing a `/` was made absolute against the
+    /// manifest's directory; a bare name is looked up in `PATH` at each spawn.
+    pub command: Vec<String>,
+    /// `workers`: an integer >= 1, or `"auto"` resolved to the number of CPUs.
+    pub workers: usize,
+    /// `sockets`: names of `[sockets.*]` entries, passed as fds 3, 4, ... in this order.
+    pub sockets: Vec<String>,
+    /// `env`: extra environment variables (the supervisor's own environment is inherited).
+    pub env: BTreeMap<String, String>,
+    /// `cwd`: absolute working directory (default: the manifest's directory).
+    pub cwd: PathBuf,
+    /// `stop_signal` (default SIGTERM), accepted as `"SIGTERM"`, `"TERM"` or a number.
+    pub stop_signal: Signal,
+    /// `stop_timeout` (default: `[supervisor].stop_timeout`).
+    pub stop_timeout: Duration,
+    /// `restart` (default `always`).
+    pub restart: RestartPolicy,
+    /// `backoff_initial`, `backoff_max`, `backoff_reset`.
+    pub backoff: Backoff,
+    /// `ready` and `ready_delay`.
+    pub ready: Readiness,
+    /// `ready_timeout` (default 30s): a worker not ready by then is killed.
+    pub ready_timeout: Duration,
+    /// `watchdog`: when set, a worker must send `WATCHDOG=1` at least this often.
+    pub watchdog: Option<Duration>,
+    /// `[apps.NAME.reload]`.
+    pub reload: ReloadConfig,
+}
+
+/// When a worker that exited is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// Whatever the exit status.
+    Always,
+    /// Only after a non-zero exit or a death by signal.
+    OnFailure,
+    /// Never: the slot stays empty.
+    Never,
+}
+
+/// Exponential backoff between repeated crashes of a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// `backoff_initial` (default 100ms): the delay after the second crash in a row
+    /// (the first crash is replaced at once).
+    pub initial: Duration,
+    /// `backoff_max` (default 30s): the delay never grows beyond this.
+    pub max: Duration,
+    /// `backoff_reset` (default 10s): a worker up this long resets the crash streak.
+    pub reset_after: Duration,
+}
+
+/// How the supervisor learns that a new worker is ready to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// `ready = "immediate"` (default): as soon as it has been spawned.
+    Immediate,
+    /// `ready = "delay"` with `ready_delay` (default 1s): alive that long.
+    Delay(Duration),
+    /// `ready = "notify"`: it sends `READY=1` to `NOTIFY_SOCKET`.
+    Notify,
+}
+
+/// `[apps.NAME.reload]`: how a rolling reload proceeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadConfig {
+    /// `surge` (default 1): new workers started ahead of stopping old ones.
+    pub surge: usize,
+    /// `bake` (default 0s): how long a new worker must stay ready before its old one stops.
+    pub bake: Duration,
+    /// `rollback` (default false): on abort, also roll the already-replaced slots back.
+    pub rollback: bool,
+}
+
+/// `[metrics]`: the optional Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// `listen`: a TCP `host:port`.
+    pub listen: SocketAddr,
+}
