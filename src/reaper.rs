@@ -1,0 +1,91 @@
+//! The one owner of `waitpid`. On every SIGCHLD it collects all exited children — workers and
+//! the grandchildren adopted by this child subreaper alike — with `waitpid(-1, WNOHANG)`.
+//! Nothing else in clusterd reaps (no `tokio::process`, no `Child::wait`).
+
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It called `exit` with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(Signal),
+}
+
+impl ExitStatus {
+    /// True for a clean `exit(0)`.
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Code(code) => write!(f, "status {code}"),
+            ExitStatus::Signal(sig) => write!(f, "signal {}", sig.as_str()),
+        }
+    }
+}
+
+/// One reaped process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// Its pid.
+    pub pid: Pid,
+    /// How it ended.
+    pub status: ExitStatus,
+}
+
+/// Turns SIGCHLD into batches of [`Exit`]s.
+pub struct Reaper {
+    sigchld: tokio::signal::unix::Signal,
+}
+
+impl Reaper {
+    /// Installs the SIGCHLD listener. Call this before spawning anything.
+    pub fn new() -> io::Result<Self> {
+        Ok(Reaper {
+            sigchld: signal(SignalKind::child())?,
+        })
+    }
+
+    /// Waits for the next SIGCHLD and returns everything that has exited since the last call
+    /// (possibly nothing: signals coalesce, and an earlier call may have reaped already).
+    pub async fn next(&mut self) -> Vec<Exit> {
+        // A periodic sweep covers the (theoretical) case of a SIGCHLD lost before the listener
+        // was installed; it costs one syscall a second.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.sigchld.recv()).await;
+        reap_all()
+    }
+}
+
+/// Reaps every child that has exited, without blocking.
+pub fn reap_all() -> Vec<Exit> {
+    let mut exits = Vec::new();
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => exits.push(Exit {
+                pid,
+                status: ExitStatus::Code(code),
+            }),
+            Ok(WaitStatus::Signaled(pid, sig, _core)) => exits.push(Exit {
+                pid,
+                status: ExitStatus::Signal(sig),
+            }),
+            Ok(WaitStatus::StillAlive) => break,
+            Ok(_) => {} // stopped/continued: not reported without WUNTRACED/WCONTINUED
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => break, // ECHILD: no children at all
+        }
+    }
+    exits
+}

@@ -1,0 +1,77 @@
+//! The run directory: where clusterd keeps its pid file, control socket and notify socket.
+//! `[supervisor] run_dir` or `--run-dir` when given; otherwise
+//! `$XDG_RUNTIME_DIR/clusterd/<manifest stem>-<hash of its path>`, or `.clusterd/<stem>` beside
+//! the manifest when there is no `XDG_RUNTIME_DIR`. The directory is created mode 0700.
+
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use clusterd_manifest::Manifest;
+
+/// The run directory of one supervisor and the files in it.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    /// The directory.
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// The run directory for `manifest`, with `override_dir` (the `--run-dir` flag) first.
+    pub fn for_manifest(manifest: &Manifest, override_dir: Option<&Path>) -> Self {
+        let path = override_dir
+            .map(Path::to_path_buf)
+            .or_else(|| manifest.supervisor.run_dir.clone())
+            .unwrap_or_else(|| default_dir(&manifest.path));
+        RunDir { path }
+    }
+
+    /// Creates the directory (mode 0700 for every directory created).
+    pub fn create(&self) -> io::Result<()> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.path)
+    }
+
+    /// `clusterd.pid`.
+    pub fn pid_file(&self) -> PathBuf {
+        self.path.join("clusterd.pid")
+    }
+
+    /// `control.sock`.
+    pub fn control_socket(&self) -> PathBuf {
+        self.path.join("control.sock")
+    }
+
+    /// `notify.sock`.
+    pub fn notify_socket(&self) -> PathBuf {
+        self.path.join("notify.sock")
+    }
+}
+
+fn default_dir(manifest_path: &Path) -> PathBuf {
+    let stem = manifest_path
+        .file_stem()
+        .map_or_else(|| "clusterd".into(), |s| s.to_string_lossy().into_owned());
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(runtime) => {
+            let hash = fnv1a(manifest_path.as_os_str().as_encoded_bytes());
+            PathBuf::from(runtime)
+                .join("clusterd")
+                .join(format!("{stem}-{:08x}", hash as u32))
+        }
+        None => manifest_path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(".clusterd")
+            .join(stem),
+    }
+}
+
+/// A stable 64-bit FNV-1a hash (std's hasher may change between releases).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

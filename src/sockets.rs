@@ -1,0 +1,180 @@
+//! The listening sockets of `[sockets.*]`: bound once at start and held for clusterd's whole
+//! life, so their accept queues outlive any worker. Workers receive duplicates at fds 3, 4, ...
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use clusterd_manifest::{Listen, SocketConfig};
+use socket2::{Domain, SockAddr, Socket, Type};
+
+/// A bound, listening socket.
+#[derive(Debug)]
+pub struct BoundSocket {
+    fd: OwnedFd,
+    /// What it is bound to, for logs and status: `127.0.0.1:8000` or `unix:/path`.
+    pub address: String,
+    /// The socket file clusterd created, removed again at exit.
+    unix_path: Option<PathBuf>,
+}
+
+impl BoundSocket {
+    /// The raw fd, to hand to a spawn.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Why a socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("socket {name}: cannot listen on {address}: {source}")]
+pub struct BindError {
+    /// The socket's name in the manifest.
+    pub name: String,
+    /// The address it was to listen on.
+    pub address: String,
+    /// What went wrong.
+    pub source: io::Error,
+}
+
+/// All the sockets of a manifest, by name.
+#[derive(Debug, Default)]
+pub struct Sockets {
+    by_name: BTreeMap<String, BoundSocket>,
+}
+
+impl Sockets {
+    /// Binds every socket of the manifest, or none: on error, those already bound are closed
+    /// (and their files removed) before returning.
+    pub fn bind_all(configs: &BTreeMap<String, SocketConfig>) -> Result<Self, BindError> {
+        let mut sockets = Sockets::default();
+        for (name, config) in configs {
+            match bind(config) {
+                Ok(socket) => {
+                    tracing::info!("socket {name} listening on {}", socket.address);
+                    sockets.by_name.insert(name.clone(), socket);
+                }
+                Err(source) => {
+                    sockets.remove_files();
+                    return Err(BindError {
+                        name: name.clone(),
+                        address: display_listen(&config.listen),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(sockets)
+    }
+
+    /// The socket called `name`.
+    pub fn get(&self, name: &str) -> Option<&BoundSocket> {
+        self.by_name.get(name)
+    }
+
+    /// Every socket, by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &BoundSocket)> {
+        self.by_name.iter()
+    }
+
+    /// Binds the sockets of `configs` that are not bound yet (after a manifest re-read) and
+    /// returns the names of sockets whose address changed, which keep their old binding.
+    pub fn bind_new(
+        &mut self,
+        configs: &BTreeMap<String, SocketConfig>,
+        old: &BTreeMap<String, SocketConfig>,
+    ) -> Result<Vec<String>, BindError> {
+        let mut changed = Vec::new();
+        for (name, config) in configs {
+            match old.get(name) {
+                Some(previous) if previous == config => {}
+                Some(_) => changed.push(name.clone()),
+                None => {
+                    let socket = bind(config).map_err(|source| BindError {
+                        name: name.clone(),
+                        address: display_listen(&config.listen),
+                        source,
+                    })?;
+                    tracing::info!("socket {name} listening on {}", socket.address);
+                    self.by_name.insert(name.clone(), socket);
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Removes the unix socket files clusterd created. Called once at exit.
+    pub fn remove_files(&self) {
+        for socket in self.by_name.values() {
+            if let Some(path) = &socket.unix_path {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// `127.0.0.1:8000` or `unix:/path`.
+pub fn display_listen(listen: &Listen) -> String {
+    match listen {
+        Listen::Tcp(addr) => addr.to_string(),
+        Listen::Unix(path) => format!("unix:{}", path.display()),
+    }
+}
+
+fn bind(config: &SocketConfig) -> io::Result<BoundSocket> {
+    let backlog = i32::try_from(config.backlog).unwrap_or(i32::MAX);
+    match &config.listen {
+        Listen::Tcp(addr) => {
+            let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&SockAddr::from(*addr))?;
+            socket.listen(backlog)?;
+            let local = socket
+                .local_addr()?
+                .as_socket()
+                .map_or_else(|| addr.to_string(), |a| a.to_string());
+            Ok(BoundSocket {
+                fd: socket.into(),
+                address: local,
+                unix_path: None,
+            })
+        }
+        Listen::Unix(path) => {
+            remove_stale_unix_socket(path)?;
+            let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+            socket.bind(&SockAddr::unix(path)?)?;
+            if let Some(mode) = config.mode {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+            }
+            socket.listen(backlog)?;
+            Ok(BoundSocket {
+                fd: socket.into(),
+                address: format!("unix:{}", path.display()),
+                unix_path: Some(path.clone()),
+            })
+        }
+    }
+}
+
+/// A socket file left by a dead process is removed; one somebody still listens on is an error.
+fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the path exists and is not a socket",
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "another process is listening on it",
+        )),
+        Err(_) => std::fs::remove_file(path),
+    }
+}

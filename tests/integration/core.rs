@@ -1,0 +1,352 @@
+//! The core: shared sockets, spawning, crash restart with backoff, graceful shutdown.
+
+use std::collections::BTreeSet;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::util::{Clusterd, alive, env_var, http_get, wait_until, whoami};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn hello_manifest(workers: usize) -> String {
+    format!(
+        r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{{hello}}"]
+workers = {workers}
+sockets = ["http"]
+ready = "notify"
+"#
+    )
+}
+
+#[test]
+fn workers_share_one_port_and_more_than_one_slot_answers() {
+    let mut clusterd = Clusterd::start(&hello_manifest(4));
+    let addr = clusterd.socket_addr("http");
+    clusterd.wait_for_lines("ready after", 4, 20 * SECOND);
+
+    let mut slots = BTreeSet::new();
+    for _ in 0..200 {
+        let (slot, pid) = whoami(addr).expect("request");
+        // LISTEN_PID is the worker's own pid.
+        assert_eq!(env_var(pid, "LISTEN_PID"), Some(pid.to_string()));
+        assert_eq!(env_var(pid, "CLUSTERD_WORKER_ID"), Some(slot.to_string()));
+        slots.insert(slot);
+        if slots.len() > 1 {
+            break;
+        }
+    }
+    assert!(
+        slots.len() > 1,
+        "only slot(s) {slots:?} answered 200 fresh connections"
+    );
+    assert!(clusterd.stop().success());
+}
+
+/// The worker's open fds, as (fd, link target).
+fn open_fds(pid: Pid) -> Vec<(i32, String)> {
+    let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read fds")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            Some((fd, std::fs::read_link(e.path()).ok()?.display().to_string()))
+        })
+        .collect();
+    fds.sort();
+    fds
+}
+
+#[test]
+fn sockets_arrive_at_fd_3_and_nothing_else_leaks() {
+    // clusterd's own parent leaks an inheritable fd to it; workers must not get it.
+    let leaked = std::fs::File::open("/dev/null").expect("open");
+    let leaked_fd = leaked.as_raw_fd();
+    let mut clusterd = Clusterd::start_with(
+        r#"
+[sockets.a]
+listen = "127.0.0.1:0"
+[sockets.b]
+listen = "unix:b.sock"
+
+[apps.sleeper]
+command = ["sleep", "60"]
+workers = 1
+sockets = ["a", "b"]
+"#,
+        move |command| unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(leaked_fd, 20) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        },
+    );
+    clusterd.wait_for_line("sleeper[0] started pid", 10 * SECOND);
+    let pid = clusterd.started_pids("sleeper[0]")[0];
+    assert!(
+        wait_until(5 * SECOND, || env_var(pid, "LISTEN_FDS").is_some()),
+        "worker never exec'd"
+    );
+
+    let fds = open_fds(pid);
+    let numbers: Vec<i32> = fds.iter().map(|(fd, _)| *fd).collect();
+    assert_eq!(numbers, [0, 1, 2, 3, 4], "fds of the worker: {fds:?}");
+    assert!(
+        fds[3].1.starts_with("socket:") && fds[4].1.starts_with("socket:"),
+        "{fds:?}"
+    );
+    assert_eq!(fds[0].1, "/dev/null");
+    assert_eq!(env_var(pid, "LISTEN_PID"), Some(pid.to_string()));
+    assert_eq!(env_var(pid, "LISTEN_FDS").as_deref(), Some("2"));
+    assert_eq!(env_var(pid, "LISTEN_FDNAMES").as_deref(), Some("a:b"));
+    assert_eq!(env_var(pid, "CLUSTERD_APP").as_deref(), Some("sleeper"));
+    assert_eq!(env_var(pid, "CLUSTERD_GENERATION").as_deref(), Some("1"));
+    // Its own process group.
+    assert_eq!(nix::unistd::getpgid(Some(pid)).expect("pgid"), pid);
+
+    let socket_file = clusterd.dir.path().join("b.sock");
+    assert!(socket_file.exists());
+    assert!(clusterd.stop().success());
+    assert!(
+        !socket_file.exists(),
+        "the unix socket file was not removed at exit"
+    );
+    drop(leaked);
+}
+
+#[test]
+fn a_killed_worker_is_replaced_in_the_same_slot_and_requests_keep_succeeding() {
+    let mut clusterd = Clusterd::start(&hello_manifest(2));
+    let addr = clusterd.socket_addr("http");
+    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    let victim = clusterd.started_pids("web[1]")[0];
+
+    nix::sys::signal::kill(victim, Signal::SIGKILL).expect("kill worker");
+    clusterd.wait_for_line("web[1] pid", 10 * SECOND);
+    assert!(
+        wait_until(10 * SECOND, || clusterd.started_pids("web[1]").len() == 2),
+        "slot 1 was not replaced:\n{}",
+        clusterd.output()
+    );
+    let replacement = clusterd.started_pids("web[1]")[1];
+    assert_ne!(replacement, victim);
+    assert!(
+        clusterd
+            .output()
+            .contains(&format!("web[1] pid {victim} exited with signal SIGKILL"))
+    );
+
+    // Every request on a fresh connection succeeds, during and after the replacement.
+    let mut failures = 0;
+    for _ in 0..100 {
+        match http_get(addr, "/") {
+            Ok(r) if r.status == 200 => {}
+            _ => failures += 1,
+        }
+    }
+    assert_eq!(failures, 0);
+    assert!(clusterd.stop().success());
+}
+
+#[test]
+fn a_crash_loop_is_spaced_by_exponential_backoff() {
+    let clusterd = Clusterd::start(
+        r#"
+[apps.crasher]
+command = ["sh", "-c", "exit 3"]
+workers = 1
+backoff_initial = "100ms"
+backoff_max = "400ms"
+"#,
+    );
+    clusterd.wait_for_line("crasher[0] started", 10 * SECOND);
+    std::thread::sleep(3 * SECOND); // the window in which spawns are counted
+    let spawns = clusterd.started_pids("crasher[0]").len();
+    // Delays 0, 0.1, 0.2, 0.4, 0.4, ...: about 9 spawns in 3 s. Without backoff there would
+    // be hundreds; with a stuck supervisor, one.
+    assert!(
+        (5..=14).contains(&spawns),
+        "{spawns} spawns in 3s:\n{}",
+        clusterd.output()
+    );
+    assert!(
+        clusterd.output().contains("flapping"),
+        "{}",
+        clusterd.output()
+    );
+    assert!(clusterd.output().contains("exited with status 3"));
+}
+
+#[test]
+fn a_command_that_cannot_be_executed_is_reported_once() {
+    let mut clusterd = Clusterd::start(
+        r#"
+[apps.vanishing]
+command = ["./worker.sh"]
+workers = 1
+backoff_initial = "10ms"
+"#
+        .replace("./worker.sh", "{dir}/worker.sh")
+        .as_str(),
+    );
+    // The script does not exist yet: clusterd refuses to start.
+    let status = clusterd.wait_exit(10 * SECOND);
+    assert_eq!(status.code(), Some(2), "{}", clusterd.output());
+    assert!(
+        clusterd
+            .output()
+            .contains("apps.vanishing.command: cannot find an executable")
+    );
+
+    // Now it exists at start, then disappears: the respawn fails once, with the reason.
+    let dir = tempfile::tempdir().expect("dir");
+    let script = dir.path().join("worker.sh");
+    std::fs::write(&script, "#!/bin/sh\nrm -f \"$0\"\nexit 1\n").expect("write script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let mut clusterd = Clusterd::start(&format!(
+        "[apps.vanishing]\ncommand = [\"{}\"]\nworkers = 1\n",
+        script.display()
+    ));
+    clusterd.wait_for_line("stays down", 10 * SECOND);
+    std::thread::sleep(SECOND);
+    assert_eq!(clusterd.count("stays down"), 1, "{}", clusterd.output());
+    assert_eq!(clusterd.started_pids("vanishing[0]").len(), 1);
+    assert!(clusterd.stop().success());
+}
+
+#[test]
+fn sigterm_stops_every_worker_and_their_children() {
+    let mut clusterd = Clusterd::start(
+        r#"
+[supervisor]
+stop_timeout = "10s"
+
+[apps.polite]
+command = ["sh", "-c", "trap 'echo got TERM; exit 0' TERM; sleep 1000 & echo child $!; wait"]
+workers = 3
+"#,
+    );
+    let children: Vec<Pid> = clusterd
+        .wait_for_lines("] child ", 3, 10 * SECOND)
+        .iter()
+        .map(|l| {
+            Pid::from_raw(
+                l.rsplit(' ')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .expect("pid"),
+            )
+        })
+        .collect();
+    let workers: Vec<Pid> = (0..3)
+        .flat_map(|i| clusterd.started_pids(&format!("polite[{i}]")))
+        .collect();
+    assert!(children.iter().chain(&workers).all(|p| alive(*p)));
+
+    let status = clusterd.stop();
+    assert!(status.success(), "{status:?}");
+    // Each worker ran its trap (its output is prefixed with its slot).
+    for i in 0..3 {
+        assert!(
+            clusterd.output().contains(&format!("polite[{i}] got TERM")),
+            "{}",
+            clusterd.output()
+        );
+    }
+    for pid in children.iter().chain(&workers) {
+        assert!(!alive(*pid), "{pid} survived the shutdown");
+    }
+}
+
+#[test]
+fn a_worker_ignoring_sigterm_is_killed_after_stop_timeout() {
+    let mut clusterd = Clusterd::start(
+        r#"
+[apps.stubborn]
+command = ["sh", "-c", "trap '' TERM; echo up; while :; do sleep 0.1; done"]
+workers = 2
+stop_timeout = "1s"
+"#,
+    );
+    clusterd.wait_for_lines("] up", 2, 10 * SECOND);
+    let workers: Vec<Pid> = (0..2)
+        .flat_map(|i| clusterd.started_pids(&format!("stubborn[{i}]")))
+        .collect();
+    let status = clusterd.stop();
+    assert!(status.success());
+    assert!(
+        clusterd.output().contains("sending SIGKILL"),
+        "{}",
+        clusterd.output()
+    );
+    assert!(workers.iter().all(|p| !alive(*p)));
+}
+
+#[test]
+fn a_second_sigterm_kills_at_once() {
+    let mut clusterd = Clusterd::start(
+        r#"
+[apps.stubborn]
+command = ["sh", "-c", "trap '' TERM; echo up; while :; do sleep 0.1; done"]
+workers = 1
+stop_timeout = "60s"
+"#,
+    );
+    clusterd.wait_for_line("] up", 10 * SECOND);
+    let worker = clusterd.started_pids("stubborn[0]")[0];
+    clusterd.signal(Signal::SIGTERM);
+    clusterd.wait_for_line("stopping 1 workers", 5 * SECOND);
+    clusterd.signal(Signal::SIGTERM);
+    // Far sooner than the 60 s stop timeout.
+    let status = clusterd.wait_exit(10 * SECOND);
+    assert!(status.success());
+    assert!(!alive(worker));
+}
+
+#[test]
+fn killing_clusterd_leaves_no_worker_alive() {
+    let mut clusterd = Clusterd::start(&hello_manifest(3));
+    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+    let workers: Vec<Pid> = (0..3)
+        .flat_map(|i| clusterd.started_pids(&format!("web[{i}]")))
+        .collect();
+    assert_eq!(workers.len(), 3);
+    clusterd.signal(Signal::SIGKILL);
+    clusterd.wait_exit(5 * SECOND);
+    assert!(
+        wait_until(5 * SECOND, || workers.iter().all(|p| !alive(*p))),
+        "workers outlived a killed supervisor"
+    );
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error_before_any_worker_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let mut clusterd = Clusterd::start(&format!(
+        "[sockets.http]\nlisten = \"127.0.0.1:{port}\"\n[apps.web]\ncommand = [\"sleep\", \"60\"]\nsockets = [\"http\"]\n"
+    ));
+    let status = clusterd.wait_exit(10 * SECOND);
+    assert_eq!(status.code(), Some(1));
+    let output = clusterd.output();
+    assert!(
+        output.contains(&format!("socket http: cannot listen on 127.0.0.1:{port}")),
+        "{output}"
+    );
+    assert!(output.contains("in use"), "{output}");
+    assert!(!output.contains("started pid"), "{output}");
+}

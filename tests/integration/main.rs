@@ -1,0 +1,5 @@
+//! Integration tests: the built `clusterd` binary against real worker processes.
+//! One test binary (so the suite links once), one module per area.
+
+mod core;
+mod util;

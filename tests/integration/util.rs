@@ -1,0 +1,339 @@
+//! The test harness: starts the real `clusterd` binary on a manifest in a fresh temp dir,
+//! collects its output, and waits on conditions with deadlines (never fixed sleeps). A watchdog
+//! thread kills a supervisor that outlives its test, so no test can hang.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The longest any supervisor started by a test may live.
+const WATCHDOG: Duration = Duration::from_secs(180);
+
+/// The built `clusterd` binary.
+pub fn clusterd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_clusterd"))
+}
+
+/// A binary of the workspace's examples (`hello`, `kv-http`), built next to `clusterd`.
+pub fn example_bin(name: &str) -> PathBuf {
+    let path = clusterd_bin().with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (`cargo build --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// Output lines collected from a process, shared with the reader threads.
+#[derive(Default)]
+struct Lines {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+/// A running `clusterd start` and its temp dir.
+pub struct Clusterd {
+    child: Child,
+    lines: Arc<Lines>,
+    /// The temp dir holding the manifest (and the run dir, `.clusterd/`).
+    pub dir: tempfile::TempDir,
+    /// The manifest's path.
+    pub manifest: PathBuf,
+    exit: Option<ExitStatus>,
+}
+
+impl Clusterd {
+    /// Writes `manifest` to `clusterd.toml` in a new temp dir and starts clusterd on it.
+    /// `{hello}` in the manifest stands for the hello example's path, `{dir}` for the temp dir.
+    pub fn start(manifest: &str) -> Self {
+        Self::start_with(manifest, |_| {})
+    }
+
+    /// Like [`Clusterd::start`], with a chance to adjust the command first.
+    pub fn start_with(manifest: &str, adjust: impl FnOnce(&mut Command)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = expand(manifest, dir.path());
+        let path = dir.path().join("clusterd.toml");
+        std::fs::write(&path, text).expect("write manifest");
+        let mut command = Command::new(clusterd_bin());
+        command
+            .arg("start")
+            .arg(&path)
+            .current_dir(dir.path())
+            .env_remove("XDG_RUNTIME_DIR")
+            .env("CLUSTERD_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        adjust(&mut command);
+        let mut child = command.spawn().expect("spawn clusterd");
+        let lines = Arc::new(Lines::default());
+        collect(child.stdout.take().expect("stdout"), lines.clone());
+        collect(child.stderr.take().expect("stderr"), lines.clone());
+        let pid = child.id() as i32;
+        std::thread::spawn(move || {
+            std::thread::sleep(WATCHDOG);
+            // Only if it is still our child: the test's Drop waits for it, so after the test
+            // the pid is reaped and this is a no-op on an unused (or, rarely, reused) pid that
+            // we check first.
+            if process_is(pid, "clusterd") {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        });
+        Clusterd {
+            child,
+            lines,
+            dir,
+            manifest: path,
+            exit: None,
+        }
+    }
+
+    /// clusterd's pid.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Everything printed so far, one line each.
+    pub fn output(&self) -> String {
+        self.lines.lines.lock().expect("lines").join("\n")
+    }
+
+    /// How many lines printed so far contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until `n` lines contain `needle`; returns them. Panics with the output on timeout.
+    pub fn wait_for_lines(&self, needle: &str, n: usize, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.lines.lines.lock().expect("lines");
+        loop {
+            let found: Vec<String> = lines
+                .iter()
+                .filter(|l| l.contains(needle))
+                .cloned()
+                .collect();
+            if found.len() >= n {
+                return found;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(lines);
+                panic!(
+                    "timed out waiting for {n} lines with {needle:?}; output:\n{}",
+                    self.output()
+                );
+            }
+            lines = self
+                .lines
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .expect("lines")
+                .0;
+        }
+    }
+
+    /// Waits for one line containing `needle`.
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_lines(needle, 1, timeout).remove(0)
+    }
+
+    /// The address clusterd bound for socket `name` (from its log).
+    pub fn socket_addr(&self, name: &str) -> SocketAddr {
+        let line = self.wait_for_line(
+            &format!("socket {name} listening on "),
+            Duration::from_secs(10),
+        );
+        let addr = line.rsplit(' ').next().expect("address");
+        addr.parse()
+            .unwrap_or_else(|_| panic!("not an address in {line:?}"))
+    }
+
+    /// Pids of workers started so far, from the log, in order (`web[0] started pid 123`).
+    pub fn started_pids(&self, label: &str) -> Vec<Pid> {
+        let needle = format!("{label} started pid ");
+        self.lines
+            .lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .filter_map(|l| l.split_once(&needle))
+            .filter_map(|(_, rest)| rest.split(' ').next()?.parse().ok())
+            .map(Pid::from_raw)
+            .collect()
+    }
+
+    /// Sends `signal` to clusterd.
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("signal clusterd");
+    }
+
+    /// Waits for clusterd to exit; kills it and panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        if let Some(status) = self.exit {
+            return status;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.exit = Some(status);
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "clusterd did not exit within {timeout:?}; output:\n{}",
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit and returns its status.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        self.wait_exit(Duration::from_secs(30))
+    }
+}
+
+impl Drop for Clusterd {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            // SIGKILL: the workers follow through PR_SET_PDEATHSIG.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn expand(manifest: &str, dir: &Path) -> String {
+    let mut text = manifest.replace("{dir}", &dir.display().to_string());
+    if text.contains("{hello}") {
+        text = text.replace("{hello}", &example_bin("hello").display().to_string());
+    }
+    text
+}
+
+fn collect(stream: impl Read + Send + 'static, lines: Arc<Lines>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if std::env::var_os("CLUSTERD_TEST_ECHO").is_some() {
+                eprintln!("{line}");
+            }
+            lines.lines.lock().expect("lines").push(line);
+            lines.changed.notify_all();
+        }
+    });
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True while `pid` is a live process (not a zombie).
+pub fn alive(pid: Pid) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rfind(')').and_then(|i| stat[i + 2..].chars().next()) != Some('Z'),
+        Err(_) => false,
+    }
+}
+
+/// True if `pid` exists and its command name is `name`.
+fn process_is(pid: i32, name: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+}
+
+/// The environment of a running process.
+pub fn environ(pid: Pid) -> Vec<(String, String)> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).expect("read environ");
+    raw.split(|b| *b == 0)
+        .filter_map(|kv| {
+            std::str::from_utf8(kv)
+                .ok()?
+                .split_once('=')
+                .map(|(k, v)| (k.into(), v.into()))
+        })
+        .collect()
+}
+
+/// One environment variable of a running process.
+pub fn env_var(pid: Pid, key: &str) -> Option<String> {
+    environ(pid)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+/// A response: status code and body.
+pub struct Response {
+    /// The status code.
+    pub status: u16,
+    /// The body.
+    pub body: String,
+}
+
+/// A minimal HTTP/1.1 GET over a fresh connection (`Connection: close`), with timeouts.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("incomplete response: {raw:?}")))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head:?}")))?;
+    Ok(Response {
+        status,
+        body: body.to_owned(),
+    })
+}
+
+/// `GET /whoami` from the hello example: (slot, pid).
+pub fn whoami(addr: SocketAddr) -> std::io::Result<(usize, Pid)> {
+    let response = http_get(addr, "/whoami")?;
+    let json: serde_json::Value =
+        serde_json::from_str(&response.body).map_err(std::io::Error::other)?;
+    let slot = json["slot"]
+        .as_u64()
+        .ok_or_else(|| std::io::Error::other("no slot"))? as usize;
+    let pid = json["pid"]
+        .as_i64()
+        .ok_or_else(|| std::io::Error::other("no pid"))? as i32;
+    Ok((slot, Pid::from_raw(pid)))
+}
