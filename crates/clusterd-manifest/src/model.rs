@@ -86,6 +86,9 @@ pub struct AppConfig {
     pub watchdog: Option<Duration>,
     /// `[apps.NAME.reload]`.
     pub reload: ReloadConfig,
+    /// `kv_segment`: name prefix of the KV client's shared-memory segment, passed to workers
+    /// as `CLUSTERD_KV_SEGMENT`.
+    pub kv_segment: Option<String>,
 }
 
 /// When a worker that exited is started again.

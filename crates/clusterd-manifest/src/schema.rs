@@ -1,0 +1,660 @@
+//! The manifest's schema: walks the spanned document table by table, converts every key,
+//! applies the defaults, resolves relative paths, and cross-checks what spans tables (socket
+//! references, addresses bound twice). Every problem is collected; a [`Manifest`] comes out
+//! only when there is none.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::doc::{Bad, Checker, Field, KeyPath, Table, Value};
+use crate::error::Problem;
+use crate::listen::{self, Resolver};
+use crate::model::*;
+use crate::values::{self, NAME_CHARS};
+
+/// Default `[supervisor].stop_timeout`.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `backlog`.
+const BACKLOG: u32 = 1024;
+/// Default `backoff_initial`.
+const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// Default `backoff_max`.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Default `backoff_reset`.
+const BACKOFF_RESET: Duration = Duration::from_secs(10);
+/// Default `ready_delay`.
+const READY_DELAY: Duration = Duration::from_secs(1);
+/// Default `ready_timeout`.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+const TOP_KEYS: &[&str] = &["supervisor", "sockets", "apps", "metrics"];
+const SUPERVISOR_KEYS: &[&str] = &["stop_timeout", "run_dir"];
+const SOCKET_KEYS: &[&str] = &["listen", "backlog", "mode"];
+const APP_KEYS: &[&str] = &[
+    "command",
+    "workers",
+    "sockets",
+    "env",
+    "cwd",
+    "stop_signal",
+    "stop_timeout",
+    "restart",
+    "backoff_initial",
+    "backoff_max",
+    "backoff_reset",
+    "ready",
+    "ready_delay",
+    "ready_timeout",
+    "watchdog",
+    "kv_segment",
+    "reload",
+];
+const RELOAD_KEYS: &[&str] = &["surge", "bake", "rollback"];
+const METRICS_KEYS: &[&str] = &["listen"];
+
+/// Environment variables clusterd sets for each worker itself.
+const RESERVED_ENV: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+/// Prefix of the variables clusterd sets for each worker (`CLUSTERD_WORKER_ID`, ...).
+const RESERVED_ENV_PREFIX: &str = "CLUSTERD_";
+
+/// Where the manifest lives, and how host names are resolved.
+pub(crate) struct Origin {
+    /// The manifest, absolute.
+    pub(crate) path: PathBuf,
+    /// Its directory, against which relative paths resolve.
+    pub(crate) dir: PathBuf,
+    /// Resolves host names of TCP addresses.
+    pub(crate) resolver: Resolver,
+}
+
+/// Checks the parsed document `doc` of `text` and builds the manifest.
+pub(crate) fn manifest(
+    doc: &Spanned<DeTable<'_>>,
+    text: &str,
+    origin: &Origin,
+) -> Result<Manifest, Vec<Problem>> {
+    let mut cx = Checker::new(text);
+    let root = Table {
+        key: KeyPath::root(),
+        span: doc.span(),
+        entries: doc.get_ref(),
+    };
+    cx.check_keys(&root, TOP_KEYS);
+
+    let supervisor = supervisor(&mut cx, &root, origin);
+    let sockets = sockets(&mut cx, &root, origin);
+    let default_stop = supervisor.as_ref().map_or(STOP_TIMEOUT, |s| s.stop_timeout);
+    let apps = apps(&mut cx, &root, origin, sockets.as_ref(), default_stop);
+    let metrics = metrics(&mut cx, &root, origin, sockets.as_ref());
+
+    let sockets: Option<BTreeMap<String, SocketConfig>> = sockets.and_then(|sockets| {
+        sockets
+            .into_iter()
+            .map(|(name, socket)| socket.map(|s| (name, s.config)))
+            .collect()
+    });
+    match (supervisor, sockets, apps, metrics) {
+        (Some(supervisor), Some(sockets), Some(apps), Some(metrics)) if !cx.has_problems() => {
+            Ok(Manifest {
+                path: origin.path.clone(),
+                dir: origin.dir.clone(),
+                supervisor,
+                sockets,
+                apps,
+                metrics,
+            })
+        }
+        _ => {
+            let problems = cx.into_problems();
+            debug_assert!(!problems.is_empty(), "a part failed without a problem");
+            Err(problems)
+        }
+    }
+}
+
+/// `[supervisor]`, optional.
+fn supervisor(
+    cx: &mut Checker<'_>,
+    root: &Table<'_, '_>,
+    origin: &Origin,
+) -> Option<SupervisorConfig> {
+    let Some(value) = root.get("supervisor") else {
+        return Some(SupervisorConfig {
+            stop_timeout: STOP_TIMEOUT,
+            run_dir: None,
+        });
+    };
+    let table = cx.table(value, root.key.child("supervisor"), SUPERVISOR_KEYS)?;
+    let stop_timeout = cx
+        .field(&table, "stop_timeout", values::duration)
+        .or(STOP_TIMEOUT);
+    let run_dir = cx
+        .field(&table, "run_dir", |v| values::path(v, &origin.dir))
+        .optional();
+    Some(SupervisorConfig {
+        stop_timeout: stop_timeout?,
+        run_dir: run_dir?,
+    })
+}
+
+/// A socket whose settings are all valid, with where its `listen` is written.
+struct CheckedSocket {
+    config: SocketConfig,
+    listen_span: Range<usize>,
+}
+
+/// Every `[sockets.NAME]`, by name, `None` for a socket with a problem (its name still counts
+/// as defined, so apps referring to it are not reported as well).
+type Sockets = BTreeMap<String, Option<CheckedSocket>>;
+
+/// `[sockets.NAME]`, optional; `None` when `sockets` is not a table, so that which sockets
+/// exist is unknown.
+fn sockets(cx: &mut Checker<'_>, root: &Table<'_, '_>, origin: &Origin) -> Option<Sockets> {
+    let mut sockets = BTreeMap::new();
+    let Some(value) = root.get("sockets") else {
+        return Some(sockets);
+    };
+    let table = cx.map(value, root.key.child("sockets"))?;
+    for (name, value) in table.iter() {
+        let key = table.key.child(name.get_ref());
+        if !values::is_name(name.get_ref()) {
+            cx.report(
+                name.span(),
+                &key,
+                format!(
+                    "expected a socket name made of {NAME_CHARS} (it goes into LISTEN_FDNAMES), found {:?}",
+                    name.get_ref()
+                ),
+            );
+        }
+        let socket = socket(cx, value, key, origin);
+        sockets.insert(name.get_ref().to_string(), socket);
+    }
+    check_socket_conflicts(cx, &table, &sockets);
+    Some(sockets)
+}
+
+/// One `[sockets.NAME]` table.
+fn socket(
+    cx: &mut Checker<'_>,
+    value: &Value<'_>,
+    key: KeyPath,
+    origin: &Origin,
+) -> Option<CheckedSocket> {
+    let table = cx.table(value, key, SOCKET_KEYS)?;
+    let listen = cx.required(
+        &table,
+        "listen",
+        "an address like \"127.0.0.1:8000\" or \"unix:run/http.sock\"",
+        |v| {
+            let s = values::c_string(v)?;
+            listen::listen(s, &origin.dir, origin.resolver).map_err(Bad::Message)
+        },
+    );
+    let backlog = cx
+        .field(&table, "backlog", |v| values::integer_in(v, 1, 65535))
+        .or(i64::from(BACKLOG));
+    let mode = cx.field(&table, "mode", values::mode);
+    let mode = match (&listen, mode) {
+        (Some(Listen::Tcp(addr)), Field::Valid(_)) => {
+            if let Some(value) = table.get("mode") {
+                cx.report(
+                    value.span(),
+                    &table.key.child("mode"),
+                    format!(
+                        "mode only applies to unix sockets, and this one listens on TCP {addr}"
+                    ),
+                );
+            }
+            None
+        }
+        (_, mode) => mode.optional(),
+    };
+    let listen_span = table.get("listen")?.span();
+    Some(CheckedSocket {
+        config: SocketConfig {
+            listen: listen?,
+            // In 1..=65535.
+            backlog: backlog? as u32,
+            mode: mode?,
+        },
+        listen_span,
+    })
+}
+
+/// Reports each socket whose address conflicts with one written before it.
+fn check_socket_conflicts(cx: &mut Checker<'_>, table: &Table<'_, '_>, sockets: &Sockets) {
+    let mut in_order: Vec<(&String, &CheckedSocket)> = sockets
+        .iter()
+        .filter_map(|(name, socket)| Some((name, socket.as_ref()?)))
+        .collect();
+    in_order.sort_by_key(|(_, socket)| socket.listen_span.start);
+    for (i, (name, socket)) in in_order.iter().enumerate() {
+        let earlier = in_order[..i]
+            .iter()
+            .find(|(_, other)| listen::conflicts(&socket.config.listen, &other.config.listen));
+        if let Some((other_name, other)) = earlier {
+            cx.report(
+                socket.listen_span.clone(),
+                &table.key.child(name).child("listen"),
+                format!(
+                    "{} conflicts with sockets.{}, which listens on {}",
+                    listen::show(&socket.config.listen),
+                    KeyPath::root().child(other_name),
+                    listen::show(&other.config.listen)
+                ),
+            );
+        }
+    }
+}
+
+/// `[apps.NAME]`: at least one.
+fn apps(
+    cx: &mut Checker<'_>,
+    root: &Table<'_, '_>,
+    origin: &Origin,
+    sockets: Option<&Sockets>,
+    default_stop: Duration,
+) -> Option<BTreeMap<String, AppConfig>> {
+    const NO_APP: &str =
+        "no app defined: at least one [apps.NAME] table with a command is required";
+    let Some(value) = root.get("apps") else {
+        cx.report(root.span.clone(), &root.key.child("apps"), NO_APP);
+        return None;
+    };
+    let table = cx.map(value, root.key.child("apps"))?;
+    if table.entries.is_empty() {
+        cx.report(table.span.clone(), &table.key, NO_APP);
+        return None;
+    }
+    let mut apps = BTreeMap::new();
+    let mut valid = true;
+    for (name, value) in table.iter() {
+        let key = table.key.child(name.get_ref());
+        if !values::is_name(name.get_ref()) {
+            let message = format!(
+                "expected an app name made of {NAME_CHARS}, found {:?}",
+                name.get_ref()
+            );
+            cx.report(name.span(), &key, message);
+            valid = false;
+        }
+        match app(cx, value, key, origin, sockets, default_stop) {
+            Some(app) => {
+                apps.insert(name.get_ref().to_string(), app);
+            }
+            None => valid = false,
+        }
+    }
+    valid.then_some(apps)
+}
+
+/// One `[apps.NAME]` table.
+fn app(
+    cx: &mut Checker<'_>,
+    value: &Value<'_>,
+    key: KeyPath,
+    origin: &Origin,
+    sockets: Option<&Sockets>,
+    default_stop: Duration,
+) -> Option<AppConfig> {
+    let table = cx.table(value, key, APP_KEYS)?;
+    let dir = &origin.dir;
+
+    let command = command(cx, &table, dir);
+    let workers = cx.field(&table, "workers", values::workers).or(1);
+    let app_sockets = app_sockets(cx, &table, sockets);
+    let env = env(cx, &table);
+    let cwd = cx
+        .field(&table, "cwd", |v| values::path(v, dir))
+        .or(dir.clone());
+    let stop_signal = cx
+        .field(&table, "stop_signal", values::signal)
+        .or(Signal::SIGTERM);
+    let stop_timeout = cx
+        .field(&table, "stop_timeout", values::duration)
+        .or(default_stop);
+    let restart = cx
+        .field(&table, "restart", |v| {
+            values::choice(
+                v,
+                &[
+                    ("always", RestartPolicy::Always),
+                    ("on-failure", RestartPolicy::OnFailure),
+                    ("never", RestartPolicy::Never),
+                ],
+            )
+        })
+        .or(RestartPolicy::Always);
+    let backoff = backoff(cx, &table);
+    let ready = readiness(cx, &table);
+    let ready_timeout = cx
+        .field(&table, "ready_timeout", values::positive_duration)
+        .or(READY_TIMEOUT);
+    let watchdog = cx
+        .field(&table, "watchdog", values::positive_duration)
+        .optional();
+    let kv_segment = cx.field(&table, "kv_segment", values::name).optional();
+    let reload = reload(cx, &table);
+
+    Some(AppConfig {
+        command: command?,
+        workers: workers?,
+        sockets: app_sockets?,
+        env: env?,
+        cwd: cwd?,
+        stop_signal: stop_signal?,
+        stop_timeout: stop_timeout?,
+        restart: restart?,
+        backoff: backoff?,
+        ready: ready?,
+        ready_timeout: ready_timeout?,
+        watchdog: watchdog?,
+        reload: reload?,
+        kv_segment: kv_segment?,
+    })
+}
+
+/// `command`: required, a non-empty array of strings; a relative `argv[0]` with a `/` is made
+/// absolute against `dir`.
+fn command(cx: &mut Checker<'_>, table: &Table<'_, '_>, dir: &Path) -> Option<Vec<String>> {
+    const EXAMPLE: &str =
+        "the program and its arguments, like [\"bin/server\", \"--port\", \"8000\"]";
+    let key = table.key.child("command");
+    let items = cx.required(table, "command", EXAMPLE, |v| match v.get_ref() {
+        DeValue::Array(items) if !items.is_empty() => Ok(items),
+        _ => Err(Bad::expected("a non-empty array of strings")),
+    })?;
+    let mut argv = Vec::with_capacity(items.len());
+    let mut valid = true;
+    for (i, item) in items.iter().enumerate() {
+        match values::c_string(item) {
+            Ok("") if i == 0 => {
+                let bad = Bad::Message("the program name (argv[0]) must not be empty".to_owned());
+                cx.reject(item, &key, bad);
+                valid = false;
+            }
+            Ok(arg) => argv.push(arg.to_owned()),
+            Err(bad) => {
+                cx.reject(item, &key, bad);
+                valid = false;
+            }
+        }
+    }
+    if !valid {
+        return None;
+    }
+    if argv[0].contains('/') {
+        argv[0] = values::resolve(dir, Path::new(&argv[0]))
+            .to_string_lossy()
+            .into_owned();
+    }
+    Some(argv)
+}
+
+/// `sockets` of an app: names of defined sockets (`None`: unknown, as `sockets` is invalid),
+/// no duplicates.
+fn app_sockets(
+    cx: &mut Checker<'_>,
+    table: &Table<'_, '_>,
+    sockets: Option<&Sockets>,
+) -> Option<Vec<String>> {
+    let key = table.key.child("sockets");
+    let items = match cx.field(table, "sockets", |v| match v.get_ref() {
+        DeValue::Array(items) => Ok(items),
+        _ => Err(Bad::expected("an array of socket names")),
+    }) {
+        Field::Absent => return Some(Vec::new()),
+        Field::Invalid => return None,
+        Field::Valid(items) => items,
+    };
+    let mut names: Vec<String> = Vec::new();
+    let mut valid = true;
+    for item in items.iter() {
+        let checked = values::string(item).and_then(|name| {
+            if names.iter().any(|listed| listed == name) {
+                return Err(Bad::Message(format!("socket {name:?} is listed twice")));
+            }
+            match sockets {
+                Some(sockets) if !sockets.contains_key(name) => {
+                    Err(Bad::Message(unknown_socket(name, sockets)))
+                }
+                _ => Ok(name),
+            }
+        });
+        match checked {
+            Ok(name) => names.push(name.to_owned()),
+            Err(bad) => {
+                cx.reject(item, &key, bad);
+                valid = false;
+            }
+        }
+    }
+    valid.then_some(names)
+}
+
+/// The message for a reference to a socket that is not defined.
+fn unknown_socket(name: &str, sockets: &Sockets) -> String {
+    if sockets.is_empty() {
+        return format!("unknown socket {name:?}: no [sockets.NAME] is defined");
+    }
+    let defined: Vec<String> = sockets.keys().map(|k| format!("{k:?}")).collect();
+    format!(
+        "unknown socket {name:?}, the defined sockets are: {}",
+        defined.join(", ")
+    )
+}
+
+/// `env`: a table of strings; names non-empty, without `=` or NUL, and not one clusterd sets.
+fn env(cx: &mut Checker<'_>, table: &Table<'_, '_>) -> Option<BTreeMap<String, String>> {
+    let Some(value) = table.get("env") else {
+        return Some(BTreeMap::new());
+    };
+    let env = cx.map(value, table.key.child("env"))?;
+    let mut vars = BTreeMap::new();
+    let mut valid = true;
+    for (name, value) in env.iter() {
+        let key = env.key.child(name.get_ref());
+        let name_problem = if name.get_ref().is_empty() {
+            Some("an environment variable name must not be empty".to_owned())
+        } else if name.get_ref().contains(['=', '\0']) {
+            Some("an environment variable name must not contain '=' or NUL".to_owned())
+        } else if RESERVED_ENV.contains(&name.get_ref().as_ref())
+            || name.get_ref().starts_with(RESERVED_ENV_PREFIX)
+        {
+            Some(format!(
+                "{} is set by clusterd for each worker and cannot be set here",
+                name.get_ref()
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = name_problem {
+            cx.report(name.span(), &key, message);
+            valid = false;
+        }
+        match values::c_string(value) {
+            Ok(s) => {
+                vars.insert(name.get_ref().to_string(), s.to_owned());
+            }
+            Err(bad) => {
+                cx.reject(value, &key, bad);
+                valid = false;
+            }
+        }
+    }
+    valid.then_some(vars)
+}
+
+/// `backoff_initial`, `backoff_max` (not below the initial delay) and `backoff_reset`.
+fn backoff(cx: &mut Checker<'_>, table: &Table<'_, '_>) -> Option<Backoff> {
+    let initial = cx
+        .field(table, "backoff_initial", values::positive_duration)
+        .or(BACKOFF_INITIAL);
+    let max = cx
+        .field(table, "backoff_max", values::duration)
+        .or(BACKOFF_MAX);
+    let reset_after = cx
+        .field(table, "backoff_reset", values::duration)
+        .or(BACKOFF_RESET);
+    let (initial, max) = (initial?, max?);
+    if max < initial {
+        // Whichever of the two is written gets the blame; `backoff_max` when both are.
+        let (name, message) = if table.get("backoff_max").is_some() {
+            (
+                "backoff_max",
+                format!(
+                    "backoff_max ({}) must not be less than backoff_initial ({})",
+                    humantime::format_duration(max),
+                    humantime::format_duration(initial)
+                ),
+            )
+        } else {
+            (
+                "backoff_initial",
+                format!(
+                    "backoff_initial ({}) must not exceed backoff_max (default {})",
+                    humantime::format_duration(initial),
+                    humantime::format_duration(max)
+                ),
+            )
+        };
+        if let Some(value) = table.get(name) {
+            cx.report(value.span(), &table.key.child(name), message);
+        }
+        return None;
+    }
+    Some(Backoff {
+        initial,
+        max,
+        reset_after: reset_after?,
+    })
+}
+
+/// How `ready` was written, before `ready_delay` is attached.
+#[derive(Clone, Copy, PartialEq)]
+enum ReadyKind {
+    Immediate,
+    Delay,
+    Notify,
+}
+
+/// `ready` and `ready_delay` (only with `ready = "delay"`).
+fn readiness(cx: &mut Checker<'_>, table: &Table<'_, '_>) -> Option<Readiness> {
+    let kind = cx
+        .field(table, "ready", |v| {
+            values::choice(
+                v,
+                &[
+                    ("immediate", ReadyKind::Immediate),
+                    ("delay", ReadyKind::Delay),
+                    ("notify", ReadyKind::Notify),
+                ],
+            )
+        })
+        .or(ReadyKind::Immediate);
+    let delay = cx.field(table, "ready_delay", values::duration);
+    match (kind?, delay) {
+        (ReadyKind::Delay, delay) => delay.or(READY_DELAY).map(Readiness::Delay),
+        (_, Field::Invalid) => None,
+        (kind, Field::Valid(_)) => {
+            let written = match kind {
+                ReadyKind::Notify => "ready is \"notify\"",
+                _ if table.get("ready").is_some() => "ready is \"immediate\"",
+                _ => "ready defaults to \"immediate\"",
+            };
+            if let Some(value) = table.get("ready_delay") {
+                cx.report(
+                    value.span(),
+                    &table.key.child("ready_delay"),
+                    format!("ready_delay only applies with ready = \"delay\", but {written}"),
+                );
+            }
+            None
+        }
+        (ReadyKind::Immediate, Field::Absent) => Some(Readiness::Immediate),
+        (ReadyKind::Notify, Field::Absent) => Some(Readiness::Notify),
+    }
+}
+
+/// `[apps.NAME.reload]`, optional.
+fn reload(cx: &mut Checker<'_>, table: &Table<'_, '_>) -> Option<ReloadConfig> {
+    let Some(value) = table.get("reload") else {
+        return Some(ReloadConfig {
+            surge: 1,
+            bake: Duration::ZERO,
+            rollback: false,
+        });
+    };
+    let reload = cx.table(value, table.key.child("reload"), RELOAD_KEYS)?;
+    let surge = cx
+        .field(&reload, "surge", |v| {
+            values::integer_in(v, 1, values::MAX_WORKERS)
+        })
+        .or(1);
+    let bake = cx
+        .field(&reload, "bake", values::duration)
+        .or(Duration::ZERO);
+    let rollback = cx.field(&reload, "rollback", values::boolean).or(false);
+    Some(ReloadConfig {
+        // In 1..=MAX_WORKERS.
+        surge: surge? as usize,
+        bake: bake?,
+        rollback: rollback?,
+    })
+}
+
+/// `[metrics]`, optional: a TCP `listen` not taken by a socket.
+fn metrics(
+    cx: &mut Checker<'_>,
+    root: &Table<'_, '_>,
+    origin: &Origin,
+    sockets: Option<&Sockets>,
+) -> Option<Option<MetricsConfig>> {
+    let Some(value) = root.get("metrics") else {
+        return Some(None);
+    };
+    let table = cx.table(value, root.key.child("metrics"), METRICS_KEYS)?;
+    let listen = cx.required(
+        &table,
+        "listen",
+        "a TCP address like \"127.0.0.1:9100\"",
+        |v| {
+            let s = values::c_string(v)?;
+            if s.starts_with("unix:") {
+                return Err(Bad::expected("a TCP address like \"127.0.0.1:9100\""));
+            }
+            listen::tcp(s, origin.resolver).map_err(Bad::Message)
+        },
+    )?;
+    let taken = sockets.into_iter().flatten().find_map(|(name, socket)| {
+        let socket = socket.as_ref()?;
+        listen::conflicts(&Listen::Tcp(listen), &socket.config.listen).then_some((name, socket))
+    });
+    if let (Some((name, socket)), Some(value)) = (taken, table.get("listen")) {
+        cx.report(
+            value.span(),
+            &table.key.child("listen"),
+            format!(
+                "{listen} conflicts with sockets.{}, which listens on {}",
+                KeyPath::root().child(name),
+                listen::show(&socket.config.listen)
+            ),
+        );
+        return None;
+    }
+    Some(Some(MetricsConfig { listen }))
+}

@@ -1,0 +1,457 @@
+//! The public API on hand-written manifests: defaults, relative path resolution, `"auto"`,
+//! every key's value, error formatting, and reading files.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clusterd_manifest::{
+    Backoff, Listen, ManifestError, Problem, Readiness, ReloadConfig, RestartPolicy, load, parse,
+};
+use nix::sys::signal::Signal;
+
+/// Parses `text` as if it were `/srv/app/supervisor.toml`.
+fn parse_srv(text: &str) -> Result<clusterd_manifest::Manifest, ManifestError> {
+    parse(text, Path::new("/srv/app/supervisor.toml"))
+}
+
+/// The problems of an invalid manifest.
+fn problems(text: &str) -> Vec<Problem> {
+    match parse_srv(text) {
+        Ok(manifest) => panic!("accepted: {manifest:#?}"),
+        Err(ManifestError::Invalid { problems, .. }) => problems,
+        Err(other) => panic!("unexpected error: {other}"),
+    }
+}
+
+/// The only problem of an invalid manifest, as `LINE:COL: KEY: MESSAGE`.
+fn only_problem(text: &str) -> String {
+    let problems = problems(text);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    problems[0].to_string()
+}
+
+#[test]
+fn defaults() {
+    let manifest = parse_srv("[apps.web]\ncommand = [\"hello\"]\n").unwrap();
+    assert_eq!(manifest.path, PathBuf::from("/srv/app/supervisor.toml"));
+    assert_eq!(manifest.dir, PathBuf::from("/srv/app"));
+    assert_eq!(manifest.supervisor.stop_timeout, Duration::from_secs(10));
+    assert_eq!(manifest.supervisor.run_dir, None);
+    assert!(manifest.sockets.is_empty());
+    assert_eq!(manifest.metrics, None);
+    let web = &manifest.apps["web"];
+    assert_eq!(web.command, ["hello"]);
+    assert_eq!(web.workers, 1);
+    assert!(web.sockets.is_empty());
+    assert!(web.env.is_empty());
+    assert_eq!(web.cwd, PathBuf::from("/srv/app"));
+    assert_eq!(web.stop_signal, Signal::SIGTERM);
+    assert_eq!(web.stop_timeout, Duration::from_secs(10));
+    assert_eq!(web.restart, RestartPolicy::Always);
+    assert_eq!(
+        web.backoff,
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+            reset_after: Duration::from_secs(10),
+        }
+    );
+    assert_eq!(web.ready, Readiness::Immediate);
+    assert_eq!(web.ready_timeout, Duration::from_secs(30));
+    assert_eq!(web.watchdog, None);
+    assert_eq!(web.kv_segment, None);
+    assert_eq!(
+        web.reload,
+        ReloadConfig {
+            surge: 1,
+            bake: Duration::ZERO,
+            rollback: false,
+        }
+    );
+}
+
+#[test]
+fn socket_defaults() {
+    let manifest = parse_srv(
+        "[sockets.http]\nlisten = \"127.0.0.1:8000\"\n[apps.web]\ncommand = [\"hello\"]\nsockets = [\"http\"]\n",
+    )
+    .unwrap();
+    let http = &manifest.sockets["http"];
+    assert_eq!(http.listen, Listen::Tcp("127.0.0.1:8000".parse().unwrap()));
+    assert_eq!(http.backlog, 1024);
+    assert_eq!(http.mode, None);
+}
+
+#[test]
+fn every_key_is_read() {
+    let text = r#"
+        [supervisor]
+        stop_timeout = "20s"
+        run_dir = "/var/run/clusterd"
+
+        [sockets.http]
+        listen = "[::1]:8080"
+        backlog = 16
+
+        [sockets.admin]
+        listen = "unix:/run/admin.sock"
+        mode = 0o600
+
+        [apps.web]
+        command = ["/usr/bin/server", "--port", "8080"]
+        workers = 3
+        sockets = ["admin", "http"]
+        env = { A = "1", B = "" }
+        cwd = "/tmp"
+        stop_signal = "int"
+        restart = "never"
+        backoff_initial = "1s"
+        backoff_max = "1s"
+        backoff_reset = "0s"
+        ready = "delay"
+        ready_timeout = "2m"
+        watchdog = "500ms"
+        kv_segment = "kv.seg-1"
+        reload = { surge = 3, bake = "1m30s", rollback = true }
+
+        [metrics]
+        listen = "127.0.0.1:9100"
+    "#;
+    let manifest = parse_srv(text).unwrap();
+    assert_eq!(manifest.supervisor.stop_timeout, Duration::from_secs(20));
+    assert_eq!(
+        manifest.supervisor.run_dir,
+        Some(PathBuf::from("/var/run/clusterd"))
+    );
+    assert_eq!(manifest.sockets["http"].backlog, 16);
+    assert_eq!(
+        manifest.sockets["admin"].listen,
+        Listen::Unix(PathBuf::from("/run/admin.sock"))
+    );
+    assert_eq!(manifest.sockets["admin"].mode, Some(0o600));
+    let web = &manifest.apps["web"];
+    assert_eq!(web.command, ["/usr/bin/server", "--port", "8080"]);
+    assert_eq!(web.workers, 3);
+    // The order given is the fd order: admin is fd 3, http fd 4.
+    assert_eq!(web.sockets, ["admin", "http"]);
+    assert_eq!(web.env["A"], "1");
+    assert_eq!(web.env["B"], "");
+    assert_eq!(web.cwd, PathBuf::from("/tmp"));
+    assert_eq!(web.stop_signal, Signal::SIGINT);
+    // Inherited from [supervisor].
+    assert_eq!(web.stop_timeout, Duration::from_secs(20));
+    assert_eq!(web.restart, RestartPolicy::Never);
+    assert_eq!(web.backoff.initial, Duration::from_secs(1));
+    assert_eq!(web.backoff.max, Duration::from_secs(1));
+    assert_eq!(web.backoff.reset_after, Duration::ZERO);
+    assert_eq!(web.ready, Readiness::Delay(Duration::from_secs(1)));
+    assert_eq!(web.ready_timeout, Duration::from_secs(120));
+    assert_eq!(web.watchdog, Some(Duration::from_millis(500)));
+    assert_eq!(web.kv_segment.as_deref(), Some("kv.seg-1"));
+    assert_eq!(
+        web.reload,
+        ReloadConfig {
+            surge: 3,
+            bake: Duration::from_secs(90),
+            rollback: true,
+        }
+    );
+    assert_eq!(
+        manifest.metrics.unwrap().listen,
+        "127.0.0.1:9100".parse().unwrap()
+    );
+}
+
+#[test]
+fn relative_paths_resolve_against_the_manifest_directory() {
+    let text = r#"
+        [supervisor]
+        run_dir = "run"
+        [sockets.s]
+        listen = "unix:run/s.sock"
+        [apps.web]
+        command = ["./bin/server", "bin/x"]
+        cwd = "../data"
+        [apps.tool]
+        command = ["python3", "./script.py"]
+    "#;
+    let manifest = parse_srv(text).unwrap();
+    assert_eq!(
+        manifest.supervisor.run_dir,
+        Some(PathBuf::from("/srv/app/run"))
+    );
+    assert_eq!(
+        manifest.sockets["s"].listen,
+        Listen::Unix(PathBuf::from("/srv/app/run/s.sock"))
+    );
+    let web = &manifest.apps["web"];
+    // Only argv[0] is a path clusterd resolves; arguments are the program's business.
+    assert_eq!(web.command, ["/srv/app/bin/server", "bin/x"]);
+    assert_eq!(web.cwd, PathBuf::from("/srv/app/../data"));
+    // A bare name is left for PATH lookup at spawn time.
+    assert_eq!(manifest.apps["tool"].command, ["python3", "./script.py"]);
+}
+
+#[test]
+fn a_relative_manifest_path_is_made_absolute() {
+    let manifest = parse(
+        "[apps.a]\ncommand = [\"x\"]\n",
+        Path::new("supervisor.toml"),
+    )
+    .unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    assert_eq!(manifest.path, cwd.join("supervisor.toml"));
+    assert_eq!(manifest.dir, cwd);
+    assert_eq!(manifest.apps["a"].cwd, cwd);
+}
+
+#[test]
+fn auto_workers_is_the_number_of_cpus() {
+    let manifest = parse_srv("[apps.web]\ncommand = [\"x\"]\nworkers = \"auto\"\n").unwrap();
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(manifest.apps["web"].workers, cpus);
+}
+
+#[test]
+fn ready_modes() {
+    let ready = |extra: &str| {
+        parse_srv(&format!("[apps.web]\ncommand = [\"x\"]\n{extra}\n"))
+            .unwrap()
+            .apps["web"]
+            .ready
+    };
+    assert_eq!(ready("ready = \"immediate\""), Readiness::Immediate);
+    assert_eq!(ready("ready = \"notify\""), Readiness::Notify);
+    assert_eq!(
+        ready("ready = \"delay\"\nready_delay = \"250ms\""),
+        Readiness::Delay(Duration::from_millis(250))
+    );
+}
+
+#[test]
+fn the_documented_message_format() {
+    let text = "# comment\n\n[apps.web]\ncommand = [\"hello\"]\n\n\n\n\n\n\n\nworkers   = -3\n";
+    let err = parse(text, Path::new("supervisor.toml")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "supervisor.toml:12:13: apps.web.workers: expected a positive integer or \"auto\", found -3"
+    );
+    let ManifestError::Invalid { path, problems } = err else {
+        panic!("not Invalid");
+    };
+    assert_eq!(path, PathBuf::from("supervisor.toml"));
+    assert_eq!(
+        problems,
+        [Problem {
+            line: 12,
+            column: 13,
+            key: "apps.web.workers".to_owned(),
+            message: "expected a positive integer or \"auto\", found -3".to_owned(),
+        }]
+    );
+}
+
+#[test]
+fn problems_are_sorted_by_position() {
+    let text = "[apps.b]\nworkers = 0\n[apps.a]\nworkers = 0\n";
+    let lines: Vec<(usize, usize)> = problems(text).iter().map(|p| (p.line, p.column)).collect();
+    assert_eq!(lines, [(1, 1), (2, 11), (3, 1), (4, 11)]);
+}
+
+#[test]
+fn each_key_rejects_bad_values() {
+    let app = |line: &str| only_problem(&format!("[apps.web]\ncommand = [\"x\"]\n{line}\n"));
+    assert_eq!(
+        app("workers = true"),
+        "3:11: apps.web.workers: expected a positive integer or \"auto\", found true"
+    );
+    assert_eq!(
+        app("sockets = [1]"),
+        "3:12: apps.web.sockets: expected a string, found 1"
+    );
+    assert_eq!(
+        app("env = { A = 1 }"),
+        "3:13: apps.web.env.A: expected a string, found 1"
+    );
+    assert_eq!(
+        app("env = { \"\" = \"x\" }"),
+        "3:9: apps.web.env.\"\": an environment variable name must not be empty"
+    );
+    assert_eq!(
+        app("cwd = \"\""),
+        "3:7: apps.web.cwd: expected a non-empty path, found \"\""
+    );
+    assert_eq!(
+        app("cwd = 1"),
+        "3:7: apps.web.cwd: expected a string, found 1"
+    );
+    assert_eq!(
+        app("stop_signal = \"KILLME\""),
+        "3:15: apps.web.stop_signal: expected a signal name like \"SIGTERM\" or \"TERM\", or a number, found \"KILLME\""
+    );
+    assert_eq!(
+        app("stop_timeout = \"forever\""),
+        "3:16: apps.web.stop_timeout: expected a duration like \"10s\" or \"250ms\", found \"forever\""
+    );
+    assert_eq!(
+        app("restart = true"),
+        "3:11: apps.web.restart: expected one of \"always\", \"on-failure\", \"never\", found true"
+    );
+    assert_eq!(
+        app("backoff_initial = \"0s\""),
+        "3:19: apps.web.backoff_initial: expected a duration greater than zero, found \"0s\""
+    );
+    assert_eq!(
+        app("backoff_max = \"50ms\""),
+        "3:15: apps.web.backoff_max: backoff_max (50ms) must not be less than backoff_initial (100ms)"
+    );
+    assert_eq!(
+        app("ready = 1"),
+        "3:9: apps.web.ready: expected one of \"immediate\", \"delay\", \"notify\", found 1"
+    );
+    assert_eq!(
+        app("ready = \"delay\"\nready_delay = \"x\""),
+        "4:15: apps.web.ready_delay: expected a duration like \"10s\" or \"250ms\", found \"x\""
+    );
+    assert_eq!(
+        app("ready_timeout = \"0ms\""),
+        "3:17: apps.web.ready_timeout: expected a duration greater than zero, found \"0ms\""
+    );
+    assert_eq!(
+        app("watchdog = \"0s\""),
+        "3:12: apps.web.watchdog: expected a duration greater than zero, found \"0s\""
+    );
+    assert_eq!(
+        app("kv_segment = \"\""),
+        "3:14: apps.web.kv_segment: expected a name made of letters, digits, '_', '.' and '-', found \"\""
+    );
+    assert_eq!(
+        app("reload = { surge = -1 }"),
+        "3:20: apps.web.reload.surge: expected an integer from 1 to 4096, found -1"
+    );
+    assert_eq!(
+        app("reload = { bake = 0 }"),
+        "3:19: apps.web.reload.bake: expected a duration like \"10s\" or \"250ms\", found 0"
+    );
+    assert_eq!(
+        app("reload = { rollback = 1 }"),
+        "3:23: apps.web.reload.rollback: expected true or false, found 1"
+    );
+    assert_eq!(app("command = [\"y\"]"), "3:1: syntax: duplicate key");
+}
+
+#[test]
+fn socket_and_supervisor_keys_reject_bad_values() {
+    let with_app = |text: &str| only_problem(&format!("{text}\n[apps.web]\ncommand = [\"x\"]\n"));
+    assert_eq!(
+        with_app("[sockets.s]\nlisten = 8000"),
+        "2:10: sockets.s.listen: expected a string, found 8000"
+    );
+    assert_eq!(
+        with_app("[sockets.s]\nlisten = \"127.0.0.1:0\"\nbacklog = 70000"),
+        "3:11: sockets.s.backlog: expected an integer from 1 to 65535, found 70000"
+    );
+    assert_eq!(
+        with_app("[sockets.s]\nlisten = \"unix:s.sock\"\nmode = \"1777\""),
+        "3:8: sockets.s.mode: expected an octal mode like \"0660\" or 0o660, at most 0o777, found \"1777\""
+    );
+    assert_eq!(
+        with_app("[sockets]\ns = 1"),
+        "2:5: sockets.s: expected a table, found 1"
+    );
+    assert_eq!(
+        with_app("[supervisor]\nrun_dir = [\"run\"]"),
+        "2:11: supervisor.run_dir: expected a string, found an array"
+    );
+    assert_eq!(
+        with_app("[metrics]"),
+        "1:1: metrics.listen: missing required key \"listen\" (a TCP address like \"127.0.0.1:9100\")"
+    );
+    assert_eq!(
+        with_app("[metrics]\nlisten = \"9100\""),
+        "2:10: metrics.listen: expected \"host:port\" or \"[v6]:port\", found \"9100\""
+    );
+}
+
+#[test]
+fn a_socket_with_a_problem_is_still_defined_for_apps() {
+    // Only the socket's own problem: the app's reference to it is not reported as unknown.
+    let text = "[sockets.s]\nlisten = \"nope\"\n[apps.web]\ncommand = [\"x\"]\nsockets = [\"s\"]\n";
+    assert_eq!(
+        only_problem(text),
+        "2:10: sockets.s.listen: expected \"host:port\", \"[v6]:port\" or \"unix:/path\", found \"nope\""
+    );
+}
+
+#[test]
+fn unusual_but_valid_values() {
+    let text = r#"
+        sockets."web.v2-x_1" = { listen = "localhost:0" }
+        [apps."web.v2"]
+        command = ["x", "", "ü"]
+        sockets = ["web.v2-x_1"]
+        stop_signal = "9"
+        workers = 4096
+        env = { "ÄNDERUNG" = "ja", lower = "a=b" }
+    "#;
+    let manifest = parse_srv(text).unwrap();
+    let Listen::Tcp(addr) = manifest.sockets["web.v2-x_1"].listen else {
+        panic!("not TCP");
+    };
+    assert!(addr.ip().is_loopback());
+    let app = &manifest.apps["web.v2"];
+    assert_eq!(app.command, ["x", "", "ü"]);
+    assert_eq!(app.stop_signal, Signal::SIGKILL);
+    assert_eq!(app.workers, 4096);
+    assert_eq!(app.env["lower"], "a=b");
+}
+
+#[test]
+fn load_reads_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("supervisor.toml");
+    std::fs::write(&path, "[apps.web]\ncommand = [\"bin/hello\"]\n").unwrap();
+    let manifest = load(&path).unwrap();
+    assert_eq!(manifest.path, path);
+    assert_eq!(manifest.dir, dir.path());
+    assert_eq!(
+        manifest.apps["web"].command,
+        [dir.path().join("bin/hello").to_string_lossy()]
+    );
+}
+
+#[test]
+fn load_reports_unreadable_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.toml");
+    let err = load(&missing).unwrap_err();
+    assert!(matches!(err, ManifestError::Read { ref path, .. } if *path == missing));
+    assert!(
+        err.to_string()
+            .starts_with(&format!("cannot read manifest {}: ", missing.display())),
+        "{err}"
+    );
+
+    let err = load(dir.path()).unwrap_err();
+    assert!(matches!(err, ManifestError::Read { .. }), "{err}");
+
+    let huge = dir.path().join("huge.toml");
+    std::fs::write(&huge, "#".repeat(2 << 20)).unwrap();
+    let err = load(&huge).unwrap_err();
+    assert!(err.to_string().contains("larger than 1024 KiB"), "{err}");
+}
+
+#[test]
+fn load_reports_invalid_utf8_with_its_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("latin1.toml");
+    std::fs::write(&path, b"[apps.web]\ncommand = [\"caf\xe9\"]\n").unwrap();
+    let err = load(&path).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}:2:16: syntax: invalid UTF-8: a manifest must be UTF-8 text",
+            path.display()
+        )
+    );
+}
