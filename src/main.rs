@@ -3,14 +3,17 @@
 //!
 //! Exit codes: 0 success, 1 runtime error, 2 invalid manifest or usage.
 
+mod control;
 mod notify;
 mod output;
+mod procstat;
 mod reaper;
 mod rundir;
 mod signals;
 mod sockets;
 mod spawn;
 mod supervisor;
+mod tend;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,9 +23,13 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use clusterd_manifest::Manifest;
 
+use crate::control::client::{self, Target};
+use crate::control::render;
+use crate::control::server::ControlServer;
 use crate::notify::NotifySocket;
-use crate::rundir::RunDir;
+use crate::rundir::{PidFile, RunDir};
 use crate::sockets::Sockets;
+use clusterd_proto::{ReloadResult, Reply, Request};
 
 /// A process supervisor: N workers sharing listening sockets, crash restart with backoff,
 /// zero-downtime rolling reloads and clean shutdown, for workers in any language.
@@ -49,6 +56,56 @@ enum Command {
         /// The manifest.
         manifest: PathBuf,
     },
+    /// Show every app and worker of a running supervisor.
+    Status {
+        /// Print JSON (stable; see the README) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The manifest (same as --file).
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Roll every worker of an app (or of all apps) to a new generation, one at a time.
+    Reload {
+        /// The app; all apps when omitted.
+        app: Option<String>,
+        /// Follow the rollout and exit non-zero if it aborts.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Restart an app's workers one at a time (APP), or one slot's worker at once (APP:SLOT).
+    Restart {
+        /// APP or APP:SLOT.
+        spec: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Set the number of workers of an app.
+    Scale {
+        /// The app.
+        app: String,
+        /// The new number of workers.
+        workers: usize,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Send a signal to every worker (process group) of an app.
+    Signal {
+        /// The app.
+        app: String,
+        /// The signal: SIGHUP, HUP or 1.
+        signal: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop a running supervisor gracefully (like SIGTERM).
+    Stop {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Send sd_notify assignments (e.g. READY=1) to $NOTIFY_SOCKET and wait until the
     /// supervisor has read them; for workers that cannot send datagrams themselves.
     Notify {
@@ -68,6 +125,116 @@ fn main() -> ExitCode {
         Command::Start { manifest, run_dir } => start(&manifest, run_dir.as_deref()),
         Command::Check { manifest } => check(&manifest),
         Command::Notify { assignments } => report(notify_command(&assignments)),
+        Command::Status {
+            json,
+            file,
+            mut target,
+        } => {
+            if let Some(file) = file {
+                target.manifest = file;
+            }
+            control_command(&target, Request::Status {}, |reply| match reply {
+                Reply::Status(status) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&status).unwrap_or_default()
+                    );
+                    true
+                }
+                Reply::Status(status) => {
+                    print!("{}", render::status_table(&status));
+                    true
+                }
+                _ => false,
+            })
+        }
+        Command::Reload { app, wait, target } => control_command(
+            &target,
+            Request::Reload { app, wait },
+            |reply| match reply {
+                Reply::Reloaded { outcomes } => {
+                    let mut ok = true;
+                    for o in outcomes {
+                        match o.outcome {
+                            ReloadResult::Completed => {
+                                println!("{}: reload completed, generation {}", o.app, o.generation)
+                            }
+                            ReloadResult::Aborted => {
+                                ok = false;
+                                println!(
+                                    "{}: reload ABORTED: {}",
+                                    o.app,
+                                    o.reason.unwrap_or_default()
+                                );
+                            }
+                        }
+                    }
+                    ok
+                }
+                _ => false,
+            },
+        ),
+        Command::Restart { spec, target } => {
+            let (app, slot) = match spec.split_once(':') {
+                Some((app, slot)) => match slot.parse() {
+                    Ok(slot) => (app.to_owned(), Some(slot)),
+                    Err(_) => {
+                        eprintln!("clusterd: {spec:?}: expected APP or APP:SLOT");
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                },
+                None => (spec, None),
+            };
+            control_command(&target, Request::Restart { app, slot }, |_| false)
+        }
+        Command::Scale {
+            app,
+            workers,
+            target,
+        } => control_command(&target, Request::Scale { app, workers }, |_| false),
+        Command::Signal {
+            app,
+            signal,
+            target,
+        } => control_command(&target, Request::Signal { app, signal }, |_| false),
+        Command::Stop { target } => control_command(&target, Request::Stop {}, |_| false),
+    }
+}
+
+/// Sends one control request and prints its reply. `show` handles the command's own final
+/// reply and says whether it means success; `Done` and `Error` replies are handled here.
+fn control_command(
+    target: &Target,
+    request: Request,
+    show: impl FnOnce(Reply) -> bool,
+) -> ExitCode {
+    let timeout = match request {
+        Request::Reload { wait: true, .. } => None,
+        _ => Some(Duration::from_secs(30)),
+    };
+    let result = target.socket_path().and_then(|socket| {
+        client::call(&socket, request, timeout, |progress| println!("{progress}"))
+    });
+    match result {
+        Ok(Reply::Done { message }) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Ok(Reply::Error { message, .. }) => {
+            eprintln!("clusterd: {message}");
+            ExitCode::FAILURE
+        }
+        Ok(reply) => {
+            if show(reply) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("clusterd: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -153,23 +320,30 @@ fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<
     run_dir
         .create()
         .with_context(|| format!("cannot create run directory {}", run_dir.path.display()))?;
-    let sockets = Sockets::bind_all(&manifest.sockets)?;
-    let pid_file = run_dir.pid_file();
-    std::fs::write(&pid_file, format!("{}\n", std::process::id()))
-        .with_context(|| format!("cannot write pid file {}", pid_file.display()))?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the event loop")?;
     let local = tokio::task::LocalSet::new();
-    let result = local.block_on(&runtime, async {
+    local.block_on(&runtime, async {
+        // The control socket first: a second `start` of a running manifest fails here, before
+        // it could disturb anything.
+        let control = ControlServer::bind(&run_dir.control_socket())?;
+        let sockets = Sockets::bind_all(&manifest.sockets)?;
         let notify = NotifySocket::bind(&run_dir.notify_socket())
             .with_context(|| format!("cannot bind {}", run_dir.notify_socket().display()))?;
-        supervisor::run(manifest, sockets, notify).await
-    });
-    let _ = std::fs::remove_file(&pid_file);
-    result
+        let pid_file = PidFile::write(run_dir.pid_file())?;
+        tracing::info!(
+            "clusterd pid {} running {}; control socket {}",
+            std::process::id(),
+            manifest.path.display(),
+            run_dir.control_socket().display()
+        );
+        let result = supervisor::run(manifest, sockets, notify, control).await;
+        drop(pid_file);
+        result
+    })
 }
 
 fn notify_command(assignments: &[String]) -> anyhow::Result<()> {

@@ -26,6 +26,32 @@ impl RunDir {
         RunDir { path }
     }
 
+    /// The run directory of the manifest file at `path`, for the CLI. Only `[supervisor]
+    /// run_dir` is read, leniently, so that a manifest being edited (and invalid for now)
+    /// still leads to the supervisor running it.
+    pub fn for_manifest_file(path: &Path, override_dir: Option<&Path>) -> io::Result<Self> {
+        let absolute = std::path::absolute(path)?;
+        if let Some(dir) = override_dir {
+            return Ok(RunDir {
+                path: dir.to_path_buf(),
+            });
+        }
+        let text = std::fs::read_to_string(&absolute)?;
+        let configured = text
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| {
+                t.get("supervisor")?
+                    .get("run_dir")?
+                    .as_str()
+                    .map(PathBuf::from)
+            })
+            .map(|dir| absolute.parent().unwrap_or(Path::new("/")).join(dir));
+        Ok(RunDir {
+            path: configured.unwrap_or_else(|| default_dir(&absolute)),
+        })
+    }
+
     /// Creates the directory (mode 0700 for every directory created).
     pub fn create(&self) -> io::Result<()> {
         std::fs::DirBuilder::new()
@@ -74,4 +100,22 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// The pid file, removed when dropped.
+pub struct PidFile(PathBuf);
+
+impl PidFile {
+    /// Writes our pid to `path`.
+    pub fn write(path: PathBuf) -> anyhow::Result<Self> {
+        std::fs::write(&path, format!("{}\n", std::process::id()))
+            .map_err(|e| anyhow::anyhow!("cannot write pid file {}: {e}", path.display()))?;
+        Ok(PidFile(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

@@ -4,12 +4,15 @@
 //! carries out what has come due (respawns, readiness deadlines, stop timeouts, rollouts).
 //!
 //! Layout: [`state`] holds the data (apps, slots, workers), [`backoff`] the crash delays,
-//! [`rollout`] the rolling reload, [`reconfigure`] the manifest re-read.
+//! [`rollout`] the rolling reload, [`reconfigure`] the manifest re-read, [`commands`] the
+//! control requests and [`status`] the snapshot they read.
 
 mod backoff;
+mod commands;
 mod reconfigure;
 mod rollout;
 mod state;
+mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
@@ -21,6 +24,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::time::{Instant, sleep_until};
 
+use crate::control::server::ControlServer;
 use crate::notify::{Notification, NotifySocket};
 use crate::output::{self, Stream};
 use crate::reaper::{Exit, Reaper};
@@ -54,13 +58,22 @@ pub struct Supervisor {
     /// Set once shutdown has begun.
     shutting_down: bool,
     started: Instant,
+    /// `reload --wait` clients.
+    reload_waiters: Vec<commands::ReloadWaiter>,
+    /// The last CPU sample of each worker group: when, and its CPU seconds then.
+    cpu_samples: HashMap<Pid, (Instant, f64)>,
 }
 
 /// Runs the supervisor until a shutdown has stopped every worker.
 ///
-/// The caller has bound the sockets and the notify socket, and passes the control server (if
-/// any); signals are handled here. Returns when every worker has exited.
-pub async fn run(manifest: Manifest, sockets: Sockets, notify: NotifySocket) -> anyhow::Result<()> {
+/// The caller has bound the sockets, the notify socket and the control socket; signals are
+/// handled here. Returns when every worker has exited.
+pub async fn run(
+    manifest: Manifest,
+    sockets: Sockets,
+    notify: NotifySocket,
+    mut control: ControlServer,
+) -> anyhow::Result<()> {
     // Install the SIGCHLD listener and the other signal handlers before the first fork.
     let mut reaper = Reaper::new()?;
     let mut signals = Signals::new()?;
@@ -81,6 +94,7 @@ pub async fn run(manifest: Manifest, sockets: Sockets, notify: NotifySocket) -> 
             }
             Some(signal) = signals.recv() => supervisor.on_signal(signal),
             notification = notify.recv() => supervisor.on_notify(notification),
+            Some(request) = control.recv() => supervisor.on_control(request),
             _ = sleep_until(deadline) => {}
         }
     }
@@ -112,6 +126,8 @@ impl Supervisor {
             dev_null,
             shutting_down: false,
             started: now,
+            reload_waiters: Vec::new(),
+            cpu_samples: HashMap::new(),
         })
     }
 
@@ -358,6 +374,7 @@ impl Supervisor {
         for name in names {
             self.advance_rollout(&name, now);
         }
+        self.settle_waiters();
     }
 
     /// Readiness by delay, readiness and watchdog deadlines, stop timeouts, drained groups.

@@ -140,6 +140,14 @@ impl Supervisor {
             }
         });
         for old in to_stop {
+            if let Some(worker) = self.workers.get(&old) {
+                let message = format!(
+                    "{} generation {} ready; stopping pid {old}",
+                    worker.label(),
+                    rollout.generation
+                );
+                self.progress(name, &message);
+            }
             self.stop_worker(old, now);
         }
 

@@ -57,6 +57,17 @@ pub enum ReloadOutcome {
     },
 }
 
+impl ReloadOutcome {
+    /// The generation the rollout was for.
+    pub fn generation(&self) -> u64 {
+        match self {
+            ReloadOutcome::Completed { generation } | ReloadOutcome::Aborted { generation, .. } => {
+                *generation
+            }
+        }
+    }
+}
+
 /// A worker position that survives restarts.
 #[derive(Debug)]
 pub struct Slot {

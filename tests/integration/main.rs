@@ -1,5 +1,8 @@
 //! Integration tests: the built `clusterd` binary against real worker processes.
 //! One test binary (so the suite links once), one module per area.
 
+mod check;
+mod control;
 mod core;
+mod reload;
 mod util;

@@ -58,7 +58,24 @@ impl Clusterd {
 
     /// Like [`Clusterd::start`], with a chance to adjust the command first.
     pub fn start_with(manifest: &str, adjust: impl FnOnce(&mut Command)) -> Self {
+        Self::start_full(manifest, &[], adjust)
+    }
+
+    /// Like [`Clusterd::start`], after writing executable `files` (name, content; expanded
+    /// like the manifest) into the temp dir.
+    pub fn start_with_files(manifest: &str, files: &[(&str, &str)]) -> Self {
+        Self::start_full(manifest, files, |_| {})
+    }
+
+    fn start_full(
+        manifest: &str,
+        files: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        for (name, content) in files {
+            write_executable(&dir.path().join(name), &expand(content, dir.path()));
+        }
         let text = expand(manifest, dir.path());
         let path = dir.path().join("clusterd.toml");
         std::fs::write(&path, text).expect("write manifest");
@@ -205,6 +222,75 @@ impl Clusterd {
         }
     }
 
+    /// Runs a control command against this supervisor: `clusterd ARGS... -f MANIFEST`.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let mut child = Command::new(clusterd_bin())
+            .args(args)
+            .arg("-f")
+            .arg(&self.manifest)
+            .env_remove("XDG_RUNTIME_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn clusterd client");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().expect("try_wait").is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("`clusterd {}` did not finish within 60s", args.join(" "));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.wait_with_output().expect("client output")
+    }
+
+    /// `clusterd status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let output = self.ctl(&["status", "--json"]);
+        assert!(
+            output.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("status JSON")
+    }
+
+    /// The serving workers of `app` in a status: (slot, pid, generation, state).
+    pub fn serving(&self, app: &str) -> Vec<(u64, Pid, u64, String)> {
+        let status = self.status();
+        let apps = status["apps"].as_array().expect("apps");
+        let app = apps
+            .iter()
+            .find(|a| a["name"] == app)
+            .expect("app in status");
+        app["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .filter(|w| w["role"] == "serving" && !w["pid"].is_null())
+            .map(|w| {
+                (
+                    w["slot"].as_u64().expect("slot"),
+                    Pid::from_raw(w["pid"].as_i64().expect("pid") as i32),
+                    w["generation"].as_u64().expect("generation"),
+                    w["state"].as_str().expect("state").to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// The control socket's path (in the run dir beside the manifest).
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path().join(".clusterd/clusterd/control.sock")
+    }
+
+    /// Rewrites the manifest (same `{hello}`/`{dir}` expansion as at start).
+    pub fn rewrite_manifest(&self, manifest: &str) {
+        std::fs::write(&self.manifest, expand(manifest, self.dir.path()))
+            .expect("rewrite manifest");
+    }
+
     /// SIGTERM, then waits for a clean exit and returns its status.
     pub fn stop(&mut self) -> ExitStatus {
         self.signal(Signal::SIGTERM);
@@ -222,7 +308,18 @@ impl Drop for Clusterd {
     }
 }
 
-fn expand(manifest: &str, dir: &Path) -> String {
+/// Writes an executable file atomically (write a temp file, then rename), so that a
+/// concurrent exec never sees it half-written.
+pub fn write_executable(path: &Path, content: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).expect("write file");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// Expands `{hello}` and `{dir}` in a manifest or script.
+pub fn expand(manifest: &str, dir: &Path) -> String {
     let mut text = manifest.replace("{dir}", &dir.display().to_string());
     if text.contains("{hello}") {
         text = text.replace("{hello}", &example_bin("hello").display().to_string());

@@ -1,1 +1,288 @@
-//! Placeholder.
+//! clusterd's control protocol, shared by the supervisor, the `clusterd` CLI and the tests.
+//!
+//! Framing: one JSON object per line (newline-delimited), at most [`MAX_FRAME`] bytes. Every
+//! request carries the protocol version `v` and a command `cmd`; the reply is one or more lines:
+//! zero or more [`Reply::Progress`] lines, then exactly one final reply, after which the server
+//! closes the connection. A request that is not valid JSON, too long, of another version or of
+//! an unknown command gets a [`Reply::Error`] with an [`ErrorKind`] that tells these apart.
+//!
+//! ```text
+//! > {"v":1,"cmd":"status"}
+//! < {"reply":"status","pid":4242,...}
+//! > {"v":1,"cmd":"reload","app":"web","wait":true}
+//! < {"reply":"progress","message":"web[0] pid 5150 (generation 2) ready"}
+//! < {"reply":"reloaded","outcomes":[{"app":"web","outcome":"completed","generation":2}]}
+//! ```
+
+#![warn(missing_docs)]
+
+mod status;
+
+pub use status::*;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// The longest line either side accepts, in bytes (without the newline).
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// A request, as sent on the wire: the version and the command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Protocol version; must be [`VERSION`].
+    pub v: u32,
+    /// The command.
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+impl Envelope {
+    /// Wraps a request in the current version.
+    pub fn new(request: Request) -> Self {
+        Envelope {
+            v: VERSION,
+            request,
+        }
+    }
+}
+
+/// The commands, one variant per CLI command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Every app and worker: answered with [`Reply::Status`].
+    Status {},
+    /// A rolling reload of one app, or all.
+    Reload {
+        /// The app; all apps when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        app: Option<String>,
+        /// Stream progress and answer only when the rollout has ended.
+        #[serde(default)]
+        wait: bool,
+    },
+    /// Restart an app's workers one at a time (a rolling reload), or one slot at once.
+    Restart {
+        /// The app.
+        app: String,
+        /// One slot: its worker is stopped and replaced.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<usize>,
+    },
+    /// Set an app's number of workers.
+    Scale {
+        /// The app.
+        app: String,
+        /// The new number of workers.
+        workers: usize,
+    },
+    /// Send a signal to every worker (process group) of an app.
+    Signal {
+        /// The app.
+        app: String,
+        /// The signal, e.g. `SIGHUP`, `HUP` or `1`.
+        signal: String,
+    },
+    /// Graceful shutdown of the supervisor.
+    Stop {},
+}
+
+/// A reply line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case")]
+pub enum Reply {
+    /// The answer to [`Request::Status`].
+    Status(Status),
+    /// A step of a long-running command (`reload --wait`).
+    Progress {
+        /// What happened.
+        message: String,
+    },
+    /// The end of `reload --wait`: how each app's rollout ended.
+    Reloaded {
+        /// One entry per app reloaded.
+        outcomes: Vec<AppReload>,
+    },
+    /// The command was carried out (or started, for commands that do not wait).
+    Done {
+        /// What was done.
+        message: String,
+    },
+    /// The request was refused.
+    Error {
+        /// Which kind of problem.
+        kind: ErrorKind,
+        /// A message for people.
+        message: String,
+    },
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// Not a JSON object, or not a complete line.
+    Malformed,
+    /// Longer than [`MAX_FRAME`].
+    TooLarge,
+    /// A `v` this server does not speak.
+    Version,
+    /// A `cmd` this server does not know (perhaps from a newer client).
+    UnknownCommand,
+    /// A known command with bad arguments (unknown app, bad signal ...).
+    BadRequest,
+    /// The client did not send a full request in time.
+    Timeout,
+    /// The peer's uid may not use this socket.
+    Forbidden,
+}
+
+/// Why a line could not be read as a request.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct DecodeError {
+    /// The error kind to reply with.
+    pub kind: ErrorKind,
+    /// What was wrong.
+    pub message: String,
+}
+
+/// Decodes one request line, telling garbage, other versions and unknown commands apart.
+pub fn decode_request(line: &[u8]) -> Result<Request, DecodeError> {
+    if line.len() > MAX_FRAME {
+        return Err(DecodeError {
+            kind: ErrorKind::TooLarge,
+            message: format!("request longer than {MAX_FRAME} bytes"),
+        });
+    }
+    let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| DecodeError {
+        kind: ErrorKind::Malformed,
+        message: format!("not a JSON request: {e}"),
+    })?;
+    let serde_json::Value::Object(mut object) = value else {
+        return Err(DecodeError {
+            kind: ErrorKind::Malformed,
+            message: "a request is a JSON object".into(),
+        });
+    };
+    match object.get("v").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) => {
+            return Err(DecodeError {
+                kind: ErrorKind::Version,
+                message: format!(
+                    "protocol version {v} is not supported (this supervisor speaks {VERSION})"
+                ),
+            });
+        }
+        None => {
+            return Err(DecodeError {
+                kind: ErrorKind::Malformed,
+                message: "missing protocol version \"v\"".into(),
+            });
+        }
+    }
+    let Some(cmd) = object
+        .get("cmd")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned)
+    else {
+        return Err(DecodeError {
+            kind: ErrorKind::Malformed,
+            message: "missing command \"cmd\"".into(),
+        });
+    };
+    const KNOWN: &[&str] = &["status", "reload", "restart", "scale", "signal", "stop"];
+    if !KNOWN.contains(&cmd.as_str()) {
+        return Err(DecodeError {
+            kind: ErrorKind::UnknownCommand,
+            message: format!("unknown command {cmd:?}"),
+        });
+    }
+    // The version is checked; the rest must be exactly one command's fields.
+    object.remove("v");
+    serde_json::from_value::<Request>(serde_json::Value::Object(object)).map_err(|e| DecodeError {
+        kind: ErrorKind::BadRequest,
+        message: format!("bad {cmd} request: {e}"),
+    })
+}
+
+/// Encodes a value as one line, newline included.
+pub fn encode_line<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut line = serde_json::to_vec(value).expect("protocol types always serialize");
+    line.push(b'\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let requests = [
+            Request::Status {},
+            Request::Reload {
+                app: Some("web".into()),
+                wait: true,
+            },
+            Request::Reload {
+                app: None,
+                wait: false,
+            },
+            Request::Restart {
+                app: "web".into(),
+                slot: Some(2),
+            },
+            Request::Scale {
+                app: "web".into(),
+                workers: 3,
+            },
+            Request::Signal {
+                app: "web".into(),
+                signal: "HUP".into(),
+            },
+            Request::Stop {},
+        ];
+        for request in requests {
+            let line = encode_line(&Envelope::new(request.clone()));
+            assert_eq!(
+                decode_request(line.trim_ascii_end()).expect("decode"),
+                request
+            );
+        }
+        assert_eq!(
+            String::from_utf8(encode_line(&Envelope::new(Request::Status {}))).unwrap(),
+            "{\"v\":1,\"cmd\":\"status\"}\n"
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_told_apart() {
+        let kind = |line: &str| decode_request(line.as_bytes()).unwrap_err().kind;
+        assert_eq!(kind("garbage"), ErrorKind::Malformed);
+        assert_eq!(kind("[1,2]"), ErrorKind::Malformed);
+        assert_eq!(kind("{\"cmd\":\"status\"}"), ErrorKind::Malformed);
+        assert_eq!(kind("{\"v\":1,\"cmd\":\"status\""), ErrorKind::Malformed);
+        assert_eq!(kind("{\"v\":99,\"cmd\":\"status\"}"), ErrorKind::Version);
+        assert_eq!(
+            kind("{\"v\":1,\"cmd\":\"teleport\"}"),
+            ErrorKind::UnknownCommand
+        );
+        assert_eq!(
+            kind("{\"v\":1,\"cmd\":\"scale\",\"app\":\"web\"}"),
+            ErrorKind::BadRequest
+        );
+        assert_eq!(
+            kind("{\"v\":1,\"cmd\":\"status\",\"extra\":1}"),
+            ErrorKind::BadRequest
+        );
+        let long = format!(
+            "{{\"v\":1,\"cmd\":\"status\",\"x\":\"{}\"}}",
+            "a".repeat(MAX_FRAME)
+        );
+        assert_eq!(kind(&long), ErrorKind::TooLarge);
+    }
+}

@@ -1,0 +1,154 @@
+//! The status snapshot: what `clusterd status` shows and `clusterd status --json` prints.
+//! Field names are part of the stable JSON interface; fields are only ever added.
+
+use serde::{Deserialize, Serialize};
+
+/// The whole supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The supervisor's pid.
+    pub pid: u32,
+    /// The manifest it runs.
+    pub manifest: String,
+    /// Milliseconds since it started.
+    pub uptime_ms: u64,
+    /// Its own resident memory, in bytes.
+    pub rss_bytes: u64,
+    /// Whether it is shutting down.
+    pub stopping: bool,
+    /// The listening sockets.
+    pub sockets: Vec<SocketStatus>,
+    /// The apps, by name.
+    pub apps: Vec<AppStatus>,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SocketStatus {
+    /// Its name in the manifest.
+    pub name: String,
+    /// The address it is bound to (`127.0.0.1:8000`, `unix:/path`).
+    pub address: String,
+}
+
+/// One app.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppStatus {
+    /// Its name.
+    pub name: String,
+    /// Workers wanted (slots).
+    pub desired: usize,
+    /// Slots with a live worker.
+    pub running: usize,
+    /// Slots whose worker is ready.
+    pub ready: usize,
+    /// The rollout in progress.
+    pub reloading: Option<RolloutStatus>,
+    /// How the last rollout ended.
+    pub last_reload: Option<AppReload>,
+    /// The pid of the worker holding the KV tend lock, when the app declares `kv_segment`.
+    pub tend_owner: Option<u32>,
+    /// Every worker process (serving, starting, stopping) and every empty slot.
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// A rollout in progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    /// The generation being rolled out.
+    pub generation: u64,
+    /// Slots promoted so far.
+    pub done: usize,
+    /// Slots in all.
+    pub total: usize,
+}
+
+/// How one app's rollout ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppReload {
+    /// The app.
+    pub app: String,
+    /// `completed` or `aborted`.
+    pub outcome: ReloadResult,
+    /// The generation rolled out (or attempted).
+    pub generation: u64,
+    /// Why it aborted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The outcome of a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReloadResult {
+    /// Every slot runs the new generation.
+    Completed,
+    /// Stopped part-way; old workers kept serving.
+    Aborted,
+}
+
+/// The state of a worker or slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkerState {
+    /// Spawned, not ready yet.
+    Starting,
+    /// Serving.
+    Ready,
+    /// Told to stop, or its process group is draining.
+    Stopping,
+    /// No worker: waiting for the crash backoff to pass.
+    Backoff,
+    /// No worker: the command cannot be executed; waits for a reload or restart.
+    Failed,
+    /// No worker: it exited and the restart policy does not restart it.
+    Exited,
+}
+
+/// What a worker is to its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkerRole {
+    /// The slot's serving worker.
+    Serving,
+    /// A rollout's new worker, not yet promoted.
+    Candidate,
+    /// Replaced or removed, on its way out.
+    Retiring,
+}
+
+/// One worker process, or an empty slot (no `pid`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Its slot (`CLUSTERD_WORKER_ID`).
+    pub slot: usize,
+    /// Its pid; `None` for an empty slot.
+    pub pid: Option<u32>,
+    /// Its state.
+    pub state: WorkerState,
+    /// What it is to the slot.
+    pub role: WorkerRole,
+    /// Its generation.
+    pub generation: u64,
+    /// Milliseconds since it was spawned.
+    pub uptime_ms: Option<u64>,
+    /// Milliseconds from spawn to ready.
+    pub ready_ms: Option<u64>,
+    /// Unexpected exits of this slot replaced so far.
+    pub restarts: u32,
+    /// Crashes in a row; 3 or more is flapping.
+    pub crash_streak: u32,
+    /// How the slot's previous worker ended, e.g. `signal SIGKILL after 12.5s`.
+    pub last_exit: Option<String>,
+    /// CPU use of its process group since the previous status (or since it started), percent
+    /// of one core.
+    pub cpu_percent: Option<f64>,
+    /// Total CPU seconds of its process group.
+    pub cpu_seconds: Option<f64>,
+    /// Resident memory of its process group, bytes.
+    pub rss_bytes: Option<u64>,
+    /// The last `STATUS=` text it sent.
+    pub status_text: Option<String>,
+    /// Whether it holds its app's KV tend lock.
+    pub tend_owner: bool,
+}

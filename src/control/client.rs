@@ -1,0 +1,76 @@
+//! The CLI side of the control socket: find the socket, send one request, read the replies.
+//! Plain blocking I/O: the CLI makes one request and exits.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clusterd_proto::{Envelope, MAX_FRAME, Reply, Request, encode_line};
+
+use crate::rundir::RunDir;
+
+/// How to find a running supervisor: its control socket, or the manifest it runs.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// The manifest the supervisor runs (its run directory holds the control socket).
+    #[arg(short = 'f', long = "file", default_value = "supervisor.toml")]
+    pub manifest: PathBuf,
+    /// The control socket itself (overrides --file).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// The run directory the supervisor was started with (`start --run-dir`).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+}
+
+impl Target {
+    /// The control socket's path.
+    pub fn socket_path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(socket) = &self.socket {
+            return Ok(socket.clone());
+        }
+        let run_dir = RunDir::for_manifest_file(&self.manifest, self.run_dir.as_deref())
+            .with_context(|| format!("cannot read manifest {}", self.manifest.display()))?;
+        Ok(run_dir.control_socket())
+    }
+}
+
+/// Sends `request` and returns the final reply; progress lines go to `on_progress`.
+/// `timeout` bounds the wait for each reply line (`None`: wait as long as it takes).
+pub fn call(
+    socket: &Path,
+    request: Request,
+    timeout: Option<Duration>,
+    mut on_progress: impl FnMut(&str),
+) -> anyhow::Result<Reply> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot connect to clusterd at {} (is it running?)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(timeout)?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(&encode_line(&Envelope::new(request)))?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader
+            .by_ref()
+            .take(MAX_FRAME as u64 * 64)
+            .read_line(&mut line)
+            .context("reading the reply")?;
+        if n == 0 {
+            bail!("clusterd closed the connection without a reply");
+        }
+        let reply: Reply =
+            serde_json::from_str(&line).with_context(|| format!("unreadable reply: {line:?}"))?;
+        match reply {
+            Reply::Progress { message } => on_progress(&message),
+            reply => return Ok(reply),
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The control socket's server side. A unix stream socket, mode 0600 in a 0700 run directory;
+//! every connection's peer credentials are checked (same uid, or root). Each connection is
+//! served by its own small task: it reads one request line (bounded in size and time), hands
+//! the decoded request to the supervisor's loop, and writes back the reply lines the
+//! supervisor sends. A slow, silent or malicious client only ever occupies its own task.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clusterd_proto::{ErrorKind, MAX_FRAME, Reply, Request, decode_request, encode_line};
+use nix::sys::socket::{getsockopt, sockopt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+/// How long a client may take to send its request, and to read each reply line.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A decoded request and where its replies go.
+pub struct ControlRequest {
+    /// The request.
+    pub request: Request,
+    /// Reply lines: progress lines, then the final reply; dropping the sender ends the
+    /// connection.
+    pub reply: mpsc::UnboundedSender<Reply>,
+}
+
+/// The bound control socket.
+pub struct ControlServer {
+    requests: mpsc::Receiver<ControlRequest>,
+    path: PathBuf,
+}
+
+/// Why the control socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// A live supervisor answers on the socket already.
+    #[error("another clusterd is already running for this manifest (control socket {0} answers)")]
+    AlreadyRunning(PathBuf),
+    /// Binding or setting the mode failed.
+    #[error("cannot create control socket {path}: {source}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// What failed.
+        source: io::Error,
+    },
+}
+
+impl ControlServer {
+    /// Binds the socket at `path`. A stale socket file (nobody answers) is replaced; a live
+    /// one means another supervisor runs this manifest. Must run inside a `LocalSet`.
+    pub fn bind(path: &Path) -> Result<Self, ControlError> {
+        let bind_error = |source| ControlError::Bind {
+            path: path.to_path_buf(),
+            source,
+        };
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ControlError::AlreadyRunning(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(bind_error)?;
+        }
+        let listener = UnixListener::bind(path).map_err(bind_error)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(bind_error)?;
+        let (sender, requests) = mpsc::channel(64);
+        tokio::task::spawn_local(accept_loop(listener, sender));
+        Ok(ControlServer {
+            requests,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The next request from a client.
+    pub async fn recv(&mut self) -> Option<ControlRequest> {
+        self.requests.recv().await
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn accept_loop(listener: UnixListener, requests: mpsc::Sender<ControlRequest>) {
+    let our_uid = nix::unistd::getuid().as_raw();
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("control socket: accept failed: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        tokio::task::spawn_local(serve(stream, our_uid, requests.clone()));
+    }
+}
+
+async fn serve(mut stream: UnixStream, our_uid: u32, requests: mpsc::Sender<ControlRequest>) {
+    let peer_uid = getsockopt(&stream, sockopt::PeerCredentials).map(|c| c.uid());
+    match peer_uid {
+        Ok(uid) if uid == our_uid || uid == 0 => {}
+        Ok(uid) => {
+            tracing::warn!("control socket: refused a client with uid {uid}");
+            let _ = send(
+                &mut stream,
+                &error(ErrorKind::Forbidden, "permission denied"),
+            )
+            .await;
+            return;
+        }
+        Err(e) => {
+            tracing::warn!("control socket: cannot read peer credentials: {e}");
+            return;
+        }
+    }
+
+    let request = match tokio::time::timeout(CLIENT_TIMEOUT, read_request(&mut stream)).await {
+        Ok(Ok(request)) => request,
+        Ok(Err((kind, message))) => {
+            tracing::warn!("control socket: bad request: {message}");
+            let _ = send(&mut stream, &error(kind, &message)).await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(
+                "control socket: a client sent no complete request within {CLIENT_TIMEOUT:?}"
+            );
+            let _ = send(
+                &mut stream,
+                &error(ErrorKind::Timeout, "no complete request received in time"),
+            )
+            .await;
+            return;
+        }
+    };
+
+    let (reply, mut replies) = mpsc::unbounded_channel();
+    if requests
+        .send(ControlRequest { request, reply })
+        .await
+        .is_err()
+    {
+        return; // the supervisor is gone
+    }
+    while let Some(line) = replies.recv().await {
+        if send(&mut stream, &line).await.is_err() {
+            return; // the client went away or stopped reading
+        }
+    }
+}
+
+/// Reads one newline-terminated request of at most [`MAX_FRAME`] bytes.
+async fn read_request(stream: &mut UnixStream) -> Result<Request, (ErrorKind, String)> {
+    let mut line = Vec::with_capacity(256);
+    let limit = MAX_FRAME as u64 + 1;
+    let mut reader = BufReader::new(stream.take(limit));
+    reader
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|e| (ErrorKind::Malformed, format!("read failed: {e}")))?;
+    if line.last() != Some(&b'\n') {
+        return Err(if line.len() as u64 >= limit {
+            (
+                ErrorKind::TooLarge,
+                format!("request longer than {MAX_FRAME} bytes"),
+            )
+        } else {
+            (
+                ErrorKind::Malformed,
+                "truncated request (no newline before end of stream)".into(),
+            )
+        });
+    }
+    line.pop();
+    decode_request(&line).map_err(|e| (e.kind, e.message))
+}
+
+async fn send(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
+    tokio::time::timeout(CLIENT_TIMEOUT, stream.write_all(&encode_line(reply)))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client not reading"))?
+}
+
+/// An error reply.
+pub fn error(kind: ErrorKind, message: &str) -> Reply {
+    Reply::Error {
+        kind,
+        message: message.to_owned(),
+    }
+}

@@ -1,0 +1,239 @@
+//! The control socket: status, permissions, robustness against bad clients, reload --wait.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::util::{Clusterd, alive, wait_until};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+const HELLO: &str = r#"
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{hello}"]
+workers = 3
+sockets = ["http"]
+ready = "notify"
+ready_timeout = "5s"
+"#;
+
+#[test]
+fn status_pids_match_the_live_workers_and_track_a_crash() {
+    let mut clusterd = Clusterd::start(HELLO);
+    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+    let serving = clusterd.serving("web");
+    assert_eq!(serving.len(), 3);
+    for (slot, pid, generation, state) in &serving {
+        assert!(alive(*pid));
+        assert_eq!(clusterd.started_pids(&format!("web[{slot}]")), [*pid]);
+        assert_eq!((*generation, state.as_str()), (1, "ready"));
+    }
+
+    let (_, victim, _, _) = serving[1];
+    nix::sys::signal::kill(victim, Signal::SIGKILL).expect("kill");
+    assert!(
+        wait_until(10 * SECOND, || {
+            let status = clusterd.status();
+            let slot = &status["apps"][0]["workers"]
+                .as_array()
+                .expect("workers")
+                .iter()
+                .find(|w| w["slot"] == 1)
+                .cloned();
+            slot.as_ref().is_some_and(|w| {
+                w["restarts"] == 1
+                    && w["last_exit"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("SIGKILL"))
+                    && w["pid"]
+                        .as_i64()
+                        .is_some_and(|p| p != i64::from(victim.as_raw()))
+                    && w["state"] == "ready"
+            })
+        }),
+        "status never showed the restart: {}",
+        clusterd.status()
+    );
+
+    let table = String::from_utf8(clusterd.ctl(&["status"]).stdout).expect("utf8");
+    assert!(table.contains("web: 3/3 ready"), "{table}");
+    assert!(table.lines().all(|l| l.chars().count() <= 80), "{table}");
+    assert!(clusterd.stop().success());
+}
+
+#[test]
+fn the_socket_is_private_and_other_uids_are_refused() {
+    let mut clusterd = Clusterd::start(HELLO);
+    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+    let socket = clusterd.control_socket();
+    let mode = std::fs::metadata(&socket)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let dir_mode = std::fs::metadata(socket.parent().expect("dir"))
+        .expect("dir")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(dir_mode, 0o700);
+
+    if nix::unistd::getuid().is_root() {
+        // Open the file permissions wide so that only the peer-credential check stands in the
+        // way, then talk as `nobody`.
+        for dir in socket.ancestors().skip(1).take(3) {
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777));
+        }
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let output = std::process::Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(crate::util::clusterd_bin())
+            .arg("status")
+            .arg("--socket")
+            .arg(&socket)
+            .output()
+            .expect("setpriv");
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("permission denied"), "{stderr}");
+        clusterd.wait_for_line("refused a client with uid 65534", 5 * SECOND);
+    } else {
+        eprintln!("not root: the other-uid part of this test needs setpriv as root");
+    }
+    assert!(clusterd.stop().success());
+}
+
+/// Sends raw bytes and returns the one reply line (or what arrived before the close).
+fn raw_exchange(socket: &std::path::Path, bytes: &[u8], close_write: bool) -> String {
+    let mut stream = UnixStream::connect(socket).expect("connect");
+    stream.set_read_timeout(Some(10 * SECOND)).expect("timeout");
+    let _ = stream.write_all(bytes);
+    if close_write {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+    let mut line = String::new();
+    let _ = BufReader::new(stream).read_line(&mut line);
+    line
+}
+
+#[test]
+fn bad_clients_get_errors_and_status_keeps_answering() {
+    let mut clusterd = Clusterd::start(HELLO);
+    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+    let socket = clusterd.control_socket();
+
+    // A client that connects and never writes: it must not block anybody else.
+    let silent = UnixStream::connect(&socket).expect("connect");
+    let started = Instant::now();
+    assert_eq!(clusterd.serving("web").len(), 3);
+    assert!(
+        started.elapsed() < 4 * SECOND,
+        "status waited for the silent client"
+    );
+
+    let garbage = raw_exchange(&socket, b"garbage\n", false);
+    assert!(garbage.contains("\"kind\":\"malformed\""), "{garbage}");
+    let truncated = raw_exchange(&socket, b"{\"v\":1,\"cmd\":\"status\"", true);
+    assert!(
+        truncated.contains("\"kind\":\"malformed\"") && truncated.contains("truncated"),
+        "{truncated}"
+    );
+    let unknown = raw_exchange(&socket, b"{\"v\":1,\"cmd\":\"teleport\"}\n", false);
+    assert!(
+        unknown.contains("\"kind\":\"unknown-command\""),
+        "{unknown}"
+    );
+    let newer = raw_exchange(&socket, b"{\"v\":7,\"cmd\":\"status\"}\n", false);
+    assert!(newer.contains("\"kind\":\"version\""), "{newer}");
+    let bad_app = raw_exchange(
+        &socket,
+        b"{\"v\":1,\"cmd\":\"scale\",\"app\":\"nope\",\"workers\":2}\n",
+        false,
+    );
+    assert!(
+        bad_app.contains("\"kind\":\"bad-request\"") && bad_app.contains("no app"),
+        "{bad_app}"
+    );
+
+    // 100 MB without a newline: refused after the frame limit, without reading it all.
+    let mut huge = UnixStream::connect(&socket).expect("connect");
+    huge.set_read_timeout(Some(10 * SECOND)).expect("timeout");
+    huge.set_write_timeout(Some(10 * SECOND)).expect("timeout");
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..100 {
+        if huge.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let mut reply = String::new();
+    let _ = huge.read_to_string(&mut reply);
+    assert!(reply.contains("\"kind\":\"too-large\""), "{reply:?}");
+
+    // The silent client is timed out with an error reply.
+    let mut line = String::new();
+    silent.set_read_timeout(Some(10 * SECOND)).expect("timeout");
+    let _ = BufReader::new(&silent).read_line(&mut line);
+    assert!(line.contains("\"kind\":\"timeout\""), "{line:?}");
+
+    // Still serving, same workers.
+    assert_eq!(clusterd.serving("web").len(), 3);
+    assert!(clusterd.stop().success());
+}
+
+#[test]
+fn reload_wait_exits_zero_on_success_and_non_zero_on_abort() {
+    let clusterd = Clusterd::start_with_files(
+        r#"
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{dir}/worker.sh"]
+workers = 2
+sockets = ["http"]
+ready = "notify"
+ready_timeout = "10s"
+"#,
+        &[("worker.sh", "#!/bin/sh\nexec {hello}\n")],
+    );
+    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+
+    let ok = clusterd.ctl(&["reload", "--wait"]);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("web: reload completed, generation 2"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("web[1] generation 2 ready"),
+        "progress lines are streamed: {stdout}"
+    );
+    let before = clusterd.serving("web");
+    assert!(before.iter().all(|(_, _, generation, _)| *generation == 2));
+
+    // A broken new version: the rollout aborts, exit code non-zero, old workers keep serving.
+    crate::util::write_executable(
+        &clusterd.dir.path().join("worker.sh"),
+        "#!/bin/sh\nexit 1\n",
+    );
+    let aborted = clusterd.ctl(&["reload", "web", "--wait"]);
+    let stdout = String::from_utf8_lossy(&aborted.stdout);
+    assert_eq!(aborted.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout
+            .contains("web: reload ABORTED: slot 0 generation 3 exited with status 1 before ready"),
+        "{stdout}"
+    );
+    assert_eq!(clusterd.serving("web"), before);
+    assert!(before.iter().all(|(_, pid, _, _)| alive(*pid)));
+    let status = clusterd.status();
+    assert_eq!(status["apps"][0]["last_reload"]["outcome"], "aborted");
+}

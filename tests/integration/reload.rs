@@ -1,0 +1,333 @@
+//! Rolling reload, readiness, watchdog and manifest re-read (SIGHUP).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::util::{Clusterd, alive, http_get, wait_until};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// A worker that becomes ready only when the test creates `go-<generation>` in the temp dir,
+/// and says so through `clusterd notify` (a child process: the supervisor must attribute it to
+/// the worker by its process group).
+const GATED: &str = r#"#!/bin/sh
+echo "waiting for go-$CLUSTERD_GENERATION"
+while [ ! -e "{dir}/go-$CLUSTERD_GENERATION" ]; do sleep 0.05; done
+"$CLUSTERD_EXE" notify READY=1 "STATUS=gated generation $CLUSTERD_GENERATION"
+exec sleep 1000
+"#;
+
+fn gated_manifest(workers: usize, ready_timeout: &str) -> String {
+    format!(
+        r#"
+[supervisor]
+stop_timeout = "2s"
+
+[apps.gated]
+command = ["{{dir}}/gated.sh"]
+workers = {workers}
+ready = "notify"
+ready_timeout = "{ready_timeout}"
+"#
+    )
+}
+
+#[test]
+fn readiness_gates_the_rollout_and_a_never_ready_worker_aborts_it() {
+    let mut clusterd =
+        Clusterd::start_with_files(&gated_manifest(2, "30s"), &[("gated.sh", GATED)]);
+    let go = |generation: u32| {
+        std::fs::write(clusterd.dir.path().join(format!("go-{generation}")), "").expect("go")
+    };
+    clusterd.wait_for_lines("waiting for go-1", 2, 10 * SECOND);
+    assert!(
+        clusterd
+            .serving("gated")
+            .iter()
+            .all(|(_, _, _, state)| state == "starting")
+    );
+    go(1);
+    clusterd.wait_for_lines("ready after", 2, 10 * SECOND);
+    let generation_1 = clusterd.serving("gated");
+    let status = clusterd.status();
+    assert_eq!(
+        status["apps"][0]["workers"][0]["status_text"],
+        "gated generation 1"
+    );
+
+    // The rollout holds on the first new worker until the test lets it become ready.
+    clusterd.signal(Signal::SIGUSR2);
+    clusterd.wait_for_line("waiting for go-2", 10 * SECOND);
+    std::thread::sleep(SECOND);
+    let status = clusterd.status();
+    assert_eq!(status["apps"][0]["reloading"]["done"], 0, "{status}");
+    assert_eq!(
+        clusterd.serving("gated"),
+        generation_1,
+        "old workers must keep serving"
+    );
+    assert_eq!(
+        clusterd.count("waiting for go-2"),
+        1,
+        "surge 1: one new worker at a time"
+    );
+    go(2);
+    clusterd.wait_for_line("reload of gated complete", 20 * SECOND);
+    let generation_2 = clusterd.serving("gated");
+    assert!(
+        generation_2
+            .iter()
+            .all(|(_, _, generation, state)| *generation == 2 && state == "ready")
+    );
+    assert!(
+        generation_1.iter().all(|(_, pid, _, _)| !alive(*pid)),
+        "old workers were not stopped"
+    );
+    assert!(clusterd.stop().success());
+
+    // A new generation that never becomes ready aborts the rollout; the old workers stay.
+    let mut clusterd = Clusterd::start_with_files(&gated_manifest(2, "1s"), &[("gated.sh", GATED)]);
+    std::fs::write(clusterd.dir.path().join("go-1"), "").expect("go");
+    clusterd.wait_for_lines("ready after", 2, 10 * SECOND);
+    let old = clusterd.serving("gated");
+    clusterd.signal(Signal::SIGUSR2);
+    let line = clusterd.wait_for_line("reload of gated aborted", 10 * SECOND);
+    assert!(
+        line.contains("slot 0 generation 2 was not ready within 1.0s"),
+        "{line}"
+    );
+    assert_eq!(clusterd.serving("gated"), old);
+    assert!(old.iter().all(|(_, pid, _, _)| alive(*pid)));
+    let status = clusterd.status();
+    assert_eq!(status["apps"][0]["last_reload"]["outcome"], "aborted");
+    assert!(clusterd.stop().success());
+}
+
+/// Keep-alive HTTP/1.1 client: reuses its connection until the server says `Connection: close`
+/// (then reconnects). Any error on an established connection counts as a failed request.
+struct KeepAlive {
+    addr: SocketAddr,
+    stream: Option<BufReader<TcpStream>>,
+}
+
+impl KeepAlive {
+    fn get(&mut self, path: &str) -> std::io::Result<u16> {
+        if self.stream.is_none() {
+            let stream = TcpStream::connect_timeout(&self.addr, 5 * SECOND)?;
+            stream.set_read_timeout(Some(10 * SECOND))?;
+            self.stream = Some(BufReader::new(stream));
+        }
+        let reader = self.stream.as_mut().expect("connected");
+        write!(
+            reader.get_mut(),
+            "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n"
+        )?;
+        let mut status_line = String::new();
+        if reader.read_line(&mut status_line)? == 0 {
+            self.stream = None;
+            return Err(std::io::Error::other("connection closed before a response"));
+        }
+        let status: u16 = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let (mut length, mut close) = (0usize, false);
+        loop {
+            let mut header = String::new();
+            reader.read_line(&mut header)?;
+            let header = header.trim_end().to_ascii_lowercase();
+            if header.is_empty() {
+                break;
+            }
+            if let Some(v) = header.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+            close |= header == "connection: close";
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body)?;
+        if close {
+            self.stream = None;
+        }
+        Ok(status)
+    }
+}
+
+#[test]
+fn a_rollout_under_load_fails_no_request() {
+    let mut clusterd = Clusterd::start(
+        r#"
+[supervisor]
+stop_timeout = "10s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{hello}"]
+workers = 4
+sockets = ["http"]
+ready = "notify"
+"#,
+    );
+    let addr = clusterd.socket_addr("http");
+    clusterd.wait_for_lines("ready after", 4, 20 * SECOND);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        clients.push(std::thread::spawn(move || {
+            let mut keep_alive = KeepAlive { addr, stream: None };
+            // Bounded: at most 20 000 requests per client.
+            for _ in 0..20_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let result = if i % 2 == 0 {
+                    http_get(addr, "/").map(|r| r.status)
+                } else {
+                    keep_alive.get("/")
+                };
+                match result {
+                    Ok(200) => ok.fetch_add(1, Ordering::Relaxed),
+                    Ok(status) => {
+                        eprintln!("client {i}: status {status}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(e) => {
+                        eprintln!("client {i}: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    assert!(
+        wait_until(10 * SECOND, || ok.load(Ordering::Relaxed) > 100),
+        "load did not start"
+    );
+    for round in 0..2 {
+        let output = clusterd.ctl(&["reload", "--wait"]);
+        assert!(
+            output.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+    let before_stop = ok.load(Ordering::Relaxed);
+    assert!(wait_until(10 * SECOND, || ok.load(Ordering::Relaxed)
+        > before_stop + 100));
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.join().expect("client thread");
+    }
+
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "failed requests during the rollouts"
+    );
+    let serving = clusterd.serving("web");
+    assert_eq!(serving.len(), 4);
+    assert!(
+        serving.iter().all(|(_, _, generation, _)| *generation == 3),
+        "{serving:?}"
+    );
+    assert!(clusterd.stop().success());
+}
+
+#[test]
+fn a_worker_that_stops_heartbeating_is_replaced() {
+    let clusterd = Clusterd::start(
+        r#"
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.healthy]
+command = ["{hello}"]
+workers = 1
+sockets = ["http"]
+ready = "notify"
+watchdog = "1s"
+
+[apps.hung]
+command = ["{hello}"]
+workers = 1
+sockets = ["http"]
+ready = "notify"
+watchdog = "1s"
+env = { HELLO_NO_WATCHDOG = "1" }
+"#,
+    );
+    clusterd.wait_for_line("hung[0] pid", 10 * SECOND);
+    let line = clusterd.wait_for_line("no watchdog heartbeat", 10 * SECOND);
+    assert!(line.contains("hung[0]"), "{line}");
+    assert!(
+        wait_until(10 * SECOND, || clusterd.started_pids("hung[0]").len() >= 2),
+        "{}",
+        clusterd.output()
+    );
+    // The healthy one heartbeats (WATCHDOG_USEC is set for it) and is never killed.
+    std::thread::sleep(2 * SECOND);
+    assert_eq!(
+        clusterd.started_pids("healthy[0]").len(),
+        1,
+        "{}",
+        clusterd.output()
+    );
+    let output = clusterd.output();
+    assert!(
+        !output
+            .lines()
+            .any(|l| l.contains("healthy[0]") && l.contains("no watchdog heartbeat")),
+        "{output}"
+    );
+}
+
+#[test]
+fn sighup_rejects_a_broken_manifest_and_applies_a_scale_down() {
+    let manifest = |workers: usize| {
+        format!(
+            "[supervisor]\nstop_timeout = \"2s\"\n[apps.sleepy]\ncommand = [\"sleep\", \"1000\"]\nworkers = {workers}\n"
+        )
+    };
+    let mut clusterd = Clusterd::start(&manifest(4));
+    clusterd.wait_for_line("sleepy[3] started", 10 * SECOND);
+    let before = clusterd.serving("sleepy");
+    assert_eq!(before.len(), 4);
+
+    clusterd.rewrite_manifest("[apps.sleepy]\ncommand = [\"sleep\"]\nworkers = -3\n");
+    clusterd.signal(Signal::SIGHUP);
+    let rejected = clusterd.wait_for_line("manifest re-read rejected", 10 * SECOND);
+    assert!(rejected.contains("nothing changed"));
+    assert!(
+        clusterd.output().contains("apps.sleepy.workers"),
+        "the errors are logged"
+    );
+    assert_eq!(clusterd.serving("sleepy"), before);
+
+    clusterd.rewrite_manifest(&manifest(2));
+    clusterd.signal(Signal::SIGHUP);
+    clusterd.wait_for_line("manifest re-read: sleepy: workers 4 -> 2", 10 * SECOND);
+    assert!(wait_until(10 * SECOND, || clusterd.serving("sleepy").len() == 2));
+    let after = clusterd.serving("sleepy");
+    assert_eq!(after, before[..2]);
+    assert!(wait_until(10 * SECOND, || before[2..]
+        .iter()
+        .all(|(_, pid, _, _)| !alive(*pid))));
+    assert_eq!(clusterd.status()["apps"][0]["desired"], 2);
+
+    // SIGTTIN adds one back.
+    clusterd.signal(Signal::SIGTTIN);
+    assert!(wait_until(10 * SECOND, || clusterd.serving("sleepy").len() == 3));
+    assert!(clusterd.stop().success());
+}
