@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 runtime error, 2 invalid manifest or usage.
 
 mod control;
+mod metrics;
 mod notify;
 mod output;
 mod procstat;
@@ -333,6 +334,14 @@ fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<
         let sockets = Sockets::bind_all(&manifest.sockets)?;
         let notify = NotifySocket::bind(&run_dir.notify_socket())
             .with_context(|| format!("cannot bind {}", run_dir.notify_socket().display()))?;
+        let metrics = match &manifest.metrics {
+            Some(config) => Some(
+                metrics::MetricsServer::bind(config.listen)
+                    .await
+                    .with_context(|| format!("metrics: cannot listen on {}", config.listen))?,
+            ),
+            None => None,
+        };
         let pid_file = PidFile::write(run_dir.pid_file())?;
         tracing::info!(
             "clusterd pid {} running {}; control socket {}",
@@ -340,7 +349,7 @@ fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<
             manifest.path.display(),
             run_dir.control_socket().display()
         );
-        let result = supervisor::run(manifest, sockets, notify, control).await;
+        let result = supervisor::run(manifest, sockets, notify, control, metrics).await;
         drop(pid_file);
         result
     })

@@ -25,6 +25,7 @@ use nix::unistd::Pid;
 use tokio::time::{Instant, sleep_until};
 
 use crate::control::server::ControlServer;
+use crate::metrics::{Metrics, MetricsServer};
 use crate::notify::{Notification, NotifySocket};
 use crate::output::{self, Stream};
 use crate::reaper::{Exit, Reaper};
@@ -62,6 +63,8 @@ pub struct Supervisor {
     reload_waiters: Vec<commands::ReloadWaiter>,
     /// The last CPU sample of each worker group: when, and its CPU seconds then.
     cpu_samples: HashMap<Pid, (Instant, f64)>,
+    /// Counters and histograms for the metrics endpoint.
+    metrics: Metrics,
 }
 
 /// Runs the supervisor until a shutdown has stopped every worker.
@@ -73,6 +76,7 @@ pub async fn run(
     sockets: Sockets,
     notify: NotifySocket,
     mut control: ControlServer,
+    mut metrics_server: Option<MetricsServer>,
 ) -> anyhow::Result<()> {
     // Install the SIGCHLD listener and the other signal handlers before the first fork.
     let mut reaper = Reaper::new()?;
@@ -95,6 +99,10 @@ pub async fn run(
             Some(signal) = signals.recv() => supervisor.on_signal(signal),
             notification = notify.recv() => supervisor.on_notify(notification),
             Some(request) = control.recv() => supervisor.on_control(request),
+            Some(scrape) = async { match metrics_server.as_mut() { Some(m) => m.recv().await, None => None } } => {
+                let status = supervisor.status();
+                let _ = scrape.send(supervisor.metrics.encode(&status));
+            }
             _ = sleep_until(deadline) => {}
         }
     }
@@ -128,6 +136,7 @@ impl Supervisor {
             started: now,
             reload_waiters: Vec::new(),
             cpu_samples: HashMap::new(),
+            metrics: Metrics::default(),
         })
     }
 
@@ -256,6 +265,7 @@ impl Supervisor {
         }
         slot.crash_streak = backoff::next_streak(&backoff, slot.crash_streak, uptime);
         slot.restarts += 1;
+        self.metrics.record_restart(app_name);
         let delay = backoff::delay(&backoff, slot.crash_streak);
         slot.respawn_at = Some(now + delay);
         let flapping = if slot.crash_streak >= backoff::FLAPPING_STREAK {
@@ -305,6 +315,8 @@ impl Supervisor {
             match key.as_str() {
                 "READY" if value == "1" && worker.phase == Phase::Starting => {
                     worker.phase = Phase::Ready { since: now };
+                    self.metrics
+                        .record_ready(&worker.app, (now - worker.started).as_secs_f64());
                     tracing::info!(
                         "{} pid {pid} (generation {}) ready after {}",
                         worker.label(),
@@ -394,6 +406,8 @@ impl Supervisor {
                         && now >= worker.started + delay
                     {
                         worker.phase = Phase::Ready { since: now };
+                        self.metrics
+                            .record_ready(&worker.app, (now - worker.started).as_secs_f64());
                         tracing::info!(
                             "{} pid {pid} (generation {}) ready",
                             worker.label(),
@@ -652,7 +666,10 @@ impl Supervisor {
             stdio: [&self.dev_null, &stdout, &stderr],
         })?;
         let phase = match config.ready {
-            Readiness::Immediate => Phase::Ready { since: now },
+            Readiness::Immediate => {
+                self.metrics.record_ready(app_name, 0.0);
+                Phase::Ready { since: now }
+            }
             _ => Phase::Starting,
         };
         tracing::info!(

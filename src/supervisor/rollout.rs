@@ -197,6 +197,7 @@ impl Supervisor {
         app.last_reload = Some(ReloadOutcome::Completed {
             generation: rollout.generation,
         });
+        self.metrics.record_reload(name, true);
         if rollout.again {
             self.request_reload(Some(name));
         }
@@ -231,6 +232,7 @@ impl Supervisor {
             generation: rollout.generation,
             reason,
         });
+        self.metrics.record_reload(name, false);
         for pid in doomed {
             self.kill_worker(pid, now);
         }

@@ -237,3 +237,104 @@ ready_timeout = "10s"
     let status = clusterd.status();
     assert_eq!(status["apps"][0]["last_reload"]["outcome"], "aborted");
 }
+
+/// Checks that every line is a comment or `name{labels} value` and returns the samples.
+fn parse_exposition(text: &str) -> Vec<(String, f64)> {
+    let mut samples = Vec::new();
+    assert!(text.trim_end().ends_with("# EOF"), "no # EOF terminator");
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line:?}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "bad labels in {line:?}");
+        }
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        samples.push((series.to_owned(), value));
+    }
+    samples
+}
+
+#[test]
+fn metrics_parse_and_match_status() {
+    let mut clusterd = Clusterd::start(&format!("[metrics]\nlisten = \"127.0.0.1:0\"\n{HELLO}"));
+    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+    let line = clusterd.wait_for_line("metrics on http://", 5 * SECOND);
+    let addr: std::net::SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let scrape = || {
+        let response = crate::util::http_get(addr, "/metrics").expect("scrape");
+        assert_eq!(response.status, 200);
+        parse_exposition(&response.body)
+    };
+    let value = |samples: &[(String, f64)], series: &str| {
+        samples
+            .iter()
+            .find(|(s, _)| s == series)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no {series}"))
+    };
+
+    let samples = scrape();
+    let ready = clusterd
+        .serving("web")
+        .iter()
+        .filter(|w| w.3 == "ready")
+        .count();
+    assert_eq!(
+        value(&samples, "clusterd_workers{app=\"web\",state=\"ready\"}"),
+        ready as f64
+    );
+    assert_eq!(ready, 3);
+    assert!(value(&samples, "clusterd_rss_bytes") > 0.0);
+    assert_eq!(
+        value(
+            &samples,
+            "clusterd_time_to_ready_seconds_count{app=\"web\"}"
+        ),
+        3.0
+    );
+    assert!(
+        samples
+            .iter()
+            .any(|(s, v)| s.starts_with("clusterd_worker_rss_bytes{") && *v > 0.0)
+    );
+
+    let (_, victim, _, _) = clusterd.serving("web")[0];
+    nix::sys::signal::kill(victim, Signal::SIGKILL).expect("kill");
+    assert!(wait_until(10 * SECOND, || {
+        let samples = scrape();
+        samples
+            .iter()
+            .any(|(s, v)| s == "clusterd_worker_restarts_total{app=\"web\"}" && *v == 1.0)
+    }));
+    let output = clusterd.ctl(&["reload", "--wait"]);
+    assert!(output.status.success());
+    let samples = scrape();
+    assert_eq!(
+        value(
+            &samples,
+            "clusterd_reloads_total{app=\"web\",outcome=\"completed\"}"
+        ),
+        1.0
+    );
+    assert!(clusterd.stop().success());
+}

@@ -1,0 +1,281 @@
+//! Prometheus metrics (OpenMetrics text) on an optional HTTP listener (`[metrics] listen = "127.0.0.1:9100"`).
+//!
+//! The HTTP side ([`MetricsServer`]) only forwards each scrape to the supervisor's loop and
+//! writes back the text it gets; the registry ([`Metrics`]) is owned by the supervisor, which
+//! records events as they happen (restarts, reload outcomes, time to ready) and refreshes the
+//! gauges from a status snapshot at each scrape.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use clusterd_proto::{Status, WorkerState};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppLabel {
+    app: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppState {
+    app: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppOutcome {
+    app: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppSlot {
+    app: String,
+    slot: String,
+}
+
+/// The registry and its metrics.
+pub struct Metrics {
+    registry: Registry,
+    workers: Family<AppState, Gauge>,
+    restarts: Family<AppLabel, Counter>,
+    reloads: Family<AppOutcome, Counter>,
+    worker_rss: Family<AppSlot, Gauge>,
+    worker_cpu: Family<AppSlot, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    time_to_ready: Family<AppLabel, Histogram>,
+    uptime: Gauge<f64, std::sync::atomic::AtomicU64>,
+    rss: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("clusterd");
+        let workers = Family::<AppState, Gauge>::default();
+        registry.register("workers", "Worker slots by state", workers.clone());
+        let restarts = Family::<AppLabel, Counter>::default();
+        registry.register(
+            "worker_restarts",
+            "Unexpected worker exits that were replaced",
+            restarts.clone(),
+        );
+        let reloads = Family::<AppOutcome, Counter>::default();
+        registry.register(
+            "reloads",
+            "Rolling reloads by outcome (completed, aborted)",
+            reloads.clone(),
+        );
+        let worker_rss = Family::<AppSlot, Gauge>::default();
+        registry.register(
+            "worker_rss_bytes",
+            "Resident memory of each serving worker's process group",
+            worker_rss.clone(),
+        );
+        let worker_cpu = Family::<AppSlot, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "worker_cpu_seconds",
+            "CPU seconds used by each serving worker's process group since it started",
+            worker_cpu.clone(),
+        );
+        let time_to_ready = Family::<AppLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+        });
+        registry.register(
+            "time_to_ready_seconds",
+            "Time from spawn to ready",
+            time_to_ready.clone(),
+        );
+        let uptime = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "uptime_seconds",
+            "Seconds since clusterd started",
+            uptime.clone(),
+        );
+        let rss = Gauge::default();
+        registry.register(
+            "rss_bytes",
+            "Resident memory of clusterd itself",
+            rss.clone(),
+        );
+        Metrics {
+            registry,
+            workers,
+            restarts,
+            reloads,
+            worker_rss,
+            worker_cpu,
+            time_to_ready,
+            uptime,
+            rss,
+        }
+    }
+}
+
+impl Metrics {
+    /// A worker of `app` was replaced after an unexpected exit.
+    pub fn record_restart(&self, app: &str) {
+        self.restarts
+            .get_or_create(&AppLabel {
+                app: app.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A rollout of `app` ended.
+    pub fn record_reload(&self, app: &str, completed: bool) {
+        let outcome = if completed { "completed" } else { "aborted" };
+        self.reloads
+            .get_or_create(&AppOutcome {
+                app: app.to_owned(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// A worker of `app` became ready `seconds` after its spawn.
+    pub fn record_ready(&self, app: &str, seconds: f64) {
+        self.time_to_ready
+            .get_or_create(&AppLabel {
+                app: app.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// The Prometheus text exposition, with gauges refreshed from `status`.
+    pub fn encode(&self, status: &Status) -> String {
+        self.workers.clear();
+        self.worker_rss.clear();
+        self.worker_cpu.clear();
+        for app in &status.apps {
+            for state in [
+                "starting", "ready", "stopping", "backoff", "failed", "exited",
+            ] {
+                // Every state is reported, zeros included.
+                let _ = self.workers.get_or_create(&AppState {
+                    app: app.name.clone(),
+                    state: state.into(),
+                });
+            }
+            for worker in &app.workers {
+                let state = match worker.state {
+                    WorkerState::Starting => "starting",
+                    WorkerState::Ready => "ready",
+                    WorkerState::Stopping => "stopping",
+                    WorkerState::Backoff => "backoff",
+                    WorkerState::Failed => "failed",
+                    WorkerState::Exited => "exited",
+                };
+                self.workers
+                    .get_or_create(&AppState {
+                        app: app.name.clone(),
+                        state: state.into(),
+                    })
+                    .inc();
+                if worker.role == clusterd_proto::WorkerRole::Serving {
+                    let slot = AppSlot {
+                        app: app.name.clone(),
+                        slot: worker.slot.to_string(),
+                    };
+                    if let Some(rss) = worker.rss_bytes {
+                        self.worker_rss
+                            .get_or_create(&slot)
+                            .set(i64::try_from(rss).unwrap_or(i64::MAX));
+                    }
+                    if let Some(cpu) = worker.cpu_seconds {
+                        self.worker_cpu.get_or_create(&slot).set(cpu);
+                    }
+                }
+            }
+        }
+        self.uptime.set(status.uptime_ms as f64 / 1000.0);
+        self.rss
+            .set(i64::try_from(status.rss_bytes).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// A scrape waiting for the supervisor's text.
+pub type Scrape = oneshot::Sender<String>;
+
+/// The HTTP listener; scrapes arrive through [`MetricsServer::recv`].
+pub struct MetricsServer {
+    scrapes: mpsc::Receiver<Scrape>,
+}
+
+impl MetricsServer {
+    /// Binds `addr` and serves `GET /metrics` (must run inside a `LocalSet`).
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
+        let (sender, scrapes) = mpsc::channel(16);
+        tokio::task::spawn_local(serve(listener, sender));
+        Ok(MetricsServer { scrapes })
+    }
+
+    /// The next scrape.
+    pub async fn recv(&mut self) -> Option<Scrape> {
+        self.scrapes.recv().await
+    }
+}
+
+async fn serve(listener: TcpListener, scrapes: mpsc::Sender<Scrape>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let scrapes = scrapes.clone();
+        tokio::task::spawn_local(async move {
+            let service =
+                hyper::service::service_fn(move |request| respond(request, scrapes.clone()));
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let connection =
+                hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), connection).await;
+        });
+    }
+}
+
+async fn respond(
+    request: Request<Incoming>,
+    scrapes: mpsc::Sender<Scrape>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if request.uri().path() != "/metrics" {
+        return Ok(reply(StatusCode::NOT_FOUND, "try /metrics\n".into()));
+    }
+    let (sender, text) = oneshot::channel();
+    if scrapes.send(sender).await.is_err() {
+        return Ok(reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down\n".into(),
+        ));
+    }
+    Ok(match text.await {
+        Ok(text) => reply(StatusCode::OK, text),
+        Err(_) => reply(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into()),
+    })
+}
+
+fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    response
+}
