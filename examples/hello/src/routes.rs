@@ -48,13 +48,15 @@ pub async fn handle<B>(
             ),
         ),
         "/whoami" => {
-            let body = serde_json::json!({
-                "app": me.app,
-                "slot": me.slot,
-                "pid": me.pid,
-                "generation": me.generation,
-            });
-            let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+            // Written by hand to keep the documented key order; serde_json escapes the name.
+            let body = format!(
+                r#"{{"app":{},"slot":{},"pid":{},"generation":{}}}"#,
+                serde_json::Value::from(me.app.as_str()),
+                me.slot,
+                me.pid,
+                me.generation
+            );
+            let mut response = Response::new(Full::new(Bytes::from(body)));
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -139,6 +141,7 @@ mod tests {
         let (status, ty, body) = get(Method::GET, "/whoami").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(ty.as_deref(), Some("application/json"));
+        assert_eq!(body, r#"{"app":"web","slot":2,"pid":1234,"generation":1}"#);
         let value: serde_json::Value = serde_json::from_str(&body).expect("json");
         assert_eq!(
             value,
@@ -160,6 +163,21 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(250));
         let (_, _, body) = get(Method::GET, "/sleep/999999999").await;
         assert_eq!(body, "slept 60000 ms\n");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn whoami_escapes_the_app_name() {
+        let me = Arc::new(Identity {
+            app: "we\"b".into(),
+            slot: 0,
+            pid: 1,
+            generation: 0,
+        });
+        let req = Request::get("/whoami").body(()).expect("request");
+        let body = handle(req, me).await.expect("infallible").into_body();
+        let body = body.collect().await.expect("body").to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&body).expect("valid json");
+        assert_eq!(value["app"], "we\"b");
     }
 
     #[tokio::test(flavor = "current_thread")]

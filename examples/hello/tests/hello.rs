@@ -360,7 +360,7 @@ fn serves_a_named_inherited_unix_socket_and_notifies() {
     assert_eq!(whoami.header("content-type"), Some("application/json"));
     assert_eq!(
         whoami.body,
-        format!(r#"{{"app":"web","generation":1,"pid":{pid},"slot":2}}"#)
+        format!(r#"{{"app":"web","slot":2,"pid":{pid},"generation":1}}"#)
     );
     assert_eq!(client.get("/nope").status, 404);
 
