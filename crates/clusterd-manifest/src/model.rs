@@ -132,8 +132,6 @@ pub struct ReloadConfig {
     pub surge: usize,
     /// `bake` (default 0s): how long a new worker must stay ready before its old one stops.
     pub bake: Duration,
-    /// `rollback` (default false): on abort, also roll the already-replaced slots back.
-    pub rollback: bool,
 }
 
 /// `[metrics]`: the optional Prometheus endpoint.

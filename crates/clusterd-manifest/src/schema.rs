@@ -55,7 +55,7 @@ const APP_KEYS: &[&str] = &[
     "kv_segment",
     "reload",
 ];
-const RELOAD_KEYS: &[&str] = &["surge", "bake", "rollback"];
+const RELOAD_KEYS: &[&str] = &["surge", "bake"];
 const METRICS_KEYS: &[&str] = &["listen"];
 
 /// Environment variables clusterd sets for each worker itself.
@@ -596,7 +596,6 @@ fn reload(cx: &mut Checker<'_>, table: &Table<'_, '_>) -> Option<ReloadConfig> {
         return Some(ReloadConfig {
             surge: 1,
             bake: Duration::ZERO,
-            rollback: false,
         });
     };
     let reload = cx.table(value, table.key.child("reload"), RELOAD_KEYS)?;
@@ -608,12 +607,10 @@ fn reload(cx: &mut Checker<'_>, table: &Table<'_, '_>) -> Option<ReloadConfig> {
     let bake = cx
         .field(&reload, "bake", values::duration)
         .or(Duration::ZERO);
-    let rollback = cx.field(&reload, "rollback", values::boolean).or(false);
     Some(ReloadConfig {
         // In 1..=MAX_WORKERS.
         surge: surge? as usize,
         bake: bake?,
-        rollback: rollback?,
     })
 }
 

@@ -65,7 +65,6 @@ fn defaults() {
         ReloadConfig {
             surge: 1,
             bake: Duration::ZERO,
-            rollback: false,
         }
     );
 }
@@ -112,7 +111,7 @@ fn every_key_is_read() {
         ready_timeout = "2m"
         watchdog = "500ms"
         kv_segment = "kv.seg-1"
-        reload = { surge = 3, bake = "1m30s", rollback = true }
+        reload = { surge = 3, bake = "1m30s" }
 
         [metrics]
         listen = "127.0.0.1:9100"
@@ -153,7 +152,6 @@ fn every_key_is_read() {
         ReloadConfig {
             surge: 3,
             bake: Duration::from_secs(90),
-            rollback: true,
         }
     );
     assert_eq!(
@@ -332,10 +330,6 @@ fn each_key_rejects_bad_values() {
     assert_eq!(
         app("reload = { bake = 0 }"),
         "3:19: apps.web.reload.bake: expected a duration like \"10s\" or \"250ms\", found 0"
-    );
-    assert_eq!(
-        app("reload = { rollback = 1 }"),
-        "3:23: apps.web.reload.rollback: expected true or false, found 1"
     );
     assert_eq!(app("command = [\"y\"]"), "3:1: syntax: duplicate key");
 }
