@@ -1,15 +1,22 @@
 //! The accept loop and the graceful drain.
 //!
 //! Each connection is served by hyper's HTTP/1.1 server and watched by hyper-util's
-//! `GracefulShutdown`. When the stop future resolves, the listener is dropped (no more
-//! accepts), every connection is told to shut down gracefully — idle keep-alive connections
-//! close at once, busy ones finish their request and answer with `Connection: close` — and the
-//! drain waits for them, bounded by a timeout.
+//! `GracefulShutdown`. When the stop future resolves, the drain runs in two phases:
+//!
+//! 1. **Linger** (at most [`LINGER`]): the listener is dropped (no more accepts — the shared
+//!    accept queue stays with clusterd and the other workers), and every response from now on
+//!    carries `Connection: close`, so a keep-alive client gets its answer and then reconnects —
+//!    to another worker — instead of finding its connection closed under its next request.
+//! 2. **Close**: connections still open (idle ones that sent nothing during the linger) are told
+//!    to shut down gracefully, and the drain waits for in-flight requests, bounded by a timeout.
+//!
+//! Closing idle keep-alive connections at once (phase 2 alone) races with clients sending their
+//! next request at that moment, which they see as a reset connection: the bench measured it.
 
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -69,6 +76,10 @@ pub struct Drained {
     pub in_time: bool,
 }
 
+/// How long busy keep-alive connections get to receive a `Connection: close` response before
+/// the remaining (idle) connections are closed.
+pub const LINGER: Duration = Duration::from_secs(1);
+
 /// Serves until `stop` resolves, then drains for at most `drain_timeout`.
 ///
 /// An accept error (e.g. out of fds) is logged and the loop goes on after a short pause.
@@ -80,6 +91,7 @@ pub async fn serve<S: Future>(
 ) -> Drained {
     let graceful = GracefulShutdown::new();
     let requests = Arc::new(AtomicU64::new(0));
+    let draining = Arc::new(AtomicBool::new(false));
     tokio::pin!(stop);
     loop {
         let accepted = tokio::select! {
@@ -87,8 +99,12 @@ pub async fn serve<S: Future>(
             accepted = accept(&acceptor) => accepted,
         };
         match accepted {
-            Ok(Connection::Tcp(stream)) => spawn_connection(&graceful, stream, &me, &requests),
-            Ok(Connection::Unix(stream)) => spawn_connection(&graceful, stream, &me, &requests),
+            Ok(Connection::Tcp(stream)) => {
+                spawn_connection(&graceful, stream, &me, &requests, &draining)
+            }
+            Ok(Connection::Unix(stream)) => {
+                spawn_connection(&graceful, stream, &me, &requests, &draining)
+            }
             Err(err) => {
                 crate::log(format_args!("accept failed: {err}"));
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -97,6 +113,11 @@ pub async fn serve<S: Future>(
     }
     drop(acceptor);
     let connections = graceful.count();
+    draining.store(true, Ordering::Relaxed);
+    let linger_until = tokio::time::Instant::now() + LINGER;
+    while graceful.count() > 0 && tokio::time::Instant::now() < linger_until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let in_time = tokio::time::timeout(drain_timeout, graceful.shutdown())
         .await
         .is_ok();
@@ -125,13 +146,27 @@ fn spawn_connection<S>(
     stream: S,
     me: &Arc<Identity>,
     requests: &Arc<AtomicU64>,
+    draining: &Arc<AtomicBool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (me, requests) = (Arc::clone(me), Arc::clone(requests));
+    let (me, requests, draining) = (Arc::clone(me), Arc::clone(requests), Arc::clone(draining));
     let service = service_fn(move |req| {
         requests.fetch_add(1, Ordering::Relaxed);
-        handle(req, Arc::clone(&me))
+        let response = handle(req, Arc::clone(&me));
+        let draining = Arc::clone(&draining);
+        async move {
+            let mut response = response.await?;
+            // Checked when the response is ready, so a request that was in flight when the
+            // drain began also tells its client to reconnect.
+            if draining.load(Ordering::Relaxed) {
+                response.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
     let conn = graceful.watch(conn);
