@@ -4,5 +4,6 @@
 mod check;
 mod control;
 mod core;
+mod examples;
 mod reload;
 mod util;
