@@ -11,6 +11,16 @@
 //! mistaken for "nothing inherited" (which would make [`tcp_listener_or_bind`] bind a second
 //! socket behind the supervisor's back). A take that fails validation does not consume the
 //! socket.
+//!
+//! # Blocking mode is shared
+//!
+//! An inherited listener is the same open file description in the supervisor and in every
+//! worker, and `O_NONBLOCK` belongs to that description: once any worker switches it to
+//! non-blocking (tokio, Node and the Python example all do), it is non-blocking for all of
+//! them. So use the listener non-blocking — `set_nonblocking(true)`, then e.g.
+//! `tokio::net::TcpListener::from_std` — and never switch it back: a blocking `accept()` in a
+//! worker that was woken for a connection another worker took would hang, and with it that
+//! worker's reaction to the stop signal. The SDK leaves the flag as it finds it.
 
 use std::collections::BTreeSet;
 use std::fmt;

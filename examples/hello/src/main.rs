@@ -54,7 +54,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const HOOK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The settings read from `HELLO_*` variables.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Settings {
     socket: Option<String>,
     addr: String,
