@@ -15,15 +15,19 @@
 // notifications from a worker's children to the worker). Skipped when NOTIFY_SOCKET is unset.
 // When WATCHDOG_USEC is set, `notify WATCHDOG=1` runs at half that interval.
 //
-// SIGTERM or SIGINT: stop accepting, close idle keep-alive connections, answer in-flight
-// requests with `Connection: close`, and exit 0 once every connection is closed (1 if that
-// takes longer than 30 s).
+// SIGTERM or SIGINT: for LINGER_MS every response carries `Connection: close`, so keep-alive
+// clients get their answer and reconnect (to another worker) instead of finding their
+// connection closed under their next request; then stop accepting, close the connections still
+// idle, let in-flight requests finish, and exit 0 once every connection is closed (1 if that
+// takes longer than 30 s). Node's server.close() also closes idle connections at once, which is
+// why it waits for the linger.
 'use strict';
 
 const http = require('node:http');
 const { execFile } = require('node:child_process');
 
 const DRAIN_TIMEOUT_MS = 30_000;
+const LINGER_MS = 1_000;
 const MAX_SLEEP_MS = 60_000;
 const FIRST_LISTEN_FD = 3;
 
@@ -145,15 +149,17 @@ function main() {
     }
     stopping = true;
     log(`received ${signal}: stopping, draining connections`);
-    server.close((err) => {
-      if (err) {
-        log(`closing the server: ${err.message}`);
-        process.exit(1);
-      }
-      log('exiting: all connections closed');
-      process.exit(0);
-    });
-    server.closeIdleConnections();
+    setTimeout(() => {
+      server.close((err) => {
+        if (err) {
+          log(`closing the server: ${err.message}`);
+          process.exit(1);
+        }
+        log('exiting: all connections closed');
+        process.exit(0);
+      });
+      server.closeIdleConnections();
+    }, LINGER_MS);
     setTimeout(() => {
       log(`exiting: connections still open after ${DRAIN_TIMEOUT_MS} ms`);
       process.exit(1);

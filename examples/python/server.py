@@ -31,6 +31,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 DRAIN_TIMEOUT = 30.0
+LINGER = 1.0  # seconds; see the drain in main()
 MAX_SLEEP_MS = 60_000
 FIRST_LISTEN_FD = 3
 
@@ -262,6 +263,15 @@ def main():
     log(f"received {stop_reason[0] if stop_reason else 'a stop request'}: stopping, draining connections")
     notify("STOPPING=1")
     server.socket.close()
+    # Linger: a keep-alive client that sends another request now gets it answered with
+    # `Connection: close` and reconnects to another worker; only the connections still idle
+    # after LINGER are closed (closing them at once races with their next request).
+    deadline = time.monotonic() + LINGER
+    while time.monotonic() < deadline:
+        with server.lock:
+            if not server.idle:
+                break
+        time.sleep(0.01)
     server.close_idle_connections()
     drained = threading.Thread(target=server.server_close, daemon=True)
     drained.start()
