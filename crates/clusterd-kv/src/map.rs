@@ -19,9 +19,13 @@ impl ClusterMap {
         }
     }
 
-    /// Builds a map from `(first_slot, last_slot, "host:port")` ranges (inclusive). Later
-    /// ranges win where ranges overlap; slots above 16383 are ignored.
+    /// Builds a map from `(first_slot, last_slot, "host:port")` ranges (inclusive); slots
+    /// above 16383 are ignored. Nodes are numbered in slot order, so the same topology gives
+    /// an equal map whatever order a node listed it in (where ranges overlap, the range
+    /// starting later wins).
     pub fn from_ranges<'a>(ranges: impl IntoIterator<Item = (u16, u16, &'a str)>) -> Self {
+        let mut ranges: Vec<(u16, u16, &str)> = ranges.into_iter().collect();
+        ranges.sort_by_key(|&(first, _, _)| first);
         let mut map = ClusterMap::empty();
         for (first, last, addr) in ranges {
             let node = map.node_index(addr);
@@ -136,6 +140,14 @@ mod tests {
         assert_eq!(map.node_for_slot(16383), Some("c:3"));
         assert_eq!(map.node_for_slot(16384), None);
         assert_eq!(map.served_slots(), SLOT_COUNT);
+    }
+
+    #[test]
+    fn equal_topologies_give_equal_maps_whatever_the_order() {
+        let a = ClusterMap::from_ranges([(0, 99, "a:1"), (100, 16383, "b:2")]);
+        let b = ClusterMap::from_ranges([(100, 16383, "b:2"), (0, 99, "a:1")]);
+        assert_eq!(a, b);
+        assert_eq!(a.nodes(), ["a:1", "b:2"]);
     }
 
     #[test]
