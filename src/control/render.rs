@@ -45,7 +45,8 @@ pub fn status_table(status: &Status) -> String {
                 }
                 ReloadResult::Aborted => {
                     let reason = last.reason.as_deref().unwrap_or("");
-                    let _ = writeln!(out, "last reload: ABORTED: {}", truncate(reason, 62));
+                    const PREFIX: &str = "last reload: ABORTED: ";
+                    let _ = writeln!(out, "{PREFIX}{}", truncate(reason, 80 - PREFIX.len()));
                 }
             }
         }
@@ -198,7 +199,7 @@ mod tests {
                 line.chars().count()
             );
         }
-        assert!(table.contains("tend, flapping, serving"));
+        assert!(table.contains("  tend, flapping, servin…"), "{table}");
         assert!(table.contains("ABORTED: slot 2 generation 5"));
     }
 

@@ -30,14 +30,6 @@ pub(crate) fn integer_in(value: &Value<'_>, min: i64, max: i64) -> Result<i64, B
     }
 }
 
-/// `true` or `false`.
-pub(crate) fn boolean(value: &Value<'_>) -> Result<bool, Bad> {
-    match value.get_ref() {
-        DeValue::Boolean(b) => Ok(*b),
-        _ => Err(Bad::expected("true or false")),
-    }
-}
-
 /// Any string.
 pub(crate) fn string<'v>(value: &'v Value<'_>) -> Result<&'v str, Bad> {
     match value.get_ref() {
