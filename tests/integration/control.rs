@@ -338,3 +338,101 @@ fn metrics_parse_and_match_status() {
     );
     assert!(clusterd.stop().success());
 }
+
+#[test]
+fn a_second_start_is_refused_and_a_stale_socket_is_replaced() {
+    let mut first = Clusterd::start(HELLO);
+    first.wait_for_lines("ready after", 3, 20 * SECOND);
+    let second = std::process::Command::new(crate::util::clusterd_bin())
+        .arg("start")
+        .arg(&first.manifest)
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .expect("second start");
+    assert_eq!(second.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("another clusterd is already running for this manifest"),
+        "{stderr}"
+    );
+    assert_eq!(
+        first.serving("web").len(),
+        3,
+        "the first one is undisturbed"
+    );
+
+    // SIGKILL leaves the socket file behind; the next start replaces it.
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(10 * SECOND);
+    assert!(first.control_socket().exists());
+    let manifest = std::fs::read_to_string(&first.manifest).expect("manifest");
+    let mut again = std::process::Command::new(crate::util::clusterd_bin())
+        .arg("start")
+        .arg(&first.manifest)
+        .env_remove("XDG_RUNTIME_DIR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("restart");
+    let socket = first.control_socket();
+    let answered = wait_until(20 * SECOND, || clusterd_status_ok(&socket));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(again.id() as i32),
+        Signal::SIGTERM,
+    );
+    let _ = again.wait();
+    assert!(
+        answered,
+        "a start after a crash did not come up (manifest: {manifest})"
+    );
+}
+
+fn clusterd_status_ok(socket: &std::path::Path) -> bool {
+    std::process::Command::new(crate::util::clusterd_bin())
+        .args(["status", "--socket"])
+        .arg(socket)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn restart_scale_and_signal_commands() {
+    let mut clusterd = Clusterd::start(
+        r#"
+[apps.sleepy]
+command = ["sh", "-c", "trap 'echo got HUP' HUP; echo up; while :; do sleep 0.1; done"]
+workers = 2
+stop_timeout = "2s"
+"#,
+    );
+    clusterd.wait_for_lines("] up", 2, 10 * SECOND);
+    let before = clusterd.serving("sleepy");
+
+    let output = clusterd.ctl(&["restart", "sleepy:1"]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(wait_until(10 * SECOND, || {
+        let now = clusterd.serving("sleepy");
+        now.len() == 2 && now[0] == before[0] && now[1].1 != before[1].1
+    }));
+
+    let output = clusterd.ctl(&["scale", "sleepy", "3"]);
+    assert!(output.status.success());
+    assert!(wait_until(10 * SECOND, || clusterd.serving("sleepy").len() == 3));
+
+    let output = clusterd.ctl(&["signal", "sleepy", "HUP"]);
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("sent SIGHUP to 3 workers of sleepy"));
+    clusterd.wait_for_lines("got HUP", 3, 10 * SECOND);
+
+    // Bad arguments are refused with a reason and change nothing.
+    let output = clusterd.ctl(&["restart", "sleepy:9"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("has no slot 9"));
+    let output = clusterd.ctl(&["signal", "sleepy", "SIGNOPE"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(clusterd.serving("sleepy").len(), 3);
+
+    let output = clusterd.ctl(&["stop"]);
+    assert!(output.status.success());
+    assert!(clusterd.wait_exit(20 * SECOND).success());
+}

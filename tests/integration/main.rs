@@ -5,5 +5,6 @@ mod check;
 mod control;
 mod core;
 mod examples;
+mod kv;
 mod reload;
 mod util;

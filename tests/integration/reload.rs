@@ -331,3 +331,63 @@ fn sighup_rejects_a_broken_manifest_and_applies_a_scale_down() {
     assert!(wait_until(10 * SECOND, || clusterd.serving("sleepy").len() == 3));
     assert!(clusterd.stop().success());
 }
+
+#[test]
+fn reload_requests_during_a_rollout_coalesce_into_one_more() {
+    let clusterd = Clusterd::start_with_files(&gated_manifest(1, "30s"), &[("gated.sh", GATED)]);
+    std::fs::write(clusterd.dir.path().join("go-1"), "").expect("go");
+    clusterd.wait_for_line("ready after", 10 * SECOND);
+    // The first request starts generation 2, which waits for go-2; the next two coalesce.
+    for _ in 0..3 {
+        assert!(clusterd.ctl(&["reload"]).status.success());
+    }
+    clusterd.wait_for_line("waiting for go-2", 10 * SECOND);
+    assert_eq!(
+        clusterd.count("another one will follow"),
+        2,
+        "{}",
+        clusterd.output()
+    );
+    for generation in [2, 3] {
+        std::fs::write(clusterd.dir.path().join(format!("go-{generation}")), "").expect("go");
+    }
+    clusterd.wait_for_lines("reload of gated complete", 2, 20 * SECOND);
+    std::thread::sleep(SECOND);
+    assert_eq!(
+        clusterd.count("reload of gated complete"),
+        2,
+        "exactly one more rollout"
+    );
+    assert_eq!(clusterd.serving("gated")[0].2, 3);
+    assert_eq!(clusterd.count("waiting for go-4"), 0);
+}
+
+#[test]
+fn sighup_adds_apps_and_rolls_an_app_whose_command_changed() {
+    let before = "[apps.web]\ncommand = [\"sleep\", \"1000\"]\nworkers = 2\n";
+    let clusterd = Clusterd::start(before);
+    clusterd.wait_for_line("web[1] started", 10 * SECOND);
+    let old = clusterd.serving("web");
+    clusterd.rewrite_manifest(&format!(
+        "{before}env = {{ COLOR = \"blue\" }}\n[apps.extra]\ncommand = [\"sleep\", \"999\"]\n"
+    ));
+    clusterd.signal(Signal::SIGHUP);
+    let line = clusterd.wait_for_line("manifest re-read:", 10 * SECOND);
+    assert!(
+        line.contains("+extra") && line.contains("web: command/env/cwd/sockets changed"),
+        "{line}"
+    );
+    clusterd.wait_for_line("reload of web complete", 20 * SECOND);
+    let new = clusterd.serving("web");
+    assert!(new.iter().all(|(_, pid, generation, _)| *generation == 2
+        && crate::util::env_var(*pid, "COLOR").as_deref() == Some("blue")));
+    assert!(old.iter().all(|(_, pid, _, _)| !alive(*pid)));
+    assert_eq!(clusterd.serving("extra").len(), 1);
+
+    // Removing the app stops its worker.
+    let extra = clusterd.serving("extra")[0].1;
+    clusterd.rewrite_manifest(&format!("{before}env = {{ COLOR = \"blue\" }}\n"));
+    clusterd.signal(Signal::SIGHUP);
+    clusterd.wait_for_line("manifest re-read: -extra", 10 * SECOND);
+    assert!(wait_until(10 * SECOND, || !alive(extra)));
+}
