@@ -53,7 +53,9 @@ pub fn call(
     })?;
     stream.set_read_timeout(timeout)?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(&encode_line(&Envelope::new(request)))?;
+    // A server that refuses the connection (wrong uid) may answer and close before the
+    // request is written: the write fails with EPIPE, but its reply is there to be read.
+    let written = stream.write_all(&encode_line(&Envelope::new(request)));
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     loop {
@@ -64,6 +66,7 @@ pub fn call(
             .read_line(&mut line)
             .context("reading the reply")?;
         if n == 0 {
+            written.context("sending the request")?;
             bail!("clusterd closed the connection without a reply");
         }
         let reply: Reply =

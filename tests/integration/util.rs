@@ -36,6 +36,8 @@ pub fn example_bin(name: &str) -> PathBuf {
 struct Lines {
     lines: Mutex<Vec<String>>,
     changed: Condvar,
+    /// Streams that reached end of file.
+    closed: Mutex<usize>,
 }
 
 /// A running `clusterd start` and its temp dir.
@@ -208,6 +210,16 @@ impl Clusterd {
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 self.exit = Some(status);
+                // Its last lines may still be on their way through the reader threads.
+                let lines = self.lines.clone();
+                assert!(
+                    wait_until(Duration::from_secs(5), || *lines
+                        .closed
+                        .lock()
+                        .expect("closed")
+                        == 2),
+                    "clusterd's output did not reach end of file"
+                );
                 return status;
             }
             if Instant::now() >= deadline {
@@ -337,6 +349,7 @@ fn collect(stream: impl Read + Send + 'static, lines: Arc<Lines>) {
             lines.lines.lock().expect("lines").push(line);
             lines.changed.notify_all();
         }
+        *lines.closed.lock().expect("closed") += 1;
     });
 }
 
