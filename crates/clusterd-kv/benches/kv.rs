@@ -156,7 +156,7 @@ fn topology(cluster: &RedisCluster) {
     for (mode, local) in [("shared memory", false), ("no shared memory", true)] {
         let dir = tempfile::tempdir().expect("temp dir");
         let interval = INTERVAL_MS.to_string();
-        let mut extra = vec!["--interval-ms", interval.as_str()];
+        let mut extra = vec!["--interval-ms", interval.as_str(), "--stale-after", "20"];
         if local {
             extra.push("--local");
         }

@@ -45,7 +45,7 @@
 //!   so one redirection refreshes the map for the whole host.
 //! - **Hung owner**: the owner stamps a heartbeat each round. A stopped or wedged owner keeps
 //!   its lock, so followers that see the heartbeat older than `stale_after_intervals` tend
-//!   intervals read the topology themselves (without publishing) until it recovers.
+//!   intervals (at least 1 s) read the topology themselves (without publishing) until it recovers.
 //! - **Without shared memory** ([`KvOptions::shared_memory`]`(false)`) every client tends its
 //!   own map, for comparison.
 //!

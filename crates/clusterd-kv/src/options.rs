@@ -11,6 +11,9 @@ use crate::identity::{
 };
 use crate::layout::MAX_NODES_LIMIT;
 
+/// The shortest heartbeat silence after which an owner counts as hung.
+const MIN_STALE: Duration = Duration::from_secs(1);
+
 /// Options of [`KvClient::connect`](crate::KvClient::connect).
 ///
 /// ```
@@ -119,7 +122,8 @@ impl KvOptions {
     }
 
     /// Tend intervals without an owner heartbeat after which followers consider the owner
-    /// hung and refresh the map themselves (at least 2).
+    /// hung and refresh the map themselves (at least 2; and never less than 1 s, so a
+    /// briefly starved owner does not make every follower read the topology).
     pub fn stale_after_intervals(mut self, intervals: u32) -> Self {
         self.stale_after = intervals;
         self
@@ -163,7 +167,7 @@ impl KvOptions {
 
     /// How long without a heartbeat before the owner counts as hung.
     pub(crate) fn stale_threshold(&self) -> Duration {
-        self.tend_interval * self.stale_after
+        (self.tend_interval * self.stale_after).max(MIN_STALE)
     }
 
     /// Checks every option; the first problem found is returned.
@@ -253,6 +257,16 @@ mod tests {
             .segment_prefix("")
             .validate()
             .unwrap();
+    }
+
+    #[test]
+    fn the_stale_threshold_has_a_floor() {
+        let o = KvOptions::new(["h:1"]).tend_interval(Duration::from_millis(10));
+        assert_eq!(o.stale_threshold(), MIN_STALE);
+        let o = o
+            .tend_interval(Duration::from_secs(2))
+            .stale_after_intervals(4);
+        assert_eq!(o.stale_threshold(), Duration::from_secs(8));
     }
 
     #[test]

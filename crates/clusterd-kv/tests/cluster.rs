@@ -29,7 +29,10 @@ fn topology_calls(cluster: &RedisCluster) -> u64 {
 fn one_owner_everyone_routes_and_only_the_owner_reads_the_topology() {
     let cluster = RedisCluster::start(3).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut agents = agents(&cluster, dir.path(), 4, &["--interval-ms", "100"]);
+    // A generous stale threshold: a starved owner on a busy machine must not make the
+    // followers read the topology themselves.
+    let extra = ["--interval-ms", "100", "--stale-after", "50"];
+    let mut agents = agents(&cluster, dir.path(), 4, &extra);
     let owner = the_owner(&mut agents);
 
     // The kernel agrees on who holds the lock.
@@ -317,7 +320,10 @@ fn followers_of_a_hung_owner_refresh_on_their_own() {
     }
     let info = &tend_owners(dir.path(), PREFIX).unwrap()[0];
     assert_eq!(info.owner_pid, Some(agents[owner].pid as i32));
-    assert!(info.heartbeat_age.unwrap() >= Duration::from_millis(300));
+    assert!(
+        info.heartbeat_age.unwrap() >= Duration::from_secs(1),
+        "{info:?}"
+    );
 
     // Once the owner runs again, followers go back to its map.
     agents[owner].signal(Signal::SIGCONT);
