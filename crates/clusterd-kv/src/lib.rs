@@ -46,6 +46,11 @@
 //! - **Hung owner**: the owner stamps a heartbeat each round. A stopped or wedged owner keeps
 //!   its lock, so followers that see the heartbeat older than `stale_after_intervals` tend
 //!   intervals (at least 1 s) read the topology themselves (without publishing) until it recovers.
+//! - **Fork first, connect after**: locks and mappings belong to open file descriptions,
+//!   which a forked child shares. Connect in the process that will use the client (clusterd
+//!   spawns workers with fork+exec, and the files are opened close-on-exec, so workers are
+//!   fine); a child forked without exec from a tend owner would keep the lock alive after the
+//!   owner's death.
 //! - **Without shared memory** ([`KvOptions::shared_memory`]`(false)`) every client tends its
 //!   own map, for comparison.
 //!
