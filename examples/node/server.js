@@ -15,15 +15,16 @@
 // notifications from a worker's children to the worker). Skipped when NOTIFY_SOCKET is unset.
 // When WATCHDOG_USEC is set, `notify WATCHDOG=1` runs at half that interval.
 //
-// SIGTERM or SIGINT: for LINGER_MS every response carries `Connection: close`, so keep-alive
-// clients get their answer and reconnect (to another worker) instead of finding their
-// connection closed under their next request; then stop accepting, close the connections still
-// idle, let in-flight requests finish, and exit 0 once every connection is closed (1 if that
-// takes longer than 30 s). Node's server.close() also closes idle connections at once, which is
-// why it waits for the linger.
+// SIGTERM or SIGINT: stop accepting at once; for up to LINGER_MS every response carries
+// `Connection: close`, so keep-alive clients get their answer and reconnect (to another worker)
+// instead of finding their connection closed under their next request; then close the
+// connections still idle, let in-flight requests finish, and exit 0 once every connection is
+// closed (1 if that takes longer than 30 s). http.Server#close() would also close idle
+// connections at once, so the listener is closed with net.Server#close() instead.
 'use strict';
 
 const http = require('node:http');
+const net = require('node:net');
 const { execFile } = require('node:child_process');
 
 const DRAIN_TIMEOUT_MS = 30_000;
@@ -149,17 +150,16 @@ function main() {
     }
     stopping = true;
     log(`received ${signal}: stopping, draining connections`);
-    setTimeout(() => {
-      server.close((err) => {
-        if (err) {
-          log(`closing the server: ${err.message}`);
-          process.exit(1);
-        }
-        log('exiting: all connections closed');
-        process.exit(0);
-      });
-      server.closeIdleConnections();
-    }, LINGER_MS);
+    // The callback runs once every connection has closed, which may be before the linger ends.
+    net.Server.prototype.close.call(server, (err) => {
+      if (err) {
+        log(`closing the server: ${err.message}`);
+        process.exit(1);
+      }
+      log('exiting: all connections closed');
+      process.exit(0);
+    });
+    setTimeout(() => server.closeIdleConnections(), LINGER_MS).unref();
     setTimeout(() => {
       log(`exiting: connections still open after ${DRAIN_TIMEOUT_MS} ms`);
       process.exit(1);
