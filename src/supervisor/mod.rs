@@ -34,17 +34,6 @@ use crate::sockets::Sockets;
 use crate::spawn::{self, SpawnError, SpawnSpec};
 use state::{App, Phase, Slot, Worker};
 
-/// Environment variables of clusterd's own that must not reach workers: clusterd sets its own
-/// values of these (or none).
-const PRIVATE_ENV: &[&str] = &[
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-];
-
 /// Everything the supervisor owns while it runs.
 pub struct Supervisor {
     manifest: Manifest,
@@ -53,7 +42,7 @@ pub struct Supervisor {
     /// Every worker process (group) still alive, by pid.
     workers: HashMap<Pid, Worker>,
     notify_path: PathBuf,
-    /// clusterd's environment without [`PRIVATE_ENV`].
+    /// clusterd's environment without [`clusterd_manifest::RESERVED_ENV`].
     base_env: BTreeMap<String, String>,
     dev_null: OwnedFd,
     /// Set once shutdown has begun.
@@ -121,7 +110,7 @@ impl Supervisor {
             .collect();
         let base_env = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-            .filter(|(k, _)| !PRIVATE_ENV.contains(&k.as_str()))
+            .filter(|(k, _)| !clusterd_manifest::RESERVED_ENV.contains(&k.as_str()))
             .collect();
         let dev_null = std::fs::File::open("/dev/null")?.into();
         Ok(Supervisor {

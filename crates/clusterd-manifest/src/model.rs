@@ -9,6 +9,21 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
+/// Environment variables clusterd sets for each worker itself (or withholds): an app's `env`
+/// may not set them, and clusterd's own values never reach a worker.
+pub const RESERVED_ENV: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+/// Prefix of the variables clusterd sets for each worker (`CLUSTERD_WORKER_ID`, ...), which an
+/// app's `env` may not set either.
+pub const RESERVED_ENV_PREFIX: &str = "CLUSTERD_";
+
 /// A whole manifest after parsing and validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Manifest {

@@ -58,17 +58,7 @@ const APP_KEYS: &[&str] = &[
 const RELOAD_KEYS: &[&str] = &["surge", "bake"];
 const METRICS_KEYS: &[&str] = &["listen"];
 
-/// Environment variables clusterd sets for each worker itself.
-const RESERVED_ENV: &[&str] = &[
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-];
-/// Prefix of the variables clusterd sets for each worker (`CLUSTERD_WORKER_ID`, ...).
-const RESERVED_ENV_PREFIX: &str = "CLUSTERD_";
+use crate::model::{RESERVED_ENV, RESERVED_ENV_PREFIX};
 
 /// Where the manifest lives, and how host names are resolved.
 pub(crate) struct Origin {
