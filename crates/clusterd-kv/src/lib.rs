@@ -4,6 +4,7 @@
 //! with the failure modes fixed.
 //!
 //! ```no_run
+//! # #[cfg(feature = "client")]
 //! # async fn demo() -> clusterd_kv::Result<()> {
 //! use clusterd_kv::{KvClient, KvOptions};
 //! let kv = KvClient::connect(KvOptions::from_seed_list("127.0.0.1:7000")).await?;
