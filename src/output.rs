@@ -7,6 +7,7 @@ use std::os::fd::OwnedFd;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::unix::pipe;
+use tokio::task::JoinSet;
 
 /// The longest line forwarded in one piece; longer lines are split.
 const MAX_LINE: usize = 16 * 1024;
@@ -20,12 +21,15 @@ pub enum Stream {
     Stderr,
 }
 
-/// Creates a pipe for one worker stream: the write end for the worker, and a task on the
-/// current runtime that forwards what arrives on the read end.
-pub fn forward(prefix: String, stream: Stream) -> io::Result<OwnedFd> {
+/// Creates a pipe for one worker stream: the write end for the worker, and a task in `tasks`
+/// that forwards what arrives on the read end until end of file. The supervisor waits for
+/// these tasks before it exits, so a worker's last words are not lost.
+pub fn forward(prefix: String, stream: Stream, tasks: &mut JoinSet<()>) -> io::Result<OwnedFd> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let receiver = pipe::Receiver::from_owned_fd(read)?;
-    tokio::task::spawn_local(copy_lines(prefix, receiver, stream));
+    // Forget the tasks that have finished, so the set stays as small as the live workers.
+    while tasks.try_join_next().is_some() {}
+    tasks.spawn_local(copy_lines(prefix, receiver, stream));
     Ok(write)
 }
 

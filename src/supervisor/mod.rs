@@ -22,6 +22,7 @@ use std::time::Duration;
 use clusterd_manifest::{Manifest, Readiness, RestartPolicy};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 
 use crate::control::server::ControlServer;
@@ -54,6 +55,8 @@ pub struct Supervisor {
     cpu_samples: HashMap<Pid, (Instant, f64)>,
     /// Counters and histograms for the metrics endpoint.
     metrics: Metrics,
+    /// The tasks forwarding workers' output.
+    output_tasks: JoinSet<()>,
 }
 
 /// Runs the supervisor until a shutdown has stopped every worker.
@@ -96,6 +99,11 @@ pub async fn run(
         }
     }
     supervisor.sockets.remove_files();
+    // Every worker process is gone; what they wrote last may still be in the pipes (or held
+    // open by a process that left its group: hence the bound).
+    let mut output = std::mem::take(&mut supervisor.output_tasks);
+    let drained = async { while output.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drained).await;
     tracing::info!("all workers stopped; exiting");
     Ok(())
 }
@@ -126,6 +134,7 @@ impl Supervisor {
             reload_waiters: Vec::new(),
             cpu_samples: HashMap::new(),
             metrics: Metrics::default(),
+            output_tasks: JoinSet::new(),
         })
     }
 
@@ -636,13 +645,13 @@ impl Supervisor {
         let env: Vec<(String, String)> = env.into_iter().collect();
 
         let label = format!("{app_name}[{slot}]");
-        let stdout =
-            output::forward(label.clone(), Stream::Stdout).map_err(|source| SpawnError::Os {
+        let stdout = output::forward(label.clone(), Stream::Stdout, &mut self.output_tasks)
+            .map_err(|source| SpawnError::Os {
                 what: "pipe2",
                 source,
             })?;
-        let stderr =
-            output::forward(label.clone(), Stream::Stderr).map_err(|source| SpawnError::Os {
+        let stderr = output::forward(label.clone(), Stream::Stderr, &mut self.output_tasks)
+            .map_err(|source| SpawnError::Os {
                 what: "pipe2",
                 source,
             })?;

@@ -236,7 +236,7 @@ fn sigterm_stops_every_worker_and_their_children() {
 stop_timeout = "10s"
 
 [apps.polite]
-command = ["sh", "-c", "trap 'echo got TERM; exit 0' TERM; sleep 1000 & echo child $!; wait"]
+command = ["sh", "-c", "trap 'echo got TERM; seq 1 3000; echo last words; exit 0' TERM; sleep 1000 & echo child $!; wait"]
 workers = 3
 "#,
     );
@@ -256,6 +256,11 @@ workers = 3
         .flat_map(|i| clusterd.started_pids(&format!("polite[{i}]")))
         .collect();
     assert!(children.iter().chain(&workers).all(|p| alive(*p)));
+    // A backgrounded child is a forked shell until it execs `sleep`; a SIGTERM in that window
+    // is taken by the shell's inherited trap and `sleep` would then (rightly) need SIGKILL.
+    assert!(wait_until(10 * SECOND, || children.iter().all(|p| {
+        std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep")
+    })));
 
     let status = clusterd.stop();
     assert!(status.success(), "{status:?}");
@@ -265,6 +270,13 @@ workers = 3
             clusterd.output().contains(&format!("polite[{i}] got TERM")),
             "{}",
             clusterd.output()
+        );
+        // Everything a worker writes before it exits reaches clusterd's output.
+        assert!(
+            clusterd
+                .output()
+                .contains(&format!("polite[{i}] last words")),
+            "lost output of polite[{i}]"
         );
     }
     for pid in children.iter().chain(&workers) {
