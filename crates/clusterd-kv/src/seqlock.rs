@@ -164,7 +164,7 @@ mod tests {
     use crate::segment::attach;
     use std::path::Path;
     use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
     use std::time::{Duration, Instant};
 
     #[test]
@@ -266,15 +266,20 @@ mod tests {
         Ok(())
     }
 
-    fn stress(path: &Path, duration: Duration) -> (u64, Vec<(u64, u64)>) {
+    /// Republishes as fast as it can while three readers (each with its own mapping, as
+    /// another process would have) copy and verify, until the writer has published `min_maps`
+    /// and every reader has made `min_reads` clean copies. Counts, not a time window, decide
+    /// when it ends, so a loaded machine makes it slower, not flaky; the deadline only guards
+    /// against a hang.
+    fn stress(path: &Path, min_maps: u64, min_reads: u64) -> (u64, Vec<(u64, u64)>) {
         let max_nodes = 16;
         let (writer, wa) = attach(path, 5, max_nodes).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
+        let progress: Arc<Vec<AtomicU64>> = Arc::new((0..3).map(|_| AtomicU64::new(0)).collect());
         let readers: Vec<_> = (0..3)
-            .map(|_| {
-                let (path, stop) = (path.to_path_buf(), stop.clone());
+            .map(|index| {
+                let (path, stop, progress) = (path.to_path_buf(), stop.clone(), progress.clone());
                 std::thread::spawn(move || {
-                    // Own mapping, as another process would have.
                     let (mapping, member) = attach(&path, 5, max_nodes).unwrap();
                     let (mut clean, mut changes, mut last_gen) = (0u64, 0u64, 0u32);
                     while !stop.load(Ordering::Relaxed) {
@@ -282,6 +287,7 @@ mod tests {
                             Ok((generation, map)) => {
                                 verify(&map).unwrap();
                                 clean += 1;
+                                progress[index].store(clean, Ordering::Relaxed);
                                 if generation != last_gen {
                                     changes += 1;
                                     last_gen = generation;
@@ -297,9 +303,14 @@ mod tests {
                 })
             })
             .collect();
-        let deadline = Instant::now() + duration;
+        let deadline = Instant::now() + Duration::from_secs(120);
         let mut published = 0u64;
-        while Instant::now() < deadline {
+        while published < min_maps
+            || progress
+                .iter()
+                .any(|p| p.load(Ordering::Relaxed) < min_reads)
+        {
+            assert!(Instant::now() < deadline, "no progress in 120 s: hung?");
             let map = checked_map(published, max_nodes as usize);
             publish(writer.view(), &map).unwrap();
             published += 1;
@@ -314,13 +325,10 @@ mod tests {
     #[test]
     fn readers_never_see_a_torn_map_while_the_writer_republishes() {
         let dir = tempfile::tempdir().unwrap();
-        let (published, readers) = stress(
-            &dir.path().join("stress-0000000000000005"),
-            Duration::from_millis(1500),
-        );
-        assert!(published > 100, "writer published only {published} maps");
+        let (published, readers) = stress(&dir.path().join("stress-0000000000000005"), 2000, 200);
+        assert!(published >= 2000);
         for (clean, changes) in readers {
-            assert!(clean > 10, "a reader got only {clean} clean copies");
+            assert!(clean >= 200, "a reader got only {clean} clean copies");
             assert!(changes > 1, "a reader saw only {changes} generations");
         }
     }
