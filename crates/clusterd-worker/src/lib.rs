@@ -71,6 +71,8 @@
 #![warn(missing_docs)]
 
 mod env;
+#[cfg(feature = "http")]
+pub mod http;
 mod listen;
 mod notify;
 mod shutdown;

@@ -64,6 +64,20 @@ pub enum Listener {
     Unix(UnixListener),
 }
 
+impl Listener {
+    /// Its address, for logs: `127.0.0.1:8000` or `unix:/path`.
+    pub fn describe(&self) -> String {
+        let addr = match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()),
+            Listener::Unix(l) => l.local_addr().map(|a| match a.as_pathname() {
+                Some(path) => format!("unix:{}", path.display()),
+                None => "unix:(unnamed)".to_owned(),
+            }),
+        };
+        addr.unwrap_or_else(|err| format!("(unknown address: {err})"))
+    }
+}
+
 /// Names one inherited socket in error messages: its index, fd and name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketId {

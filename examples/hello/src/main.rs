@@ -2,20 +2,19 @@
 //!
 //! This file owns the process's life: reading the settings, taking the listener, readiness
 //! and watchdog notifications, the test-only misbehaviours, and the exit status. The routes
-//! live in `routes`, the accept loop and the drain in `serve`.
+//! live in `routes`; the accept loop and the drain are the SDK's `serve_http`.
 
 mod routes;
-mod serve;
 
 use std::fmt;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clusterd_worker::http::{Drain, serve_http};
 use clusterd_worker::{Shutdown, SignalKind};
 
 use crate::routes::Identity;
-use crate::serve::{Acceptor, serve};
 
 const USAGE: &str = "\
 hello: an example HTTP/1.1 worker for clusterd
@@ -178,10 +177,9 @@ async fn run(settings: Settings) -> Result<ExitCode, Box<dyn std::error::Error>>
     let _ = WHO.set(format!("hello {}[{}] pid {}", me.app, me.slot, me.pid));
 
     let (listener, origin) = take_listener(&settings)?;
-    let acceptor = Acceptor::new(listener)?;
     log(format_args!(
         "listening on {} ({origin}), generation {}",
-        acceptor.describe(),
+        listener.describe(),
         me.generation
     ));
 
@@ -234,7 +232,13 @@ async fn run(settings: Settings) -> Result<ExitCode, Box<dyn std::error::Error>>
             }
         }
     };
-    let drained = serve(acceptor, Arc::clone(&me), stop, DRAIN_TIMEOUT).await;
+    let handler_me = Arc::clone(&me);
+    let handler = move |request| routes::handle(request, Arc::clone(&handler_me));
+    let drain = Drain {
+        timeout: DRAIN_TIMEOUT,
+        ..Drain::default()
+    };
+    let drained = serve_http(listener, handler, stop, drain).await?;
     for report in shutdown.close(HOOK_TIMEOUT).await {
         if report.outcome != clusterd_worker::HookOutcome::Completed {
             log(format_args!("{report}"));

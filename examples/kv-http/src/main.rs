@@ -4,11 +4,10 @@
 //!
 //! This file owns the process's life: settings, the listener, connecting the KV client,
 //! readiness, the close hook that closes the KV client (releasing the tend lock so another
-//! worker takes over at once), and the exit status. Routes live in `routes`, the accept loop
-//! and drain in `serve`.
+//! worker takes over at once), and the exit status. Routes live in `routes`; the accept loop
+//! and the drain are the SDK's `serve_http`.
 
 mod routes;
-mod serve;
 
 use std::fmt;
 use std::process::ExitCode;
@@ -17,8 +16,7 @@ use std::time::Duration;
 
 use clusterd_kv::{KvClient, KvOptions};
 use clusterd_worker::Shutdown;
-
-use crate::serve::{Acceptor, serve};
+use clusterd_worker::http::{Drain, serve_http};
 
 const USAGE: &str = "\
 kv-http: JSON records over HTTP, stored in a Redis cluster
@@ -157,8 +155,7 @@ async fn run(settings: Settings) -> Result<ExitCode, Box<dyn std::error::Error>>
             )?)
         }
     };
-    let acceptor = Acceptor::new(listener)?;
-    log(format_args!("listening on {}", acceptor.describe()));
+    log(format_args!("listening on {}", listener.describe()));
 
     let kv = Arc::new(
         KvClient::connect(settings.kv_options())
@@ -200,7 +197,12 @@ async fn run(settings: Settings) -> Result<ExitCode, Box<dyn std::error::Error>>
             }
         }
     };
-    let drained = serve(acceptor, kv, stop, DRAIN_TIMEOUT).await;
+    let handler = move |request| routes::handle(request, Arc::clone(&kv));
+    let drain = Drain {
+        timeout: DRAIN_TIMEOUT,
+        ..Drain::default()
+    };
+    let drained = serve_http(listener, handler, stop, drain).await?.in_time;
     for report in shutdown.close(HOOK_TIMEOUT).await {
         if report.outcome != clusterd_worker::HookOutcome::Completed {
             log(format_args!("{report}"));
