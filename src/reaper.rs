@@ -4,7 +4,6 @@
 
 use std::fmt;
 use std::io;
-use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -60,10 +59,11 @@ impl Reaper {
 
     /// Waits for the next SIGCHLD and returns everything that has exited since the last call
     /// (possibly nothing: signals coalesce, and an earlier call may have reaped already).
+    /// Nothing is lost: the listener is installed before the first fork, a SIGCHLD arriving
+    /// while we reap makes the next call return at once, and the kernel also sends SIGCHLD
+    /// when a dead grandchild is re-parented to this subreaper.
     pub async fn next(&mut self) -> Vec<Exit> {
-        // A periodic sweep covers the (theoretical) case of a SIGCHLD lost before the listener
-        // was installed; it costs one syscall a second.
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.sigchld.recv()).await;
+        self.sigchld.recv().await;
         reap_all()
     }
 }
