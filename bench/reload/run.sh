@@ -136,7 +136,7 @@ ready_timeout = "10s"
 EOF
 }
 
-count_lines() { grep -c -- "$2" "$1" 2>/dev/null || true; }
+count_lines() { local n; n=$(grep -c -- "$2" "$1" 2>/dev/null) || true; echo "${n:-0}"; }
 all_ready() { (( $(count_lines "$CD_LOG" ') ready after') >= WORKERS )) && http_ok; }
 
 start_clusterd() { # start_clusterd MANIFEST LOG

@@ -54,7 +54,7 @@ wait_until() { # wait_until SECONDS COMMAND...
 }
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 http_ok() { curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$PORT/" 2>/dev/null; }
-count_lines() { grep -c -- "$2" "$1" 2>/dev/null || true; }
+count_lines() { local n; n=$(grep -c -- "$2" "$1" 2>/dev/null) || true; echo "${n:-0}"; }
 rss_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 mb() { awk "BEGIN { printf \"%.1f MB\", $1 / 1024 }"; }
 
@@ -94,6 +94,7 @@ start_clusterd() {
     cat >"$MANIFEST" <<EOF
 [supervisor]
 stop_timeout = "10s"
+run_dir = "$TMP/run-$name"
 
 [sockets.http]
 listen = "127.0.0.1:$PORT"
@@ -137,6 +138,37 @@ time_runs() {
         med = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
         p95 = v[int(NR * 0.95 + 0.999999)]
         printf "%.2f %.2f %.2f\n", med / 1000, p95 / 1000, v[NR] / 1000 }'
+}
+
+# control_round_trips SOCKET N: the daemon's side alone: connect, send a status request, read
+# the reply to EOF, N times in one python3 process (after 5 warm-up runs); "median p95 max" ms.
+control_round_trips() {
+    python3 - "$1" "$2" <<'PY'
+import socket, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+def once():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall(b'{"v":1,"cmd":"status"}\n')
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    if b'"reply":"status"' not in data.replace(b" ", b""):
+        sys.exit("unexpected reply: %r" % data[:200])
+for _ in range(5):
+    once()
+times = []
+for _ in range(n):
+    t0 = time.perf_counter_ns(); once(); times.append((time.perf_counter_ns() - t0) / 1e6)
+times.sort()
+med = (times[(n - 1) // 2] + times[n // 2]) / 2
+p95 = times[min(n - 1, -(-95 * n // 100) - 1)]
+print("%.2f %.2f %.2f" % (med, p95, times[-1]))
+PY
 }
 
 # --- PM2 ---------------------------------------------------------------------------------------
@@ -183,6 +215,10 @@ if [[ $status_rc == 0 ]]; then
     row "clusterd status (table), 64 workers" "${med}ms" "${p95}ms" "${max}ms" "" ""
     read -r med p95 max < <(time_runs "$RUNS" "$CLUSTERD" --version)
     row "clusterd --version (exec baseline)" "${med}ms" "${p95}ms" "${max}ms" "" ""
+    if command -v python3 >/dev/null; then
+        read -r med p95 max < <(control_round_trips "$TMP/run-hello64/control.sock" "$RUNS")
+        row "  daemon round trip alone (python)" "${med}ms" "${p95}ms" "${max}ms" "" ""
+    fi
     "$CLUSTERD" status "$MANIFEST" >"$OUT/status-64.txt" 2>&1 || true
 else
     log "clusterd status --json failed (status $status_rc): $(head -3 "$TMP/status.err")"
