@@ -122,8 +122,9 @@ stop_clusterd() {
     [[ $rc == 0 ]] || log "warning: clusterd exited with status $rc on SIGTERM"
 }
 
-# time_runs N COMMAND...: runs COMMAND N times (after up to 5 warm-up runs); prints
-# "median p95 max" in ms. Fails if a run fails.
+# time_runs N COMMAND...: runs COMMAND N times (after up to 5 warm-up runs); sets MED, P95
+# and MAX in ms. Fails if a run fails. (Runs in this shell, not in a pipe or a process
+# substitution, so that a signal to the script stops it too.)
 time_runs() {
     local n=$1 i t0 t1; shift
     for ((i = 0; i < (n < 5 ? n : 5); i++)); do "$@" >/dev/null; done
@@ -137,13 +138,14 @@ time_runs() {
     sort -n "$TMP/times" | awk '{ v[NR] = $1 } END {
         med = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
         p95 = v[int(NR * 0.95 + 0.999999)]
-        printf "%.2f %.2f %.2f\n", med / 1000, p95 / 1000, v[NR] / 1000 }'
+        printf "%.2f %.2f %.2f\n", med / 1000, p95 / 1000, v[NR] / 1000 }' >"$TMP/stats"
+    read -r MED P95 MAX <"$TMP/stats"
 }
 
 # control_round_trips SOCKET N: the daemon's side alone: connect, send a status request, read
-# the reply to EOF, N times in one python3 process (after 5 warm-up runs); "median p95 max" ms.
+# the reply to EOF, N times in one python3 process (after 5 warm-up runs); sets MED, P95, MAX.
 control_round_trips() {
-    python3 - "$1" "$2" <<'PY'
+    python3 - "$1" "$2" >"$TMP/stats" <<'PY'
 import socket, sys, time
 path, n = sys.argv[1], int(sys.argv[2])
 def once():
@@ -169,6 +171,7 @@ med = (times[(n - 1) // 2] + times[n // 2]) / 2
 p95 = times[min(n - 1, -(-95 * n // 100) - 1)]
 print("%.2f %.2f %.2f" % (med, p95, times[-1]))
 PY
+    read -r MED P95 MAX <"$TMP/stats"
 }
 
 # --- PM2 ---------------------------------------------------------------------------------------
@@ -197,9 +200,9 @@ TABLE=$OUT/table.txt
 {
     echo "# clusterd status/memory bench, $(date -u '+%Y-%m-%d %H:%M UTC'), nproc $(nproc), kernel $(uname -r), commit $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
     echo "# status: wall time of the whole command (fork/exec included), $RUNS runs after 5 warm-up runs"
-    printf '%-38s %9s %9s %9s  %-11s %-11s\n' measurement median p95 max VmRSS VmHWM
+    printf '%-38s %9s %9s %9s  %-11s %s\n' measurement median p95 max VmRSS VmHWM
 } >"$TABLE"
-row() { printf '%-38s %9s %9s %9s  %-11s %-11s\n' "$@" >>"$TABLE"; }
+row() { printf '%-38s %9s %9s %9s  %-11s %s\n' "$@" >>"$TABLE"; }
 
 # 1. 64 workers: status latency.
 log "clusterd with 64 hello workers"
@@ -208,16 +211,16 @@ status_json=$("$CLUSTERD" status --json "$MANIFEST" 2>"$TMP/status.err") && stat
 if [[ $status_rc == 0 ]]; then
     ready=$(printf '%s' "$status_json" | grep -o '"state": *"ready"' | wc -l)
     ((ready >= 64)) || log "warning: status --json shows $ready ready workers, expected 64"
-    read -r med p95 max < <(time_runs "$RUNS" "$CLUSTERD" status --json "$MANIFEST")
-    row "clusterd status --json, 64 workers" "${med}ms" "${p95}ms" "${max}ms" \
+    time_runs "$RUNS" "$CLUSTERD" status --json "$MANIFEST"
+    row "clusterd status --json, 64 workers" "${MED}ms" "${P95}ms" "${MAX}ms" \
         "$(mb "$(rss_kb "$CD_PID" VmRSS)")" "$(mb "$(rss_kb "$CD_PID" VmHWM)")"
-    read -r med p95 max < <(time_runs "$RUNS" "$CLUSTERD" status "$MANIFEST")
-    row "clusterd status (table), 64 workers" "${med}ms" "${p95}ms" "${max}ms" "" ""
-    read -r med p95 max < <(time_runs "$RUNS" "$CLUSTERD" --version)
-    row "clusterd --version (exec baseline)" "${med}ms" "${p95}ms" "${max}ms" "" ""
+    time_runs "$RUNS" "$CLUSTERD" status "$MANIFEST"
+    row "clusterd status (table), 64 workers" "${MED}ms" "${P95}ms" "${MAX}ms" "" ""
+    time_runs "$RUNS" "$CLUSTERD" --version
+    row "clusterd --version (exec baseline)" "${MED}ms" "${P95}ms" "${MAX}ms" "" ""
     if command -v python3 >/dev/null; then
-        read -r med p95 max < <(control_round_trips "$TMP/run-hello64/control.sock" "$RUNS")
-        row "  daemon round trip alone (python)" "${med}ms" "${p95}ms" "${max}ms" "" ""
+        control_round_trips "$TMP/run-hello64/control.sock" "$RUNS"
+        row "  daemon round trip alone (python)" "${MED}ms" "${P95}ms" "${MAX}ms" "" ""
     fi
     "$CLUSTERD" status "$MANIFEST" >"$OUT/status-64.txt" 2>&1 || true
 else
@@ -256,9 +259,9 @@ if [[ $WITH_PM2 == 1 ]]; then
     daemon=$(cat "$TMP/pm2/pm2.pid")
     grep -q 'God Daemon' "/proc/$daemon/cmdline" || log "warning: pid $daemon is not PM2's God Daemon?"
     rss=$(mb "$(rss_kb "$daemon" VmRSS)") hwm=$(mb "$(rss_kb "$daemon" VmHWM)")
-    read -r med p95 max < <(time_runs "$PM2_RUNS" pm2 jlist)
+    time_runs "$PM2_RUNS" pm2 jlist
     row "pm2 $(pm2 --version 2>/dev/null | tail -1) God Daemon, 16 node workers" "" "" "" "$rss" "$hwm"
-    row "pm2 jlist ($PM2_RUNS runs), 16 workers" "${med}ms" "${p95}ms" "${max}ms" "" ""
+    row "pm2 jlist ($PM2_RUNS runs), 16 workers" "${MED}ms" "${P95}ms" "${MAX}ms" "" ""
     pm2_kill
 fi
 
