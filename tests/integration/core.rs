@@ -362,3 +362,45 @@ fn a_port_in_use_is_a_clear_error_before_any_worker_starts() {
     assert!(output.contains("in use"), "{output}");
     assert!(!output.contains("started pid"), "{output}");
 }
+
+/// Zombie children of `parent`, from /proc.
+fn zombie_children(parent: Pid) -> usize {
+    std::fs::read_dir("/proc")
+        .expect("proc")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+                return false;
+            };
+            let mut fields = after.split(' ');
+            let state = fields.next();
+            let ppid = fields.next().and_then(|p| p.parse::<i32>().ok());
+            state == Some("Z") && ppid == Some(parent.as_raw())
+        })
+        .count()
+}
+
+#[test]
+fn orphaned_grandchildren_are_adopted_and_reaped() {
+    // The worker keeps creating orphans: each subshell exits at once, leaving its `sleep` to
+    // be re-parented to clusterd (a child subreaper), which must reap it when it exits.
+    let mut clusterd = Clusterd::start(
+        r#"
+[apps.orphans]
+command = ["sh", "-c", "echo up; while :; do (sleep 0.05 &); sleep 0.02; done"]
+"#,
+    );
+    clusterd.wait_for_line("orphans[0] up", 10 * SECOND);
+    let supervisor = clusterd.pid();
+    std::thread::sleep(2 * SECOND); // about a hundred orphans come and go
+    assert!(
+        wait_until(2 * SECOND, || zombie_children(supervisor) == 0),
+        "{} zombies left unreaped",
+        zombie_children(supervisor)
+    );
+    assert!(
+        clusterd.count("reaped adopted process") > 10,
+        "orphans were not adopted"
+    );
+    assert!(clusterd.stop().success());
+}

@@ -310,7 +310,10 @@ fn sighup_rejects_a_broken_manifest_and_applies_a_scale_down() {
     let rejected = clusterd.wait_for_line("manifest re-read rejected", 10 * SECOND);
     assert!(rejected.contains("nothing changed"));
     // The errors follow on the next lines of the log.
-    clusterd.wait_for_line("apps.sleepy.workers: expected a positive integer", 5 * SECOND);
+    clusterd.wait_for_line(
+        "apps.sleepy.workers: expected a positive integer",
+        5 * SECOND,
+    );
     assert_eq!(clusterd.serving("sleepy"), before);
 
     clusterd.rewrite_manifest(&manifest(2));
@@ -388,4 +391,56 @@ fn sighup_adds_apps_and_rolls_an_app_whose_command_changed() {
     clusterd.signal(Signal::SIGHUP);
     clusterd.wait_for_line("manifest re-read: -extra", 10 * SECOND);
     assert!(wait_until(10 * SECOND, || !alive(extra)));
+}
+
+#[test]
+fn delay_readiness_and_extend_timeout() {
+    // `delay`: ready after being alive for ready_delay. The second app needs 2 s to be ready
+    // but has a ready_timeout of 1 s, which it extends by EXTEND_TIMEOUT_USEC.
+    let clusterd = Clusterd::start(
+        r#"
+[apps.delayed]
+command = ["sleep", "1000"]
+ready = "delay"
+ready_delay = "500ms"
+
+[apps.slow]
+command = ["sh", "-c", "\"$CLUSTERD_EXE\" notify EXTEND_TIMEOUT_USEC=10000000; sleep 2; \"$CLUSTERD_EXE\" notify READY=1; exec sleep 1000"]
+ready = "notify"
+ready_timeout = "1s"
+"#,
+    );
+    clusterd.wait_for_line("delayed[0] started", 10 * SECOND);
+    let early = clusterd.status();
+    let state = |status: &serde_json::Value, app: &str| {
+        status["apps"]
+            .as_array()
+            .expect("apps")
+            .iter()
+            .find(|a| a["name"] == app)
+            .expect("app")["workers"][0]["state"]
+            .clone()
+    };
+    assert_eq!(state(&early, "delayed"), "starting", "{early}");
+    clusterd.wait_for_line("delayed[0] pid", 5 * SECOND);
+    assert!(wait_until(5 * SECOND, || state(
+        &clusterd.status(),
+        "delayed"
+    ) == "ready"));
+    let ready_ms = clusterd.status()["apps"][0]["workers"][0]["ready_ms"]
+        .as_u64()
+        .expect("ready_ms");
+    assert!(ready_ms >= 500, "ready after {ready_ms} ms");
+
+    clusterd.wait_for_line("slow[0] pid", 10 * SECOND);
+    assert!(wait_until(10 * SECOND, || state(
+        &clusterd.status(),
+        "slow"
+    ) == "ready"));
+    assert!(
+        !clusterd.output().contains("not ready within"),
+        "{}",
+        clusterd.output()
+    );
+    assert_eq!(clusterd.started_pids("slow[0]").len(), 1);
 }
