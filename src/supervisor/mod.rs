@@ -35,6 +35,9 @@ use crate::sockets::Sockets;
 use crate::spawn::{self, SpawnError, SpawnSpec};
 use state::{App, Phase, Slot, Worker};
 
+/// The longest extension of a deadline a worker may ask for with `EXTEND_TIMEOUT_USEC`.
+const MAX_EXTEND: Duration = Duration::from_secs(24 * 3600);
+
 /// Everything the supervisor owns while it runs.
 pub struct Supervisor {
     manifest: Manifest,
@@ -309,6 +312,7 @@ impl Supervisor {
         let Some(worker) = self.workers.get_mut(&pid) else {
             return;
         };
+        let mut triggered = false;
         for (key, value) in &notification.assignments {
             match key.as_str() {
                 "READY" if value == "1" && worker.phase == Phase::Starting => {
@@ -325,12 +329,16 @@ impl Supervisor {
                 "STATUS" => worker.status_text = Some(value.clone()),
                 "WATCHDOG" if value == "1" => worker.last_heartbeat = now,
                 "WATCHDOG" if value == "trigger" => {
-                    tracing::warn!("{} pid {pid} triggered its watchdog", worker.label());
-                    worker.last_heartbeat = now - Duration::from_secs(86400 * 365);
+                    tracing::warn!(
+                        "{} pid {pid} triggered its watchdog; killing it",
+                        worker.label()
+                    );
+                    triggered = true;
                 }
                 "EXTEND_TIMEOUT_USEC" => {
+                    // Capped, so that no value a worker sends can overflow the clock.
                     if let Ok(usec) = value.parse::<u64>() {
-                        let until = now + Duration::from_micros(usec);
+                        let until = now + Duration::from_micros(usec).min(MAX_EXTEND);
                         match &mut worker.phase {
                             Phase::Starting => {
                                 worker.ready_deadline = worker.ready_deadline.max(until)
@@ -351,6 +359,9 @@ impl Supervisor {
         }
         // Dropping the passed fds acknowledges a `clusterd notify` barrier.
         drop(notification.fds);
+        if triggered {
+            self.kill_worker(pid, now);
+        }
     }
 
     /// The worker a notification sender belongs to: the worker itself, a process in its

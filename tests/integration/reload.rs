@@ -444,3 +444,29 @@ ready_timeout = "1s"
     );
     assert_eq!(clusterd.started_pids("slow[0]").len(), 1);
 }
+
+#[test]
+fn hostile_notifications_cannot_hurt_the_supervisor() {
+    // Absurd values, garbage and a watchdog trigger: clusterd must keep running, and the
+    // trigger must get the worker replaced.
+    let clusterd = Clusterd::start(
+        r#"
+[apps.rogue]
+command = ["sh", "-c", "\"$CLUSTERD_EXE\" notify EXTEND_TIMEOUT_USEC=18446744073709551615 EXTEND_TIMEOUT_USEC=-1 READY=maybe STATUS= garbage; \"$CLUSTERD_EXE\" notify READY=1; sleep 0.2; \"$CLUSTERD_EXE\" notify WATCHDOG=trigger; exec sleep 1000"]
+ready = "notify"
+ready_timeout = "10s"
+"#,
+    );
+    clusterd.wait_for_line("triggered its watchdog", 10 * SECOND);
+    assert!(wait_until(10 * SECOND, || clusterd
+        .started_pids("rogue[0]")
+        .len()
+        >= 2));
+    let status = clusterd.status();
+    assert_eq!(status["apps"][0]["workers"][0]["restarts"], 1, "{status}");
+    assert!(
+        !clusterd.output().contains("panicked"),
+        "{}",
+        clusterd.output()
+    );
+}
