@@ -314,6 +314,8 @@ fn start(path: &Path, run_dir: Option<&Path>) -> ExitCode {
 }
 
 fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<()> {
+    // First, before anything else opens a file: sockets systemd passed to us (fds 3..).
+    let inherited = sockets::take_inherited()?;
     // Orphaned grandchildren are re-parented to us, so the reaper collects them too.
     nix::sys::prctl::set_child_subreaper(true).context("cannot become a child subreaper")?;
 
@@ -331,7 +333,7 @@ fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<
         // The control socket first: a second `start` of a running manifest fails here, before
         // it could disturb anything.
         let control = ControlServer::bind(&run_dir.control_socket())?;
-        let sockets = Sockets::bind_all(&manifest.sockets)?;
+        let sockets = Sockets::bind_all(&manifest.sockets, inherited)?;
         let notify = NotifySocket::bind(&run_dir.notify_socket())
             .with_context(|| format!("cannot bind {}", run_dir.notify_socket().display()))?;
         let metrics = match &manifest.metrics {

@@ -1,9 +1,13 @@
 //! The listening sockets of `[sockets.*]`: bound once at start and held for clusterd's whole
 //! life, so their accept queues outlive any worker. Workers receive duplicates at fds 3, 4, ...
+//!
+//! When clusterd is itself socket-activated (systemd passes `LISTEN_FDS`, `LISTEN_PID` and
+//! `LISTEN_FDNAMES`), a socket whose name matches an inherited one is taken over as it is
+//! instead of being bound: name the `.socket` unit's sockets with `FileDescriptorName=`.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -30,14 +34,14 @@ impl BoundSocket {
 
 /// Why a socket could not be bound.
 #[derive(Debug, thiserror::Error)]
-#[error("socket {name}: cannot listen on {address}: {source}")]
+#[error("socket {name}: cannot listen on {address}: {cause}")]
 pub struct BindError {
     /// The socket's name in the manifest.
     pub name: String,
     /// The address it was to listen on.
     pub address: String,
     /// What went wrong.
-    pub source: io::Error,
+    pub cause: io::Error,
 }
 
 /// All the sockets of a manifest, by name.
@@ -47,25 +51,36 @@ pub struct Sockets {
 }
 
 impl Sockets {
-    /// Binds every socket of the manifest, or none: on error, those already bound are closed
-    /// (and their files removed) before returning.
-    pub fn bind_all(configs: &BTreeMap<String, SocketConfig>) -> Result<Self, BindError> {
+    /// Binds every socket of the manifest (or takes it over from `inherited`, by name), or
+    /// none: on error, those already bound are closed (and their files removed) before
+    /// returning. Inherited sockets the manifest does not name are closed with a warning.
+    pub fn bind_all(
+        configs: &BTreeMap<String, SocketConfig>,
+        mut inherited: BTreeMap<String, OwnedFd>,
+    ) -> Result<Self, BindError> {
         let mut sockets = Sockets::default();
         for (name, config) in configs {
-            match bind(config) {
+            let result = match inherited.remove(name) {
+                Some(fd) => adopt(fd),
+                None => bind(config),
+            };
+            match result {
                 Ok(socket) => {
                     tracing::info!("socket {name} listening on {}", socket.address);
                     sockets.by_name.insert(name.clone(), socket);
                 }
-                Err(source) => {
+                Err(cause) => {
                     sockets.remove_files();
                     return Err(BindError {
                         name: name.clone(),
                         address: display_listen(&config.listen),
-                        source,
+                        cause,
                     });
                 }
             }
+        }
+        for name in inherited.keys() {
+            tracing::warn!("inherited socket {name:?} is not in the manifest; closing it");
         }
         Ok(sockets)
     }
@@ -93,10 +108,10 @@ impl Sockets {
                 Some(previous) if previous == config => {}
                 Some(_) => changed.push(name.clone()),
                 None => {
-                    let socket = bind(config).map_err(|source| BindError {
+                    let socket = bind(config).map_err(|cause| BindError {
                         name: name.clone(),
                         address: display_listen(&config.listen),
-                        source,
+                        cause,
                     })?;
                     tracing::info!("socket {name} listening on {}", socket.address);
                     self.by_name.insert(name.clone(), socket);
@@ -122,6 +137,76 @@ pub fn display_listen(listen: &Listen) -> String {
         Listen::Tcp(addr) => addr.to_string(),
         Listen::Unix(path) => format!("unix:{}", path.display()),
     }
+}
+
+/// Takes the listening sockets clusterd inherited through socket activation, by name, and
+/// marks them close-on-exec (workers get their own duplicates). Nothing is inherited unless
+/// `LISTEN_PID` is our pid. Call once, before opening anything else.
+pub fn take_inherited() -> Result<BTreeMap<String, OwnedFd>, BindError> {
+    let var = |key| std::env::var(key).ok();
+    let ours = var("LISTEN_PID").and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let count: usize = var("LISTEN_FDS").and_then(|n| n.parse().ok()).unwrap_or(0);
+    if !ours || count == 0 {
+        return Ok(BTreeMap::new());
+    }
+    let names: Vec<String> = var("LISTEN_FDNAMES")
+        .map(|n| n.split(':').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut inherited = BTreeMap::new();
+    for index in 0..count {
+        let raw = 3 + index as RawFd;
+        let name = names
+            .get(index)
+            .cloned()
+            .unwrap_or_else(|| format!("fd{raw}"));
+        let invalid = |cause| BindError {
+            name: name.clone(),
+            address: format!("inherited fd {raw}"),
+            cause,
+        };
+        // Ours to own from now on: the activation protocol hands fds 3.. to us.
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+            return Err(invalid(io::Error::new(
+                io::ErrorKind::NotFound,
+                "LISTEN_FDS names an fd that is not open",
+            )));
+        }
+        // SAFETY: the fd is open and nothing else in this process refers to it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(|e| invalid(e.into()))?;
+        let socket = socket2::SockRef::from(&fd);
+        if socket.r#type().map_err(invalid)? != Type::STREAM
+            || !socket.is_listener().map_err(invalid)?
+        {
+            return Err(invalid(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a listening stream socket",
+            )));
+        }
+        inherited.insert(name, fd);
+    }
+    Ok(inherited)
+}
+
+/// An inherited socket, as it is.
+fn adopt(fd: OwnedFd) -> io::Result<BoundSocket> {
+    let local = socket2::SockRef::from(&fd).local_addr()?;
+    let address = match (local.as_socket(), local.as_pathname()) {
+        (Some(addr), _) => addr.to_string(),
+        (None, Some(path)) => format!("unix:{}", path.display()),
+        (None, None) => "unix:(unnamed)".to_owned(),
+    };
+    // Not ours to remove at exit: the socket unit owns the file.
+    Ok(BoundSocket {
+        fd,
+        address: format!("{address} (inherited)"),
+        unix_path: None,
+    })
 }
 
 fn bind(config: &SocketConfig) -> io::Result<BoundSocket> {

@@ -45,15 +45,15 @@ pub enum SpawnError {
     #[error("argument or environment entry contains a NUL byte: {0:?}")]
     Nul(String),
     /// `pipe2` or `fork` failed in the parent.
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed: {cause}")]
     Os {
         /// The call that failed.
         what: &'static str,
         /// The error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// A step in the child before `execve`, or `execve` itself, failed.
-    #[error("{step} {path}: {source}")]
+    #[error("{step} {path}: {cause}")]
     Child {
         /// The child process, which exits at once with status 127.
         pid: Pid,
@@ -62,7 +62,7 @@ pub enum SpawnError {
         /// The path involved (program or working directory).
         path: String,
         /// The errno, as an error.
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -169,7 +169,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Pid, SpawnError> {
     let (err_read, err_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Os {
             what: "pipe2",
-            source: e.into(),
+            cause: e.into(),
         })?;
     let parent_pid = nix::unistd::getpid().as_raw();
     let stdio = spec.stdio.map(|fd| fd.as_raw_fd());
@@ -181,7 +181,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Pid, SpawnError> {
     if pid < 0 {
         return Err(SpawnError::Os {
             what: "fork",
-            source: io::Error::last_os_error(),
+            cause: io::Error::last_os_error(),
         });
     }
     if pid == 0 {
@@ -222,14 +222,14 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Pid, SpawnError> {
                 pid,
                 step,
                 path,
-                source: io::Error::from_raw_os_error(errno),
+                cause: io::Error::from_raw_os_error(errno),
             })
         }
         Ok(_) | Err(_) => Err(SpawnError::Child {
             pid,
             step: ChildStep::Exec,
             path: spec.program.display().to_string(),
-            source: io::Error::other("lost the child's exec report"),
+            cause: io::Error::other("lost the child's exec report"),
         }),
     }
 }

@@ -40,12 +40,12 @@ pub enum ControlError {
     #[error("another clusterd is already running for this manifest (control socket {0} answers)")]
     AlreadyRunning(PathBuf),
     /// Binding or setting the mode failed.
-    #[error("cannot create control socket {path}: {source}")]
+    #[error("cannot create control socket {path}: {cause}")]
     Bind {
         /// The socket path.
         path: PathBuf,
         /// What failed.
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -53,9 +53,9 @@ impl ControlServer {
     /// Binds the socket at `path`. A stale socket file (nobody answers) is replaced; a live
     /// one means another supervisor runs this manifest. Must run inside a `LocalSet`.
     pub fn bind(path: &Path) -> Result<Self, ControlError> {
-        let bind_error = |source| ControlError::Bind {
+        let bind_error = |cause| ControlError::Bind {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         if path.exists() {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {

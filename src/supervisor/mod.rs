@@ -657,14 +657,14 @@ impl Supervisor {
 
         let label = format!("{app_name}[{slot}]");
         let stdout = output::forward(label.clone(), Stream::Stdout, &mut self.output_tasks)
-            .map_err(|source| SpawnError::Os {
+            .map_err(|cause| SpawnError::Os {
                 what: "pipe2",
-                source,
+                cause,
             })?;
         let stderr = output::forward(label.clone(), Stream::Stderr, &mut self.output_tasks)
-            .map_err(|source| SpawnError::Os {
+            .map_err(|cause| SpawnError::Os {
                 what: "pipe2",
-                source,
+                cause,
             })?;
         let pid = spawn::spawn(&SpawnSpec {
             program: &program,

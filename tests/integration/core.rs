@@ -404,3 +404,40 @@ command = ["sh", "-c", "echo up; while :; do (sleep 0.05 &); sleep 0.02; done"]
     );
     assert!(clusterd.stop().success());
 }
+
+#[test]
+fn sockets_from_socket_activation_are_passed_through_by_name() {
+    // As systemd would: a listening socket at fd 3 named "http", LISTEN_PID = clusterd's pid.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let fd = listener.as_raw_fd();
+    let mut clusterd = Clusterd::start_activated(
+        // The manifest's address would fail to bind (port 1): the inherited socket is used.
+        &hello_manifest(2).replace("127.0.0.1:0", "127.0.0.1:1"),
+        move |command| unsafe {
+            command.env("LISTEN_FDS", "1").env("LISTEN_FDNAMES", "http");
+            command.pre_exec(move || {
+                // dup2(3, 3) would leave close-on-exec set: clear it by hand in that case.
+                let placed = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if placed < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        },
+    );
+    let line = clusterd.wait_for_line("socket http listening on", 10 * SECOND);
+    assert!(line.ends_with(&format!("{addr} (inherited)")), "{line}");
+    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    drop(listener); // only clusterd and its workers hold it now
+    let response = http_get(addr, "/").expect("request");
+    assert_eq!(response.status, 200);
+    // The workers get the socket at fd 3 with their own LISTEN_PID, not clusterd's.
+    let worker = clusterd.started_pids("web[0]")[0];
+    assert_eq!(env_var(worker, "LISTEN_PID"), Some(worker.to_string()));
+    assert!(clusterd.stop().success());
+}

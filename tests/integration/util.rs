@@ -63,6 +63,28 @@ impl Clusterd {
         Self::start_full(manifest, &[], adjust)
     }
 
+    /// Like [`Clusterd::start_with`], with clusterd exec'd by `sh -c 'LISTEN_PID=$$ exec ...'`
+    /// so that `LISTEN_PID` is clusterd's own pid, as under systemd socket activation.
+    pub fn start_activated(manifest: &str, adjust: impl FnOnce(&mut Command)) -> Self {
+        Self::start_full(manifest, &[], |command| {
+            let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+            let mut wrapped = Command::new("sh");
+            wrapped
+                .arg("-c")
+                .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+                .arg(clusterd_bin())
+                .args(args)
+                .current_dir(command.get_current_dir().expect("dir"))
+                .env_remove("XDG_RUNTIME_DIR")
+                .env("CLUSTERD_LOG", "debug")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            *command = wrapped;
+            adjust(command);
+        })
+    }
+
     /// Like [`Clusterd::start`], after writing executable `files` (name, content; expanded
     /// like the manifest) into the temp dir.
     pub fn start_with_files(manifest: &str, files: &[(&str, &str)]) -> Self {
