@@ -257,14 +257,14 @@ command = ["{hello}"]
 workers = 1
 sockets = ["http"]
 ready = "notify"
-watchdog = "1s"
+watchdog = "2s"
 
 [apps.hung]
 command = ["{hello}"]
 workers = 1
 sockets = ["http"]
 ready = "notify"
-watchdog = "1s"
+watchdog = "2s"
 env = { HELLO_NO_WATCHDOG = "1" }
 "#,
     );
@@ -277,7 +277,7 @@ env = { HELLO_NO_WATCHDOG = "1" }
         clusterd.output()
     );
     // The healthy one heartbeats (WATCHDOG_USEC is set for it) and is never killed.
-    std::thread::sleep(2 * SECOND);
+    std::thread::sleep(3 * SECOND);
     assert_eq!(
         clusterd.started_pids("healthy[0]").len(),
         1,
