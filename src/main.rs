@@ -14,7 +14,6 @@ mod signals;
 mod sockets;
 mod spawn;
 mod supervisor;
-mod tend;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -273,6 +272,11 @@ fn load_manifest(path: &Path) -> Result<Manifest, ExitCode> {
 fn check(path: &Path) -> ExitCode {
     match load_manifest(path) {
         Ok(manifest) => {
+            // A manifest is often checked where it will not run (a build machine): a program
+            // missing here is worth a warning, by the rule `start` enforces.
+            for problem in missing_programs(&manifest) {
+                eprintln!("warning: {problem} (`clusterd start` refuses this)");
+            }
             let workers: usize = manifest.apps.values().map(|a| a.workers).sum();
             println!(
                 "{}: ok ({} apps, {} workers, {} sockets)",
@@ -292,25 +296,34 @@ fn start(path: &Path, run_dir: Option<&Path>) -> ExitCode {
         Ok(manifest) => manifest,
         Err(code) => return code,
     };
-    // A command that cannot be found is a mistake to report now, not a crash loop later.
-    for (name, app) in &manifest.apps {
-        if spawn::resolve_program(
-            &app.command[0],
-            &app.cwd,
-            std::env::var_os("PATH").as_deref(),
-        )
-        .is_none()
-        {
-            eprintln!(
-                "{}: apps.{name}.command: cannot find an executable {:?} (working directory {})",
-                path.display(),
-                app.command[0],
-                app.cwd.display()
-            );
-            return ExitCode::from(EXIT_USAGE);
+    let missing = missing_programs(&manifest);
+    if !missing.is_empty() {
+        for problem in missing {
+            eprintln!("{problem}");
         }
+        return ExitCode::from(EXIT_USAGE);
     }
     report(run_supervisor(manifest, run_dir))
+}
+
+/// Apps whose command cannot be found: a mistake to report before starting, not a crash loop
+/// later. The same rule as every spawn ([`spawn::find_program`]): the app's `env.PATH`, else
+/// clusterd's.
+fn missing_programs(manifest: &Manifest) -> Vec<String> {
+    let path = std::env::var_os("PATH");
+    manifest
+        .apps
+        .iter()
+        .filter(|(_, app)| spawn::find_program(app, path.as_deref()).is_none())
+        .map(|(name, app)| {
+            format!(
+                "{}: apps.{name}.command: cannot find an executable {:?} (working directory {})",
+                manifest.path.display(),
+                app.command[0],
+                app.cwd.display()
+            )
+        })
+        .collect()
 }
 
 fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<()> {

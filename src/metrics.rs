@@ -55,6 +55,7 @@ pub struct Metrics {
     time_to_ready: Family<AppLabel, Histogram>,
     uptime: Gauge<f64, std::sync::atomic::AtomicU64>,
     rss: Gauge,
+    wakeups: Counter,
 }
 
 impl Default for Metrics {
@@ -106,8 +107,15 @@ impl Default for Metrics {
             "Resident memory of clusterd itself",
             rss.clone(),
         );
+        let wakeups = Counter::default();
+        registry.register(
+            "loop_wakeups",
+            "Times the event loop woke up (for an event or a deadline); flat while nothing happens",
+            wakeups.clone(),
+        );
         Metrics {
             registry,
+            wakeups,
             workers,
             restarts,
             reloads,
@@ -121,6 +129,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The event loop woke up once.
+    pub fn record_wakeup(&self) {
+        self.wakeups.inc();
+    }
+
     /// A worker of `app` was replaced after an unexpected exit.
     pub fn record_restart(&self, app: &str) {
         self.restarts

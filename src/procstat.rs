@@ -60,7 +60,15 @@ pub fn self_rss() -> u64 {
         .map_or(0, |pages| pages * page)
 }
 
+/// The parent of `pid` (none for pid 1's children: init is nobody's worker).
+pub fn parent_of(pid: Pid) -> Option<Pid> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ppid = parse_stat(&stat)?.ppid;
+    (ppid > 1).then(|| Pid::from_raw(ppid))
+}
+
 struct StatFields {
+    ppid: i32,
     pgrp: i32,
     utime: u64,
     stime: u64,
@@ -74,6 +82,7 @@ fn parse_stat(stat: &str) -> Option<StatFields> {
     let fields: Vec<&str> = rest.split(' ').collect();
     // rest starts at field 3 (state): field n is fields[n - 3].
     Some(StatFields {
+        ppid: fields.get(1)?.parse().ok()?,
         pgrp: fields.get(2)?.parse().ok()?,
         utime: fields.get(11)?.parse().ok()?,
         stime: fields.get(12)?.parse().ok()?,
@@ -90,7 +99,20 @@ mod tests {
         let line =
             "42 (a) b (c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 123 4096 77 rest";
         let f = parse_stat(line).expect("parse");
-        assert_eq!((f.pgrp, f.utime, f.stime, f.rss_pages), (42, 250, 50, 77));
+        assert_eq!(
+            (f.ppid, f.pgrp, f.utime, f.stime, f.rss_pages),
+            (1, 42, 250, 50, 77)
+        );
+    }
+
+    #[test]
+    fn finds_our_parent() {
+        let me = Pid::this();
+        assert_eq!(
+            parent_of(me),
+            Some(nix::unistd::getppid()).filter(|p| p.as_raw() > 1)
+        );
+        assert!(parse_stat("42 (truncated").is_none());
     }
 
     #[test]

@@ -14,11 +14,12 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use clusterd_manifest::AppConfig;
 use nix::unistd::Pid;
 
 /// What to start: a fully resolved program, its arguments and environment, and its fds.
 pub struct SpawnSpec<'a> {
-    /// Absolute path of the program (see [`resolve_program`]).
+    /// Absolute path of the program (see [`find_program`]).
     pub program: &'a Path,
     /// `argv`, including `argv[0]`.
     pub argv: &'a [String],
@@ -91,7 +92,7 @@ impl fmt::Display for ChildStep {
 /// Resolves `argv[0]`: a name with a `/` is used as is (relative to `cwd` when relative); a bare
 /// name is searched in `path_var` like `execvp` does. Called at every spawn, so a binary replaced
 /// on disk (or added to `PATH`) is what the next worker runs.
-pub fn resolve_program(program: &str, cwd: &Path, path_var: Option<&OsStr>) -> Option<PathBuf> {
+fn resolve_program(program: &str, cwd: &Path, path_var: Option<&OsStr>) -> Option<PathBuf> {
     if program.contains('/') {
         let path = cwd.join(program);
         return is_executable_file(&path).then_some(path);
@@ -100,6 +101,18 @@ pub fn resolve_program(program: &str, cwd: &Path, path_var: Option<&OsStr>) -> O
     std::env::split_paths(path_var)
         .map(|dir| cwd.join(dir).join(program))
         .find(|candidate| is_executable_file(candidate))
+}
+
+/// The program an app runs: `argv[0]` resolved against the app's `env.PATH` when it sets one,
+/// else `inherited_path` (clusterd's own `PATH`). The one rule for `check`, `start` and every
+/// spawn.
+pub fn find_program(config: &AppConfig, inherited_path: Option<&OsStr>) -> Option<PathBuf> {
+    let path = config
+        .env
+        .get("PATH")
+        .map(|p| OsStr::new(p.as_str()))
+        .or(inherited_path);
+    resolve_program(&config.command[0], &config.cwd, path)
 }
 
 fn is_executable_file(path: &Path) -> bool {

@@ -1,38 +1,44 @@
-//! Control requests, one handler per command (the CLI's `control/client.rs` is the other side).
+//! Control requests that change something, one handler per command (the CLI's
+//! `control/client.rs` is the other side; `status` is a read-only view in `status.rs`).
 //! `reload --wait` registers a waiter that receives progress lines and, when the rollouts it
 //! asked for have ended, their outcomes.
 
-use clusterd_proto::{ErrorKind, Reply, Request};
-use nix::sys::signal::killpg;
-use tokio::sync::mpsc::UnboundedSender;
-use tokio::time::Instant;
+use std::time::Instant;
 
-use super::Supervisor;
+use clusterd_proto::{AppReload, ErrorKind, ReloadResult, Reply, Request};
+
+use super::core::Core;
+use super::event::{Action, ReplyTo};
+use super::state::{SlotState, StopReason};
 use super::status::app_reload;
-use crate::control::server::{ControlRequest, error};
+use crate::control::server::error;
 
 /// The most workers `scale` accepts for one app.
 const MAX_WORKERS: usize = 4096;
 
 /// A `reload --wait` client waiting for rollouts to end.
-pub(super) struct ReloadWaiter {
+#[derive(Debug)]
+pub struct Waiter {
     /// Each app and the generation whose outcome is awaited.
     targets: Vec<(String, u64)>,
-    reply: UnboundedSender<Reply>,
+    reply: ReplyTo,
 }
 
-impl Supervisor {
+impl Core {
     /// Carries out one control request and replies.
-    pub(super) fn on_control(&mut self, ControlRequest { request, reply }: ControlRequest) {
+    pub(super) fn on_control(&mut self, now: Instant, request: Request, reply: ReplyTo) {
         let answer = match request {
-            Request::Status {} => Ok(Some(Reply::Status(self.status()))),
-            Request::Reload { app, wait } => self.reload_command(app, wait, &reply),
-            Request::Restart { app, slot } => self.restart_command(&app, slot),
-            Request::Scale { app, workers } => self.scale_command(&app, workers),
+            Request::Status {} => Err(error(
+                ErrorKind::BadRequest,
+                "status is answered by the driver",
+            )),
+            Request::Reload { app, wait } => self.reload_command(now, app, wait, reply),
+            Request::Restart { app, slot } => self.restart_command(now, &app, slot),
+            Request::Scale { app, workers } => self.scale_command(now, &app, workers),
             Request::Signal { app, signal } => self.signal_command(&app, &signal),
             Request::Stop {} => {
                 if !self.shutting_down {
-                    self.begin_shutdown("stop requested");
+                    self.begin_shutdown(now, "stop requested");
                 }
                 Ok(Some(Reply::Done {
                     message: "stopping".into(),
@@ -40,10 +46,11 @@ impl Supervisor {
             }
         };
         match answer {
-            Ok(Some(line)) | Err(line) => {
-                let _ = reply.send(line);
-            }
-            Ok(None) => {} // a waiter keeps the reply channel
+            Ok(Some(line)) | Err(line) => self.push(Action::Reply {
+                to: reply,
+                reply: line,
+            }),
+            Ok(None) => {} // a waiter keeps the reply handle
         }
     }
 
@@ -61,9 +68,10 @@ impl Supervisor {
 
     fn reload_command(
         &mut self,
+        now: Instant,
         app: Option<String>,
         wait: bool,
-        reply: &UnboundedSender<Reply>,
+        reply: ReplyTo,
     ) -> Result<Option<Reply>, Reply> {
         if let Some(app) = &app {
             self.check_app(app)?;
@@ -71,7 +79,7 @@ impl Supervisor {
         if self.shutting_down {
             return Err(error(ErrorKind::BadRequest, "clusterd is shutting down"));
         }
-        self.request_reload(app.as_deref());
+        self.request_reload(now, app.as_deref());
         let names: Vec<String> = match app {
             Some(app) => vec![app],
             None => self.apps.keys().cloned().collect(),
@@ -93,42 +101,51 @@ impl Supervisor {
                 (name, target)
             })
             .collect();
-        self.reload_waiters.push(ReloadWaiter {
-            targets,
-            reply: reply.clone(),
-        });
-        self.settle_waiters();
+        self.waiters.push(Waiter { targets, reply });
         Ok(None)
     }
 
-    fn restart_command(&mut self, app: &str, slot: Option<usize>) -> Result<Option<Reply>, Reply> {
+    fn restart_command(
+        &mut self,
+        now: Instant,
+        app: &str,
+        slot: Option<usize>,
+    ) -> Result<Option<Reply>, Reply> {
         self.check_app(app)?;
+        if self.shutting_down {
+            return Err(error(ErrorKind::BadRequest, "clusterd is shutting down"));
+        }
         let Some(index) = slot else {
-            self.request_reload(Some(app));
+            self.request_reload(now, Some(app));
             return Ok(Some(Reply::Done {
                 message: format!("rolling restart of {app} started"),
             }));
         };
-        let now = Instant::now();
         let state = self.apps.get_mut(app).expect("checked");
+        let count = state.slots.len();
         let Some(slot) = state.slots.get_mut(index) else {
             return Err(error(
                 ErrorKind::BadRequest,
-                &format!("{app} has no slot {index} (it has {})", state.slots.len()),
+                &format!("{app} has no slot {index} (it has {count})"),
             ));
         };
-        slot.failed = None;
-        slot.respawn_at = Some(now);
-        let old = slot.current.take();
-        if let Some(pid) = old {
-            self.stop_worker(pid, now);
+        let old = slot.worker();
+        slot.state = SlotState::Backoff { until: now };
+        slot.crash_streak = 0;
+        if let Some(old) = old {
+            self.stop(now, old, StopReason::Retired);
         }
         Ok(Some(Reply::Done {
             message: format!("restarting {app}[{index}]"),
         }))
     }
 
-    fn scale_command(&mut self, app: &str, workers: usize) -> Result<Option<Reply>, Reply> {
+    fn scale_command(
+        &mut self,
+        now: Instant,
+        app: &str,
+        workers: usize,
+    ) -> Result<Option<Reply>, Reply> {
         self.check_app(app)?;
         if workers > MAX_WORKERS {
             return Err(error(
@@ -136,7 +153,10 @@ impl Supervisor {
                 &format!("at most {MAX_WORKERS} workers"),
             ));
         }
-        self.scale(app, workers);
+        if self.shutting_down {
+            return Err(error(ErrorKind::BadRequest, "clusterd is shutting down"));
+        }
+        self.scale(now, app, workers);
         Ok(Some(Reply::Done {
             message: format!("{app} scaled to {workers} workers"),
         }))
@@ -150,11 +170,19 @@ impl Supervisor {
                 &format!("unknown signal {signal:?}"),
             ));
         };
-        let mut sent = 0;
-        for (pid, worker) in &self.workers {
-            if worker.app == app && worker.exited.is_none() && killpg(*pid, signal).is_ok() {
-                sent += 1;
-            }
+        let targets: Vec<_> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.app == app && w.is_running())
+            .filter_map(|(id, w)| Some((*id, w.pid?)))
+            .collect();
+        let sent = targets.len();
+        for (worker, pid) in targets {
+            self.push(Action::Signal {
+                worker,
+                pid,
+                signal,
+            });
         }
         Ok(Some(Reply::Done {
             message: format!("sent {} to {sent} workers of {app}", signal.as_str()),
@@ -163,44 +191,51 @@ impl Supervisor {
 
     /// Sends a progress line to the waiters interested in `app`.
     pub(super) fn progress(&mut self, app: &str, message: &str) {
-        self.reload_waiters.retain(|waiter| {
-            if waiter.targets.iter().any(|(name, _)| name == app) {
-                waiter
-                    .reply
-                    .send(Reply::Progress {
-                        message: message.to_owned(),
-                    })
-                    .is_ok()
-            } else {
-                !waiter.reply.is_closed()
-            }
-        });
+        let to: Vec<ReplyTo> = self
+            .waiters
+            .iter()
+            .filter(|w| w.targets.iter().any(|(name, _)| name == app))
+            .map(|w| w.reply)
+            .collect();
+        for to in to {
+            self.push(Action::Reply {
+                to,
+                reply: Reply::Progress {
+                    message: message.to_owned(),
+                },
+            });
+        }
     }
 
     /// Answers the waiters whose rollouts have all ended.
     pub(super) fn settle_waiters(&mut self) {
-        let apps = &self.apps;
-        let shutting_down = self.shutting_down;
-        self.reload_waiters.retain(|waiter| {
+        let mut settled = Vec::new();
+        self.waiters.retain(|waiter| {
             let mut outcomes = Vec::new();
             for (name, target) in &waiter.targets {
-                match apps.get(name).and_then(|a| a.last_reload.as_ref()) {
+                match self.apps.get(name).and_then(|a| a.last_reload.as_ref()) {
                     Some(outcome) if outcome.generation() >= *target => {
                         outcomes.push(app_reload(name, outcome))
                     }
-                    _ if shutting_down || !apps.contains_key(name) => {
-                        outcomes.push(clusterd_proto::AppReload {
+                    _ if self.shutting_down || !self.apps.contains_key(name) => {
+                        outcomes.push(AppReload {
                             app: name.clone(),
-                            outcome: clusterd_proto::ReloadResult::Aborted,
+                            outcome: ReloadResult::Aborted,
                             generation: *target,
                             reason: Some("clusterd is shutting down or the app was removed".into()),
                         })
                     }
-                    _ => return !waiter.reply.is_closed(),
+                    _ => return true,
                 }
             }
-            let _ = waiter.reply.send(Reply::Reloaded { outcomes });
+            settled.push(Action::Reply {
+                to: waiter.reply,
+                reply: Reply::Reloaded { outcomes },
+            });
             false
         });
+        for action in settled {
+            self.push(action);
+        }
     }
 }

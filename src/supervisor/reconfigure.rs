@@ -1,46 +1,25 @@
-//! SIGHUP: re-read the manifest and apply the difference. A manifest that does not validate
-//! changes nothing. Otherwise: new sockets are bound, apps added are started and apps removed
-//! are stopped, a changed worker count scales, and a changed command, environment, working
-//! directory or socket list rolls the app to a new generation. Other settings (timeouts,
-//! backoff, readiness) apply from the next worker on. One line in the log says what changed.
+//! SIGHUP, the core's half: apply a re-read manifest (the driver has loaded it and bound its
+//! new sockets; a manifest that failed either changed nothing). Apps added are started and
+//! apps removed are stopped, a changed worker count scales, and a changed command,
+//! environment, working directory or socket list becomes the next generation and rolls out.
+//! Other settings (timeouts, backoff, readiness) apply from the next worker on. One log line
+//! says what changed.
 
-use clusterd_manifest::AppConfig;
-use tokio::time::Instant;
+use std::sync::Arc;
+use std::time::Instant;
 
-use super::Supervisor;
-use super::state::App;
+use clusterd_manifest::{AppConfig, Manifest};
+use tracing::Level;
 
-impl Supervisor {
-    /// Re-reads the manifest from its path and applies it.
-    pub(super) fn reread_manifest(&mut self) {
+use super::core::Core;
+use super::state::{App, StopReason};
+
+impl Core {
+    /// Applies `manifest`'s apps.
+    pub(super) fn reconfigure(&mut self, now: Instant, manifest: &Manifest) {
         if self.shutting_down {
             return;
         }
-        let path = self.manifest.path.clone();
-        let manifest = match clusterd_manifest::load(&path) {
-            Ok(manifest) => manifest,
-            Err(error) => {
-                tracing::error!("manifest re-read rejected, nothing changed:\n{error}");
-                return;
-            }
-        };
-        let changed_sockets = match self
-            .sockets
-            .bind_new(&manifest.sockets, &self.manifest.sockets)
-        {
-            Ok(changed) => changed,
-            Err(error) => {
-                tracing::error!("manifest re-read rejected, nothing changed: {error}");
-                return;
-            }
-        };
-        for name in &changed_sockets {
-            tracing::warn!(
-                "socket {name}: a changed address takes effect only after a restart of clusterd"
-            );
-        }
-
-        let now = Instant::now();
         let mut changes = Vec::new();
         let mut reloads = Vec::new();
         let mut scales = Vec::new();
@@ -52,12 +31,15 @@ impl Supervisor {
             .collect();
         for name in removed {
             changes.push(format!("-{name}"));
-            if let Some(app) = self.apps.remove(&name) {
-                for slot in app.slots {
-                    for pid in slot.current.into_iter().chain(slot.candidate) {
-                        self.stop_worker(pid, now);
-                    }
-                }
+            self.apps.remove(&name);
+            let ids: Vec<_> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.app == name)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                self.stop(now, id, StopReason::Retired);
             }
         }
         for (name, config) in &manifest.apps {
@@ -67,37 +49,41 @@ impl Supervisor {
                     .insert(name.clone(), App::new(config.clone(), now));
                 continue;
             };
-            let old = std::mem::replace(&mut app.config, config.clone());
+            let old = Arc::clone(app.latest());
             if old.workers != config.workers {
                 changes.push(format!(
                     "{name}: workers {} -> {}",
                     old.workers, config.workers
                 ));
-                // scale() compares against the slots, so keep the old count until it runs.
-                app.config.workers = old.workers;
                 scales.push((name.clone(), config.workers));
             }
-            if needs_new_generation(&old, config) {
+            let config = Arc::new(config.clone());
+            if needs_new_generation(&old, &config) {
                 changes.push(format!(
                     "{name}: command/env/cwd/sockets changed (rolling reload)"
                 ));
+                app.next_config = Some(config);
                 reloads.push(name.clone());
-            } else if !same_apart_from_workers(&old, config) {
-                changes.push(format!("{name}: settings changed (apply to new workers)"));
+            } else {
+                if !same_apart_from_workers(&old, &config) {
+                    changes.push(format!("{name}: settings changed (apply to new workers)"));
+                }
+                let generation = app.generation;
+                app.configs.insert(generation, config);
             }
         }
-        self.manifest = manifest;
         for (name, workers) in scales {
-            self.scale(&name, workers);
+            self.scale(now, &name, workers);
         }
         for name in reloads {
-            self.request_reload(Some(&name));
+            self.request_reload(now, Some(&name));
         }
-        if changes.is_empty() {
-            tracing::info!("manifest re-read: no changes");
+        let message = if changes.is_empty() {
+            "manifest re-read: no changes".to_owned()
         } else {
-            tracing::info!("manifest re-read: {}", changes.join(", "));
-        }
+            format!("manifest re-read: {}", changes.join(", "))
+        };
+        self.log(Level::INFO, message);
     }
 }
 

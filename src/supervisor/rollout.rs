@@ -1,17 +1,23 @@
-//! Rolling reload: for each slot in turn, start the next generation's worker (the candidate),
-//! wait until it is ready (and has baked), promote it, then stop the old worker and wait for it
-//! to exit. Up to `reload.surge` slots are in flight at once. A candidate that exits or is not
-//! ready in time aborts the rollout: it is killed, the remaining old workers keep serving, and
-//! slots already promoted stay on the new generation. Requests that arrive during a rollout
-//! coalesce into one more rollout after it.
+//! Rolling reload. For each slot in turn: start the next generation's worker (the candidate),
+//! wait until it is ready, let it bake (`reload.bake`: it must stay up that long), promote it,
+//! stop the old worker and wait for it to exit. Up to `reload.surge` slots are in flight.
+//!
+//! Fail-safe: **any** exit of a new-generation worker before the rollout has completed aborts
+//! it — a candidate's (before or after READY=1), and a promoted worker's too. On abort the
+//! candidates are stopped, the old workers not yet replaced keep serving, promoted slots whose
+//! new worker is alive keep it, and a promoted slot whose new worker died goes back to the
+//! generation (and configuration) it had. Requests that arrive during a rollout coalesce into
+//! one more rollout after it.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
 
-use nix::unistd::Pid;
-use tokio::time::Instant;
+use tracing::Level;
 
-use super::Supervisor;
-use super::state::{Phase, ReloadOutcome};
+use super::core::Core;
+use super::event::{Action, Observation};
+use super::state::{Phase, ReloadOutcome, SlotState, StopReason, WorkerId};
 
 /// A rollout in progress for one app.
 #[derive(Debug)]
@@ -22,40 +28,109 @@ pub struct Rollout {
     pending: VecDeque<usize>,
     /// Slots in flight.
     active: Vec<Step>,
+    /// Slots promoted so far, with the generation each had before.
+    promoted: Vec<(usize, u64)>,
     /// Another reload was requested meanwhile.
     pub again: bool,
-    /// Slots promoted so far.
-    promoted: usize,
 }
 
 /// One slot in flight.
 #[derive(Debug)]
 struct Step {
     slot: usize,
-    /// The old worker being stopped, once the candidate was promoted.
-    retiring: Option<Pid>,
+    stage: Stage,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// The candidate is starting.
+    Starting(WorkerId),
+    /// The candidate is ready and must stay up until `until`.
+    Baking { candidate: WorkerId, until: Instant },
+    /// The candidate was promoted; the old worker is stopping.
+    Retiring(WorkerId),
 }
 
 impl Rollout {
-    /// Forgets slots at or above `first` (the app was scaled down).
-    pub fn forget_slots_from(&mut self, first: usize) {
-        self.pending.retain(|s| *s < first);
-        self.active.retain(|s| s.slot < first);
+    fn new(generation: u64, slots: usize) -> Self {
+        Rollout {
+            generation,
+            pending: (0..slots).collect(),
+            active: Vec::new(),
+            promoted: Vec::new(),
+            again: false,
+        }
     }
 
-    /// Slots finished, in flight, and in all, for status: `(done, total)`.
+    /// Whether `id` is one of its unpromoted new workers.
+    pub fn is_candidate(&self, id: WorkerId) -> bool {
+        self.active.iter().any(|s| s.candidate() == Some(id))
+    }
+
+    /// The candidate in flight for `slot`.
+    pub fn candidate(&self, slot: usize) -> Option<WorkerId> {
+        self.active
+            .iter()
+            .filter(|s| s.slot == slot)
+            .find_map(Step::candidate)
+    }
+
+    /// The generation `slot` had before this rollout promoted it, if it did.
+    pub fn promoted_from(&self, slot: usize) -> Option<u64> {
+        self.promoted
+            .iter()
+            .find(|(s, _)| *s == slot)
+            .map(|(_, generation)| *generation)
+    }
+
+    /// Forgets slots at or above `first` (the app was scaled down); returns their candidates,
+    /// to be stopped.
+    pub fn forget_slots_from(&mut self, first: usize) -> Vec<WorkerId> {
+        self.pending.retain(|s| *s < first);
+        self.promoted.retain(|(s, _)| *s < first);
+        let (gone, kept) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition::<Vec<_>, _>(|s| s.slot >= first);
+        self.active = kept;
+        gone.iter().filter_map(Step::candidate).collect()
+    }
+
+    /// Slots promoted, and in all, for status: `(done, total)`.
     pub fn progress(&self) -> (usize, usize) {
-        let total = self.promoted
-            + self.pending.len()
-            + self.active.iter().filter(|s| s.retiring.is_none()).count();
-        (self.promoted, total)
+        let in_flight = self
+            .active
+            .iter()
+            .filter(|s| s.candidate().is_some())
+            .count();
+        let done = self.promoted.len();
+        (done, done + self.pending.len() + in_flight)
+    }
+
+    /// When the next candidate has baked.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.active
+            .iter()
+            .filter_map(|s| match s.stage {
+                Stage::Baking { until, .. } => Some(until),
+                _ => None,
+            })
+            .min()
     }
 }
 
-impl Supervisor {
-    /// `SIGUSR2` / `clusterd reload [APP]`: starts a rollout of `app` (all apps when `None`), or
-    /// marks one more to follow the rollout in progress.
-    pub(super) fn request_reload(&mut self, app: Option<&str>) {
+impl Step {
+    fn candidate(&self) -> Option<WorkerId> {
+        match self.stage {
+            Stage::Starting(id) | Stage::Baking { candidate: id, .. } => Some(id),
+            Stage::Retiring(_) => None,
+        }
+    }
+}
+
+impl Core {
+    /// `SIGUSR2` / `clusterd reload [APP]`: starts a rollout of `app` (all apps when `None`),
+    /// or marks one more to follow the rollout in progress.
+    pub(super) fn request_reload(&mut self, now: Instant, app: Option<&str>) {
         if self.shutting_down {
             return;
         }
@@ -69,33 +144,32 @@ impl Supervisor {
             };
             if let Some(rollout) = &mut app.rollout {
                 rollout.again = true;
-                tracing::info!(
-                    "reload of {name} requested during a rollout; another one will follow it"
+                self.log(
+                    Level::INFO,
+                    format!(
+                        "reload of {name} requested during a rollout; another one will follow it"
+                    ),
                 );
                 continue;
             }
+            let config = app
+                .next_config
+                .take()
+                .unwrap_or_else(|| Arc::clone(app.latest()));
             app.generation += 1;
             let generation = app.generation;
-            tracing::info!(
+            app.configs.insert(generation, config);
+            app.rollout = Some(Rollout::new(generation, app.slots.len()));
+            let message = format!(
                 "reload of {name}: rolling {} workers to generation {generation}",
                 app.slots.len()
             );
-            app.rollout = Some(Rollout {
-                generation,
-                pending: (0..app.slots.len()).collect(),
-                active: Vec::new(),
-                again: false,
-                promoted: 0,
-            });
-        }
-        let now = Instant::now();
-        let names: Vec<String> = self.apps.keys().cloned().collect();
-        for name in names {
+            self.log(Level::INFO, message);
             self.advance_rollout(&name, now);
         }
     }
 
-    /// Moves a rollout forward as far as it can go now.
+    /// Moves a rollout forward as far as it can go at `now`.
     pub(super) fn advance_rollout(&mut self, name: &str, now: Instant) {
         let Some(app) = self.apps.get_mut(name) else {
             return;
@@ -103,85 +177,72 @@ impl Supervisor {
         let Some(mut rollout) = app.rollout.take() else {
             return;
         };
-        let bake = app.config.reload.bake;
-        let surge = app.config.reload.surge.max(1);
+        let config = Arc::clone(app.config(rollout.generation));
+        let (bake, surge) = (config.reload.bake, config.reload.surge.max(1));
 
-        // Promote ready candidates; finish slots whose old worker has exited.
+        // Candidates that became ready start baking; baked ones are promoted; retiring old
+        // workers that have exited finish their step.
         let mut to_stop = Vec::new();
+        let mut promoted_lines = Vec::new();
+        let workers = &self.workers;
         rollout.active.retain_mut(|step| {
-            let slot = &mut app.slots[step.slot];
-            if let Some(old) = step.retiring {
-                return self.workers.get(&old).is_some_and(|w| w.exited.is_none());
+            if let Stage::Starting(candidate) = step.stage
+                && let Some(Phase::Ready { since, .. }) = workers.get(&candidate).map(|w| w.phase)
+            {
+                step.stage = Stage::Baking {
+                    candidate,
+                    until: since + bake,
+                };
             }
-            let Some(candidate) = slot.candidate else {
-                return false; // aborted or scaled away
-            };
-            let baked = match self.workers.get(&candidate).map(|w| w.phase) {
-                Some(Phase::Ready { since }) => now >= since + bake,
-                _ => false,
-            };
-            if !baked {
-                return true;
-            }
-            let old = slot.current.replace(candidate);
-            slot.candidate = None;
-            slot.generation = rollout.generation;
-            slot.failed = None;
-            slot.respawn_at = None;
-            slot.crash_streak = 0;
-            rollout.promoted += 1;
-            match old {
-                Some(old) => {
-                    to_stop.push(old);
-                    step.retiring = Some(old);
-                    true
+            match step.stage {
+                Stage::Starting(_) => true,
+                Stage::Baking { until, .. } if until > now => true,
+                Stage::Baking { candidate, .. } => {
+                    let slot = &mut app.slots[step.slot];
+                    let old = slot.worker();
+                    slot.state = SlotState::Occupied(candidate);
+                    rollout.promoted.push((step.slot, slot.generation));
+                    slot.generation = rollout.generation;
+                    slot.crash_streak = 0;
+                    match old {
+                        Some(old) => {
+                            promoted_lines.push(format!(
+                                "{name}[{}] generation {} ready; stopping the old worker",
+                                step.slot, rollout.generation
+                            ));
+                            to_stop.push(old);
+                            step.stage = Stage::Retiring(old);
+                            true
+                        }
+                        None => false,
+                    }
                 }
-                None => false,
+                Stage::Retiring(old) => workers.get(&old).is_some_and(|w| w.is_running()),
             }
         });
+        for line in promoted_lines {
+            self.progress(name, &line);
+        }
         for old in to_stop {
-            if let Some(worker) = self.workers.get(&old) {
-                let message = format!(
-                    "{} generation {} ready; stopping pid {old}",
-                    worker.label(),
-                    rollout.generation
-                );
-                self.progress(name, &message);
-            }
-            self.stop_worker(old, now);
+            self.stop(now, old, StopReason::Retired);
         }
 
         // Start the next slots, up to the surge.
         while rollout
             .active
             .iter()
-            .filter(|s| s.retiring.is_none())
+            .filter(|s| s.candidate().is_some())
             .count()
             < surge
         {
             let Some(slot) = rollout.pending.pop_front() else {
                 break;
             };
-            match self.spawn_worker(name, slot, rollout.generation, now) {
-                Ok(pid) => {
-                    let app = self.apps.get_mut(name).expect("rolling it");
-                    app.slots[slot].candidate = Some(pid);
-                    rollout.active.push(Step {
-                        slot,
-                        retiring: None,
-                    });
-                }
-                Err(error) => {
-                    let app = self.apps.get_mut(name).expect("rolling it");
-                    app.rollout = Some(rollout);
-                    let generation = app.generation;
-                    self.abort_rollout(
-                        name,
-                        format!("slot {slot} generation {generation} could not start: {error}"),
-                    );
-                    return;
-                }
-            }
+            let candidate = self.spawn(now, name, slot, rollout.generation);
+            rollout.active.push(Step {
+                slot,
+                stage: Stage::Starting(candidate),
+            });
         }
 
         let app = self.apps.get_mut(name).expect("rolling it");
@@ -189,56 +250,83 @@ impl Supervisor {
             app.rollout = Some(rollout);
             return;
         }
-        tracing::info!(
+        app.last_reload = Some(ReloadOutcome::Completed {
+            generation: rollout.generation,
+        });
+        let message = format!(
             "reload of {name} complete: {} workers on generation {}",
             app.slots.len(),
             rollout.generation
         );
-        app.last_reload = Some(ReloadOutcome::Completed {
-            generation: rollout.generation,
-        });
-        self.metrics.record_reload(name, true);
+        self.log(Level::INFO, message);
+        self.push(Action::Observe(Observation::Reload {
+            app: name.to_owned(),
+            completed: true,
+        }));
+        self.prune_configs(name);
         if rollout.again {
-            self.request_reload(Some(name));
+            self.request_reload(now, Some(name));
         }
     }
 
-    /// Stops a rollout: kills its candidates; old workers keep serving.
-    pub(super) fn abort_rollout(&mut self, name: &str, reason: String) {
-        let now = Instant::now();
+    /// Stops a rollout: its candidates are stopped; old workers keep serving.
+    pub(super) fn abort_rollout(&mut self, now: Instant, name: &str, reason: String) {
         let Some(app) = self.apps.get_mut(name) else {
             return;
         };
         let Some(rollout) = app.rollout.take() else {
             return;
         };
-        let mut doomed = Vec::new();
-        for step in &rollout.active {
-            if let Some(candidate) = app.slots[step.slot].candidate.take() {
-                doomed.push(candidate);
-            }
-        }
+        let doomed: Vec<WorkerId> = rollout.active.iter().filter_map(Step::candidate).collect();
         let kept: Vec<String> = app
             .slots
             .iter()
             .enumerate()
             .map(|(i, s)| format!("{i}:g{}", s.generation))
             .collect();
-        tracing::error!(
-            "reload of {name} aborted: {reason}; old workers keep serving (slot:generation {})",
-            kept.join(" ")
-        );
         app.last_reload = Some(ReloadOutcome::Aborted {
             generation: rollout.generation,
-            reason,
+            reason: reason.clone(),
         });
-        self.metrics.record_reload(name, false);
-        for pid in doomed {
-            self.kill_worker(pid, now);
+        self.log(
+            Level::ERROR,
+            format!(
+                "reload of {name} aborted: {reason}; old workers keep serving (slot:generation {})",
+                kept.join(" ")
+            ),
+        );
+        self.push(Action::Observe(Observation::Reload {
+            app: name.to_owned(),
+            completed: false,
+        }));
+        for id in doomed {
+            self.stop(now, id, StopReason::Aborted);
         }
+        self.prune_configs(name);
         if rollout.again {
-            tracing::info!("running the reload requested during the aborted rollout");
-            self.request_reload(Some(name));
+            self.log(
+                Level::INFO,
+                "running the reload requested during the aborted rollout".into(),
+            );
+            self.request_reload(now, Some(name));
         }
+    }
+
+    /// Drops the configurations of generations nothing refers to any more.
+    fn prune_configs(&mut self, name: &str) {
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        let mut live: Vec<u64> = app.slots.iter().map(|s| s.generation).collect();
+        live.push(app.generation);
+        live.extend(
+            self.workers
+                .values()
+                .filter(|w| w.app == name)
+                .map(|w| w.generation),
+        );
+        live.extend(app.rollout.as_ref().map(|r| r.generation));
+        app.configs
+            .retain(|generation, _| live.contains(generation));
     }
 }

@@ -1,42 +1,79 @@
 //! The supervisor's data: apps, their slots, and the worker processes. A slot is a stable
 //! position (0..N-1) that a worker occupies across restarts; a worker is one process (and its
-//! process group) with a generation.
+//! process group) with a generation. Every deadline lives in the state that owns it, so
+//! [`super::Core::next_deadline`] reads exactly what [`super::Core::tick`] fires.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clusterd_manifest::AppConfig;
-use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use tokio::time::Instant;
 
-use crate::reaper::ExitStatus;
+use super::rollout::Rollout;
+
+/// clusterd's own name for a worker, never reused (pids are).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkerId(pub u64);
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "w{}", self.0)
+    }
+}
 
 /// One `[apps.NAME]` at run time.
 #[derive(Debug)]
 pub struct App {
-    /// Its configuration (replaced by a manifest re-read).
-    pub config: AppConfig,
-    /// The generation the next rollout will start (bumped at each rollout).
+    /// The newest generation: the one a respawn of a new slot runs, and the one the next
+    /// rollout follows.
     pub generation: u64,
-    /// The slots, indexed by worker id.
+    /// The configuration of each generation still running somewhere (a slot, a worker or a
+    /// rollout), so that a slot keeps the version it runs when it is respawned and an aborted
+    /// rollout puts a slot back on the version it had.
+    pub configs: BTreeMap<u64, Arc<AppConfig>>,
+    /// The slots, indexed by worker id (`CLUSTERD_WORKER_ID`).
     pub slots: Vec<Slot>,
     /// The rolling reload in progress, if any.
-    pub rollout: Option<super::rollout::Rollout>,
+    pub rollout: Option<Rollout>,
     /// How the last rollout ended.
     pub last_reload: Option<ReloadOutcome>,
+    /// A re-read manifest's new command, environment, directory or sockets: the next
+    /// rollout's configuration.
+    pub next_config: Option<Arc<AppConfig>>,
+    /// The worker that said it tends the app's KV cluster map (`X_CLUSTERD_KV_TEND=owner`).
+    pub tend_owner: Option<WorkerId>,
 }
 
 impl App {
-    /// A new app whose slots are all due to start now, in generation 1.
+    /// A new app in generation 1 whose slots are all due to start at `now`.
     pub fn new(config: AppConfig, now: Instant) -> Self {
         let slots = (0..config.workers).map(|_| Slot::new(1, now)).collect();
         App {
-            config,
             generation: 1,
+            configs: BTreeMap::from([(1, Arc::new(config))]),
             slots,
             rollout: None,
             last_reload: None,
+            next_config: None,
+            tend_owner: None,
         }
+    }
+
+    /// The newest configuration.
+    pub fn latest(&self) -> &Arc<AppConfig> {
+        self.config(self.generation)
+    }
+
+    /// The configuration of `generation` (the closest older one if it was pruned).
+    pub fn config(&self, generation: u64) -> &Arc<AppConfig> {
+        self.configs
+            .range(..=generation)
+            .next_back()
+            .or_else(|| self.configs.iter().next())
+            .map(|(_, config)| config)
+            .expect("an app always keeps its newest configuration")
     }
 }
 
@@ -71,85 +108,137 @@ impl ReloadOutcome {
 /// A worker position that survives restarts.
 #[derive(Debug)]
 pub struct Slot {
-    /// The worker serving in this slot.
-    pub current: Option<Pid>,
-    /// The next generation's worker, started by a rollout and not yet promoted.
-    pub candidate: Option<Pid>,
-    /// The generation of the slot's current worker (and of its replacements after a crash).
+    /// Who or what holds the slot.
+    pub state: SlotState,
+    /// The generation the slot runs (and respawns with).
     pub generation: u64,
     /// Unexpected exits replaced so far.
     pub restarts: u32,
-    /// Unexpected exits in a row without a stable uptime in between.
+    /// Crashes in a row (see [`super::backoff`]).
     pub crash_streak: u32,
-    /// When the slot is due to (re)start a worker, if it is waiting to.
-    pub respawn_at: Option<Instant>,
     /// How the last worker of this slot ended, for status.
     pub last_exit: Option<String>,
-    /// Why the slot gave up (its command cannot be executed); cleared by a reload or restart.
-    pub failed: Option<String>,
 }
 
 impl Slot {
     /// An empty slot, due to start a worker of `generation` at `at`.
     pub fn new(generation: u64, at: Instant) -> Self {
         Slot {
-            current: None,
-            candidate: None,
+            state: SlotState::Backoff { until: at },
             generation,
             restarts: 0,
             crash_streak: 0,
-            respawn_at: Some(at),
             last_exit: None,
-            failed: None,
+        }
+    }
+
+    /// The slot's serving worker, if it has one.
+    pub fn worker(&self) -> Option<WorkerId> {
+        match self.state {
+            SlotState::Occupied(id) => Some(id),
+            _ => None,
         }
     }
 }
 
-/// What a worker is doing.
+/// What holds a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotState {
+    /// A worker serves it (or is starting up in it).
+    Occupied(WorkerId),
+    /// Empty, and due to start a worker at `until` (now, for a first crash or a new slot).
+    Backoff {
+        /// When the replacement starts.
+        until: Instant,
+    },
+    /// Empty until a reload or restart: its worker cannot be started.
+    Failed {
+        /// Why, e.g. `cannot find program "srv" in PATH`.
+        reason: String,
+    },
+    /// Empty: the restart policy did not restart its worker, or clusterd is stopping.
+    Stopped,
+}
+
+/// What a worker is doing. Each phase carries its own deadlines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Spawned, not ready yet; killed if still here at `ready_deadline`.
-    Starting,
-    /// Ready to serve, since `since`.
+    /// Asked for; the driver has not reported its pid yet.
+    Spawning,
+    /// Running, not ready yet.
+    Starting {
+        /// Killed (and replaced, or its rollout aborted) if still starting then.
+        ready_by: Instant,
+        /// With `ready = "delay"`: ready at this moment if still alive.
+        ready_at: Option<Instant>,
+    },
+    /// Ready to serve.
     Ready {
         /// When it became ready.
         since: Instant,
+        /// With a watchdog: killed if no `WATCHDOG=1` arrives by then.
+        watchdog_by: Option<Instant>,
     },
-    /// Told to stop; its group gets SIGKILL at `deadline`.
+    /// Told to stop (or its process exited while others of its group live on).
     Stopping {
-        /// When SIGKILL is due (or was sent).
-        deadline: Instant,
-        /// Whether SIGKILL was sent.
-        killed: bool,
+        /// Why it is stopping.
+        why: StopReason,
+        /// When its group gets SIGKILL; `None` once it has.
+        kill_at: Option<Instant>,
+        /// Whether the worker's own process has been reaped (its group may linger).
+        exited: bool,
     },
+}
+
+/// Why a worker was told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// Replaced by a rollout, restarted, scaled away or its app removed.
+    Retired,
+    /// clusterd is shutting down.
+    Shutdown,
+    /// It missed its watchdog deadline.
+    Watchdog,
+    /// It asked for it (`WATCHDOG=trigger`).
+    Triggered,
+    /// It was not ready within `ready_timeout`.
+    NotReady,
+    /// Its process exited; what is left of its group is being stopped.
+    Leftovers,
+    /// A rollout aborted and it was its new worker.
+    Aborted,
+}
+
+impl StopReason {
+    /// True when clusterd killed the worker because something was wrong with it, so that
+    /// its end counts as a crash of its slot.
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            StopReason::Watchdog | StopReason::Triggered | StopReason::NotReady
+        )
+    }
 }
 
 /// One worker process, and its process group (whose id is its pid).
 #[derive(Debug)]
 pub struct Worker {
+    /// Its pid, once spawned.
+    pub pid: Option<Pid>,
     /// Its app's name.
     pub app: String,
     /// Its slot.
     pub slot: usize,
     /// Its generation.
     pub generation: u64,
+    /// The configuration it was started with.
+    pub config: Arc<AppConfig>,
     /// When it was spawned.
     pub started: Instant,
     /// What it is doing.
     pub phase: Phase,
-    /// A worker not ready by then is killed.
-    pub ready_deadline: Instant,
-    /// Last `WATCHDOG=1` (or its start).
-    pub last_heartbeat: Instant,
     /// The last `STATUS=` text it sent.
     pub status_text: Option<String>,
-    /// The signal that asks it to stop.
-    pub stop_signal: Signal,
-    /// How long it may take to stop.
-    pub stop_timeout: Duration,
-    /// Set once the process itself has been reaped; the record stays while other members of
-    /// its process group are still alive.
-    pub exited: Option<ExitStatus>,
 }
 
 impl Worker {
@@ -161,5 +250,33 @@ impl Worker {
     /// True once it is ready (and not stopping).
     pub fn is_ready(&self) -> bool {
         matches!(self.phase, Phase::Ready { .. })
+    }
+
+    /// True while its own process runs (spawned, not reaped).
+    pub fn is_running(&self) -> bool {
+        !matches!(
+            self.phase,
+            Phase::Spawning | Phase::Stopping { exited: true, .. }
+        )
+    }
+
+    /// The `pid N` part of log lines.
+    pub fn pid_text(&self) -> String {
+        match self.pid {
+            Some(pid) => format!("pid {pid}"),
+            None => "(not started)".into(),
+        }
+    }
+}
+
+/// A duration for logs: `850ms`, `2.3s`, `4m10s`.
+pub fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
     }
 }

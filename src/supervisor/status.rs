@@ -1,144 +1,139 @@
-//! The status snapshot served to `clusterd status`: every app, slot and worker process, with
-//! CPU and memory of each worker's process group.
+//! Views of the core for `clusterd status` and the metrics: every app, slot and worker
+//! process, with CPU and memory of each worker's process group (measured by the driver).
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use clusterd_proto::{
-    AppReload, AppStatus, ReloadResult, RolloutStatus, SocketStatus, Status, WorkerRole,
-    WorkerState, WorkerStatus,
+    AppReload, AppStatus, ReloadResult, RolloutStatus, WorkerRole, WorkerState, WorkerStatus,
 };
 use nix::unistd::Pid;
-use tokio::time::Instant;
 
-use super::Supervisor;
-use super::state::{Phase, ReloadOutcome, Slot, Worker};
-use crate::procstat;
+use super::core::{Core, Role};
+use super::state::{App, Phase, ReloadOutcome, Slot, SlotState, Worker, WorkerId};
+use crate::procstat::Usage;
 
-impl Supervisor {
-    /// A snapshot of everything, for the control socket.
-    pub(super) fn status(&mut self) -> Status {
-        let now = Instant::now();
-        let groups: Vec<Pid> = self.workers.keys().copied().collect();
-        let usage = procstat::group_usage(&groups);
-        let mut cpu_percent = HashMap::new();
-        for (pid, u) in &usage {
-            let since = self
-                .cpu_samples
-                .get(pid)
-                .copied()
-                .unwrap_or_else(|| (self.workers[pid].started, 0.0));
-            let wall = (now - since.0).as_secs_f64();
-            if wall > 0.0 {
-                cpu_percent.insert(*pid, (u.cpu_seconds - since.1).max(0.0) / wall * 100.0);
-            }
-        }
-        self.cpu_samples = usage
+/// CPU percentages between two looks. Each view keeps its own, so that one view's
+/// sampling (a status every second) does not change what the other (a scrape) sees.
+#[derive(Debug, Default)]
+pub struct CpuSampler {
+    last: HashMap<Pid, (Instant, f64)>,
+}
+
+impl CpuSampler {
+    /// CPU use of each group since the previous call (or since `started`), percent of one core.
+    pub fn sample(
+        &mut self,
+        now: Instant,
+        usage: &HashMap<Pid, Usage>,
+        started: impl Fn(Pid) -> Instant,
+    ) -> HashMap<Pid, f64> {
+        let percent = usage
+            .iter()
+            .filter_map(|(pid, u)| {
+                let (since, cpu) = self.last.get(pid).copied().unwrap_or((started(*pid), 0.0));
+                let wall = now.saturating_duration_since(since).as_secs_f64();
+                (wall > 0.0).then(|| (*pid, (u.cpu_seconds - cpu).max(0.0) / wall * 100.0))
+            })
+            .collect();
+        self.last = usage
             .iter()
             .map(|(pid, u)| (*pid, (now, u.cpu_seconds)))
             .collect();
+        percent
+    }
+}
 
-        let apps = self
-            .apps
+/// What the driver measured for a view.
+pub struct Measured<'a> {
+    /// CPU and memory by process group.
+    pub usage: &'a HashMap<Pid, Usage>,
+    /// CPU percent by process group (empty for views that do not show it).
+    pub cpu_percent: &'a HashMap<Pid, f64>,
+}
+
+impl Core {
+    /// The process groups of all workers that have a pid, with their spawn times.
+    pub fn groups(&self) -> Vec<(Pid, Instant)> {
+        self.workers
+            .values()
+            .filter_map(|w| Some((w.pid?, w.started)))
+            .collect()
+    }
+
+    /// Every app's status.
+    pub fn app_statuses(&self, now: Instant, measured: &Measured<'_>) -> Vec<AppStatus> {
+        self.apps
             .iter()
-            .map(|(name, app)| {
-                let tend_owner = app
-                    .config
-                    .kv_segment
-                    .as_deref()
-                    .and_then(crate::tend::owner_pid);
-                let mut workers = Vec::new();
-                for (index, slot) in app.slots.iter().enumerate() {
-                    for (pid, role) in [
-                        (slot.current, WorkerRole::Serving),
-                        (slot.candidate, WorkerRole::Candidate),
-                    ] {
-                        if let Some(pid) = pid
-                            && let Some(worker) = self.workers.get(&pid)
-                        {
-                            workers.push(worker_status(
-                                pid,
-                                worker,
-                                slot,
-                                role,
-                                now,
-                                &usage,
-                                &cpu_percent,
-                                tend_owner,
-                            ));
-                        }
-                    }
-                    if slot.current.is_none() && slot.candidate.is_none() {
-                        workers.push(empty_slot(index, slot));
-                    }
-                }
-                for (pid, worker) in &self.workers {
-                    let referenced = app
-                        .slots
-                        .get(worker.slot)
-                        .is_some_and(|s| s.current == Some(*pid) || s.candidate == Some(*pid));
-                    if worker.app == *name && !referenced {
-                        let slot = app.slots.get(worker.slot);
-                        let placeholder;
-                        let slot = match slot {
-                            Some(slot) => slot,
-                            None => {
-                                placeholder = Slot::new(worker.generation, now);
-                                &placeholder
-                            }
-                        };
-                        workers.push(worker_status(
-                            *pid,
-                            worker,
-                            slot,
-                            WorkerRole::Retiring,
-                            now,
-                            &usage,
-                            &cpu_percent,
-                            tend_owner,
-                        ));
-                    }
-                }
-                workers.sort_by_key(|w| (w.slot, w.role != WorkerRole::Serving, w.pid));
-                let serving = || {
-                    app.slots
-                        .iter()
-                        .filter_map(|s| s.current.and_then(|p| self.workers.get(&p)))
-                };
-                AppStatus {
-                    name: name.clone(),
-                    desired: app.slots.len(),
-                    running: serving().count(),
-                    ready: serving().filter(|w| w.is_ready()).count(),
-                    reloading: app.rollout.as_ref().map(|r| {
-                        let (done, total) = r.progress();
-                        RolloutStatus {
-                            generation: r.generation,
-                            done,
-                            total,
-                        }
-                    }),
-                    last_reload: app.last_reload.as_ref().map(|o| app_reload(name, o)),
-                    tend_owner: tend_owner.map(|p| p as u32),
-                    workers,
-                }
-            })
-            .collect();
+            .map(|(name, app)| self.app_status(name, app, now, measured))
+            .collect()
+    }
 
-        Status {
-            pid: std::process::id(),
-            manifest: self.manifest.path.display().to_string(),
-            uptime_ms: millis(now - self.started),
-            rss_bytes: procstat::self_rss(),
-            stopping: self.shutting_down,
-            sockets: self
-                .sockets
-                .iter()
-                .map(|(name, s)| SocketStatus {
-                    name: name.clone(),
-                    address: s.address.clone(),
-                })
-                .collect(),
-            apps,
+    fn app_status(&self, name: &str, app: &App, now: Instant, m: &Measured<'_>) -> AppStatus {
+        let tend_owner = app.tend_owner.and_then(|id| self.workers.get(&id)?.pid);
+        let row = |id: WorkerId, slot: &Slot, role: WorkerRole| {
+            let worker = self.workers.get(&id)?;
+            Some(worker_status(worker, slot, role, now, m, tend_owner))
+        };
+        let mut workers = Vec::new();
+        for (index, slot) in app.slots.iter().enumerate() {
+            let serving = slot
+                .worker()
+                .and_then(|id| row(id, slot, WorkerRole::Serving));
+            let candidate = app
+                .rollout
+                .as_ref()
+                .and_then(|r| r.candidate(index))
+                .and_then(|id| row(id, slot, WorkerRole::Candidate));
+            if serving.is_none() && candidate.is_none() {
+                workers.push(empty_slot(index, slot));
+            }
+            workers.extend(serving);
+            workers.extend(candidate);
+        }
+        for (id, worker) in &self.workers {
+            if worker.app == name && self.role(*id) == Role::Retired {
+                let placeholder;
+                let slot = match app.slots.get(worker.slot) {
+                    Some(slot) => slot,
+                    None => {
+                        placeholder = Slot::new(worker.generation, now);
+                        &placeholder
+                    }
+                };
+                workers.push(worker_status(
+                    worker,
+                    slot,
+                    WorkerRole::Retiring,
+                    now,
+                    m,
+                    tend_owner,
+                ));
+            }
+        }
+        workers.sort_by_key(|w| (w.slot, w.role != WorkerRole::Serving, w.pid));
+        let serving: Vec<&Worker> = app
+            .slots
+            .iter()
+            .filter_map(|s| self.workers.get(&s.worker()?))
+            .filter(|w| w.is_running())
+            .collect();
+        AppStatus {
+            name: name.to_owned(),
+            desired: app.slots.len(),
+            running: serving.len(),
+            ready: serving.iter().filter(|w| w.is_ready()).count(),
+            reloading: app.rollout.as_ref().map(|r| {
+                let (done, total) = r.progress();
+                RolloutStatus {
+                    generation: r.generation,
+                    done,
+                    total,
+                }
+            }),
+            last_reload: app.last_reload.as_ref().map(|o| app_reload(name, o)),
+            tend_owner: tend_owner.map(|p| p.as_raw() as u32),
+            workers,
         }
     }
 }
@@ -161,48 +156,46 @@ pub(super) fn app_reload(app: &str, outcome: &ReloadOutcome) -> AppReload {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn worker_status(
-    pid: Pid,
     worker: &Worker,
     slot: &Slot,
     role: WorkerRole,
     now: Instant,
-    usage: &HashMap<Pid, procstat::Usage>,
-    cpu_percent: &HashMap<Pid, f64>,
-    tend_owner: Option<i32>,
+    m: &Measured<'_>,
+    tend_owner: Option<Pid>,
 ) -> WorkerStatus {
     let (state, ready_ms) = match worker.phase {
-        Phase::Starting => (WorkerState::Starting, None),
-        Phase::Ready { since } => (WorkerState::Ready, Some(millis(since - worker.started))),
+        Phase::Spawning | Phase::Starting { .. } => (WorkerState::Starting, None),
+        Phase::Ready { since, .. } => (WorkerState::Ready, Some(millis(since - worker.started))),
         Phase::Stopping { .. } => (WorkerState::Stopping, None),
     };
+    let usage = worker.pid.and_then(|pid| m.usage.get(&pid));
     WorkerStatus {
         slot: worker.slot,
-        pid: Some(pid.as_raw() as u32),
+        pid: worker.pid.map(|p| p.as_raw() as u32),
         state,
         role,
         generation: worker.generation,
-        uptime_ms: Some(millis(now - worker.started)),
+        uptime_ms: Some(millis(now.saturating_duration_since(worker.started))),
         ready_ms,
         restarts: slot.restarts,
         crash_streak: slot.crash_streak,
         last_exit: slot.last_exit.clone(),
-        cpu_percent: cpu_percent.get(&pid).copied(),
-        cpu_seconds: usage.get(&pid).map(|u| u.cpu_seconds),
-        rss_bytes: usage.get(&pid).map(|u| u.rss_bytes),
+        cpu_percent: worker.pid.and_then(|pid| m.cpu_percent.get(&pid).copied()),
+        cpu_seconds: usage.map(|u| u.cpu_seconds),
+        rss_bytes: usage.map(|u| u.rss_bytes),
         status_text: worker.status_text.clone(),
-        tend_owner: tend_owner == Some(pid.as_raw()),
+        tend_owner: worker.pid.is_some() && worker.pid == tend_owner,
     }
 }
 
 fn empty_slot(index: usize, slot: &Slot) -> WorkerStatus {
-    let state = if slot.failed.is_some() {
-        WorkerState::Failed
-    } else if slot.respawn_at.is_some() {
-        WorkerState::Backoff
-    } else {
-        WorkerState::Exited
+    let (state, last_exit) = match &slot.state {
+        SlotState::Failed { reason } => (WorkerState::Failed, Some(reason.clone())),
+        SlotState::Backoff { .. } => (WorkerState::Backoff, slot.last_exit.clone()),
+        SlotState::Stopped | SlotState::Occupied(_) => {
+            (WorkerState::Exited, slot.last_exit.clone())
+        }
     };
     WorkerStatus {
         slot: index,
@@ -214,7 +207,7 @@ fn empty_slot(index: usize, slot: &Slot) -> WorkerStatus {
         ready_ms: None,
         restarts: slot.restarts,
         crash_streak: slot.crash_streak,
-        last_exit: slot.failed.clone().or_else(|| slot.last_exit.clone()),
+        last_exit,
         cpu_percent: None,
         cpu_seconds: None,
         rss_bytes: None,
@@ -223,6 +216,6 @@ fn empty_slot(index: usize, slot: &Slot) -> WorkerStatus {
     }
 }
 
-fn millis(d: std::time::Duration) -> u64 {
+fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -6,5 +6,6 @@ mod control;
 mod core;
 mod examples;
 mod kv;
+mod promises;
 mod reload;
 mod util;

@@ -98,7 +98,9 @@ impl Clusterd {
     ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         for (name, content) in files {
-            write_executable(&dir.path().join(name), &expand(content, dir.path()));
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().expect("a file in the dir")).expect("mkdir");
+            write_executable(&path, &expand(content, dir.path()));
         }
         let text = expand(manifest, dir.path());
         let path = dir.path().join("clusterd.toml");

@@ -132,9 +132,10 @@ pub struct Backoff {
 /// How the supervisor learns that a new worker is ready to serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Readiness {
-    /// `ready = "immediate"` (default): as soon as it has been spawned.
+    /// `ready = "immediate"` (default for apps without sockets): as soon as it has been spawned.
     Immediate,
-    /// `ready = "delay"` with `ready_delay` (default 1s): alive that long.
+    /// `ready = "delay"` with `ready_delay` (default 1s): alive that long (default for apps
+    /// with sockets).
     Delay(Duration),
     /// `ready = "notify"`: it sends `READY=1` to `NOTIFY_SOCKET`.
     Notify,
@@ -145,7 +146,7 @@ pub enum Readiness {
 pub struct ReloadConfig {
     /// `surge` (default 1): new workers started ahead of stopping old ones.
     pub surge: usize,
-    /// `bake` (default 0s): how long a new worker must stay ready before its old one stops.
+    /// `bake` (default 1s): how long a new worker must stay ready before its old one stops.
     pub bake: Duration,
 }
 

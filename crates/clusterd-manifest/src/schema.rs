@@ -32,6 +32,10 @@ const BACKOFF_RESET: Duration = Duration::from_secs(10);
 const READY_DELAY: Duration = Duration::from_secs(1);
 /// Default `ready_timeout`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `[apps.NAME.reload] bake`: a new worker must stay up this long after it is ready
+/// before its old worker stops, so that a version that dies right after READY=1 (or right
+/// after a guessed readiness) aborts the rollout instead of replacing a healthy worker.
+const BAKE: Duration = Duration::from_secs(1);
 
 const TOP_KEYS: &[&str] = &["supervisor", "sockets", "apps", "metrics"];
 const SUPERVISOR_KEYS: &[&str] = &["stop_timeout", "run_dir"];
@@ -330,7 +334,10 @@ fn app(
         })
         .or(RestartPolicy::Always);
     let backoff = backoff(cx, &table);
-    let ready = readiness(cx, &table);
+    // An app with sockets that says nothing about readiness is given a moment to start
+    // listening before a rollout counts on it (see `readiness`).
+    let has_sockets = table.get("sockets").is_some();
+    let ready = readiness(cx, &table, has_sockets);
     let ready_timeout = cx
         .field(&table, "ready_timeout", values::positive_duration)
         .or(READY_TIMEOUT);
@@ -542,8 +549,16 @@ enum ReadyKind {
     Notify,
 }
 
-/// `ready` and `ready_delay` (only with `ready = "delay"`).
-fn readiness(cx: &mut Checker<'_>, table: &Table<'_, '_>) -> Option<Readiness> {
+/// `ready` and `ready_delay` (only with `ready = "delay"`). Without `ready`, an app with
+/// sockets is `"delay"` (it must stay up `ready_delay` before it counts as ready: most servers
+/// never signal readiness, and a rollout must not stop every old worker before the new ones
+/// listen) and an app without sockets is `"immediate"`.
+fn readiness(cx: &mut Checker<'_>, table: &Table<'_, '_>, has_sockets: bool) -> Option<Readiness> {
+    let default = if has_sockets {
+        ReadyKind::Delay
+    } else {
+        ReadyKind::Immediate
+    };
     let kind = cx
         .field(table, "ready", |v| {
             values::choice(
@@ -555,7 +570,7 @@ fn readiness(cx: &mut Checker<'_>, table: &Table<'_, '_>) -> Option<Readiness> {
                 ],
             )
         })
-        .or(ReadyKind::Immediate);
+        .or(default);
     let delay = cx.field(table, "ready_delay", values::duration);
     match (kind?, delay) {
         (ReadyKind::Delay, delay) => delay.or(READY_DELAY).map(Readiness::Delay),
@@ -585,7 +600,7 @@ fn reload(cx: &mut Checker<'_>, table: &Table<'_, '_>) -> Option<ReloadConfig> {
     let Some(value) = table.get("reload") else {
         return Some(ReloadConfig {
             surge: 1,
-            bake: Duration::ZERO,
+            bake: BAKE,
         });
     };
     let reload = cx.table(value, table.key.child("reload"), RELOAD_KEYS)?;
@@ -594,9 +609,7 @@ fn reload(cx: &mut Checker<'_>, table: &Table<'_, '_>) -> Option<ReloadConfig> {
             values::integer_in(v, 1, values::MAX_WORKERS)
         })
         .or(1);
-    let bake = cx
-        .field(&reload, "bake", values::duration)
-        .or(Duration::ZERO);
+    let bake = cx.field(&reload, "bake", values::duration).or(BAKE);
     Some(ReloadConfig {
         // In 1..=MAX_WORKERS.
         surge: surge? as usize,

@@ -1,0 +1,1045 @@
+//! Transition tests of the core, without processes: a small simulator plays the driver
+//! (it hands out fake pids for spawns and records signals and replies), and each test drives
+//! the core through events and the passing of time. The last test drives random event
+//! sequences and checks the invariants after every step.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use clusterd_proto::{ReloadResult, Reply, Request};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use super::core::Core;
+use super::event::{Action, Event, ReplyTo, SpawnFailure};
+use super::state::{Phase, ReloadOutcome, SlotState, WorkerId};
+use crate::reaper::ExitStatus;
+use crate::signals::SupervisorSignal;
+
+const MS: Duration = Duration::from_millis(1);
+
+/// The driver's part, simulated.
+struct Sim {
+    core: Core,
+    now: Instant,
+    next_pid: i32,
+    /// Signals sent, in order.
+    signals: Vec<(Pid, Signal)>,
+    /// Replies sent, in order.
+    replies: Vec<(ReplyTo, Reply)>,
+    /// Log lines, with their level.
+    logs: Vec<(tracing::Level, String)>,
+    /// How many spawns were asked for.
+    spawns: usize,
+    /// What the next spawns answer (`None`: a new pid).
+    spawn_failures: Vec<SpawnFailure>,
+    rereads: usize,
+}
+
+fn manifest(text: &str) -> clusterd_manifest::Manifest {
+    clusterd_manifest::parse(text, Path::new("/srv/app/clusterd.toml")).expect("valid manifest")
+}
+
+impl Sim {
+    fn new(text: &str) -> Sim {
+        let now = Instant::now();
+        let mut sim = Sim {
+            core: Core::new(&manifest(text), now),
+            now,
+            next_pid: 100,
+            signals: Vec::new(),
+            replies: Vec::new(),
+            logs: Vec::new(),
+            spawns: 0,
+            spawn_failures: Vec::new(),
+            rereads: 0,
+        };
+        let actions = sim.core.tick(now);
+        sim.perform(actions);
+        sim
+    }
+
+    fn perform(&mut self, actions: Vec<Action>) {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Spawn { worker, .. } => {
+                    self.spawns += 1;
+                    let result = if self.spawn_failures.is_empty() {
+                        self.next_pid += 1;
+                        Ok(Pid::from_raw(self.next_pid))
+                    } else {
+                        Err(self.spawn_failures.remove(0))
+                    };
+                    let more = self.core.on(self.now, Event::Spawned { worker, result });
+                    queue.extend(more);
+                }
+                Action::Signal { pid, signal, .. } => self.signals.push((pid, signal)),
+                Action::Reply { to, reply } => self.replies.push((to, reply)),
+                Action::Log { level, message } => self.logs.push((level, message)),
+                Action::Reread => self.rereads += 1,
+                Action::Forget { .. } | Action::Observe(_) => {}
+            }
+        }
+        self.check_invariants();
+    }
+
+    fn on(&mut self, event: Event) {
+        let actions = self.core.on(self.now, event);
+        self.perform(actions);
+    }
+
+    /// Lets `d` pass, waking at every deadline on the way, as the driver's loop does.
+    /// Returns how many times the loop woke.
+    fn advance(&mut self, d: Duration) -> usize {
+        let end = self.now + d;
+        let mut wakes = 0;
+        while let Some(at) = self.core.next_deadline().filter(|at| *at <= end) {
+            self.now = at;
+            wakes += 1;
+            assert!(wakes < 10_000, "the loop would spin");
+            let actions = self.core.tick(at);
+            self.perform(actions);
+        }
+        self.now = end;
+        let actions = self.core.tick(end);
+        self.perform(actions);
+        wakes
+    }
+
+    fn exit(&mut self, pid: Pid, status: ExitStatus) {
+        self.on(Event::Exited {
+            pid,
+            status,
+            group_empty: true,
+        });
+    }
+
+    fn killed(&mut self, pid: Pid) {
+        self.exit(pid, ExitStatus::Signal(Signal::SIGKILL));
+    }
+
+    fn notify(&mut self, pid: Pid, text: &str) {
+        let worker = self.core.worker_by_pid(pid).expect("a worker");
+        let assignments = crate::notify::parse(text);
+        self.on(Event::Notify {
+            worker,
+            assignments,
+        });
+    }
+
+    fn signal(&mut self, signal: SupervisorSignal) {
+        self.on(Event::Signal(signal));
+    }
+
+    fn control(&mut self, request: Request, reply: u64) {
+        self.on(Event::Control {
+            request,
+            reply: ReplyTo(reply),
+        });
+    }
+
+    /// The pid of the worker serving `slot` of `app`.
+    fn pid(&self, app: &str, slot: usize) -> Option<Pid> {
+        let id = self.core.apps[app].slots[slot].worker()?;
+        self.core.workers[&id].pid
+    }
+
+    fn serving(&self, app: &str) -> Vec<Pid> {
+        (0..self.core.apps[app].slots.len())
+            .filter_map(|s| self.pid(app, s))
+            .collect()
+    }
+
+    fn ready(&self, app: &str) -> usize {
+        self.core.apps[app]
+            .slots
+            .iter()
+            .filter_map(|s| self.core.workers.get(&s.worker()?))
+            .filter(|w| w.is_ready())
+            .count()
+    }
+
+    fn candidate(&self, app: &str, slot: usize) -> Option<Pid> {
+        let id = self.core.apps[app].rollout.as_ref()?.candidate(slot)?;
+        self.core.workers[&id].pid
+    }
+
+    fn phase(&self, pid: Pid) -> Phase {
+        self.core.workers[&self.core.worker_by_pid(pid).expect("worker")].phase
+    }
+
+    fn slot_state(&self, app: &str, slot: usize) -> SlotState {
+        self.core.apps[app].slots[slot].state.clone()
+    }
+
+    fn last_reload(&self, app: &str) -> Option<ReloadOutcome> {
+        self.core.apps[app].last_reload.clone()
+    }
+
+    fn sent(&self, pid: Pid, signal: Signal) -> bool {
+        self.signals.contains(&(pid, signal))
+    }
+
+    /// Every old worker told to stop exits now.
+    fn stopped_ones_exit(&mut self) {
+        let stopping: Vec<Pid> = self
+            .core
+            .workers
+            .values()
+            .filter(|w| matches!(w.phase, Phase::Stopping { exited: false, .. }))
+            .filter_map(|w| w.pid)
+            .collect();
+        for pid in stopping {
+            self.exit(pid, ExitStatus::Signal(Signal::SIGTERM));
+        }
+    }
+
+    fn check_invariants(&self) {
+        let core = &self.core;
+        if let Some(at) = core.next_deadline() {
+            assert!(
+                at > self.now,
+                "a deadline in the past after an event or tick"
+            );
+        }
+        let mut pids = std::collections::HashSet::new();
+        for worker in core.workers.values() {
+            if let Some(pid) = worker.pid
+                && worker.is_running()
+            {
+                assert!(pids.insert(pid), "pid {pid} in two workers");
+            }
+        }
+        for (name, app) in &core.apps {
+            for (index, slot) in app.slots.iter().enumerate() {
+                if let SlotState::Occupied(id) = slot.state {
+                    let worker = core.workers.get(&id).expect("a slot's worker is recorded");
+                    assert_eq!((worker.app.as_str(), worker.slot), (name.as_str(), index));
+                    assert!(
+                        !matches!(worker.phase, Phase::Stopping { exited: true, .. }),
+                        "a slot holds an exited worker"
+                    );
+                }
+            }
+            assert!(app.configs.contains_key(&app.generation));
+        }
+    }
+}
+
+const WEB3: &str = r#"
+[apps.web]
+command = ["srv"]
+workers = 3
+ready = "notify"
+[apps.web.reload]
+bake = "0s"
+"#;
+
+fn ready_all(sim: &mut Sim, app: &str) {
+    for pid in sim.serving(app) {
+        if matches!(sim.phase(pid), Phase::Starting { .. }) {
+            sim.notify(pid, "READY=1");
+        }
+    }
+}
+
+/// Runs a rollout of `app` to its end: each candidate says READY, each old worker exits.
+fn roll(sim: &mut Sim, app: &str) {
+    for _ in 0..100 {
+        if sim.core.apps[app].rollout.is_none() {
+            return;
+        }
+        let slots = sim.core.apps[app].slots.len();
+        for slot in 0..slots {
+            if let Some(pid) = sim.candidate(app, slot)
+                && matches!(sim.phase(pid), Phase::Starting { .. })
+            {
+                sim.notify(pid, "READY=1");
+            }
+        }
+        sim.advance(10 * MS);
+        sim.stopped_ones_exit();
+    }
+    panic!("the rollout did not end");
+}
+
+#[test]
+fn start_spawns_every_slot_and_notify_makes_them_ready() {
+    let mut sim = Sim::new(WEB3);
+    assert_eq!(sim.serving("web").len(), 3);
+    assert_eq!(sim.ready("web"), 0);
+    ready_all(&mut sim, "web");
+    assert_eq!(sim.ready("web"), 3);
+    assert_eq!(
+        sim.core.next_deadline(),
+        None,
+        "nothing is due: the loop sleeps"
+    );
+}
+
+#[test]
+fn immediate_readiness_is_ready_at_once() {
+    let sim = Sim::new("[apps.a]\ncommand = [\"x\"]\nworkers = 2\n");
+    assert_eq!(sim.ready("a"), 2);
+}
+
+#[test]
+fn an_app_with_sockets_defaults_to_a_one_second_delay() {
+    let mut sim = Sim::new(
+        "[sockets.http]\nlisten = \"127.0.0.1:0\"\n[apps.a]\ncommand = [\"x\"]\nsockets = [\"http\"]\n",
+    );
+    assert_eq!(sim.ready("a"), 0);
+    sim.advance(999 * MS);
+    assert_eq!(sim.ready("a"), 0);
+    sim.advance(MS);
+    assert_eq!(sim.ready("a"), 1);
+}
+
+#[test]
+fn a_worker_not_ready_in_time_is_killed_and_replaced_as_a_crash() {
+    let mut sim = Sim::new(
+        "[apps.a]\ncommand = [\"x\"]\nready = \"notify\"\nready_timeout = \"2s\"\nworkers = 1\n",
+    );
+    let pid = sim.pid("a", 0).unwrap();
+    sim.advance(2000 * MS);
+    assert!(sim.sent(pid, Signal::SIGKILL));
+    sim.killed(pid);
+    // Killed by clusterd for a failure: a crash (streak 1), replaced at once.
+    assert_eq!(sim.core.apps["a"].slots[0].crash_streak, 1);
+    assert_ne!(sim.pid("a", 0), Some(pid));
+    assert!(sim.pid("a", 0).is_some());
+}
+
+#[test]
+fn a_crash_loop_backs_off_and_the_loop_sleeps_in_between() {
+    let mut sim = Sim::new("[apps.a]\ncommand = [\"x\"]\nready = \"notify\"\nworkers = 1\n");
+    let mut delays = Vec::new();
+    for _ in 0..6 {
+        let pid = sim.pid("a", 0).expect("a worker");
+        sim.exit(pid, ExitStatus::Code(1));
+        match sim.slot_state("a", 0) {
+            SlotState::Backoff { until } => {
+                delays.push((until - sim.now).as_millis());
+                let wakes = sim.advance(until - sim.now);
+                assert_eq!(wakes, 1, "one wake-up per respawn");
+            }
+            SlotState::Occupied(_) => delays.push(0),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(delays, [0, 100, 200, 400, 800, 1600]);
+    assert!(sim.spawns <= 7);
+}
+
+#[test]
+fn outside_kills_of_ready_workers_are_replaced_at_once_every_time() {
+    let mut sim = Sim::new(WEB3);
+    ready_all(&mut sim, "web");
+    for round in 0..20 {
+        let slot = round % 3;
+        let pid = sim.pid("web", slot).unwrap();
+        sim.killed(pid);
+        let replacement = sim.pid("web", slot).expect("replaced at once");
+        assert_ne!(replacement, pid);
+        assert_eq!(sim.core.apps["web"].slots[slot].crash_streak, 0);
+        sim.notify(replacement, "READY=1");
+        sim.advance(300 * MS);
+    }
+    assert_eq!(sim.ready("web"), 3);
+}
+
+#[test]
+fn a_kill_before_ready_still_counts_as_a_crash() {
+    let mut sim = Sim::new(WEB3);
+    let pid = sim.pid("web", 0).unwrap();
+    sim.killed(pid);
+    let second = sim.pid("web", 0).expect("first crash: at once");
+    sim.killed(second);
+    assert!(matches!(
+        sim.slot_state("web", 0),
+        SlotState::Backoff { .. }
+    ));
+    assert_eq!(sim.core.apps["web"].slots[0].crash_streak, 2);
+}
+
+#[test]
+fn a_ready_worker_that_exits_with_an_error_is_a_crash() {
+    let mut sim = Sim::new(WEB3);
+    ready_all(&mut sim, "web");
+    for streak in 1..=3 {
+        let pid = sim.pid("web", 0).unwrap_or_else(|| {
+            let until = match sim.slot_state("web", 0) {
+                SlotState::Backoff { until } => until,
+                other => panic!("{other:?}"),
+            };
+            sim.advance(until - sim.now);
+            sim.pid("web", 0).unwrap()
+        });
+        sim.notify(pid, "READY=1");
+        sim.exit(pid, ExitStatus::Code(3));
+        assert_eq!(sim.core.apps["web"].slots[0].crash_streak, streak);
+    }
+}
+
+#[test]
+fn a_missed_watchdog_kills_and_counts_as_a_crash() {
+    let mut sim = Sim::new(
+        "[apps.a]\ncommand = [\"x\"]\nready = \"notify\"\nwatchdog = \"1s\"\nworkers = 1\n",
+    );
+    let pid = sim.pid("a", 0).unwrap();
+    sim.notify(pid, "READY=1");
+    sim.advance(900 * MS);
+    sim.notify(pid, "WATCHDOG=1");
+    sim.advance(900 * MS);
+    assert!(
+        !sim.sent(pid, Signal::SIGKILL),
+        "the heartbeat moved the deadline"
+    );
+    sim.advance(100 * MS);
+    assert!(sim.sent(pid, Signal::SIGKILL));
+    sim.killed(pid);
+    assert_eq!(sim.core.apps["a"].slots[0].crash_streak, 1);
+    assert!(
+        sim.core.apps["a"].slots[0]
+            .last_exit
+            .as_deref()
+            .unwrap()
+            .contains("watchdog")
+    );
+}
+
+#[test]
+fn watchdog_trigger_kills_at_once() {
+    let mut sim = Sim::new(WEB3);
+    let pid = sim.pid("web", 1).unwrap();
+    sim.notify(pid, "READY=1\nWATCHDOG=trigger");
+    assert!(sim.sent(pid, Signal::SIGKILL));
+}
+
+#[test]
+fn extend_timeout_moves_the_ready_deadline_and_is_capped() {
+    let mut sim = Sim::new(
+        "[apps.a]\ncommand = [\"x\"]\nready = \"notify\"\nready_timeout = \"1s\"\nworkers = 1\n",
+    );
+    let pid = sim.pid("a", 0).unwrap();
+    sim.notify(pid, "EXTEND_TIMEOUT_USEC=5000000");
+    sim.advance(4 * 1000 * MS);
+    assert!(!sim.sent(pid, Signal::SIGKILL));
+    sim.notify(pid, &format!("EXTEND_TIMEOUT_USEC={}", u64::MAX));
+    let deadline = sim.core.next_deadline().unwrap();
+    assert!(deadline - sim.now <= Duration::from_secs(24 * 3600));
+}
+
+#[test]
+fn a_rolling_reload_replaces_one_slot_at_a_time() {
+    let mut sim = Sim::new(WEB3);
+    ready_all(&mut sim, "web");
+    let old = sim.serving("web");
+    sim.signal(SupervisorSignal::Reload);
+    // Slot 0's candidate runs beside the old worker; the others have none yet.
+    let c0 = sim.candidate("web", 0).expect("a candidate for slot 0");
+    assert_eq!(sim.candidate("web", 1), None);
+    assert_eq!(sim.serving("web"), old);
+    sim.notify(c0, "READY=1");
+    assert_eq!(sim.pid("web", 0), Some(c0), "promoted");
+    assert!(sim.sent(old[0], Signal::SIGTERM));
+    assert!(!sim.sent(old[1], Signal::SIGTERM));
+    // With surge 1, the next candidate starts while the old worker drains.
+    assert!(sim.candidate("web", 1).is_some());
+    assert_eq!(sim.candidate("web", 2), None);
+    roll(&mut sim, "web");
+    assert_eq!(
+        sim.last_reload("web"),
+        Some(ReloadOutcome::Completed { generation: 2 })
+    );
+    for pid in old {
+        assert!(sim.sent(pid, Signal::SIGTERM));
+    }
+    assert!(sim.core.apps["web"].slots.iter().all(|s| s.generation == 2));
+}
+
+#[test]
+fn bake_keeps_the_old_worker_until_the_new_one_has_stayed_up() {
+    let mut sim = Sim::new(&WEB3.replace("bake = \"0s\"", "bake = \"2s\""));
+    ready_all(&mut sim, "web");
+    let old0 = sim.pid("web", 0).unwrap();
+    sim.signal(SupervisorSignal::Reload);
+    let c0 = sim.candidate("web", 0).unwrap();
+    sim.notify(c0, "READY=1");
+    sim.advance(1999 * MS);
+    assert_eq!(sim.pid("web", 0), Some(old0));
+    let wakes = sim.advance(MS);
+    assert_eq!(wakes, 1, "one wake-up, at the end of the bake");
+    assert_eq!(sim.pid("web", 0), Some(c0));
+}
+
+#[test]
+fn a_candidate_that_exits_before_ready_aborts_and_old_workers_keep_serving() {
+    let mut sim = Sim::new(WEB3);
+    ready_all(&mut sim, "web");
+    let old = sim.serving("web");
+    sim.signal(SupervisorSignal::Reload);
+    let c0 = sim.candidate("web", 0).unwrap();
+    sim.exit(c0, ExitStatus::Code(1));
+    match sim.last_reload("web") {
+        Some(ReloadOutcome::Aborted { reason, .. }) => assert!(reason.contains("before ready")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sim.serving("web"), old);
+    assert!(old.iter().all(|p| !sim.sent(*p, Signal::SIGTERM)));
+    assert!(sim.core.apps["web"].rollout.is_none());
+}
+
+#[test]
+fn a_candidate_that_crashes_after_ready_during_its_bake_aborts() {
+    // gunicorn: READY=1 from the master, then the worker's import fails 0.4 s later.
+    let mut sim = Sim::new(&WEB3.replace("bake = \"0s\"", "bake = \"1s\""));
+    ready_all(&mut sim, "web");
+    let old = sim.serving("web");
+    sim.signal(SupervisorSignal::Reload);
+    let c0 = sim.candidate("web", 0).unwrap();
+    sim.notify(c0, "READY=1");
+    sim.advance(400 * MS);
+    sim.exit(c0, ExitStatus::Code(0));
+    assert!(matches!(
+        sim.last_reload("web"),
+        Some(ReloadOutcome::Aborted { .. })
+    ));
+    assert_eq!(sim.serving("web"), old);
+    assert_eq!(sim.ready("web"), 3);
+}
+
+#[test]
+fn a_promoted_worker_that_dies_before_the_rollout_ends_aborts_it_and_rolls_its_slot_back() {
+    let mut sim = Sim::new(WEB3);
+    ready_all(&mut sim, "web");
+    let old = sim.serving("web");
+    sim.control(
+        Request::Reload {
+            app: None,
+            wait: true,
+        },
+        7,
+    );
+    let c0 = sim.candidate("web", 0).unwrap();
+    sim.notify(c0, "READY=1");
+    sim.exit(old[0], ExitStatus::Code(0));
+    assert_eq!(sim.pid("web", 0), Some(c0));
+    assert_eq!(sim.core.apps["web"].slots[0].generation, 2);
+    // The new version dies after it replaced slot 0.
+    sim.exit(c0, ExitStatus::Code(1));
+    match sim.last_reload("web") {
+        Some(ReloadOutcome::Aborted { reason, .. }) => {
+            assert!(reason.contains("after it replaced"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Slot 0 goes back to generation 1 (and is respawned with its configuration); slot 1's
+    // candidate is stopped, slots 1 and 2 keep their old workers.
+    assert_eq!(sim.core.apps["web"].slots[0].generation, 1);
+    assert_eq!(&sim.serving("web")[1..], &old[1..]);
+    let respawned = sim.pid("web", 0).unwrap();
+    let worker = &sim.core.workers[&sim.core.worker_by_pid(respawned).unwrap()];
+    assert_eq!(worker.generation, 1);
+    // reload --wait hears it.
+    let (_, reply) = sim.replies.last().unwrap();
+    match reply {
+        Reply::Reloaded { outcomes } => assert_eq!(outcomes[0].outcome, ReloadResult::Aborted),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn reload_wait_hears_progress_then_completion() {
+    let mut sim = Sim::new(WEB3);
+    ready_all(&mut sim, "web");
+    sim.control(
+        Request::Reload {
+            app: Some("web".into()),
+            wait: true,
+        },
+        3,
+    );
+    roll(&mut sim, "web");
+    let mine: Vec<&Reply> = sim
+        .replies
+        .iter()
+        .filter(|(to, _)| *to == ReplyTo(3))
+        .map(|(_, r)| r)
+        .collect();
+    assert_eq!(
+        mine.len(),
+        4,
+        "three progress lines and the outcome: {mine:?}"
+    );
+    match mine.last().unwrap() {
+        Reply::Reloaded { outcomes } => {
+            assert_eq!(outcomes[0].outcome, ReloadResult::Completed);
+            assert_eq!(outcomes[0].generation, 2);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_candidate_that_cannot_start_aborts() {
+    let mut sim = Sim::new(WEB3);
+    ready_all(&mut sim, "web");
+    sim.spawn_failures.push(SpawnFailure {
+        message: "cannot execute /srv/app/srv: Permission denied".into(),
+        transient: false,
+    });
+    sim.signal(SupervisorSignal::Reload);
+    match sim.last_reload("web") {
+        Some(ReloadOutcome::Aborted { reason, .. }) => assert!(reason.contains("could not start")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sim.ready("web"), 3);
+}
+
+#[test]
+fn a_candidate_not_ready_in_time_aborts() {
+    let mut sim = Sim::new(&WEB3.replace("workers = 3", "workers = 3\nready_timeout = \"5s\""));
+    ready_all(&mut sim, "web");
+    sim.signal(SupervisorSignal::Reload);
+    let c0 = sim.candidate("web", 0).unwrap();
+    sim.advance(5000 * MS);
+    assert!(sim.sent(c0, Signal::SIGKILL));
+    match sim.last_reload("web") {
+        Some(ReloadOutcome::Aborted { reason, .. }) => assert!(reason.contains("not ready")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sim.ready("web"), 3);
+}
+
+#[test]
+fn reloads_during_a_rollout_coalesce_into_one_more() {
+    let mut sim = Sim::new(WEB3);
+    ready_all(&mut sim, "web");
+    sim.signal(SupervisorSignal::Reload);
+    sim.signal(SupervisorSignal::Reload);
+    sim.signal(SupervisorSignal::Reload);
+    roll(&mut sim, "web");
+    assert_eq!(sim.core.apps["web"].generation, 3, "two rollouts, not four");
+    assert_eq!(
+        sim.last_reload("web"),
+        Some(ReloadOutcome::Completed { generation: 3 })
+    );
+}
+
+#[test]
+fn scaling_down_during_a_rollout_forgets_the_removed_slots() {
+    let mut sim = Sim::new(&WEB3.replace("bake = \"0s\"", "bake = \"0s\"\nsurge = 3"));
+    ready_all(&mut sim, "web");
+    sim.signal(SupervisorSignal::Reload);
+    let c2 = sim.candidate("web", 2).unwrap();
+    sim.control(
+        Request::Scale {
+            app: "web".into(),
+            workers: 1,
+        },
+        1,
+    );
+    assert!(
+        sim.sent(c2, Signal::SIGTERM),
+        "the removed slot's candidate stops"
+    );
+    assert_eq!(sim.core.apps["web"].slots.len(), 1);
+    roll(&mut sim, "web");
+    assert_eq!(
+        sim.last_reload("web"),
+        Some(ReloadOutcome::Completed { generation: 2 })
+    );
+}
+
+#[test]
+fn scaling_up_starts_new_slots_at_once() {
+    let mut sim = Sim::new(WEB3);
+    sim.control(
+        Request::Scale {
+            app: "web".into(),
+            workers: 5,
+        },
+        1,
+    );
+    assert_eq!(sim.serving("web").len(), 5);
+    sim.signal(SupervisorSignal::ScaleBy(-1));
+    assert_eq!(sim.core.apps["web"].slots.len(), 4);
+}
+
+#[test]
+fn restarting_a_slot_during_a_rollout_keeps_the_rollout_going() {
+    let mut sim = Sim::new(WEB3);
+    ready_all(&mut sim, "web");
+    sim.signal(SupervisorSignal::Reload);
+    let old2 = sim.pid("web", 2).unwrap();
+    sim.control(
+        Request::Restart {
+            app: "web".into(),
+            slot: Some(2),
+        },
+        1,
+    );
+    assert!(sim.sent(old2, Signal::SIGTERM));
+    assert_ne!(sim.pid("web", 2), Some(old2));
+    sim.exit(old2, ExitStatus::Code(0));
+    ready_all(&mut sim, "web");
+    roll(&mut sim, "web");
+    assert_eq!(
+        sim.last_reload("web"),
+        Some(ReloadOutcome::Completed { generation: 2 })
+    );
+}
+
+#[test]
+fn sighup_with_a_new_command_during_a_rollout_rolls_it_out_next() {
+    let mut sim = Sim::new(WEB3);
+    ready_all(&mut sim, "web");
+    sim.signal(SupervisorSignal::Reload);
+    sim.signal(SupervisorSignal::Reread);
+    assert_eq!(sim.rereads, 1, "the driver is asked to re-read");
+    let changed = manifest(&WEB3.replace("[\"srv\"]", "[\"srv2\"]"));
+    sim.on(Event::Reconfigure(Box::new(changed)));
+    roll(&mut sim, "web");
+    assert_eq!(sim.core.apps["web"].generation, 3);
+    for slot in 0..3 {
+        let pid = sim.pid("web", slot).unwrap();
+        let worker = &sim.core.workers[&sim.core.worker_by_pid(pid).unwrap()];
+        assert_eq!(worker.config.command, ["srv2"]);
+    }
+}
+
+#[test]
+fn sighup_adds_and_removes_apps() {
+    let mut sim = Sim::new(WEB3);
+    let old = sim.serving("web");
+    let next = manifest("[apps.jobs]\ncommand = [\"q\"]\nworkers = 2\n");
+    sim.on(Event::Reconfigure(Box::new(next)));
+    assert!(!sim.core.apps.contains_key("web"));
+    for pid in old {
+        assert!(sim.sent(pid, Signal::SIGTERM));
+    }
+    assert_eq!(sim.serving("jobs").len(), 2);
+}
+
+#[test]
+fn shutdown_during_a_rollout_stops_everything_and_answers_waiters() {
+    let mut sim = Sim::new(WEB3);
+    ready_all(&mut sim, "web");
+    sim.control(
+        Request::Reload {
+            app: None,
+            wait: true,
+        },
+        9,
+    );
+    let c0 = sim.candidate("web", 0).unwrap();
+    sim.signal(SupervisorSignal::Stop(Signal::SIGTERM));
+    assert!(sim.sent(c0, Signal::SIGTERM));
+    match &sim.replies.last().unwrap().1 {
+        Reply::Reloaded { outcomes } => assert_eq!(outcomes[0].outcome, ReloadResult::Aborted),
+        other => panic!("{other:?}"),
+    }
+    assert!(!sim.core.finished());
+    sim.stopped_ones_exit();
+    assert!(sim.core.finished());
+    assert_eq!(sim.spawns, 4, "nothing respawns during shutdown");
+}
+
+#[test]
+fn a_second_stop_signal_kills_at_once() {
+    let mut sim = Sim::new(WEB3);
+    let pids = sim.serving("web");
+    sim.signal(SupervisorSignal::Stop(Signal::SIGTERM));
+    sim.signal(SupervisorSignal::Stop(Signal::SIGINT));
+    for pid in pids {
+        assert!(sim.sent(pid, Signal::SIGTERM) && sim.sent(pid, Signal::SIGKILL));
+    }
+}
+
+#[test]
+fn a_worker_that_ignores_its_stop_signal_is_killed_after_the_stop_timeout() {
+    let mut sim = Sim::new("[apps.a]\ncommand = [\"x\"]\nstop_timeout = \"3s\"\n");
+    let pid = sim.pid("a", 0).unwrap();
+    sim.signal(SupervisorSignal::Stop(Signal::SIGTERM));
+    sim.advance(2999 * MS);
+    assert!(!sim.sent(pid, Signal::SIGKILL));
+    sim.advance(MS);
+    assert!(sim.sent(pid, Signal::SIGKILL));
+    sim.killed(pid);
+    assert!(sim.core.finished());
+}
+
+#[test]
+fn a_worker_whose_children_live_on_is_kept_until_its_group_is_empty() {
+    let mut sim = Sim::new(WEB3);
+    let pid = sim.pid("web", 0).unwrap();
+    sim.on(Event::Exited {
+        pid,
+        status: ExitStatus::Code(1),
+        group_empty: false,
+    });
+    // The slot is replaced; the leftovers are told to stop, then remembered until gone.
+    assert_ne!(sim.pid("web", 0), Some(pid));
+    assert!(sim.sent(pid, Signal::SIGTERM));
+    let lingering: Vec<_> = sim.core.lingering().collect();
+    assert_eq!(lingering.len(), 1);
+    sim.on(Event::GroupEmpty(lingering[0].0));
+    assert_eq!(sim.core.lingering().count(), 0);
+    assert_eq!(sim.core.workers.len(), 3);
+}
+
+#[test]
+fn a_program_that_cannot_run_fails_its_slot_until_a_restart() {
+    let mut sim = Sim::new(WEB3);
+    let pid = sim.pid("web", 0).unwrap();
+    sim.spawn_failures.push(SpawnFailure {
+        message: "cannot find program \"srv\" in PATH".into(),
+        transient: false,
+    });
+    sim.exit(pid, ExitStatus::Code(1));
+    assert!(matches!(sim.slot_state("web", 0), SlotState::Failed { .. }));
+    sim.advance(Duration::from_secs(60));
+    assert_eq!(sim.pid("web", 0), None, "no crash storm");
+    sim.control(
+        Request::Restart {
+            app: "web".into(),
+            slot: Some(0),
+        },
+        1,
+    );
+    assert!(sim.pid("web", 0).is_some());
+}
+
+#[test]
+fn a_transient_spawn_failure_is_retried() {
+    let mut sim = Sim::new(WEB3);
+    let pid = sim.pid("web", 0).unwrap();
+    sim.spawn_failures.push(SpawnFailure {
+        message: "pipe2 failed: Too many open files".into(),
+        transient: true,
+    });
+    sim.exit(pid, ExitStatus::Code(1));
+    assert!(matches!(
+        sim.slot_state("web", 0),
+        SlotState::Backoff { .. }
+    ));
+    sim.advance(Duration::from_secs(1));
+    assert!(sim.pid("web", 0).is_some());
+}
+
+#[test]
+fn restart_policies() {
+    let mut sim = Sim::new(
+        "[apps.once]\ncommand = [\"x\"]\nrestart = \"never\"\n[apps.fail]\ncommand = [\"x\"]\nrestart = \"on-failure\"\n",
+    );
+    let once = sim.pid("once", 0).unwrap();
+    sim.exit(once, ExitStatus::Code(1));
+    assert_eq!(sim.slot_state("once", 0), SlotState::Stopped);
+    let fail = sim.pid("fail", 0).unwrap();
+    sim.exit(fail, ExitStatus::Code(0));
+    assert_eq!(sim.slot_state("fail", 0), SlotState::Stopped);
+    sim.control(
+        Request::Restart {
+            app: "fail".into(),
+            slot: Some(0),
+        },
+        1,
+    );
+    let again = sim.pid("fail", 0).unwrap();
+    sim.exit(again, ExitStatus::Code(2));
+    assert!(sim.pid("fail", 0).is_some(), "a failure restarts");
+}
+
+#[test]
+fn a_rollout_of_delay_workers_wakes_only_at_its_deadlines() {
+    // The defect this guards against: deadlines in the past made the loop spin for the
+    // whole rollout. Here every wake-up must move the rollout on.
+    let mut sim = Sim::new(
+        "[apps.a]\ncommand = [\"x\"]\nworkers = 2\nready = \"delay\"\nready_delay = \"3s\"\n",
+    );
+    sim.advance(Duration::from_secs(3));
+    sim.signal(SupervisorSignal::Reload);
+    let mut wakes = 0;
+    for _ in 0..20 {
+        wakes += sim.advance(Duration::from_secs(1));
+        sim.stopped_ones_exit();
+    }
+    assert_eq!(
+        sim.last_reload("a"),
+        Some(ReloadOutcome::Completed { generation: 2 })
+    );
+    // Per slot: ready after the delay, then baked (1 s default): two wake-ups.
+    assert!(wakes <= 4, "{wakes} wake-ups");
+}
+
+#[test]
+fn stopping_notifications_are_debug_lines_only() {
+    let mut sim = Sim::new(WEB3);
+    let pid = sim.pid("web", 0).unwrap();
+    let before = sim.logs.len();
+    for _ in 0..100 {
+        sim.notify(pid, "STOPPING=1");
+    }
+    assert!(
+        sim.logs[before..]
+            .iter()
+            .all(|(level, _)| *level == tracing::Level::DEBUG)
+    );
+}
+
+#[test]
+fn the_tend_owner_is_who_says_so_until_it_releases_or_dies() {
+    let mut sim = Sim::new(&WEB3.replace("workers = 3", "workers = 3\nkv_segment = \"kv\""));
+    let (a, b) = (sim.pid("web", 0).unwrap(), sim.pid("web", 1).unwrap());
+    let owner = |sim: &Sim| sim.core.apps["web"].tend_owner;
+    sim.notify(a, "X_CLUSTERD_KV_TEND=owner");
+    assert_eq!(owner(&sim), sim.core.worker_by_pid(a));
+    sim.notify(b, "X_CLUSTERD_KV_TEND=released");
+    assert_eq!(
+        owner(&sim),
+        sim.core.worker_by_pid(a),
+        "only the owner releases"
+    );
+    sim.killed(a);
+    assert_eq!(owner(&sim), None);
+    sim.notify(b, "X_CLUSTERD_KV_TEND=owner");
+    sim.notify(b, "X_CLUSTERD_KV_TEND=released");
+    assert_eq!(owner(&sim), None);
+}
+
+#[test]
+fn a_signal_command_reaches_running_workers() {
+    let mut sim = Sim::new(WEB3);
+    sim.control(
+        Request::Signal {
+            app: "web".into(),
+            signal: "HUP".into(),
+        },
+        4,
+    );
+    let pids = sim.serving("web");
+    assert!(pids.iter().all(|p| sim.sent(*p, Signal::SIGHUP)));
+    sim.control(
+        Request::Signal {
+            app: "nope".into(),
+            signal: "HUP".into(),
+        },
+        5,
+    );
+    assert!(matches!(
+        sim.replies.last(),
+        Some((ReplyTo(5), Reply::Error { .. }))
+    ));
+}
+
+mod random {
+    //! Random event sequences against the invariants (checked by `Sim::perform` after every
+    //! step), plus: a rollout is never reported completed while one of its new workers is
+    //! not running.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Wait(u64),
+        Crash(usize, bool),
+        Ready(usize),
+        Reload,
+        Scale(usize),
+        Restart(usize),
+        Linger(usize),
+        Stop,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (1u64..3000).prop_map(Step::Wait),
+            3 => (0usize..8, any::<bool>()).prop_map(|(i, kill)| Step::Crash(i, kill)),
+            4 => (0usize..8).prop_map(Step::Ready),
+            2 => Just(Step::Reload),
+            1 => (0usize..5).prop_map(Step::Scale),
+            1 => (0usize..5).prop_map(Step::Restart),
+            1 => (0usize..8).prop_map(Step::Linger),
+            1 => Just(Step::Stop),
+        ]
+    }
+
+    /// The pids of running workers, in a stable order.
+    fn running(sim: &Sim) -> Vec<Pid> {
+        sim.core
+            .workers
+            .values()
+            .filter(|w| w.is_running())
+            .filter_map(|w| w.pid)
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn invariants_hold_under_random_events(steps in proptest::collection::vec(step(), 1..80)) {
+            let mut sim = Sim::new(
+                "[apps.web]\ncommand = [\"srv\"]\nworkers = 3\nready = \"notify\"\nready_timeout = \"5s\"\nstop_timeout = \"2s\"\n[apps.web.reload]\nbake = \"500ms\"\n",
+            );
+            for step in steps {
+                let before = sim.last_reload("web").map(|o| o.generation());
+                match step {
+                    Step::Wait(ms) => { sim.advance(Duration::from_millis(ms)); }
+                    Step::Crash(i, kill) => {
+                        let pids = running(&sim);
+                        if !pids.is_empty() {
+                            let status = if kill { ExitStatus::Signal(Signal::SIGKILL) } else { ExitStatus::Code(1) };
+                            sim.exit(pids[i % pids.len()], status);
+                        }
+                    }
+                    Step::Ready(i) => {
+                        let pids = running(&sim);
+                        if !pids.is_empty() {
+                            sim.notify(pids[i % pids.len()], "READY=1");
+                        }
+                    }
+                    Step::Reload => sim.signal(SupervisorSignal::Reload),
+                    Step::Scale(n) => sim.control(Request::Scale { app: "web".into(), workers: n }, 1),
+                    Step::Restart(slot) => sim.control(Request::Restart { app: "web".into(), slot: Some(slot) }, 2),
+                    Step::Linger(i) => {
+                        let pids = running(&sim);
+                        if !pids.is_empty() {
+                            let pid = pids[i % pids.len()];
+                            sim.on(Event::Exited { pid, status: ExitStatus::Code(0), group_empty: false });
+                        }
+                        let lingering: Vec<WorkerId> = sim.core.lingering().map(|(id, _)| id).collect();
+                        if let Some(id) = lingering.first() {
+                            sim.on(Event::GroupEmpty(*id));
+                        }
+                    }
+                    Step::Stop => sim.signal(SupervisorSignal::Stop(Signal::SIGTERM)),
+                }
+                if sim.core.shutting_down() {
+                    prop_assert!(sim.core.apps["web"].slots.iter().all(|s| s.state == SlotState::Stopped));
+                }
+                if let Some(ReloadOutcome::Completed { generation }) = sim.last_reload("web")
+                    && before != Some(generation)
+                {
+                    // Just completed: every slot runs a live worker of that generation.
+                    for slot in &sim.core.apps["web"].slots {
+                        let worker = slot.worker().and_then(|id| sim.core.workers.get(&id));
+                        prop_assert!(worker.is_some_and(|w| w.generation == generation && w.is_running()),
+                            "completed while a slot does not run generation {}", generation);
+                    }
+                }
+            }
+            // Whatever happened, a shutdown ends once every worker is gone.
+            sim.signal(SupervisorSignal::Stop(Signal::SIGTERM));
+            sim.stopped_ones_exit();
+            let lingering: Vec<WorkerId> = sim.core.lingering().map(|(id, _)| id).collect();
+            for id in lingering {
+                sim.on(Event::GroupEmpty(id));
+            }
+            prop_assert!(sim.core.finished());
+        }
+    }
+}

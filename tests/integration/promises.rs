@@ -1,0 +1,252 @@
+//! The core's promises, with apps that are not polite: a new version that dies right after
+//! READY=1, an app that takes seconds to start and never signals readiness, outside kills,
+//! and a rollout that must not make the loop spin.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::util::{Clusterd, alive, http_get, wait_until, whoami};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Generation 1 is the hello server; later generations are a broken deploy that says
+/// READY=1 (as gunicorn's master does before its worker imports the app) and dies 0.4 s later.
+const BROKEN_AFTER_READY: &str = r#"#!/bin/sh
+if [ "$CLUSTERD_GENERATION" = 1 ]; then exec {hello}; fi
+"$CLUSTERD_EXE" notify READY=1
+sleep 0.4
+echo "ImportError: no module named app" >&2
+exit 1
+"#;
+
+fn broken_manifest(bake: &str) -> String {
+    format!(
+        r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{{dir}}/app.sh"]
+workers = 3
+sockets = ["http"]
+ready = "notify"
+{bake}
+"#
+    )
+}
+
+/// Every request of `count` on a fresh connection, counting failures.
+fn failures(addr: std::net::SocketAddr, count: usize) -> usize {
+    (0..count)
+        .filter(|_| !matches!(http_get(addr, "/"), Ok(r) if r.status == 200))
+        .count()
+}
+
+#[test]
+fn a_version_that_crashes_after_ready_aborts_the_reload_and_the_old_workers_keep_answering() {
+    let mut clusterd =
+        Clusterd::start_with_files(&broken_manifest(""), &[("app.sh", BROKEN_AFTER_READY)]);
+    let addr = clusterd.socket_addr("http");
+    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+    let old: BTreeSet<Pid> = clusterd.serving("web").iter().map(|w| w.1).collect();
+
+    let output = clusterd.ctl(&["reload", "--wait"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !output.status.success(),
+        "reload --wait must fail: {stdout}"
+    );
+    assert!(stdout.contains("ABORTED"), "{stdout}");
+
+    // The same three old workers serve, and they answer.
+    let now: BTreeSet<Pid> = clusterd.serving("web").iter().map(|w| w.1).collect();
+    assert_eq!(now, old, "{}", clusterd.output());
+    let status = clusterd.status();
+    assert_eq!(status["apps"][0]["last_reload"]["outcome"], "aborted");
+    assert_eq!(failures(addr, 50), 0);
+    let mut answered = BTreeSet::new();
+    for _ in 0..300 {
+        answered.insert(whoami(addr).expect("request").1);
+        if answered.len() == 3 {
+            break;
+        }
+    }
+    assert!(answered.is_subset(&old));
+    assert!(clusterd.stop().success());
+}
+
+#[test]
+fn a_promoted_version_that_dies_before_the_rollout_ends_is_rolled_back_and_no_request_fails() {
+    // A bake shorter than the broken version's life: slot 0 is promoted (its old worker
+    // stopped), then its new worker dies while the rollout is still under way.
+    let mut clusterd = Clusterd::start_with_files(
+        &broken_manifest("[apps.web.reload]\nbake = \"200ms\""),
+        &[("app.sh", BROKEN_AFTER_READY)],
+    );
+    let addr = clusterd.socket_addr("http");
+    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+
+    let load = std::thread::spawn(move || failures(addr, 400));
+    let output = clusterd.ctl(&["reload", "--wait"]);
+    assert!(!output.status.success());
+    assert_eq!(
+        load.join().expect("load thread"),
+        0,
+        "{}",
+        clusterd.output()
+    );
+
+    // Every slot runs generation 1 again (the broken generation was rolled back), ready.
+    assert!(
+        wait_until(20 * SECOND, || {
+            let serving = clusterd.serving("web");
+            serving.len() == 3 && serving.iter().all(|w| w.2 == 1 && w.3 == "ready")
+        }),
+        "{}",
+        clusterd.output()
+    );
+    assert!(clusterd.output().contains("goes back to generation 1"));
+    assert!(clusterd.stop().success());
+}
+
+#[test]
+fn an_app_that_starts_slowly_without_readiness_keeps_its_old_workers_serving() {
+    // Like Express or uvicorn: 1.5 s to start, never says READY. The manifest says nothing
+    // about readiness: an app with sockets gets the default delay and bake.
+    let slow = "#!/bin/sh\nsleep 1.5\nexec {hello}\n";
+    let manifest = r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{dir}/slow.sh"]
+workers = 3
+sockets = ["http"]
+"#;
+    let mut clusterd = Clusterd::start_with_files(manifest, &[("slow.sh", slow)]);
+    let addr = clusterd.socket_addr("http");
+    assert!(wait_until(20 * SECOND, || {
+        let serving = clusterd.serving("web");
+        serving.len() == 3 && serving.iter().all(|w| w.3 == "ready")
+    }));
+    let old: Vec<Pid> = clusterd.serving("web").iter().map(|w| w.1).collect();
+    clusterd.signal(Signal::SIGUSR2);
+    std::thread::sleep(SECOND);
+    let still = old.iter().filter(|pid| alive(**pid)).count();
+    assert!(
+        still >= 2,
+        "only {still} of 3 old workers serve 1 s into the reload"
+    );
+    assert_eq!(failures(addr, 20), 0);
+    assert!(clusterd.stop().success());
+}
+
+/// CPU seconds (user + system) of a process.
+fn cpu_seconds(pid: Pid) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat[stat.rfind(')').expect(")") + 2..].split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[test]
+fn a_rollout_of_delay_workers_does_not_make_the_loop_spin() {
+    let manifest = r#"
+[supervisor]
+stop_timeout = "2s"
+
+[apps.sleepy]
+command = ["sleep", "1000"]
+workers = 2
+ready = "delay"
+ready_delay = "2s"
+"#;
+    let mut clusterd = Clusterd::start(manifest);
+    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    let before = cpu_seconds(clusterd.pid());
+    let output = clusterd.ctl(&["reload", "--wait"]);
+    assert!(output.status.success(), "{}", clusterd.output());
+    let used = cpu_seconds(clusterd.pid()) - before;
+    // The rollout takes about 6 s (two slots: 2 s delay + 1 s bake each); a spinning loop
+    // burns all of it. The bound is generous for a loaded machine.
+    assert!(
+        used < 1.0,
+        "clusterd used {used:.2} s of CPU over a ~6 s rollout"
+    );
+    assert!(clusterd.stop().success());
+}
+
+#[test]
+fn outside_kills_of_serving_workers_never_put_a_slot_in_backoff() {
+    let manifest = r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{hello}"]
+workers = 4
+sockets = ["http"]
+ready = "notify"
+"#;
+    let mut clusterd = Clusterd::start(manifest);
+    let addr = clusterd.socket_addr("http");
+    clusterd.wait_for_lines("ready after", 4, 20 * SECOND);
+    for round in 0..8 {
+        let serving = clusterd.serving("web");
+        let (slot, victim, _, _) = serving[round % serving.len()].clone();
+        nix::sys::signal::kill(victim, Signal::SIGKILL).expect("kill");
+        assert!(
+            wait_until(10 * SECOND, || {
+                clusterd
+                    .serving("web")
+                    .iter()
+                    .any(|w| w.0 == slot && w.1 != victim && w.3 == "ready")
+            }),
+            "slot {slot} was not replaced:\n{}",
+            clusterd.output()
+        );
+        let status = clusterd.status();
+        for worker in status["apps"][0]["workers"].as_array().unwrap() {
+            assert_ne!(worker["state"], "backoff", "{status}");
+            assert_eq!(worker["crash_streak"], 0, "{status}");
+        }
+    }
+    assert_eq!(failures(addr, 20), 0);
+    assert!(clusterd.output().contains("no crash"));
+    assert!(clusterd.stop().success());
+}
+
+#[test]
+fn an_app_that_sets_its_own_path_is_found_by_check_start_and_spawn() {
+    let manifest = r#"
+[apps.tool]
+command = ["my-tool"]
+env = { PATH = "{dir}/bin:/usr/bin:/bin" }
+"#;
+    let files = [("bin/my-tool", "#!/bin/sh\nexec sleep 1000\n")];
+    let mut clusterd = Clusterd::start_with_files(manifest, &files);
+    clusterd.wait_for_line("tool[0] started pid", 10 * SECOND);
+    let check = std::process::Command::new(crate::util::clusterd_bin())
+        .arg("check")
+        .arg(&clusterd.manifest)
+        .output()
+        .expect("check");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(clusterd.stop().success());
+}
