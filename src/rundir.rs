@@ -19,11 +19,11 @@ pub struct RunDir {
 impl RunDir {
     /// The run directory for `manifest`, with `override_dir` (the `--run-dir` flag) first.
     pub fn for_manifest(manifest: &Manifest, override_dir: Option<&Path>) -> Self {
-        let path = override_dir
-            .map(Path::to_path_buf)
-            .or_else(|| manifest.supervisor.run_dir.clone())
-            .unwrap_or_else(|| default_dir(&manifest.path));
-        RunDir { path }
+        resolve(
+            &manifest.path,
+            manifest.supervisor.run_dir.clone(),
+            override_dir,
+        )
     }
 
     /// The run directory of the manifest file at `path`, for the CLI. Only `[supervisor]
@@ -31,10 +31,8 @@ impl RunDir {
     /// still leads to the supervisor running it.
     pub fn for_manifest_file(path: &Path, override_dir: Option<&Path>) -> io::Result<Self> {
         let absolute = std::path::absolute(path)?;
-        if let Some(dir) = override_dir {
-            return Ok(RunDir {
-                path: dir.to_path_buf(),
-            });
+        if override_dir.is_some() {
+            return Ok(resolve(&absolute, None, override_dir));
         }
         let text = std::fs::read_to_string(&absolute)?;
         let configured = text
@@ -47,9 +45,7 @@ impl RunDir {
                     .map(PathBuf::from)
             })
             .map(|dir| absolute.parent().unwrap_or(Path::new("/")).join(dir));
-        Ok(RunDir {
-            path: configured.unwrap_or_else(|| default_dir(&absolute)),
-        })
+        Ok(resolve(&absolute, configured, None))
     }
 
     /// Creates the directory (mode 0700 for every directory created).
@@ -74,6 +70,15 @@ impl RunDir {
     pub fn notify_socket(&self) -> PathBuf {
         self.path.join("notify.sock")
     }
+}
+
+/// The one rule: `--run-dir`, else `[supervisor] run_dir`, else the default for the manifest.
+fn resolve(manifest: &Path, configured: Option<PathBuf>, override_dir: Option<&Path>) -> RunDir {
+    let path = override_dir
+        .map(Path::to_path_buf)
+        .or(configured)
+        .unwrap_or_else(|| default_dir(manifest));
+    RunDir { path }
 }
 
 fn default_dir(manifest_path: &Path) -> PathBuf {
