@@ -121,7 +121,9 @@ impl Core {
                 message: format!("rolling restart of {app} started"),
             }));
         };
-        let state = self.apps.get_mut(app).expect("checked");
+        let Some(state) = self.apps.get_mut(app) else {
+            return Err(error(ErrorKind::BadRequest, &format!("no app {app:?}")));
+        };
         let count = state.slots.len();
         let Some(slot) = state.slots.get_mut(index) else {
             return Err(error(

@@ -188,7 +188,9 @@ impl Core {
             return;
         };
         let role = self.role(id);
-        let worker = &self.workers[&id];
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
         let end = End {
             uptime: now.saturating_duration_since(worker.started),
             was_ready: worker.is_ready(),
@@ -198,7 +200,6 @@ impl Core {
         match role {
             Role::Current => self.on_unexpected_exit(now, id, &end),
             Role::Candidate => {
-                let worker = &self.workers[&id];
                 let when = if end.was_ready {
                     "after ready, before it replaced the old worker"
                 } else {
@@ -218,7 +219,6 @@ impl Core {
                 self.abort_rollout(now, &app, reason);
             }
             Role::Retired => {
-                let worker = &self.workers[&id];
                 let message = format!(
                     "{} pid {pid} (generation {}) stopped: {status} after {}",
                     worker.label(),
@@ -233,7 +233,9 @@ impl Core {
             return;
         }
         // Others of its group live on: they are asked to stop too.
-        let worker = self.workers.get_mut(&id).expect("still recorded");
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
         match &mut worker.phase {
             Phase::Stopping { exited, .. } => *exited = true,
             _ => {
@@ -256,7 +258,9 @@ impl Core {
     /// If it was a rollout's new worker, already promoted, the rollout aborts and the slot
     /// goes back to the generation it had.
     fn on_unexpected_exit(&mut self, now: Instant, id: WorkerId, end: &End) {
-        let worker = &self.workers[&id];
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
         let (app_name, index, generation) = (worker.app.clone(), worker.slot, worker.generation);
         let label = worker.label();
         let pid = worker.pid_text();
@@ -267,10 +271,9 @@ impl Core {
             _ => end.status.to_string(),
         };
         let shutting_down = self.shutting_down;
-        let app = self
-            .apps
-            .get_mut(&app_name)
-            .expect("a current worker's app");
+        let Some(app) = self.apps.get_mut(&app_name) else {
+            return;
+        };
         let config = app.config(generation).clone();
         let restart = !shutting_down
             && match config.restart {
@@ -384,7 +387,9 @@ impl Core {
     /// (EMFILE, EAGAIN...) is retried with the backoff. A candidate's failure aborts its rollout.
     fn on_spawn_failure(&mut self, now: Instant, id: WorkerId, failure: SpawnFailure) {
         let role = self.role(id);
-        let worker = self.workers.remove(&id).expect("checked by the caller");
+        let Some(worker) = self.workers.remove(&id) else {
+            return;
+        };
         self.out.push(Action::Forget { worker: id });
         let label = worker.label();
         let Some(app) = self.apps.get_mut(&worker.app) else {
@@ -534,7 +539,9 @@ impl Core {
             .map(|(id, w)| (*id, w.phase))
             .collect();
         for (id, phase) in due {
-            let worker = &self.workers[&id];
+            let Some(worker) = self.workers.get(&id) else {
+                continue;
+            };
             let (label, pid) = (worker.label(), worker.pid_text());
             match phase {
                 Phase::Starting { ready_at, .. } if ready_at.is_some_and(|at| at <= now) => {
@@ -569,7 +576,9 @@ impl Core {
     }
 
     fn become_ready(&mut self, now: Instant, id: WorkerId) {
-        let worker = self.workers.get_mut(&id).expect("a known worker");
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
         let waited = now.saturating_duration_since(worker.started);
         worker.phase = Phase::Ready {
             since: now,
@@ -593,7 +602,9 @@ impl Core {
     /// rollout, any other worker is replaced like a crash (when its exit arrives).
     fn not_ready(&mut self, now: Instant, id: WorkerId) {
         let role = self.role(id);
-        let worker = &self.workers[&id];
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
         let timeout = worker.config.ready_timeout;
         let (app, slot, generation) = (worker.app.clone(), worker.slot, worker.generation);
         let message = format!(
@@ -636,8 +647,13 @@ impl Core {
             .collect();
         for (name, index, generation) in due {
             let id = self.spawn(now, &name, index, generation);
-            self.apps.get_mut(&name).expect("listed above").slots[index].state =
-                SlotState::Occupied(id);
+            if let Some(slot) = self
+                .apps
+                .get_mut(&name)
+                .and_then(|a| a.slots.get_mut(index))
+            {
+                slot.state = SlotState::Occupied(id);
+            }
         }
     }
 

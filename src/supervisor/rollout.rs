@@ -245,7 +245,9 @@ impl Core {
             });
         }
 
-        let app = self.apps.get_mut(name).expect("rolling it");
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
         if !rollout.pending.is_empty() || !rollout.active.is_empty() {
             app.rollout = Some(rollout);
             return;
