@@ -6,5 +6,6 @@ mod control;
 mod core;
 mod examples;
 mod kv;
+mod node_kv;
 mod reload;
 mod util;
