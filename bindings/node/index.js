@@ -8,6 +8,7 @@
 //   await kv.del('user:1');                     // true if it existed
 //   kv.stats();                                 // { role: 'owner' | 'follower' | ..., ownerPid, ... }
 //   await kv.close();                           // another process takes over tending at once
+//   tendOwners(dir, prefix);                    // who tends the host's segments (as clusterd status)
 //
 // The library: $CLUSTERD_KV_NODE_ADDON if set, else the newest of
 // target/{release,debug}/libclusterd_kv_node.so of the workspace (or of $CARGO_TARGET_DIR).
@@ -132,4 +133,12 @@ async function connect(options) {
   });
 }
 
-module.exports = { connect, KvClient: native.KvClient, addonPath: file };
+module.exports = {
+  connect,
+  KvClient: native.KvClient,
+  // tendOwners(dir?, prefix?): the host's segments and who tends each (ownerSinceUs is on
+  // the clock of monotonicMicros()).
+  tendOwners: native.tendOwners,
+  monotonicMicros: native.monotonicMicros,
+  addonPath: file,
+};

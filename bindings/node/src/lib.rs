@@ -235,6 +235,63 @@ fn bytes(value: Either<String, Buffer>) -> Vec<u8> {
     }
 }
 
+/// One segment's tend owner, as [`tend_owners`] reports it (`clusterd_kv::OwnerInfo`).
+#[napi(object, use_nullable = true)]
+pub struct TendOwner {
+    /// The segment file.
+    pub segment: String,
+    /// Pid of the tend owner as the segment header claims it, while the lock is held.
+    pub owner_pid: Option<i32>,
+    /// Whether some process holds the tend lock.
+    pub lock_held: bool,
+    /// Pid holding the tend lock according to the kernel (`/proc/locks`).
+    pub lock_pid: Option<i32>,
+    /// Times ownership was taken since the segment was created.
+    pub owner_epoch: f64,
+    /// Generation of the published map (0: none yet).
+    pub generation: u32,
+    /// Milliseconds since the owner's last tend round, while an owner tends.
+    pub heartbeat_age_ms: Option<f64>,
+    /// When the current owner took the lock, on the clock of [`monotonic_micros`].
+    pub owner_since_us: f64,
+}
+
+/// The host's segments named `{prefix}-{hash}` in `dir` and who tends each (what
+/// `clusterd status` reads); `dir` and `prefix` default like `connect()`'s. Synchronous: it
+/// reads a few small files.
+#[napi]
+pub fn tend_owners(dir: Option<String>, prefix: Option<String>) -> napi::Result<Vec<TendOwner>> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let dir = dir
+        .or_else(|| env(clusterd_kv::ENV_SEGMENT_DIR))
+        .unwrap_or_else(|| clusterd_kv::DEFAULT_DIR.into());
+    let prefix = prefix
+        .or_else(|| env(clusterd_kv::ENV_SEGMENT_PREFIX))
+        .unwrap_or_else(|| clusterd_kv::DEFAULT_PREFIX.into());
+    let owners = clusterd_kv::tend_owners(dir.as_ref(), &prefix)
+        .map_err(|e| napi::Error::new(Status::GenericFailure, format!("reading {dir}: {e}")))?;
+    Ok(owners
+        .into_iter()
+        .map(|o| TendOwner {
+            segment: o.segment.display().to_string(),
+            owner_pid: o.owner_pid,
+            lock_held: o.lock_held,
+            lock_pid: o.lock_pid,
+            owner_epoch: o.owner_epoch as f64,
+            generation: o.generation,
+            heartbeat_age_ms: o.heartbeat_age.map(|d| d.as_secs_f64() * 1000.0),
+            owner_since_us: o.owner_since_us as f64,
+        })
+        .collect())
+}
+
+/// CLOCK_MONOTONIC in microseconds, the clock of the segment's timestamps
+/// (`ownerSinceUs`): for measuring takeovers.
+#[napi]
+pub fn monotonic_micros() -> f64 {
+    clusterd_kv::monotonic_micros() as f64
+}
+
 /// Runs `fut` on napi's tokio runtime and returns a promise that resolves with `ok`'s value,
 /// or rejects with an `Error` carrying the crate error's [`error_code`].
 fn settle<'env, T, V, F, R>(env: &'env Env, fut: F, ok: R) -> napi::Result<PromiseRaw<'env, V>>

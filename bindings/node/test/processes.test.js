@@ -9,6 +9,7 @@ const assert = require('node:assert/strict');
 const path = require('node:path');
 const readline = require('node:readline');
 const { spawn } = require('node:child_process');
+const { tendOwners, monotonicMicros } = require('..');
 const { seeds, freshSegment, waitFor } = require('./helpers');
 
 const AGENT = path.join(__dirname, 'fixtures', 'agent.js');
@@ -77,12 +78,19 @@ async function stopAll(agents) {
 }
 
 test('exactly one owner among four processes, and every process names it', async () => {
-  const agents = await startAgents(freshSegment('one'), 4);
+  const segment = freshSegment('one');
+  const agents = await startAgents(segment, 4);
   try {
     const stats = await Promise.all(agents.map((a) => a.stats()));
     const owning = stats.filter((s) => s.role === 'owner');
     assert.equal(owning.length, 1, JSON.stringify(stats));
     const ownerPid = agents[stats.indexOf(owning[0])].pid;
+    // The kernel's lock table agrees.
+    const [info, ...others] = tendOwners(process.env.CLUSTERD_KV_DIR, segment);
+    assert.equal(others.length, 0);
+    assert.equal(info.lockPid, ownerPid);
+    assert.equal(info.ownerPid, ownerPid);
+    assert.ok(info.ownerSinceUs <= monotonicMicros());
     for (const s of stats) {
       assert.equal(s.ownerPid, ownerPid);
       if (s.role === 'follower') {
