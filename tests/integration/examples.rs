@@ -19,6 +19,7 @@ fn the_bundled_manifests_are_valid() {
         "examples/node/supervisor.toml",
         "examples/python/supervisor.toml",
         "examples/kv-http/supervisor.toml",
+        "examples/node-kv/supervisor.toml",
     ] {
         let output = Command::new(clusterd_bin())
             .arg("check")

@@ -6,6 +6,7 @@ mod control;
 mod core;
 mod examples;
 mod kv;
+mod node_kv;
 mod promises;
 mod reload;
 mod util;

@@ -1,0 +1,5 @@
+//! Build script: napi-build's per-platform linker setup for a Node addon.
+
+fn main() {
+    napi_build::setup();
+}
