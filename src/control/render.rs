@@ -2,6 +2,10 @@
 
 use std::fmt::Write;
 
+/// A tend owner not heard from for this long is shown as silent (owners tend every second by
+/// default; the KV client's followers start tending themselves after a few missed rounds).
+const STALE_TEND_MS: u64 = 5_000;
+
 use clusterd_proto::{ReloadResult, Status, WorkerRole, WorkerState, WorkerStatus};
 
 /// Renders a status snapshot as text.
@@ -32,6 +36,9 @@ pub fn status_table(status: &Status) -> String {
         }
         if let Some(pid) = app.tend_owner {
             let _ = write!(out, ", KV tend owner pid {pid}");
+            if let Some(ms) = app.tend_heard_ms.filter(|ms| *ms >= STALE_TEND_MS) {
+                let _ = write!(out, " (silent {})", duration(ms));
+            }
         }
         let _ = writeln!(out);
         if let Some(last) = &app.last_reload {
@@ -188,6 +195,7 @@ mod tests {
                     ),
                 }),
                 tend_owner: Some(4_194_303),
+                tend_heard_ms: Some(1_200),
                 workers: vec![worker],
             }],
         };

@@ -22,7 +22,7 @@ use tracing::Level;
 use super::backoff::{self, End};
 use super::commands::Waiter;
 use super::event::{Action, Event, Observation, SpawnFailure};
-use super::state::{App, Phase, SlotState, StopReason, Worker, WorkerId, human};
+use super::state::{App, Phase, SlotState, StopReason, Tend, Worker, WorkerId, human};
 use crate::reaper::ExitStatus;
 use crate::signals::SupervisorSignal;
 
@@ -104,6 +104,7 @@ impl Core {
     /// and answers `reload --wait` clients whose rollouts ended.
     pub fn tick(&mut self, now: Instant) -> Vec<Action> {
         self.fire_worker_deadlines(now);
+        self.check_tend(now);
         self.respawn_due(now);
         let names: Vec<String> = self.apps.keys().cloned().collect();
         for name in names {
@@ -131,7 +132,12 @@ impl Core {
                 SlotState::Backoff { until } if !self.shutting_down => Some(until),
                 _ => None,
             });
-            backoffs.chain(app.rollout.as_ref().and_then(|r| r.next_deadline()))
+            let tend = app
+                .tend
+                .and_then(|t| Some(t.seen + app.latest().kv_watchdog?));
+            backoffs
+                .chain(app.rollout.as_ref().and_then(|r| r.next_deadline()))
+                .chain(tend)
         });
         workers.flatten().chain(apps).min()
     }
@@ -486,7 +492,7 @@ impl Core {
                     );
                     self.log(Level::DEBUG, message);
                 }
-                (KV_TEND_KEY, state) => self.on_tend(id, state),
+                (KV_TEND_KEY, state) => self.on_tend(now, id, state),
                 _ => {}
             }
         }
@@ -501,9 +507,9 @@ impl Core {
         }
     }
 
-    /// `X_CLUSTERD_KV_TEND=owner|released`: the worker says it holds (or gave up) its app's
-    /// KV tend lock.
-    fn on_tend(&mut self, id: WorkerId, state: &str) {
+    /// `X_CLUSTERD_KV_TEND=owner|released`: the worker says it holds (repeated every tend
+    /// round, a heartbeat) or gave up its app's KV tend lock.
+    fn on_tend(&mut self, now: Instant, id: WorkerId, state: &str) {
         let Some(worker) = self.workers.get(&id) else {
             return;
         };
@@ -512,12 +518,54 @@ impl Core {
             return;
         };
         match state {
-            "owner" if app.tend_owner != Some(id) => {
-                app.tend_owner = Some(id);
-                self.log(Level::INFO, format!("{label} tends the KV cluster map"));
+            "owner" => {
+                let new = app.tend.is_none_or(|t| t.worker != id);
+                app.tend = Some(Tend {
+                    worker: id,
+                    seen: now,
+                });
+                if new {
+                    self.log(Level::INFO, format!("{label} tends the KV cluster map"));
+                }
             }
-            "released" if app.tend_owner == Some(id) => app.tend_owner = None,
+            "released" if app.tend.is_some_and(|t| t.worker == id) => app.tend = None,
             _ => {}
+        }
+    }
+
+    /// `kv_watchdog`: a tend owner silent that long is restarted so that the lock moves.
+    fn check_tend(&mut self, now: Instant) {
+        let due: Vec<(String, Tend)> = self
+            .apps
+            .iter()
+            .filter_map(|(name, app)| {
+                let tend = app.tend?;
+                let limit = app.latest().kv_watchdog?;
+                (tend.seen + limit <= now).then(|| (name.clone(), tend))
+            })
+            .collect();
+        for (name, tend) in due {
+            let Some(app) = self.apps.get_mut(&name) else {
+                continue;
+            };
+            app.tend = None;
+            let Some(worker) = self.workers.get(&tend.worker) else {
+                continue;
+            };
+            let (slot, label, pid) = (worker.slot, worker.label(), worker.pid_text());
+            if let Some(s) = app.slots.get_mut(slot)
+                && s.worker() == Some(tend.worker)
+            {
+                s.state = SlotState::Backoff { until: now };
+            }
+            self.log(
+                Level::WARN,
+                format!(
+                    "{label} {pid} holds the KV tend lock but has not tended for {}; restarting it",
+                    human(now.saturating_duration_since(tend.seen))
+                ),
+            );
+            self.stop(now, tend.worker, StopReason::TendHung);
         }
     }
 
@@ -763,9 +811,9 @@ impl Core {
             self.pids.remove(&pid);
         }
         if let Some(app) = self.apps.get_mut(&worker.app)
-            && app.tend_owner == Some(id)
+            && app.tend.is_some_and(|t| t.worker == id)
         {
-            app.tend_owner = None;
+            app.tend = None;
         }
         self.out.push(Action::Forget { worker: id });
     }
@@ -874,5 +922,6 @@ fn stop_reason_text(why: StopReason) -> &'static str {
         StopReason::Shutdown => "shutdown",
         StopReason::Leftovers => "leftovers",
         StopReason::Aborted => "rollout aborted",
+        StopReason::TendHung => "KV tend owner hung",
     }
 }

@@ -42,8 +42,8 @@ pub struct App {
     /// A re-read manifest's new command, environment, directory or sockets: the next
     /// rollout's configuration.
     pub next_config: Option<Arc<AppConfig>>,
-    /// The worker that said it tends the app's KV cluster map (`X_CLUSTERD_KV_TEND=owner`).
-    pub tend_owner: Option<WorkerId>,
+    /// The worker that says it tends the app's KV cluster map (`X_CLUSTERD_KV_TEND=owner`).
+    pub tend: Option<Tend>,
 }
 
 impl App {
@@ -57,7 +57,7 @@ impl App {
             rollout: None,
             last_reload: None,
             next_config: None,
-            tend_owner: None,
+            tend: None,
         }
     }
 
@@ -75,6 +75,15 @@ impl App {
             .map(|(_, config)| config)
             .expect("an app always keeps its newest configuration")
     }
+}
+
+/// The worker tending an app's KV cluster map, and when it last said so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tend {
+    /// The owner.
+    pub worker: WorkerId,
+    /// Its last `X_CLUSTERD_KV_TEND=owner` (sent every tend round).
+    pub seen: Instant,
 }
 
 /// How a rolling reload ended.
@@ -207,6 +216,8 @@ pub enum StopReason {
     Leftovers,
     /// A rollout aborted and it was its new worker.
     Aborted,
+    /// It holds the KV tend lock but stopped tending (`kv_watchdog`).
+    TendHung,
 }
 
 impl StopReason {

@@ -70,7 +70,7 @@ impl Core {
     }
 
     fn app_status(&self, name: &str, app: &App, now: Instant, m: &Measured<'_>) -> AppStatus {
-        let tend_owner = app.tend_owner.and_then(|id| self.workers.get(&id)?.pid);
+        let tend_owner = app.tend.and_then(|t| self.workers.get(&t.worker)?.pid);
         let row = |id: WorkerId, slot: &Slot, role: WorkerRole| {
             let worker = self.workers.get(&id)?;
             Some(worker_status(worker, slot, role, now, m, tend_owner))
@@ -133,6 +133,9 @@ impl Core {
             }),
             last_reload: app.last_reload.as_ref().map(|o| app_reload(name, o)),
             tend_owner: tend_owner.map(|p| p.as_raw() as u32),
+            tend_heard_ms: app
+                .tend
+                .map(|t| millis(now.saturating_duration_since(t.seen))),
             workers,
         }
     }

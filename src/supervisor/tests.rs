@@ -893,7 +893,7 @@ fn stopping_notifications_are_debug_lines_only() {
 fn the_tend_owner_is_who_says_so_until_it_releases_or_dies() {
     let mut sim = Sim::new(&WEB3.replace("workers = 3", "workers = 3\nkv_segment = \"kv\""));
     let (a, b) = (sim.pid("web", 0).unwrap(), sim.pid("web", 1).unwrap());
-    let owner = |sim: &Sim| sim.core.apps["web"].tend_owner;
+    let owner = |sim: &Sim| sim.core.apps["web"].tend.map(|t| t.worker);
     sim.notify(a, "X_CLUSTERD_KV_TEND=owner");
     assert_eq!(owner(&sim), sim.core.worker_by_pid(a));
     sim.notify(b, "X_CLUSTERD_KV_TEND=released");
@@ -907,6 +907,37 @@ fn the_tend_owner_is_who_says_so_until_it_releases_or_dies() {
     sim.notify(b, "X_CLUSTERD_KV_TEND=owner");
     sim.notify(b, "X_CLUSTERD_KV_TEND=released");
     assert_eq!(owner(&sim), None);
+}
+
+#[test]
+fn a_silent_tend_owner_is_restarted_with_kv_watchdog() {
+    let mut sim = Sim::new(&WEB3.replace(
+        "workers = 3",
+        "workers = 3\nkv_segment = \"kv\"\nkv_watchdog = \"3s\"",
+    ));
+    ready_all(&mut sim, "web");
+    let owner = sim.pid("web", 1).unwrap();
+    for _ in 0..5 {
+        sim.notify(owner, "X_CLUSTERD_KV_TEND=owner");
+        sim.advance(Duration::from_secs(1));
+    }
+    assert!(
+        !sim.sent(owner, Signal::SIGTERM),
+        "a tending owner is left alone"
+    );
+    sim.notify(owner, "X_CLUSTERD_KV_TEND=owner");
+    // It stops tending (SIGSTOP, a wedged event loop): 3 s later it is restarted.
+    sim.advance(Duration::from_millis(2999));
+    assert!(!sim.sent(owner, Signal::SIGTERM));
+    let wakes = sim.advance(MS);
+    assert_eq!(wakes, 1);
+    assert!(sim.sent(owner, Signal::SIGTERM));
+    assert_ne!(
+        sim.pid("web", 1),
+        Some(owner),
+        "its replacement starts at once"
+    );
+    assert!(sim.core.apps["web"].tend.is_none());
 }
 
 #[test]

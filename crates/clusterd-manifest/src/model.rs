@@ -104,6 +104,10 @@ pub struct AppConfig {
     /// `kv_segment`: name prefix of the KV client's shared-memory segment, passed to workers
     /// as `CLUSTERD_KV_SEGMENT`.
     pub kv_segment: Option<String>,
+    /// `kv_watchdog`: when set, the worker tending the KV map (it says so on the notify
+    /// socket, `X_CLUSTERD_KV_TEND=owner`, every round) is restarted after this long without
+    /// a word, so that the tend lock moves to another worker.
+    pub kv_watchdog: Option<std::time::Duration>,
 }
 
 /// When a worker that exited is started again.

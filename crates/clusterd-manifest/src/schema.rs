@@ -57,6 +57,7 @@ const APP_KEYS: &[&str] = &[
     "ready_timeout",
     "watchdog",
     "kv_segment",
+    "kv_watchdog",
     "reload",
 ];
 const RELOAD_KEYS: &[&str] = &["surge", "bake"];
@@ -345,6 +346,16 @@ fn app(
         .field(&table, "watchdog", values::positive_duration)
         .optional();
     let kv_segment = cx.field(&table, "kv_segment", values::name).optional();
+    let kv_watchdog = cx
+        .field(&table, "kv_watchdog", values::positive_duration)
+        .optional();
+    if let (Some(value), None) = (table.get("kv_watchdog"), table.get("kv_segment")) {
+        cx.report(
+            value.span(),
+            &table.key.child("kv_watchdog"),
+            "kv_watchdog watches the tend owner of a KV segment: set kv_segment too",
+        );
+    }
     let reload = reload(cx, &table);
 
     Some(AppConfig {
@@ -362,6 +373,7 @@ fn app(
         watchdog: watchdog?,
         reload: reload?,
         kv_segment: kv_segment?,
+        kv_watchdog: kv_watchdog?,
     })
 }
 

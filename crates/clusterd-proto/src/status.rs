@@ -46,8 +46,12 @@ pub struct AppStatus {
     pub reloading: Option<RolloutStatus>,
     /// How the last rollout ended.
     pub last_reload: Option<AppReload>,
-    /// The pid of the worker holding the KV tend lock, when the app declares `kv_segment`.
+    /// The pid of the worker that says it holds the KV tend lock (`X_CLUSTERD_KV_TEND=owner`).
     pub tend_owner: Option<u32>,
+    /// Milliseconds since the tend owner last said it tends (it does every round): a large
+    /// value means a hung owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tend_heard_ms: Option<u64>,
     /// Every worker process (serving, starting, stopping) and every empty slot.
     pub workers: Vec<WorkerStatus>,
 }
