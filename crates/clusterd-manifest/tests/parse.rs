@@ -60,11 +60,12 @@ fn defaults() {
     assert_eq!(web.ready_timeout, Duration::from_secs(30));
     assert_eq!(web.watchdog, None);
     assert_eq!(web.kv_segment, None);
+    assert_eq!(web.kv_watchdog, None);
     assert_eq!(
         web.reload,
         ReloadConfig {
             surge: 1,
-            bake: Duration::ZERO,
+            bake: Duration::from_secs(1),
         }
     );
 }
@@ -75,6 +76,11 @@ fn socket_defaults() {
         "[sockets.http]\nlisten = \"127.0.0.1:8000\"\n[apps.web]\ncommand = [\"hello\"]\nsockets = [\"http\"]\n",
     )
     .unwrap();
+    // An app with sockets that says nothing about readiness waits a second.
+    assert_eq!(
+        manifest.apps["web"].ready,
+        Readiness::Delay(Duration::from_secs(1))
+    );
     let http = &manifest.sockets["http"];
     assert_eq!(http.listen, Listen::Tcp("127.0.0.1:8000".parse().unwrap()));
     assert_eq!(http.backlog, 1024);
@@ -447,5 +453,20 @@ fn load_reports_invalid_utf8_with_its_position() {
             "{}:2:16: syntax: invalid UTF-8: a manifest must be UTF-8 text",
             path.display()
         )
+    );
+}
+
+#[test]
+fn kv_watchdog_needs_a_kv_segment() {
+    let error = parse_srv("[apps.web]\ncommand = [\"hello\"]\nkv_watchdog = \"5s\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("set kv_segment too"), "{error}");
+    let manifest =
+        parse_srv("[apps.web]\ncommand = [\"hello\"]\nkv_segment = \"kv\"\nkv_watchdog = \"5s\"\n")
+            .unwrap();
+    assert_eq!(
+        manifest.apps["web"].kv_watchdog,
+        Some(Duration::from_secs(5))
     );
 }
