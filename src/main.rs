@@ -121,7 +121,19 @@ const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The supervisor writes its log and its workers' output through non-blocking writer
+    // threads (see `output`), kept until the end of `main`; the CLI commands write directly.
+    let _output = match cli.command {
+        Command::Start { .. } => {
+            let (log, guard) = output::init();
+            init_logging(log);
+            Some(guard)
+        }
+        _ => {
+            init_logging(std::io::stderr);
+            None
+        }
+    };
     match cli.command {
         Command::Start { manifest, run_dir } => start(&manifest, run_dir.as_deref()),
         Command::Check { manifest } => check(&manifest),
@@ -239,13 +251,16 @@ fn control_command(
     }
 }
 
-fn init_logging() {
+fn init_logging<W>(writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let level = std::env::var("CLUSTERD_LOG")
         .ok()
         .and_then(|l| l.parse().ok())
         .unwrap_or(tracing::Level::INFO);
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_max_level(level)
@@ -353,6 +368,10 @@ fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<
         );
         let result = supervisor::run(manifest, sockets, notify, control, metrics).await;
         drop(pid_file);
+        let dropped = output::dropped_lines();
+        if dropped > 0 {
+            tracing::warn!("{dropped} lines of output were dropped: stdout or stderr was not read");
+        }
         result
     })
 }

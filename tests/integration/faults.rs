@@ -1,11 +1,13 @@
 //! Hostile or broken surroundings (issue 9): nothing a worker, a log reader or another local
 //! user does may stall clusterd, leak its resources or outlive it.
 
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::util::{Clusterd, wait_until};
+use crate::util::{Clusterd, clusterd_bin, wait_until};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -14,6 +16,52 @@ fn fd_count(pid: Pid) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("read fds")
         .count()
+}
+
+/// `clusterd status --json` with a deadline: the parsed status and how long it took, or
+/// `None` if clusterd did not answer within `timeout` (the client is killed then).
+fn status_within(clusterd: &Clusterd, timeout: Duration) -> Option<(serde_json::Value, Duration)> {
+    let started = Instant::now();
+    let mut child = Command::new(clusterd_bin())
+        .args(["status", "--json", "-f"])
+        .arg(&clusterd.manifest)
+        .env_remove("XDG_RUNTIME_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn clusterd status");
+    let finished = wait_until(timeout, || child.try_wait().expect("try_wait").is_some());
+    if !finished {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    }
+    let output = child.wait_with_output().expect("status output");
+    let elapsed = started.elapsed();
+    Some((serde_json::from_slice(&output.stdout).ok()?, elapsed))
+}
+
+/// The pid of `app`'s serving worker in `slot`, from a status.
+fn worker_pid(status: &serde_json::Value, app: &str, slot: u64) -> Option<Pid> {
+    let pid = status["apps"]
+        .as_array()?
+        .iter()
+        .find(|a| a["name"] == app)?["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["slot"] == slot && w["role"] == "serving")?["pid"]
+        .as_i64()?;
+    Some(Pid::from_raw(pid as i32))
+}
+
+/// Bytes waiting in a pipe (`FIONREAD`).
+fn pipe_fill(fd: std::os::fd::BorrowedFd<'_>) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    n as usize
 }
 
 /// The `status_text` of `app`'s worker in `slot`.
@@ -73,4 +121,47 @@ while True:
         after, before,
         "clusterd's descriptors: {before} before, {after} after"
     );
+}
+
+#[test]
+fn with_its_output_unread_clusterd_still_replaces_workers_and_answers() {
+    // Both of clusterd's streams are pipes nobody reads, and a worker floods both.
+    let mut clusterd = Clusterd::start_unread(
+        r#"
+[supervisor]
+stop_timeout = "2s"
+
+[apps.flood]
+command = ["sh", "-c", "yes stderr-flood >&2 & exec yes stdout-flood"]
+
+[apps.web]
+command = ["sleep", "1000"]
+"#,
+        &[],
+    );
+    let [stdout, stderr] = clusterd.unread_pipes().expect("unread pipes");
+    let full = || pipe_fill(stdout) >= 60_000 || pipe_fill(stderr) >= 60_000;
+    assert!(
+        wait_until(20 * SECOND, full),
+        "clusterd's stdout and stderr did not fill up ({} and {} bytes)",
+        pipe_fill(stdout),
+        pipe_fill(stderr)
+    );
+    let (status, _) = status_within(&clusterd, 5 * SECOND).expect("status answers");
+    let victim = worker_pid(&status, "web", 0).expect("web[0] in status");
+    kill(victim, Signal::SIGKILL).expect("kill web[0]");
+    let mut slowest = Duration::ZERO;
+    let replaced = wait_until(20 * SECOND, || {
+        let Some((status, took)) = status_within(&clusterd, 5 * SECOND) else {
+            panic!("status did not answer within 5 s with clusterd's output unread");
+        };
+        slowest = slowest.max(took);
+        worker_pid(&status, "web", 0).is_some_and(|pid| pid != victim)
+    });
+    assert!(replaced, "the killed worker was not replaced");
+    assert!(slowest < 3 * SECOND, "status took {slowest:?}");
+    // Both streams were stalled meanwhile, the log's as well as the workers' output.
+    assert!(pipe_fill(stdout) >= 60_000 && pipe_fill(stderr) >= 60_000);
+    clusterd.signal(Signal::SIGTERM);
+    assert!(clusterd.wait_exit(20 * SECOND).success());
 }
