@@ -97,26 +97,39 @@ impl Sockets {
 
     /// Binds the sockets of `configs` that are not bound yet (after a manifest re-read) and
     /// returns the names of sockets whose address changed, which keep their old binding.
+    ///
+    /// All or nothing: the new sockets are bound into a set of their own first and join
+    /// `self` only when every one of them succeeded. On `Err` nothing changed — the sockets
+    /// bound so far are closed again (and their files removed).
     pub fn bind_new(
         &mut self,
         configs: &BTreeMap<String, SocketConfig>,
         old: &BTreeMap<String, SocketConfig>,
     ) -> Result<Vec<String>, BindError> {
         let mut changed = Vec::new();
+        let mut prepared = Sockets::default();
         for (name, config) in configs {
             match old.get(name) {
                 Some(previous) if previous == config => {}
                 Some(_) => changed.push(name.clone()),
-                None => {
-                    let socket = bind(config).map_err(|cause| BindError {
-                        name: name.clone(),
-                        address: display_listen(&config.listen),
-                        cause,
-                    })?;
-                    tracing::info!("socket {name} listening on {}", socket.address);
-                    self.by_name.insert(name.clone(), socket);
-                }
+                None => match bind(config) {
+                    Ok(socket) => {
+                        prepared.by_name.insert(name.clone(), socket);
+                    }
+                    Err(cause) => {
+                        prepared.remove_files();
+                        return Err(BindError {
+                            name: name.clone(),
+                            address: display_listen(&config.listen),
+                            cause,
+                        });
+                    }
+                },
             }
+        }
+        for (name, socket) in prepared.by_name {
+            tracing::info!("socket {name} listening on {}", socket.address);
+            self.by_name.insert(name, socket);
         }
         Ok(changed)
     }
@@ -261,5 +274,49 @@ fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
             "another process is listening on it",
         )),
         Err(_) => std::fs::remove_file(path),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(addr: &str) -> SocketConfig {
+        SocketConfig {
+            listen: Listen::Tcp(addr.parse().unwrap()),
+            backlog: 16,
+            mode: None,
+        }
+    }
+
+    /// Whether some socket listens on `addr` (a connection is accepted into its queue).
+    fn listening(addr: &str) -> bool {
+        std::net::TcpStream::connect(addr).is_ok()
+    }
+
+    #[test]
+    fn a_failing_bind_new_leaves_nothing_bound_and_a_corrected_one_applies() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let free_addr = free.local_addr().unwrap().to_string();
+        drop(free);
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_addr = taken.local_addr().unwrap().to_string();
+
+        let mut sockets = Sockets::default();
+        let old = BTreeMap::new();
+        // "a" sorts first and binds; "b" fails on the port held above.
+        let mut new = BTreeMap::from([
+            ("a".to_owned(), tcp(&free_addr)),
+            ("b".to_owned(), tcp(&taken_addr)),
+        ]);
+        let error = sockets.bind_new(&new, &old).unwrap_err();
+        assert_eq!(error.name, "b");
+        assert!(sockets.get("a").is_none() && sockets.get("b").is_none());
+        assert!(!listening(&free_addr), "the first new socket stayed bound");
+
+        new.insert("b".to_owned(), tcp("127.0.0.1:0"));
+        assert_eq!(sockets.bind_new(&new, &old).unwrap(), Vec::<String>::new());
+        assert!(listening(&sockets.get("a").unwrap().address));
+        assert!(listening(&sockets.get("b").unwrap().address));
     }
 }

@@ -165,3 +165,45 @@ command = ["sleep", "1000"]
     clusterd.signal(Signal::SIGTERM);
     assert!(clusterd.wait_exit(20 * SECOND).success());
 }
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+#[test]
+fn a_sighup_failing_on_its_second_new_socket_binds_nothing_and_a_corrected_one_applies() {
+    let manifest = |a: u16, b: u16| {
+        format!(
+            "[sockets.http]\nlisten = \"127.0.0.1:0\"\n\
+             [sockets.a]\nlisten = \"127.0.0.1:{a}\"\n\
+             [sockets.b]\nlisten = \"127.0.0.1:{b}\"\n\
+             [apps.web]\ncommand = [\"sleep\", \"1000\"]\nsockets = [\"http\"]\n"
+        )
+    };
+    let clusterd = Clusterd::start(
+        "[sockets.http]\nlisten = \"127.0.0.1:0\"\n[apps.web]\ncommand = [\"sleep\", \"1000\"]\nsockets = [\"http\"]\n",
+    );
+    clusterd.wait_for_line("web[0] started pid", 10 * SECOND);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_port = taken.local_addr().expect("addr").port();
+    let a = free_port();
+    // "a" sorts first and binds; "b" fails on the port held above.
+    clusterd.rewrite_manifest(&manifest(a, taken_port));
+    clusterd.signal(Signal::SIGHUP);
+    clusterd.wait_for_line("manifest re-read rejected", 10 * SECOND);
+    assert!(!listening(a), "the rejected re-read left socket a bound");
+
+    let b = free_port();
+    clusterd.rewrite_manifest(&manifest(a, b));
+    clusterd.signal(Signal::SIGHUP);
+    clusterd.wait_for_line("socket b listening on", 10 * SECOND);
+    assert!(listening(a) && listening(b));
+    let output = clusterd.output();
+    assert_eq!(clusterd.count("manifest re-read rejected"), 1, "{output}");
+}
