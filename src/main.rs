@@ -16,6 +16,7 @@ mod spawn;
 mod supervisor;
 mod tend;
 
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -148,17 +149,13 @@ fn main() -> ExitCode {
             }
             control_command(&target, Request::Status {}, |reply| match reply {
                 Reply::Status(status) if json => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&status).unwrap_or_default()
-                    );
-                    true
+                    let json = serde_json::to_string_pretty(&status).unwrap_or_default();
+                    print_out(format_args!("{json}\n")).map(|()| true)
                 }
                 Reply::Status(status) => {
-                    print!("{}", render::status_table(&status));
-                    true
+                    print_out(format_args!("{}", render::status_table(&status))).map(|()| true)
                 }
-                _ => false,
+                _ => Ok(false),
             })
         }
         Command::Reload { app, wait, target } => control_command(
@@ -169,22 +166,23 @@ fn main() -> ExitCode {
                     let mut ok = true;
                     for o in outcomes {
                         match o.outcome {
-                            ReloadResult::Completed => {
-                                println!("{}: reload completed, generation {}", o.app, o.generation)
-                            }
+                            ReloadResult::Completed => print_out(format_args!(
+                                "{}: reload completed, generation {}\n",
+                                o.app, o.generation
+                            ))?,
                             ReloadResult::Aborted => {
                                 ok = false;
-                                println!(
-                                    "{}: reload ABORTED: {}",
+                                print_out(format_args!(
+                                    "{}: reload ABORTED: {}\n",
                                     o.app,
                                     o.reason.unwrap_or_default()
-                                );
+                                ))?;
                             }
                         }
                     }
-                    ok
+                    Ok(ok)
                 }
-                _ => false,
+                _ => Ok(false),
             },
         ),
         Command::Restart { spec, target } => {
@@ -198,52 +196,77 @@ fn main() -> ExitCode {
                 },
                 None => (spec, None),
             };
-            control_command(&target, Request::Restart { app, slot }, |_| false)
+            control_command(&target, Request::Restart { app, slot }, |_| Ok(false))
         }
         Command::Scale {
             app,
             workers,
             target,
-        } => control_command(&target, Request::Scale { app, workers }, |_| false),
+        } => control_command(&target, Request::Scale { app, workers }, |_| Ok(false)),
         Command::Signal {
             app,
             signal,
             target,
-        } => control_command(&target, Request::Signal { app, signal }, |_| false),
-        Command::Stop { target } => control_command(&target, Request::Stop {}, |_| false),
+        } => control_command(&target, Request::Signal { app, signal }, |_| Ok(false)),
+        Command::Stop { target } => control_command(&target, Request::Stop {}, |_| Ok(false)),
     }
+}
+
+/// Writes to stdout. A reader that went away (`clusterd status | head -1`) shows up as
+/// [`io::ErrorKind::BrokenPipe`], which callers treat as the normal end of the output.
+fn print_out(text: std::fmt::Arguments<'_>) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_fmt(text)?;
+    out.flush()
+}
+
+/// Whether `error` comes from writing to a closed pipe.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<io::Error>())
+        .any(|e| e.kind() == io::ErrorKind::BrokenPipe)
 }
 
 /// Sends one control request and prints its reply. `show` handles the command's own final
 /// reply and says whether it means success; `Done` and `Error` replies are handled here.
+/// A closed stdout ends the command with success: whoever read the output has what it wanted.
 fn control_command(
     target: &Target,
     request: Request,
-    show: impl FnOnce(Reply) -> bool,
+    show: impl FnOnce(Reply) -> io::Result<bool>,
 ) -> ExitCode {
     let timeout = match request {
         Request::Reload { wait: true, .. } => None,
         _ => Some(Duration::from_secs(30)),
     };
     let result = target.socket_path().and_then(|socket| {
-        client::call(&socket, request, timeout, |progress| println!("{progress}"))
+        client::call(&socket, request, timeout, |progress| {
+            print_out(format_args!("{progress}\n"))
+        })
     });
     match result {
-        Ok(Reply::Done { message }) => {
-            println!("{message}");
-            ExitCode::SUCCESS
-        }
+        Ok(Reply::Done { message }) => match print_out(format_args!("{message}\n")) {
+            Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+                eprintln!("clusterd: writing the reply: {e}");
+                ExitCode::FAILURE
+            }
+            _ => ExitCode::SUCCESS,
+        },
         Ok(Reply::Error { message, .. }) => {
             eprintln!("clusterd: {message}");
             ExitCode::FAILURE
         }
-        Ok(reply) => {
-            if show(reply) {
-                ExitCode::SUCCESS
-            } else {
+        Ok(reply) => match show(reply) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("clusterd: writing the reply: {e}");
                 ExitCode::FAILURE
             }
-        }
+        },
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("clusterd: {error:#}");
             ExitCode::FAILURE
@@ -289,13 +312,14 @@ fn check(path: &Path) -> ExitCode {
     match load_manifest(path) {
         Ok(manifest) => {
             let workers: usize = manifest.apps.values().map(|a| a.workers).sum();
-            println!(
-                "{}: ok ({} apps, {} workers, {} sockets)",
+            // A closed stdout is no reason to fail a valid manifest.
+            let _ = print_out(format_args!(
+                "{}: ok ({} apps, {} workers, {} sockets)\n",
                 path.display(),
                 manifest.apps.len(),
                 workers,
                 manifest.sockets.len()
-            );
+            ));
             ExitCode::SUCCESS
         }
         Err(code) => code,

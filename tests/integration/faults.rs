@@ -207,3 +207,54 @@ fn a_sighup_failing_on_its_second_new_socket_binds_nothing_and_a_corrected_one_a
     let output = clusterd.output();
     assert_eq!(clusterd.count("manifest re-read rejected"), 1, "{output}");
 }
+
+/// Runs `clusterd ARGS -f MANIFEST` with its stdout a pipe whose reader has already gone.
+fn ctl_into_closed_pipe(clusterd: &Clusterd, args: &[&str]) -> std::process::Output {
+    let (read, write) = nix::unistd::pipe().expect("pipe");
+    drop(read);
+    let child = Command::new(clusterd_bin())
+        .args(args)
+        .arg("-f")
+        .arg(&clusterd.manifest)
+        .env_remove("XDG_RUNTIME_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn clusterd client");
+    child.wait_with_output().expect("client output")
+}
+
+#[test]
+fn cli_output_into_a_closed_pipe_ends_quietly() {
+    let mut clusterd =
+        Clusterd::start("[apps.web]\ncommand = [\"sleep\", \"1000\"]\nworkers = 2\n");
+    clusterd.wait_for_lines("started pid", 2, 10 * SECOND);
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["reload", "--wait"],
+        &["check", clusterd.manifest.to_str().expect("path")],
+    ] {
+        let output = if args[0] == "check" {
+            let (read, write) = nix::unistd::pipe().expect("pipe");
+            drop(read);
+            Command::new(clusterd_bin())
+                .args(args)
+                .stdout(Stdio::from(write))
+                .stderr(Stdio::piped())
+                .output()
+                .expect("clusterd check")
+        } else {
+            ctl_into_closed_pipe(&clusterd, args)
+        };
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && stderr.is_empty(),
+            "clusterd {}: {:?}, stderr: {stderr}",
+            args.join(" "),
+            output.status
+        );
+    }
+    assert!(clusterd.stop().success());
+}
