@@ -355,6 +355,11 @@ fn start(path: &Path, run_dir: Option<&Path>) -> ExitCode {
 fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<()> {
     // First, before anything else opens a file: sockets systemd passed to us (fds 3..).
     let inherited = sockets::take_inherited()?;
+    // A supervisor holds a few descriptors per worker: use all the hard limit allows.
+    match spawn::raise_nofile_limit() {
+        Ok((before, after)) => tracing::debug!("descriptor limit raised from {before} to {after}"),
+        Err(e) => tracing::debug!("cannot raise the descriptor limit: {e}"),
+    }
     // Orphaned grandchildren are re-parented to us, so the reaper collects them too.
     nix::sys::prctl::set_child_subreaper(true).context("cannot become a child subreaper")?;
 

@@ -258,3 +258,50 @@ fn cli_output_into_a_closed_pipe_ends_quietly() {
     }
     assert!(clusterd.stop().success());
 }
+
+/// `app`'s ready worker count, from a status.
+fn ready_count(status: &serde_json::Value, app: &str) -> Option<u64> {
+    status["apps"]
+        .as_array()?
+        .iter()
+        .find(|a| a["name"] == app)?["ready"]
+        .as_u64()
+}
+
+#[test]
+fn a_hundred_and_twenty_workers_become_ready_under_a_soft_limit_of_256_descriptors() {
+    use std::os::unix::process::CommandExt;
+    let clusterd = Clusterd::start_with(
+        r#"
+[apps.many]
+command = ["sh", "-c", "\"$CLUSTERD_EXE\" notify READY=1 && exec sleep 1000"]
+workers = 120
+ready = "notify"
+"#,
+        |command| {
+            // SAFETY: setrlimit is a plain system call, fine between fork and exec.
+            unsafe {
+                command.pre_exec(|| {
+                    let (_, hard) =
+                        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        256,
+                        hard,
+                    )?;
+                    Ok(())
+                });
+            }
+        },
+    );
+    let mut ready = None;
+    assert!(
+        wait_until(90 * SECOND, || {
+            ready = status_within(&clusterd, 10 * SECOND)
+                .and_then(|(status, _)| ready_count(&status, "many"));
+            ready == Some(120)
+        }),
+        "{ready:?} of 120 workers ready; output:\n{}",
+        clusterd.output()
+    );
+}
