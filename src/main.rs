@@ -14,7 +14,6 @@ mod signals;
 mod sockets;
 mod spawn;
 mod supervisor;
-mod tend;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};

@@ -41,11 +41,7 @@ impl Supervisor {
             .apps
             .iter()
             .map(|(name, app)| {
-                let tend_owner = app
-                    .config
-                    .kv_segment
-                    .as_deref()
-                    .and_then(crate::tend::owner_pid);
+                let tend_owner: Option<i32> = None; // until the driver reads X_CLUSTERD_KV_TEND
                 let mut workers = Vec::new();
                 for (index, slot) in app.slots.iter().enumerate() {
                     for (pid, role) in [

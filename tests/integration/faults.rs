@@ -305,3 +305,31 @@ ready = "notify"
         clusterd.output()
     );
 }
+
+/// Removes a file when dropped.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_fifo_planted_under_the_kv_segment_name_does_not_slow_status() {
+    // What any local user can create in world-writable /dev/shm: a FIFO named like the app's
+    // KV segment. Opening it for reading would block until a writer comes.
+    let prefix = format!("clusterd-faults-{}", std::process::id());
+    let fifo =
+        RemoveOnDrop(std::path::Path::new("/dev/shm").join(format!("{prefix}-0123456789abcdef")));
+    nix::unistd::mkfifo(&fifo.0, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let clusterd = Clusterd::start(&format!(
+        "[apps.web]\ncommand = [\"sleep\", \"1000\"]\nkv_segment = \"{prefix}\"\n"
+    ));
+    clusterd.wait_for_line("web[0] started pid", 10 * SECOND);
+    for _ in 0..3 {
+        let (_, took) = status_within(&clusterd, 5 * SECOND)
+            .expect("status did not answer within 5 s with a FIFO planted in /dev/shm");
+        assert!(took < 2 * SECOND, "status took {took:?}");
+    }
+}
