@@ -3,6 +3,7 @@
 //!
 //! Exit codes: 0 success, 1 runtime error, 2 invalid manifest or usage.
 
+mod containment;
 mod control;
 mod metrics;
 mod notify;
@@ -24,6 +25,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use clusterd_manifest::Manifest;
 
+use crate::containment::Containment;
 use crate::control::client::{self, Target};
 use crate::control::render;
 use crate::control::server::ControlServer;
@@ -376,6 +378,19 @@ fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<
         // The control socket first: a second `start` of a running manifest fails here, before
         // it could disturb anything.
         let control = ControlServer::bind(&run_dir.control_socket())?;
+        // Now that no other clusterd runs this run directory: kill what a previous run that
+        // was itself killed left behind, before it can hold a port we are about to bind.
+        let containment = Containment::detect(&containment::key_for(&run_dir.path));
+        tracing::info!("containment: {}", containment.describe());
+        match containment.sweep_leftovers() {
+            Ok(killed) if killed.is_empty() => {}
+            Ok(killed) => tracing::warn!(
+                "killed {} processes left by a previous run: {}",
+                killed.len(),
+                killed.join(", ")
+            ),
+            Err(e) => tracing::warn!("cannot sweep a previous run's processes: {e}"),
+        }
         let sockets = Sockets::bind_all(&manifest.sockets, inherited)?;
         let notify = NotifySocket::bind(&run_dir.notify_socket())
             .with_context(|| format!("cannot bind {}", run_dir.notify_socket().display()))?;
@@ -395,6 +410,7 @@ fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<
             run_dir.control_socket().display()
         );
         let result = supervisor::run(manifest, sockets, notify, control, metrics).await;
+        containment.remove_all();
         drop(pid_file);
         let dropped = output::dropped_lines();
         if dropped > 0 {

@@ -32,6 +32,10 @@ pub struct SpawnSpec<'a> {
     pub listen_fds: &'a [RawFd],
     /// The worker's standard input, output and error.
     pub stdio: [&'a OwnedFd; 3],
+    /// The `cgroup.procs` of the worker's cgroup, open for writing
+    /// (`Containment::prepare_worker`): the child writes `0` to it first thing after `fork`,
+    /// so the worker and everything it starts are inside from the beginning.
+    pub cgroup_procs: Option<&'a OwnedFd>,
 }
 
 /// Why a worker could not be started.
@@ -82,6 +86,11 @@ impl SpawnError {
         match self {
             SpawnError::NotFound { .. } | SpawnError::Nul(_) => false,
             SpawnError::Os { .. } => true,
+            // Not the program's fault: the cgroup file system was busy or short of memory.
+            SpawnError::Child {
+                step: ChildStep::Cgroup,
+                ..
+            } => true,
             SpawnError::Child { cause, .. } => matches!(
                 cause.raw_os_error(),
                 Some(
@@ -107,6 +116,8 @@ pub enum ChildStep {
     Chdir = 2,
     /// `execve` of the program.
     Exec = 3,
+    /// Joining the worker's cgroup.
+    Cgroup = 4,
 }
 
 impl fmt::Display for ChildStep {
@@ -115,6 +126,7 @@ impl fmt::Display for ChildStep {
             ChildStep::Fds => "cannot set up file descriptors for",
             ChildStep::Chdir => "cannot change directory to",
             ChildStep::Exec => "cannot execute",
+            ChildStep::Cgroup => "cannot join the cgroup of",
         })
     }
 }
@@ -226,6 +238,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Pid, SpawnError> {
         })?;
     let parent_pid = nix::unistd::getpid().as_raw();
     let stdio = spec.stdio.map(|fd| fd.as_raw_fd());
+    let cgroup_procs = spec.cgroup_procs.map(|fd| fd.as_raw_fd());
     let listen_pid_buf = prepared.listen_pid.as_mut_ptr();
 
     // SAFETY: the child branch calls only async-signal-safe functions on memory prepared before
@@ -244,6 +257,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Pid, SpawnError> {
                 &prepared,
                 listen_pid_buf,
                 parent_pid,
+                cgroup_procs,
                 stdio,
                 spec.listen_fds,
                 err_write.as_raw_fd(),
@@ -264,6 +278,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Pid, SpawnError> {
             let step = match report[0] {
                 1 => ChildStep::Fds,
                 2 => ChildStep::Chdir,
+                4 => ChildStep::Cgroup,
                 _ => ChildStep::Exec,
             };
             let errno = i32::from_ne_bytes([report[1], report[2], report[3], report[4]]);
@@ -306,11 +321,19 @@ unsafe fn child_after_fork(
     prepared: &Prepared,
     listen_pid_buf: *mut u8,
     parent_pid: libc::pid_t,
+    cgroup_procs: Option<RawFd>,
     stdio: [RawFd; 3],
     listen_fds: &[RawFd],
     err_fd: RawFd,
 ) -> ! {
     unsafe {
+        // First of all, before this process can start anything: join the worker's cgroup.
+        if let Some(fd) = cgroup_procs
+            && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+        {
+            report_failure(err_fd, ChildStep::Cgroup);
+        }
+
         let first_free = 3 + listen_fds.len() as libc::c_int;
         // The error pipe first: moved above the target range like every other descriptor, so
         // that no dup2 below can replace it, whatever number it had.
@@ -499,6 +522,7 @@ mod tests {
             cwd: Path::new("/"),
             listen_fds: &listen,
             stdio: [&null, &null, &null],
+            cgroup_procs: None,
         };
         match spawn(&spec) {
             Err(SpawnError::Child {

@@ -673,6 +673,7 @@ impl Supervisor {
             cwd: &config.cwd,
             listen_fds: &listen_fds,
             stdio: [&self.dev_null, &stdout, &stderr],
+            cgroup_procs: None,
         })?;
         let phase = match config.ready {
             Readiness::Immediate => {

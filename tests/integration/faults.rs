@@ -333,3 +333,71 @@ fn a_fifo_planted_under_the_kv_segment_name_does_not_slow_status() {
         assert!(took < 2 * SECOND, "status took {took:?}");
     }
 }
+
+/// Kills (when dropped) the processes whose command line is exactly `argv`.
+struct KillOnDrop(Vec<String>);
+
+impl KillOnDrop {
+    fn pids(&self) -> Vec<Pid> {
+        let wanted: Vec<u8> = self
+            .0
+            .iter()
+            .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+            .collect();
+        std::fs::read_dir("/proc")
+            .expect("proc")
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                (std::fs::read(e.path().join("cmdline")).ok()? == wanted)
+                    .then(|| Pid::from_raw(pid))
+            })
+            .collect()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+#[test]
+fn after_a_sigkill_a_new_start_sweeps_escaped_children_holding_the_port_and_serves() {
+    // Each worker leaves a double-forked, setsid'd sleeper holding the listening socket: it
+    // is in no worker's process group, and PR_SET_PDEATHSIG does not reach it.
+    let marker = KillOnDrop(vec!["sleep".into(), format!("1000.{}", std::process::id())]);
+    let port = free_port();
+    let clusterd = Clusterd::start(&format!(
+        r#"
+[sockets.http]
+listen = "127.0.0.1:{port}"
+
+[apps.web]
+command = ["sh", "-c", "(setsid sleep {} &); exec {{hello}}"]
+workers = 2
+sockets = ["http"]
+ready = "notify"
+"#,
+        marker.0[1]
+    ));
+    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    assert!(
+        wait_until(10 * SECOND, || marker.pids().len() == 2),
+        "the escaped sleepers did not start"
+    );
+    clusterd.signal(Signal::SIGKILL);
+    let clusterd = clusterd.start_again();
+    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    assert!(
+        crate::util::whoami(addr).is_ok(),
+        "the new start does not serve"
+    );
+    // The leftovers of the killed run are gone; the new run's own sleepers are 2.
+    let output = clusterd.output();
+    assert!(output.contains("left by a previous run"), "{output}");
+    assert_eq!(marker.pids().len(), 2);
+}

@@ -129,6 +129,26 @@ impl Clusterd {
         let text = expand(manifest, dir.path());
         let path = dir.path().join("clusterd.toml");
         std::fs::write(&path, text).expect("write manifest");
+        Self::launch(dir, path, adjust, reading)
+    }
+
+    /// Starts clusterd again on this one's manifest and temp dir (so on the same run dir),
+    /// after this one has exited (waited for, up to 10 s).
+    pub fn start_again(mut self) -> Self {
+        self.wait_exit(Duration::from_secs(10));
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+        let path = self.manifest.clone();
+        let reading = self.reading;
+        drop(self);
+        Self::launch(dir, path, |_| {}, reading)
+    }
+
+    fn launch(
+        dir: tempfile::TempDir,
+        path: PathBuf,
+        adjust: impl FnOnce(&mut Command),
+        reading: bool,
+    ) -> Self {
         let mut command = Command::new(clusterd_bin());
         command
             .arg("start")
