@@ -3,6 +3,7 @@
 //!
 //! Exit codes: 0 success, 1 runtime error, 2 invalid manifest or usage.
 
+mod containment;
 mod control;
 mod metrics;
 mod notify;
@@ -15,6 +16,7 @@ mod sockets;
 mod spawn;
 mod supervisor;
 
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -23,6 +25,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use clusterd_manifest::Manifest;
 
+use crate::containment::Containment;
 use crate::control::client::{self, Target};
 use crate::control::render;
 use crate::control::server::ControlServer;
@@ -120,9 +123,25 @@ const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The supervisor writes its log and its workers' output through non-blocking writer
+    // threads (see `output`), kept until the end of `main`; the CLI commands write directly.
     match cli.command {
-        Command::Start { manifest, run_dir } => start(&manifest, run_dir.as_deref()),
+        Command::Start { .. } => match output::init() {
+            Ok(()) => init_logging(|| output::LogWriter),
+            Err(error) => {
+                eprintln!("clusterd: cannot start the output threads: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => init_logging(std::io::stderr),
+    }
+    match cli.command {
+        Command::Start { manifest, run_dir } => {
+            let code = start(&manifest, run_dir.as_deref());
+            // What is still queued for stdout and stderr gets a bounded moment to be written.
+            output::flush(Duration::from_millis(1500));
+            code
+        }
         Command::Check { manifest } => check(&manifest),
         Command::Notify { assignments } => report(notify_command(&assignments)),
         Command::Status {
@@ -135,17 +154,13 @@ fn main() -> ExitCode {
             }
             control_command(&target, Request::Status {}, |reply| match reply {
                 Reply::Status(status) if json => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&status).unwrap_or_default()
-                    );
-                    true
+                    let json = serde_json::to_string_pretty(&status).unwrap_or_default();
+                    print_out(format_args!("{json}\n")).map(|()| true)
                 }
                 Reply::Status(status) => {
-                    print!("{}", render::status_table(&status));
-                    true
+                    print_out(format_args!("{}", render::status_table(&status))).map(|()| true)
                 }
-                _ => false,
+                _ => Ok(false),
             })
         }
         Command::Reload { app, wait, target } => control_command(
@@ -156,22 +171,23 @@ fn main() -> ExitCode {
                     let mut ok = true;
                     for o in outcomes {
                         match o.outcome {
-                            ReloadResult::Completed => {
-                                println!("{}: reload completed, generation {}", o.app, o.generation)
-                            }
+                            ReloadResult::Completed => print_out(format_args!(
+                                "{}: reload completed, generation {}\n",
+                                o.app, o.generation
+                            ))?,
                             ReloadResult::Aborted => {
                                 ok = false;
-                                println!(
-                                    "{}: reload ABORTED: {}",
+                                print_out(format_args!(
+                                    "{}: reload ABORTED: {}\n",
                                     o.app,
                                     o.reason.unwrap_or_default()
-                                );
+                                ))?;
                             }
                         }
                     }
-                    ok
+                    Ok(ok)
                 }
-                _ => false,
+                _ => Ok(false),
             },
         ),
         Command::Restart { spec, target } => {
@@ -185,52 +201,77 @@ fn main() -> ExitCode {
                 },
                 None => (spec, None),
             };
-            control_command(&target, Request::Restart { app, slot }, |_| false)
+            control_command(&target, Request::Restart { app, slot }, |_| Ok(false))
         }
         Command::Scale {
             app,
             workers,
             target,
-        } => control_command(&target, Request::Scale { app, workers }, |_| false),
+        } => control_command(&target, Request::Scale { app, workers }, |_| Ok(false)),
         Command::Signal {
             app,
             signal,
             target,
-        } => control_command(&target, Request::Signal { app, signal }, |_| false),
-        Command::Stop { target } => control_command(&target, Request::Stop {}, |_| false),
+        } => control_command(&target, Request::Signal { app, signal }, |_| Ok(false)),
+        Command::Stop { target } => control_command(&target, Request::Stop {}, |_| Ok(false)),
     }
+}
+
+/// Writes to stdout. A reader that went away (`clusterd status | head -1`) shows up as
+/// [`io::ErrorKind::BrokenPipe`], which callers treat as the normal end of the output.
+fn print_out(text: std::fmt::Arguments<'_>) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_fmt(text)?;
+    out.flush()
+}
+
+/// Whether `error` comes from writing to a closed pipe.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<io::Error>())
+        .any(|e| e.kind() == io::ErrorKind::BrokenPipe)
 }
 
 /// Sends one control request and prints its reply. `show` handles the command's own final
 /// reply and says whether it means success; `Done` and `Error` replies are handled here.
+/// A closed stdout ends the command with success: whoever read the output has what it wanted.
 fn control_command(
     target: &Target,
     request: Request,
-    show: impl FnOnce(Reply) -> bool,
+    show: impl FnOnce(Reply) -> io::Result<bool>,
 ) -> ExitCode {
     let timeout = match request {
         Request::Reload { wait: true, .. } => None,
         _ => Some(Duration::from_secs(30)),
     };
     let result = target.socket_path().and_then(|socket| {
-        client::call(&socket, request, timeout, |progress| println!("{progress}"))
+        client::call(&socket, request, timeout, |progress| {
+            print_out(format_args!("{progress}\n"))
+        })
     });
     match result {
-        Ok(Reply::Done { message }) => {
-            println!("{message}");
-            ExitCode::SUCCESS
-        }
+        Ok(Reply::Done { message }) => match print_out(format_args!("{message}\n")) {
+            Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+                eprintln!("clusterd: writing the reply: {e}");
+                ExitCode::FAILURE
+            }
+            _ => ExitCode::SUCCESS,
+        },
         Ok(Reply::Error { message, .. }) => {
             eprintln!("clusterd: {message}");
             ExitCode::FAILURE
         }
-        Ok(reply) => {
-            if show(reply) {
-                ExitCode::SUCCESS
-            } else {
+        Ok(reply) => match show(reply) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("clusterd: writing the reply: {e}");
                 ExitCode::FAILURE
             }
-        }
+        },
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("clusterd: {error:#}");
             ExitCode::FAILURE
@@ -238,13 +279,16 @@ fn control_command(
     }
 }
 
-fn init_logging() {
+fn init_logging<W>(writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let level = std::env::var("CLUSTERD_LOG")
         .ok()
         .and_then(|l| l.parse().ok())
         .unwrap_or(tracing::Level::INFO);
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_max_level(level)
@@ -278,13 +322,14 @@ fn check(path: &Path) -> ExitCode {
                 eprintln!("warning: {problem} (`clusterd start` refuses this)");
             }
             let workers: usize = manifest.apps.values().map(|a| a.workers).sum();
-            println!(
-                "{}: ok ({} apps, {} workers, {} sockets)",
+            // A closed stdout is no reason to fail a valid manifest.
+            let _ = print_out(format_args!(
+                "{}: ok ({} apps, {} workers, {} sockets)\n",
                 path.display(),
                 manifest.apps.len(),
                 workers,
                 manifest.sockets.len()
-            );
+            ));
             ExitCode::SUCCESS
         }
         Err(code) => code,
@@ -329,6 +374,11 @@ fn missing_programs(manifest: &Manifest) -> Vec<String> {
 fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<()> {
     // First, before anything else opens a file: sockets systemd passed to us (fds 3..).
     let inherited = sockets::take_inherited()?;
+    // A supervisor holds a few descriptors per worker: use all the hard limit allows.
+    match spawn::raise_nofile_limit() {
+        Ok((before, after)) => tracing::debug!("descriptor limit raised from {before} to {after}"),
+        Err(e) => tracing::debug!("cannot raise the descriptor limit: {e}"),
+    }
     // Orphaned grandchildren are re-parented to us, so the reaper collects them too.
     nix::sys::prctl::set_child_subreaper(true).context("cannot become a child subreaper")?;
 
@@ -346,6 +396,19 @@ fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<
         // The control socket first: a second `start` of a running manifest fails here, before
         // it could disturb anything.
         let control = ControlServer::bind(&run_dir.control_socket())?;
+        // Now that no other clusterd runs this run directory: kill what a previous run that
+        // was itself killed left behind, before it can hold a port we are about to bind.
+        let containment = Containment::detect(&containment::key_for(&run_dir.path));
+        tracing::info!("containment: {}", containment.describe());
+        match containment.sweep_leftovers() {
+            Ok(killed) if killed.is_empty() => {}
+            Ok(killed) => tracing::warn!(
+                "killed {} processes left by a previous run: {}",
+                killed.len(),
+                killed.join(", ")
+            ),
+            Err(e) => tracing::warn!("cannot sweep a previous run's processes: {e}"),
+        }
         let sockets = Sockets::bind_all(&manifest.sockets, inherited)?;
         let notify = NotifySocket::bind(&run_dir.notify_socket())
             .with_context(|| format!("cannot bind {}", run_dir.notify_socket().display()))?;
@@ -364,8 +427,13 @@ fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<
             manifest.path.display(),
             run_dir.control_socket().display()
         );
-        let result = supervisor::run(manifest, sockets, notify, control, metrics).await;
+        let result =
+            supervisor::run(manifest, sockets, notify, control, metrics, containment).await;
         drop(pid_file);
+        let dropped = output::dropped_lines();
+        if dropped > 0 {
+            tracing::warn!("{dropped} lines of output were dropped: stdout or stderr was not read");
+        }
         result
     })
 }

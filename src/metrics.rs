@@ -56,6 +56,7 @@ pub struct Metrics {
     uptime: Gauge<f64, std::sync::atomic::AtomicU64>,
     rss: Gauge,
     wakeups: Counter,
+    output_dropped: Gauge,
 }
 
 impl Default for Metrics {
@@ -113,9 +114,16 @@ impl Default for Metrics {
             "Times the event loop woke up (for an event or a deadline); flat while nothing happens",
             wakeups.clone(),
         );
+        let output_dropped = Gauge::default();
+        registry.register(
+            "output_dropped_lines",
+            "Output lines dropped because clusterd's stdout or stderr was not read",
+            output_dropped.clone(),
+        );
         Metrics {
             registry,
             wakeups,
+            output_dropped,
             workers,
             restarts,
             reloads,
@@ -210,6 +218,8 @@ impl Metrics {
             }
         }
         self.uptime.set(status.uptime_ms as f64 / 1000.0);
+        self.output_dropped
+            .set(i64::try_from(status.output_dropped).unwrap_or(i64::MAX));
         self.rss
             .set(i64::try_from(status.rss_bytes).unwrap_or(i64::MAX));
         let mut text = String::new();

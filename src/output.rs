@@ -1,9 +1,26 @@
-//! Forwards each worker's stdout and stderr to clusterd's own, one line at a time, each line
-//! prefixed with `app[slot]`. A worker's pipes are read by a small task that ends at EOF, which
-//! comes when the worker and every descendant holding the pipe have exited.
+//! clusterd's own output: each worker's stdout and stderr forwarded one line at a time, each
+//! line prefixed with `app[slot]`, and clusterd's log. Nothing here ever blocks the event loop.
+//!
+//! - **Reading**: a worker's pipes are read by a small tokio task that ends at EOF, which comes
+//!   when the worker and every descendant holding the pipe have exited. Lines longer than
+//!   [`MAX_LINE`] are split; bytes are passed through as they are (not necessarily UTF-8).
+//! - **Writing**: clusterd's stdout (workers' stdout) and stderr (workers' stderr and the log)
+//!   are each written by a thread of their own from a queue bounded in bytes
+//!   ([`QUEUE_BYTES`]). While the reader keeps reading, a full queue makes the forwarding
+//!   task wait (it stops reading the worker's pipe: ordinary pipe backpressure for a worker
+//!   that outpaces its reader) and nothing is lost. When the reader stalls — one write blocked
+//!   for [`STALL`] (a full pipe nobody drains, a stopped terminal) — lines that do not fit are
+//!   dropped and counted ([`dropped_lines`]), the workers' pipes keep draining, and the
+//!   supervisor goes on. Each line is one `write`, so lines from different workers never
+//!   interleave.
+//! - **Exit**: [`flush`] waits, for a bounded time, until the queues are written.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::unix::pipe;
@@ -11,6 +28,15 @@ use tokio::task::JoinSet;
 
 /// The longest line forwarded in one piece; longer lines are split.
 const MAX_LINE: usize = 16 * 1024;
+
+/// Bytes queued per stream before a writer waits (or, stalled, drops).
+const QUEUE_BYTES: usize = 1 << 20;
+
+/// A write blocked this long means nobody reads: from then on, what does not fit is dropped.
+const STALL: Duration = Duration::from_secs(1);
+
+/// How often a forwarding task looks again at a full queue whose reader is still reading.
+const RETRY: Duration = Duration::from_millis(5);
 
 /// Which of clusterd's streams a worker stream goes to.
 #[derive(Debug, Clone, Copy)]
@@ -21,23 +47,220 @@ pub enum Stream {
     Stderr,
 }
 
+/// What became of a line offered to a [`Sink`].
+#[derive(Debug, PartialEq, Eq)]
+enum Push {
+    /// Queued, or dropped and counted because the reader has stalled.
+    Done,
+    /// No room, but the reader is reading: offer it again soon.
+    Full(Vec<u8>),
+}
+
+/// One of clusterd's output streams: a byte-bounded queue and the thread that writes it.
+struct Sink {
+    state: Mutex<Queue>,
+    /// Signalled when a line is queued (for the writer) and when the queue empties (for
+    /// [`flush`]).
+    changed: Condvar,
+    dropped: AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    lines: VecDeque<Vec<u8>>,
+    bytes: usize,
+    /// When the write in progress began; `None` while the writer waits for lines.
+    writing_since: Option<Instant>,
+}
+
+impl Sink {
+    fn new() -> Self {
+        Sink {
+            state: Mutex::new(Queue::default()),
+            changed: Condvar::new(),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn push(&self, line: Vec<u8>) -> Push {
+        let mut queue = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.bytes + line.len() <= QUEUE_BYTES || queue.lines.is_empty() {
+            queue.bytes += line.len();
+            queue.lines.push_back(line);
+            self.changed.notify_all();
+            return Push::Done;
+        }
+        if queue.writing_since.is_some_and(|t| t.elapsed() >= STALL) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            Push::Done
+        } else {
+            Push::Full(line)
+        }
+    }
+
+    /// The writer thread: writes each queued line with one `write(2)` (a closed stream drops
+    /// its lines quietly).
+    fn run(&self, fd: RawFd) {
+        let mut out = RawWriter(fd);
+        loop {
+            let line = {
+                let mut queue = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                queue.writing_since = None;
+                loop {
+                    if let Some(line) = queue.lines.pop_front() {
+                        break line;
+                    }
+                    self.changed.notify_all();
+                    queue = self.changed.wait(queue).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            {
+                let mut queue = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                queue.bytes -= line.len();
+                queue.writing_since = Some(Instant::now());
+            }
+            let _ = out.write_all(&line);
+        }
+    }
+
+    /// Waits until everything queued is written, or `deadline`.
+    fn flush(&self, deadline: Instant) {
+        let mut queue = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while !queue.lines.is_empty() || queue.writing_since.is_some() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            queue = self
+                .changed
+                .wait_timeout(queue, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// clusterd's stdout and stderr.
+struct Sinks {
+    stdout: Sink,
+    stderr: Sink,
+}
+
+static SINKS: OnceLock<Sinks> = OnceLock::new();
+
+fn sinks() -> &'static Sinks {
+    SINKS.get_or_init(|| Sinks {
+        stdout: Sink::new(),
+        stderr: Sink::new(),
+    })
+}
+
+/// Starts the writer threads of clusterd's stdout and stderr. Call once, at start, before
+/// anything is written; the threads live until the process exits.
+pub fn init() -> io::Result<()> {
+    for (fd, name) in [(1, "clusterd-stdout"), (2, "clusterd-stderr")] {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let sinks = sinks();
+                let sink = if fd == 1 {
+                    &sinks.stdout
+                } else {
+                    &sinks.stderr
+                };
+                sink.run(fd)
+            })?;
+    }
+    Ok(())
+}
+
+/// Waits (at most `bound`) until both streams have written what is queued. For the exit.
+pub fn flush(bound: Duration) {
+    let deadline = Instant::now() + bound;
+    let sinks = sinks();
+    sinks.stdout.flush(deadline);
+    sinks.stderr.flush(deadline);
+}
+
+/// Lines dropped so far because clusterd's stdout or stderr was not read.
+pub fn dropped_lines() -> u64 {
+    let sinks = sinks();
+    sinks.stdout.dropped.load(Ordering::Relaxed) + sinks.stderr.dropped.load(Ordering::Relaxed)
+}
+
+/// The log's writer: each event is one message on clusterd's stderr. The log never waits:
+/// a full queue drops the line (and counts it).
+#[derive(Clone, Copy, Default)]
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let _ = sinks().stderr.push(buf.to_vec());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes to a descriptor of clusterd's own (1 or 2) with plain `write(2)`: no lock shared
+/// with the rest of the program and no buffering, so each message is one system call.
+struct RawWriter(RawFd);
+
+impl Write for RawWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: writing from a valid buffer to a descriptor number; a closed descriptor is an
+        // error return, not undefined behaviour.
+        let n = unsafe { libc::write(self.0, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where [`copy_lines`] puts each line (a [`Sink`]; a collector in tests).
+trait Lines {
+    fn push(&self, line: Vec<u8>) -> Push;
+}
+
+impl Lines for Sink {
+    fn push(&self, line: Vec<u8>) -> Push {
+        Sink::push(self, line)
+    }
+}
+
 /// Creates a pipe for one worker stream: the write end for the worker, and a task in `tasks`
 /// that forwards what arrives on the read end until end of file. The supervisor waits for
-/// these tasks before it exits, so a worker's last words are not lost.
+/// these tasks before it exits, so a worker's last words are not lost. [`init`] must have
+/// been called.
 pub fn forward(prefix: String, stream: Stream, tasks: &mut JoinSet<()>) -> io::Result<OwnedFd> {
+    let sinks = sinks();
+    let out = match stream {
+        Stream::Stdout => &sinks.stdout,
+        Stream::Stderr => &sinks.stderr,
+    };
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let receiver = pipe::Receiver::from_owned_fd(read)?;
     // Forget the tasks that have finished, so the set stays as small as the live workers.
     while tasks.try_join_next().is_some() {}
-    tasks.spawn_local(copy_lines(prefix, receiver, stream));
+    tasks.spawn_local(copy_lines(prefix, receiver, out));
     Ok(write)
 }
 
-async fn copy_lines(prefix: String, receiver: pipe::Receiver, stream: Stream) {
+async fn copy_lines(prefix: String, receiver: impl tokio::io::AsyncRead + Unpin, out: &impl Lines) {
     let mut reader = BufReader::with_capacity(MAX_LINE, receiver);
-    let mut line = Vec::with_capacity(256);
     loop {
-        line.clear();
+        let mut line = Vec::with_capacity(256);
+        line.extend_from_slice(prefix.as_bytes());
+        line.push(b' ');
+        let start = line.len();
         // Read up to a newline, but never buffer more than MAX_LINE.
         let done = loop {
             let buf = match reader.fill_buf().await {
@@ -47,19 +270,26 @@ async fn copy_lines(prefix: String, receiver: pipe::Receiver, stream: Stream) {
             if buf.is_empty() {
                 break true;
             }
-            let room = MAX_LINE - line.len();
+            let room = MAX_LINE - (line.len() - start);
             let (take, found) = match buf.iter().take(room).position(|b| *b == b'\n') {
                 Some(i) => (i + 1, true),
                 None => (buf.len().min(room), false),
             };
             line.extend_from_slice(&buf[..take]);
             reader.consume(take);
-            if found || line.len() >= MAX_LINE {
+            if found || line.len() - start >= MAX_LINE {
                 break false;
             }
         };
-        if !line.is_empty() {
-            write_line(&prefix, &line, stream);
+        if line.len() > start {
+            if line.last() != Some(&b'\n') {
+                line.push(b'\n');
+            }
+            // One message per line: wait while the reader reads, drop once it has stalled.
+            while let Push::Full(back) = out.push(line) {
+                line = back;
+                tokio::time::sleep(RETRY).await;
+            }
         }
         if done {
             return;
@@ -67,18 +297,71 @@ async fn copy_lines(prefix: String, receiver: pipe::Receiver, stream: Stream) {
     }
 }
 
-fn write_line(prefix: &str, line: &[u8], stream: Stream) {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    // A closed or failing stdout must not take the supervisor down: drop the line.
-    let _ = match stream {
-        Stream::Stdout => write_prefixed(io::stdout().lock(), prefix, line),
-        Stream::Stderr => write_prefixed(io::stderr().lock(), prefix, line),
-    };
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Collects each line as one message.
+    #[derive(Default)]
+    struct Messages(std::cell::RefCell<Vec<Vec<u8>>>);
+
+    impl Lines for Messages {
+        fn push(&self, line: Vec<u8>) -> Push {
+            self.0.borrow_mut().push(line);
+            Push::Done
+        }
+    }
+
+    fn forward_bytes(input: &[u8]) -> Vec<Vec<u8>> {
+        let messages = Messages::default();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(copy_lines("web[0]".into(), input, &messages));
+        messages.0.into_inner()
+    }
+
+    #[test]
+    fn prefixes_each_line_as_one_message_and_passes_bytes_through() {
+        let messages = forward_bytes(b"one\n\xff\xfe binary\nlast without newline");
+        assert_eq!(
+            messages,
+            vec![
+                b"web[0] one\n".to_vec(),
+                b"web[0] \xff\xfe binary\n".to_vec(),
+                b"web[0] last without newline\n".to_vec(),
+            ]
+        );
+    }
+
+    #[test]
+    fn splits_long_lines() {
+        let long = vec![b'x'; MAX_LINE * 2 + 10];
+        let messages = forward_bytes(&long);
+        assert_eq!(messages.len(), 3);
+        assert_eq!(messages[0].len(), "web[0] ".len() + MAX_LINE + 1);
+        assert_eq!(messages[2].len(), "web[0] ".len() + 10 + 1);
+    }
 }
 
-fn write_prefixed(mut out: impl Write, prefix: &str, line: &[u8]) -> io::Result<()> {
-    out.write_all(prefix.as_bytes())?;
-    out.write_all(b" ")?;
-    out.write_all(line)?;
-    out.write_all(b"\n")
+#[cfg(test)]
+mod sink_tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_waits_while_the_reader_reads_and_drops_once_it_stalls() {
+        let sink = Sink::new();
+        let line = vec![b'x'; QUEUE_BYTES / 2];
+        assert_eq!(sink.push(line.clone()), Push::Done);
+        assert_eq!(sink.push(line.clone()), Push::Done);
+        // Full, with no write under way: the reader is not known to be stuck.
+        assert!(matches!(sink.push(line.clone()), Push::Full(_)));
+        // A write blocked for longer than STALL: drop and count.
+        sink.state.lock().unwrap().writing_since = Some(Instant::now() - STALL);
+        assert_eq!(sink.push(line.clone()), Push::Done);
+        assert_eq!(sink.dropped.load(Ordering::Relaxed), 1);
+        // A line larger than the bound still goes through an empty queue.
+        let empty = Sink::new();
+        assert_eq!(empty.push(vec![b'y'; QUEUE_BYTES + 1]), Push::Done);
+    }
 }

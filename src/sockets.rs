@@ -97,26 +97,39 @@ impl Sockets {
 
     /// Binds the sockets of `configs` that are not bound yet (after a manifest re-read) and
     /// returns the names of sockets whose address changed, which keep their old binding.
+    ///
+    /// All or nothing: the new sockets are bound into a set of their own first and join
+    /// `self` only when every one of them succeeded. On `Err` nothing changed — the sockets
+    /// bound so far are closed again (and their files removed).
     pub fn bind_new(
         &mut self,
         configs: &BTreeMap<String, SocketConfig>,
         old: &BTreeMap<String, SocketConfig>,
     ) -> Result<Vec<String>, BindError> {
         let mut changed = Vec::new();
+        let mut prepared = Sockets::default();
         for (name, config) in configs {
             match old.get(name) {
                 Some(previous) if previous == config => {}
                 Some(_) => changed.push(name.clone()),
-                None => {
-                    let socket = bind(config).map_err(|cause| BindError {
-                        name: name.clone(),
-                        address: display_listen(&config.listen),
-                        cause,
-                    })?;
-                    tracing::info!("socket {name} listening on {}", socket.address);
-                    self.by_name.insert(name.clone(), socket);
-                }
+                None => match bind(config) {
+                    Ok(socket) => {
+                        prepared.by_name.insert(name.clone(), socket);
+                    }
+                    Err(cause) => {
+                        prepared.remove_files();
+                        return Err(BindError {
+                            name: name.clone(),
+                            address: display_listen(&config.listen),
+                            cause,
+                        });
+                    }
+                },
             }
+        }
+        for (name, socket) in prepared.by_name {
+            tracing::info!("socket {name} listening on {}", socket.address);
+            self.by_name.insert(name, socket);
         }
         Ok(changed)
     }
@@ -215,7 +228,9 @@ fn bind(config: &SocketConfig) -> io::Result<BoundSocket> {
         Listen::Tcp(addr) => {
             let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
             socket.set_reuse_address(true)?;
-            socket.bind(&SockAddr::from(*addr))?;
+            socket
+                .bind(&SockAddr::from(*addr))
+                .map_err(|e| name_holders(e, addr.port()))?;
             socket.listen(backlog)?;
             let local = socket
                 .local_addr()?
@@ -244,6 +259,86 @@ fn bind(config: &SocketConfig) -> io::Result<BoundSocket> {
     }
 }
 
+/// Adds who listens on `port` to an "address in use" error, e.g. a worker of a killed run.
+fn name_holders(error: io::Error, port: u16) -> io::Error {
+    if error.kind() != io::ErrorKind::AddrInUse || port == 0 {
+        return error;
+    }
+    let holders = port_holders(port);
+    if holders.is_empty() {
+        return error;
+    }
+    io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!("{error}; held by {}", holders.join(", ")),
+    )
+}
+
+/// How many holders [`port_holders`] names at most, and how long it may look.
+const MAX_HOLDERS: usize = 5;
+const HOLDER_SCAN_BUDGET: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// `pid N (command)` of processes with a socket listening on TCP `port`: the listening
+/// sockets' inodes from `/proc/net/tcp` and `tcp6`, then the processes whose descriptors
+/// point at them. Best effort and bounded in count and time; processes of other users are
+/// visible only to root.
+fn port_holders(port: u16) -> Vec<String> {
+    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|table| listening_inodes(&table, port))
+        .collect();
+    if inodes.is_empty() {
+        return Vec::new();
+    }
+    let targets: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
+    let started = std::time::Instant::now();
+    let mut holders = Vec::new();
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return holders;
+    };
+    for entry in processes.flatten() {
+        if holders.len() >= MAX_HOLDERS || started.elapsed() > HOLDER_SCAN_BUDGET {
+            break;
+        }
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|link| targets.iter().any(|t| link.as_os_str() == t.as_str()))
+        });
+        if holds {
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            holders.push(format!("pid {pid} ({})", comm.trim()));
+        }
+    }
+    holders
+}
+
+/// Inodes of the sockets in a `/proc/net/tcp`-style table listening (state `0A`) on `port`.
+fn listening_inodes(table: &str, port: u16) -> Vec<String> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields.get(1)?.rsplit(':').next()?;
+            let listening = *fields.get(3)? == "0A";
+            let inode = fields.get(9)?;
+            (listening && u16::from_str_radix(local_port, 16).ok()? == port && *inode != "0")
+                .then(|| (*inode).to_owned())
+        })
+        .collect()
+}
+
 /// A socket file left by a dead process is removed; one somebody still listens on is an error.
 fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
@@ -261,5 +356,71 @@ fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
             "another process is listening on it",
         )),
         Err(_) => std::fs::remove_file(path),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(addr: &str) -> SocketConfig {
+        SocketConfig {
+            listen: Listen::Tcp(addr.parse().unwrap()),
+            backlog: 16,
+            mode: None,
+        }
+    }
+
+    /// Whether some socket listens on `addr` (a connection is accepted into its queue).
+    fn listening(addr: &str) -> bool {
+        std::net::TcpStream::connect(addr).is_ok()
+    }
+
+    #[test]
+    fn a_port_in_use_names_who_holds_it() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let error = bind(&tcp(&addr)).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
+        let me = format!("pid {} (", std::process::id());
+        assert!(error.to_string().contains(&me), "{error}");
+    }
+
+    #[test]
+    fn parses_listening_sockets_from_proc_net_tcp() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:1F40 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0000000000000000 20 4 30 10 -1
+   2: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4444 1 0000000000000000 100 0 0 10 0
+";
+        assert_eq!(listening_inodes(table, 8000), vec!["4242".to_owned()]);
+        assert_eq!(listening_inodes(table, 80), vec!["4444".to_owned()]);
+        assert!(listening_inodes(table, 81).is_empty());
+    }
+
+    #[test]
+    fn a_failing_bind_new_leaves_nothing_bound_and_a_corrected_one_applies() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let free_addr = free.local_addr().unwrap().to_string();
+        drop(free);
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_addr = taken.local_addr().unwrap().to_string();
+
+        let mut sockets = Sockets::default();
+        let old = BTreeMap::new();
+        // "a" sorts first and binds; "b" fails on the port held above.
+        let mut new = BTreeMap::from([
+            ("a".to_owned(), tcp(&free_addr)),
+            ("b".to_owned(), tcp(&taken_addr)),
+        ]);
+        let error = sockets.bind_new(&new, &old).unwrap_err();
+        assert_eq!(error.name, "b");
+        assert!(sockets.get("a").is_none() && sockets.get("b").is_none());
+        assert!(!listening(&free_addr), "the first new socket stayed bound");
+
+        new.insert("b".to_owned(), tcp("127.0.0.1:0"));
+        assert_eq!(sockets.bind_new(&new, &old).unwrap(), Vec::<String>::new());
+        assert!(listening(&sockets.get("a").unwrap().address));
+        assert!(listening(&sockets.get("b").unwrap().address));
     }
 }

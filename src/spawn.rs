@@ -13,8 +13,10 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use clusterd_manifest::AppConfig;
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::unistd::Pid;
 
 /// What to start: a fully resolved program, its arguments and environment, and its fds.
@@ -31,6 +33,10 @@ pub struct SpawnSpec<'a> {
     pub listen_fds: &'a [RawFd],
     /// The worker's standard input, output and error.
     pub stdio: [&'a OwnedFd; 3],
+    /// The `cgroup.procs` of the worker's cgroup, open for writing
+    /// (`Containment::prepare_worker`): the child writes `0` to it first thing after `fork`,
+    /// so the worker and everything it starts are inside from the beginning.
+    pub cgroup_procs: Option<&'a OwnedFd>,
 }
 
 /// Why a worker could not be started.
@@ -67,6 +73,36 @@ pub enum SpawnError {
     },
 }
 
+impl SpawnError {
+    /// Whether trying again later may succeed: the system was short of something (descriptors
+    /// `EMFILE`/`ENFILE`, memory `ENOMEM`, processes `EAGAIN`, space `ENOSPC`, a binary being
+    /// replaced `ETXTBSY`), or `pipe2`/`fork` failed in clusterd itself. A program that is
+    /// missing, not executable or malformed (`ENOENT`, `EACCES`, `ENOEXEC`, ...) or a NUL in
+    /// the command stays wrong until the manifest or the disk changes: permanent.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SpawnError::NotFound { .. } | SpawnError::Nul(_) => false,
+            SpawnError::Os { .. } => true,
+            // Not the program's fault: the cgroup file system was busy or short of memory.
+            SpawnError::Child {
+                step: ChildStep::Cgroup,
+                ..
+            } => true,
+            SpawnError::Child { cause, .. } => matches!(
+                cause.raw_os_error(),
+                Some(
+                    libc::EMFILE
+                        | libc::ENFILE
+                        | libc::ENOMEM
+                        | libc::EAGAIN
+                        | libc::ENOSPC
+                        | libc::ETXTBSY
+                )
+            ),
+        }
+    }
+}
+
 /// A step between fork and exec that can fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -77,6 +113,8 @@ pub enum ChildStep {
     Chdir = 2,
     /// `execve` of the program.
     Exec = 3,
+    /// Joining the worker's cgroup.
+    Cgroup = 4,
 }
 
 impl fmt::Display for ChildStep {
@@ -85,6 +123,7 @@ impl fmt::Display for ChildStep {
             ChildStep::Fds => "cannot set up file descriptors for",
             ChildStep::Chdir => "cannot change directory to",
             ChildStep::Exec => "cannot execute",
+            ChildStep::Cgroup => "cannot join the cgroup of",
         })
     }
 }
@@ -120,6 +159,25 @@ fn is_executable_file(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// The soft `RLIMIT_NOFILE` clusterd was started with, restored in each worker.
+static WORKER_NOFILE: OnceLock<libc::rlimit> = OnceLock::new();
+
+/// Raises clusterd's soft `RLIMIT_NOFILE` to the hard limit (a supervisor holds a few
+/// descriptors per worker), and remembers the original soft limit: workers get it back before
+/// `execve`, as they would have without clusterd (a program using `select` relies on 1024).
+/// Call once, at start. Returns the soft limit before and after.
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let _ = WORKER_NOFILE.set(libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    });
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok((soft, hard))
+}
+
 /// The C-level form of a [`SpawnSpec`], built before forking.
 struct Prepared {
     program: CString,
@@ -130,6 +188,8 @@ struct Prepared {
     /// `LISTEN_PID=` followed by room for the digits the child writes in place.
     listen_pid: Vec<u8>,
     envp_ptrs: Vec<*const libc::c_char>,
+    /// The descriptor limit to restore in the child (see [`raise_nofile_limit`]).
+    nofile: Option<libc::rlimit>,
 }
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
@@ -168,6 +228,7 @@ impl Prepared {
             _env: env,
             listen_pid,
             envp_ptrs,
+            nofile: WORKER_NOFILE.get().copied(),
         })
     }
 }
@@ -186,6 +247,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Pid, SpawnError> {
         })?;
     let parent_pid = nix::unistd::getpid().as_raw();
     let stdio = spec.stdio.map(|fd| fd.as_raw_fd());
+    let cgroup_procs = spec.cgroup_procs.map(|fd| fd.as_raw_fd());
     let listen_pid_buf = prepared.listen_pid.as_mut_ptr();
 
     // SAFETY: the child branch calls only async-signal-safe functions on memory prepared before
@@ -204,6 +266,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Pid, SpawnError> {
                 &prepared,
                 listen_pid_buf,
                 parent_pid,
+                cgroup_procs,
                 stdio,
                 spec.listen_fds,
                 err_write.as_raw_fd(),
@@ -224,6 +287,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Pid, SpawnError> {
             let step = match report[0] {
                 1 => ChildStep::Fds,
                 2 => ChildStep::Chdir,
+                4 => ChildStep::Cgroup,
                 _ => ChildStep::Exec,
             };
             let errno = i32::from_ne_bytes([report[1], report[2], report[3], report[4]]);
@@ -266,18 +330,27 @@ unsafe fn child_after_fork(
     prepared: &Prepared,
     listen_pid_buf: *mut u8,
     parent_pid: libc::pid_t,
+    cgroup_procs: Option<RawFd>,
     stdio: [RawFd; 3],
     listen_fds: &[RawFd],
     err_fd: RawFd,
 ) -> ! {
     unsafe {
-        let fail = |step: ChildStep| -> ! {
-            let errno = *libc::__errno_location();
-            let mut report = [step as u8, 0, 0, 0, 0];
-            report[1..].copy_from_slice(&errno.to_ne_bytes());
-            libc::write(err_fd, report.as_ptr().cast(), report.len());
-            libc::_exit(127)
-        };
+        // First of all, before this process can start anything: join the worker's cgroup.
+        if let Some(fd) = cgroup_procs
+            && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+        {
+            report_failure(err_fd, ChildStep::Cgroup);
+        }
+
+        let first_free = 3 + listen_fds.len() as libc::c_int;
+        // The error pipe first: moved above the target range like every other descriptor, so
+        // that no dup2 below can replace it, whatever number it had.
+        let report_fd = libc::fcntl(err_fd, libc::F_DUPFD_CLOEXEC, first_free);
+        if report_fd < 0 {
+            report_failure(err_fd, ChildStep::Fds);
+        }
+        let fail = |step: ChildStep| -> ! { report_failure(report_fd, step) };
 
         // A clean signal state: empty mask, default dispositions (Rust ignores SIGPIPE, and
         // ignored signals survive exec).
@@ -299,7 +372,6 @@ unsafe fn child_after_fork(
 
         // Move every source fd above the target range first, so that no dup2 below can
         // overwrite a source that is still needed.
-        let first_free = 3 + listen_fds.len() as libc::c_int;
         let mut moved_stdio = [0; 3];
         for (i, fd) in stdio.iter().enumerate() {
             moved_stdio[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, first_free);
@@ -340,6 +412,11 @@ unsafe fn child_after_fork(
             libc::CLOSE_RANGE_CLOEXEC,
         );
 
+        if let Some(limit) = &prepared.nofile {
+            // Best effort: the worker runs with the raised limit if this fails.
+            libc::setrlimit(libc::RLIMIT_NOFILE, limit);
+        }
+
         if libc::chdir(prepared.cwd.as_ptr()) < 0 {
             fail(ChildStep::Chdir);
         }
@@ -371,6 +448,18 @@ unsafe fn child_after_fork(
     }
 }
 
+/// Reports `step` and the current errno through the error pipe and exits with status 127.
+/// Async-signal-safe.
+unsafe fn report_failure(err_fd: RawFd, step: ChildStep) -> ! {
+    unsafe {
+        let errno = *libc::__errno_location();
+        let mut report = [step as u8, 0, 0, 0, 0];
+        report[1..].copy_from_slice(&errno.to_ne_bytes());
+        libc::write(err_fd, report.as_ptr().cast(), report.len());
+        libc::_exit(127)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,5 +478,81 @@ mod tests {
         );
         // A directory is not a program.
         assert_eq!(resolve_program("/bin", cwd, None), None);
+    }
+
+    #[test]
+    fn shortages_are_transient_and_mistakes_permanent() {
+        let child = |errno| SpawnError::Child {
+            pid: Pid::from_raw(1),
+            step: ChildStep::Exec,
+            path: "/x".into(),
+            cause: io::Error::from_raw_os_error(errno),
+        };
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOMEM,
+            libc::EAGAIN,
+            libc::ENOSPC,
+        ] {
+            assert!(child(errno).is_transient(), "errno {errno}");
+        }
+        for errno in [libc::ENOENT, libc::EACCES, libc::ENOEXEC, libc::ENOTDIR] {
+            assert!(!child(errno).is_transient(), "errno {errno}");
+        }
+        let os = |what| SpawnError::Os {
+            what,
+            cause: io::Error::from_raw_os_error(libc::EMFILE),
+        };
+        assert!(os("pipe2").is_transient() && os("fork").is_transient());
+        assert!(
+            !SpawnError::NotFound {
+                program: "x".into()
+            }
+            .is_transient()
+        );
+        assert!(!SpawnError::Nul("a\0b".into()).is_transient());
+    }
+
+    fn wait(pid: Pid) -> nix::sys::wait::WaitStatus {
+        nix::sys::wait::waitpid(pid, None).expect("waitpid")
+    }
+
+    #[test]
+    fn an_exec_failure_is_reported_even_with_many_sockets_over_the_error_pipe() {
+        // 60 "sockets" at fds 3..63: the target range covers the low numbers the error pipe
+        // is likely to get, which must not be overwritten before the report is written.
+        let null = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let listen = vec![null.as_raw_fd(); 60];
+        let spec = SpawnSpec {
+            program: Path::new("/nonexistent/program"),
+            argv: &["program".to_owned()],
+            env: &[],
+            cwd: Path::new("/"),
+            listen_fds: &listen,
+            stdio: [&null, &null, &null],
+            cgroup_procs: None,
+        };
+        match spawn(&spec) {
+            Err(SpawnError::Child {
+                pid, step, cause, ..
+            }) => {
+                assert_eq!(step, ChildStep::Exec);
+                assert_eq!(cause.raw_os_error(), Some(libc::ENOENT));
+                assert_eq!(wait(pid), nix::sys::wait::WaitStatus::Exited(pid, 127));
+            }
+            Ok(pid) => {
+                wait(pid);
+                panic!("a failed exec was reported as a success");
+            }
+            Err(other) => panic!("unexpected error {other}"),
+        }
+        let true_spec = SpawnSpec {
+            program: Path::new("/bin/true"),
+            argv: &["true".to_owned()],
+            ..spec
+        };
+        let pid = spawn(&true_spec).expect("spawn /bin/true");
+        assert_eq!(wait(pid), nix::sys::wait::WaitStatus::Exited(pid, 0));
     }
 }

@@ -37,13 +37,14 @@ impl Target {
     }
 }
 
-/// Sends `request` and returns the final reply; progress lines go to `on_progress`.
+/// Sends `request` and returns the final reply; progress lines go to `on_progress`, whose
+/// error (e.g. a closed stdout) ends the call with that error as the cause.
 /// `timeout` bounds the wait for each reply line (`None`: wait as long as it takes).
 pub fn call(
     socket: &Path,
     request: Request,
     timeout: Option<Duration>,
-    mut on_progress: impl FnMut(&str),
+    mut on_progress: impl FnMut(&str) -> std::io::Result<()>,
 ) -> anyhow::Result<Reply> {
     let mut stream = UnixStream::connect(socket).with_context(|| {
         format!(
@@ -72,7 +73,7 @@ pub fn call(
         let reply: Reply =
             serde_json::from_str(&line).with_context(|| format!("unreadable reply: {line:?}"))?;
         match reply {
-            Reply::Progress { message } => on_progress(&message),
+            Reply::Progress { message } => on_progress(&message).context("writing the progress")?,
             reply => return Ok(reply),
         }
     }

@@ -2,11 +2,11 @@
 
 use std::fmt::Write;
 
+use clusterd_proto::{ReloadResult, Status, WorkerRole, WorkerState, WorkerStatus};
+
 /// A tend owner not heard from for this long is shown as silent (owners tend every second by
 /// default; the KV client's followers start tending themselves after a few missed rounds).
 const STALE_TEND_MS: u64 = 5_000;
-
-use clusterd_proto::{ReloadResult, Status, WorkerRole, WorkerState, WorkerStatus};
 
 /// Renders a status snapshot as text.
 pub fn status_table(status: &Status) -> String {
@@ -19,6 +19,16 @@ pub fn status_table(status: &Status) -> String {
         bytes(status.rss_bytes),
         if status.stopping { "  STOPPING" } else { "" }
     );
+    if !status.containment.is_empty() {
+        let _ = writeln!(out, "contained by {}", truncate(&status.containment, 67));
+    }
+    if status.output_dropped > 0 {
+        let _ = writeln!(
+            out,
+            "{} output lines dropped (stdout/stderr not read)",
+            status.output_dropped
+        );
+    }
     for socket in &status.sockets {
         let _ = writeln!(out, "socket {} {}", socket.name, socket.address);
     }
@@ -198,6 +208,8 @@ mod tests {
                 tend_heard_ms: Some(1_200),
                 workers: vec![worker],
             }],
+            containment: "process groups (test)".into(),
+            output_dropped: 0,
         };
         let table = status_table(&status);
         for line in table.lines() {

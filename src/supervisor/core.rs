@@ -566,6 +566,15 @@ impl Core {
                 ),
             );
             self.stop(now, tend.worker, StopReason::TendHung);
+            // A stopped (SIGSTOP) owner must run to handle its stop signal and close its
+            // client: wake it.
+            if let Some(pid) = self.workers.get(&tend.worker).and_then(|w| w.pid) {
+                self.out.push(Action::Signal {
+                    worker: tend.worker,
+                    pid,
+                    signal: Signal::SIGCONT,
+                });
+            }
         }
     }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clusterd_manifest::Manifest;
 use clusterd_proto::{Reply, Request, SocketStatus, Status};
-use nix::sys::signal::killpg;
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinSet;
@@ -22,18 +22,23 @@ use super::core::Core;
 use super::event::{Action, Event, Observation, ReplyTo, SpawnFailure};
 use super::state::WorkerId;
 use super::status::{CpuSampler, Measured};
+use crate::containment::{self, Containment};
 use crate::control::server::{ControlRequest, ControlServer};
 use crate::metrics::{Metrics, MetricsServer, Scrape};
 use crate::notify::{Notification, NotifySocket};
 use crate::output::{self, Stream};
 use crate::procstat;
-use crate::reaper::{Exit, Reaper};
+use crate::reaper::{self, Exit, Reaper};
 use crate::signals::Signals;
 use crate::sockets::Sockets;
 use crate::spawn::{self, SpawnError, SpawnSpec};
 
 /// How long, at exit, the workers' last output may take to drain.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+
+/// How long, at exit, processes that escaped their worker's process group have between
+/// SIGTERM and SIGKILL.
+const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the supervisor until a shutdown has stopped every worker.
 ///
@@ -45,12 +50,13 @@ pub async fn run(
     notify: NotifySocket,
     mut control: ControlServer,
     mut metrics_server: Option<MetricsServer>,
+    containment: Containment,
 ) -> anyhow::Result<()> {
     // Install the SIGCHLD listener and the other signal handlers before the first fork.
     let mut reaper = Reaper::new()?;
     let mut signals = Signals::new()?;
     let mut core = Core::new(&manifest, Instant::now());
-    let mut driver = Driver::new(manifest, sockets, notify.path().to_path_buf())?;
+    let mut driver = Driver::new(manifest, sockets, notify.path().to_path_buf(), containment)?;
     let first = core.tick(Instant::now());
     driver.perform(&mut core, first);
     while !core.finished() {
@@ -74,6 +80,8 @@ pub async fn run(
         }
     }
     driver.sockets.remove_files();
+    stop_adopted_orphans();
+    driver.containment.remove_all();
     // Every worker process is gone; what they wrote last may still be in the pipes (or held
     // open by a process that left its group: hence the bound).
     let mut output = std::mem::take(&mut driver.output_tasks);
@@ -102,10 +110,19 @@ struct Driver {
     next_reply: u64,
     /// CPU percentages for `clusterd status` (scrapes do not use them).
     status_cpu: CpuSampler,
+    /// What holds each worker and its descendants (cgroups or process groups).
+    containment: Containment,
+    /// Each worker's name in the containment (its cgroup), from spawn until forgotten.
+    contained: HashMap<WorkerId, String>,
 }
 
 impl Driver {
-    fn new(manifest: Manifest, sockets: Sockets, notify_path: PathBuf) -> anyhow::Result<Self> {
+    fn new(
+        manifest: Manifest,
+        sockets: Sockets,
+        notify_path: PathBuf,
+        containment: Containment,
+    ) -> anyhow::Result<Self> {
         let base_env = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| !clusterd_manifest::RESERVED_ENV.contains(&k.as_str()))
@@ -125,6 +142,8 @@ impl Driver {
             replies: HashMap::new(),
             next_reply: 0,
             status_cpu: CpuSampler::default(),
+            containment,
+            contained: HashMap::new(),
         })
     }
 
@@ -147,12 +166,18 @@ impl Driver {
                     generation,
                     config,
                 } => {
-                    let result = self
-                        .spawn(&app, slot, generation, &config)
-                        .map_err(|error| SpawnFailure {
-                            transient: matches!(error, SpawnError::Os { .. }),
-                            message: error.to_string(),
-                        });
+                    let key = format!("{app}.{slot}.{}", worker.0);
+                    let result =
+                        self.spawn(&app, slot, generation, &config, &key)
+                            .map_err(|error| SpawnFailure {
+                                transient: error.is_transient(),
+                                message: error.to_string(),
+                            });
+                    if result.is_ok() {
+                        self.contained.insert(worker, key);
+                    } else {
+                        self.containment.remove_worker(&key);
+                    }
                     Some(Event::Spawned { worker, result })
                 }
                 Action::Signal {
@@ -160,13 +185,19 @@ impl Driver {
                     pid,
                     signal,
                 } => {
-                    tracing::debug!("{signal} to {worker} (process group {pid})");
-                    // ESRCH: the group is already gone, and its exit is on its way.
-                    let _ = killpg(pid, signal);
+                    // Errors (gone already) are ignored: the exit is on its way.
+                    let key = self.key(worker);
+                    if signal == Signal::SIGKILL {
+                        self.containment.kill(key, pid);
+                    } else {
+                        self.containment.signal(key, pid, signal);
+                    }
                     None
                 }
                 Action::Forget { worker } => {
-                    tracing::debug!("{worker} is gone");
+                    if let Some(key) = self.contained.remove(&worker) {
+                        self.containment.remove_worker(&key);
+                    }
                     None
                 }
                 Action::Reply { to, reply } => {
@@ -197,7 +228,9 @@ impl Driver {
 
     fn on_exits(&mut self, core: &mut Core, exits: Vec<Exit>) {
         for exit in exits {
-            let group_empty = core.worker_by_pid(exit.pid).is_none() || !group_alive(exit.pid);
+            let group_empty = core
+                .worker_by_pid(exit.pid)
+                .is_none_or(|id| self.containment.is_empty(self.key(id), exit.pid));
             self.feed(
                 core,
                 Event::Exited {
@@ -214,7 +247,7 @@ impl Driver {
     fn check_lingering(&mut self, core: &mut Core) {
         let empty: Vec<WorkerId> = core
             .lingering()
-            .filter(|(_, pid)| !group_alive(*pid))
+            .filter(|(id, pid)| self.containment.is_empty(self.key(*id), *pid))
             .map(|(id, _)| id)
             .collect();
         for id in empty {
@@ -243,7 +276,7 @@ impl Driver {
     fn on_control(&mut self, core: &mut Core, ControlRequest { request, reply }: ControlRequest) {
         if let Request::Status {} = request {
             let status = self.status(core, true);
-            let _ = reply.send(Reply::Status(status));
+            let _ = reply.send(Reply::Status(Box::new(status)));
             return;
         }
         self.next_reply += 1;
@@ -289,7 +322,14 @@ impl Driver {
                 })
                 .collect(),
             apps: core.app_statuses(now, &measured),
+            containment: self.containment.describe(),
+            output_dropped: output::dropped_lines(),
         }
+    }
+
+    /// A worker's name in the containment ("" for one that never ran: nothing to address).
+    fn key(&self, worker: WorkerId) -> &str {
+        self.contained.get(&worker).map_or("", String::as_str)
     }
 
     fn observe(&self, observation: Observation) {
@@ -336,6 +376,7 @@ impl Driver {
         slot: usize,
         generation: u64,
         config: &clusterd_manifest::AppConfig,
+        key: &str,
     ) -> Result<Pid, SpawnError> {
         let program = spawn::find_program(config, self.base_env.get("PATH").map(|p| p.as_ref()))
             .ok_or_else(|| SpawnError::NotFound {
@@ -377,8 +418,16 @@ impl Driver {
         };
         let stdout = output::forward(label.clone(), Stream::Stdout, &mut self.output_tasks)
             .map_err(pipe_error)?;
-        let stderr =
-            output::forward(label, Stream::Stderr, &mut self.output_tasks).map_err(pipe_error)?;
+        let stderr = output::forward(label.clone(), Stream::Stderr, &mut self.output_tasks)
+            .map_err(pipe_error)?;
+        // Without its own cgroup the worker is still contained by its process group.
+        let cgroup_procs = self
+            .containment
+            .prepare_worker(key)
+            .unwrap_or_else(|error| {
+                tracing::warn!("{error}; {label} runs in its process group only");
+                None
+            });
         spawn::spawn(&SpawnSpec {
             program: &program,
             argv: &config.command,
@@ -386,6 +435,7 @@ impl Driver {
             cwd: &config.cwd,
             listen_fds: &listen_fds,
             stdio: [&self.dev_null, &stdout, &stderr],
+            cgroup_procs: cgroup_procs.as_ref(),
         })
     }
 }
@@ -411,13 +461,33 @@ fn sender_worker(core: &Core, sender: Pid) -> Option<WorkerId> {
     None
 }
 
-/// True while any process of the group `pgid` exists.
-fn group_alive(pgid: Pid) -> bool {
-    match killpg(pgid, None) {
-        Ok(()) => true,
-        Err(nix::errno::Errno::EPERM) => true,
-        Err(_) => false,
+/// At exit, with every worker gone: what escaped its worker's containment and was re-parented
+/// to clusterd (a `setsid` daemon, without cgroups) is asked to stop, then killed.
+fn stop_adopted_orphans() {
+    let orphans = containment::adopted_orphans(&[]);
+    if orphans.is_empty() {
+        return;
     }
+    tracing::warn!(
+        "stopping {} processes that left their worker's process group: {orphans:?}",
+        orphans.len()
+    );
+    for pid in &orphans {
+        let _ = kill(*pid, Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + ORPHAN_GRACE;
+    while Instant::now() < deadline {
+        reaper::reap_all();
+        if orphans.iter().all(|pid| kill(*pid, None).is_err()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in &orphans {
+        let _ = kill(*pid, Signal::SIGKILL);
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    reaper::reap_all();
 }
 
 fn log(level: Level, message: &str) {

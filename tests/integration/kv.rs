@@ -18,6 +18,17 @@ const SECOND: Duration = Duration::from_secs(1);
 const PREFIX: &str = "kvit";
 
 fn start(cluster: &RedisCluster, segments: &Path, workers: usize) -> Clusterd {
+    start_with(cluster, segments, workers, 30_000, "")
+}
+
+/// [`start`] with a tend interval and extra lines for the app's table.
+fn start_with(
+    cluster: &RedisCluster,
+    segments: &Path,
+    workers: usize,
+    tend_interval_ms: u64,
+    extra: &str,
+) -> Clusterd {
     let manifest = format!(
         r#"
 [supervisor]
@@ -33,7 +44,8 @@ sockets = ["http"]
 ready = "notify"
 ready_timeout = "20s"
 kv_segment = "{PREFIX}"
-env = {{ REDIS_CLUSTER = "{seeds}", KV_TEND_INTERVAL_MS = "30000" }}
+env = {{ REDIS_CLUSTER = "{seeds}", KV_TEND_INTERVAL_MS = "{tend_interval_ms}" }}
+{extra}
 "#,
         kv_http = example_bin("kv-http").display(),
         seeds = cluster.seeds(),
@@ -212,5 +224,41 @@ fn kv_http_a_rolling_reload_hands_ownership_to_the_new_generation() {
     let info = &clusterd_kv::tend_owners(segments.path(), PREFIX).expect("segments")[0];
     assert!(info.owner_epoch >= 2, "ownership moved: {info:?}");
     assert_eq!(http(addr, "GET", "/r", ""), (200, r#""kept""#.to_owned()));
+    assert!(clusterd.stop().success());
+}
+
+#[test]
+fn kv_http_an_owner_that_stops_tending_is_restarted_by_kv_watchdog() {
+    let cluster = RedisCluster::start(3).expect("redis cluster");
+    let segments = tempfile::tempdir().expect("temp dir");
+    let mut clusterd = start_with(&cluster, segments.path(), 3, 200, "kv_watchdog = \"2s\"");
+    let addr = clusterd.socket_addr("http");
+    let mut owner = None;
+    assert!(wait_until(10 * SECOND, || {
+        owner = status_owner(&clusterd);
+        owner.is_some()
+    }));
+    let owner = Pid::from_raw(owner.expect("owner") as i32);
+
+    // A tending owner is left alone well past the watchdog period.
+    std::thread::sleep(3 * SECOND);
+    assert!(alive(owner));
+    assert_eq!(status_owner(&clusterd), Some(i64::from(owner.as_raw())));
+
+    // Stopped, it still holds the lock but no longer tends: clusterd restarts it, and the
+    // lock moves to another worker.
+    kill(owner, Signal::SIGSTOP).expect("SIGSTOP");
+    clusterd.wait_for_line("has not tended for", 10 * SECOND);
+    let mut next = None;
+    assert!(
+        wait_until(20 * SECOND, || {
+            next = status_owner(&clusterd).filter(|p| *p != i64::from(owner.as_raw()));
+            next.is_some() && !alive(owner)
+        }),
+        "{}",
+        clusterd.output()
+    );
+    assert_eq!(lock_holder(segments.path()), next.map(|p| p as i32));
+    assert_eq!(http(addr, "POST", "/user:9", r#"{"name":"ada"}"#).0, 201);
     assert!(clusterd.stop().success());
 }

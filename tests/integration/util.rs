@@ -49,6 +49,8 @@ pub struct Clusterd {
     /// The manifest's path.
     pub manifest: PathBuf,
     exit: Option<ExitStatus>,
+    /// Whether the harness reads clusterd's stdout and stderr (see [`Clusterd::start_unread`]).
+    reading: bool,
 }
 
 impl Clusterd {
@@ -91,10 +93,34 @@ impl Clusterd {
         Self::start_full(manifest, files, |_| {})
     }
 
+    /// Like [`Clusterd::start_with_files`], but clusterd's stdout and stderr are pipes that
+    /// nobody reads (they fill up); [`Clusterd::output`] stays empty.
+    pub fn start_unread(manifest: &str, files: &[(&str, &str)]) -> Self {
+        Self::start_inner(manifest, files, |_| {}, false)
+    }
+
+    /// The pipes of clusterd's stdout and stderr, while they are not read.
+    pub fn unread_pipes(&self) -> Option<[std::os::fd::BorrowedFd<'_>; 2]> {
+        use std::os::fd::AsFd;
+        Some([
+            self.child.stdout.as_ref()?.as_fd(),
+            self.child.stderr.as_ref()?.as_fd(),
+        ])
+    }
+
     fn start_full(
         manifest: &str,
         files: &[(&str, &str)],
         adjust: impl FnOnce(&mut Command),
+    ) -> Self {
+        Self::start_inner(manifest, files, adjust, true)
+    }
+
+    fn start_inner(
+        manifest: &str,
+        files: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Command),
+        reading: bool,
     ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         for (name, content) in files {
@@ -105,6 +131,26 @@ impl Clusterd {
         let text = expand(manifest, dir.path());
         let path = dir.path().join("clusterd.toml");
         std::fs::write(&path, text).expect("write manifest");
+        Self::launch(dir, path, adjust, reading)
+    }
+
+    /// Starts clusterd again on this one's manifest and temp dir (so on the same run dir),
+    /// after this one has exited (waited for, up to 10 s).
+    pub fn start_again(mut self) -> Self {
+        self.wait_exit(Duration::from_secs(10));
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+        let path = self.manifest.clone();
+        let reading = self.reading;
+        drop(self);
+        Self::launch(dir, path, |_| {}, reading)
+    }
+
+    fn launch(
+        dir: tempfile::TempDir,
+        path: PathBuf,
+        adjust: impl FnOnce(&mut Command),
+        reading: bool,
+    ) -> Self {
         let mut command = Command::new(clusterd_bin());
         command
             .arg("start")
@@ -118,8 +164,10 @@ impl Clusterd {
         adjust(&mut command);
         let mut child = command.spawn().expect("spawn clusterd");
         let lines = Arc::new(Lines::default());
-        collect(child.stdout.take().expect("stdout"), lines.clone());
-        collect(child.stderr.take().expect("stderr"), lines.clone());
+        if reading {
+            collect(child.stdout.take().expect("stdout"), lines.clone());
+            collect(child.stderr.take().expect("stderr"), lines.clone());
+        }
         let pid = child.id() as i32;
         std::thread::spawn(move || {
             std::thread::sleep(WATCHDOG);
@@ -136,6 +184,7 @@ impl Clusterd {
             dir,
             manifest: path,
             exit: None,
+            reading,
         }
     }
 
@@ -237,11 +286,12 @@ impl Clusterd {
                 // Its last lines may still be on their way through the reader threads.
                 let lines = self.lines.clone();
                 assert!(
-                    wait_until(Duration::from_secs(5), || *lines
-                        .closed
-                        .lock()
-                        .expect("closed")
-                        == 2),
+                    !self.reading
+                        || wait_until(Duration::from_secs(5), || *lines
+                            .closed
+                            .lock()
+                            .expect("closed")
+                            == 2),
                     "clusterd's output did not reach end of file"
                 );
                 return status;

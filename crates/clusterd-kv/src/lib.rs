@@ -44,6 +44,11 @@
 //! - **Refresh requests**: a follower that gets `MOVED` bumps the header's refresh-request
 //!   word and futex-wakes it; the owner's watcher thread turns that into an immediate tend,
 //!   so one redirection refreshes the map for the whole host.
+//! - **Telling the supervisor**: under a supervisor (`NOTIFY_SOCKET` set), the owner says so
+//!   in a datagram, `X_CLUSTERD_KV_TEND=owner` plus `X_CLUSTERD_KV_SEGMENT=<file name>`,
+//!   when it takes the lock and after every tend round, and `X_CLUSTERD_KV_TEND=released`
+//!   when it lets go; one unconnected, non-blocking datagram each, errors ignored. The
+//!   kernel tells the supervisor the sender's pid, so clusterd never reads `/dev/shm`.
 //! - **Hung owner**: the owner stamps a heartbeat each round. A stopped or wedged owner keeps
 //!   its lock, so followers that see the heartbeat older than `stale_after_intervals` tend
 //!   intervals (at least 1 s) read the topology themselves (without publishing) until it recovers.
@@ -64,8 +69,9 @@
 //!   one on an existing file knows nobody uses it, so a leftover of a crashed run, an older
 //!   layout or a hash collision is removed rather than blocking startup. A mismatching
 //!   segment that *is* in use is refused ([`Error::ForeignSegment`]).
-//! - *No file is ever truncated once it has content*, so `clusterd status`, which maps
-//!   segments read-only ([`tend_owners`]), can never take a SIGBUS.
+//! - *No file is ever truncated once it has content*, so a tool that maps segments
+//!   read-only ([`tend_owners`]) can never take a SIGBUS from a well-behaved client. (clusterd
+//!   itself no longer reads segments: the owner tells it over `NOTIFY_SOCKET`.)
 //! - *Files are opened `O_NOFOLLOW` and must belong to our uid*: `/dev/shm` is world
 //!   writable, and a planted file or symlink must not become our map.
 //! - A named segment rather than a memfd: clusterd can find and report it by prefix without
@@ -75,7 +81,7 @@
 //! # Without the `client` feature
 //!
 //! Only [`tend_owners`] and the naming helpers remain, with no dependency beyond `libc` and
-//! `nix`: that is what the clusterd supervisor needs to show the tend owner in its status.
+//! `nix`, for tools and tests that inspect segments from outside.
 //!
 //! # Layout
 //!
@@ -83,7 +89,7 @@
 //!   `identity`: cluster hash and file names; `owners`: [`tend_owners`]; `sys`: clock and
 //!   futex.
 //! - Client only: `segment` (membership protocol), `seqlock` (publish/copy), `tend_lock`,
-//!   `tend` (owner/follower loops), `topology` (`CLUSTER SHARDS`/`SLOTS`), `pool`
+//!   `tend` (owner/follower loops), `tend_notify` (the datagrams to the supervisor), `topology` (`CLUSTER SHARDS`/`SLOTS`), `pool`
 //!   (connections), `slot` (CRC16 key slots), `map`, `options`, `stats`, `client`
 //!   ([`KvClient`]), `error`.
 #![warn(missing_docs)]
@@ -117,6 +123,8 @@ mod tend;
 #[cfg(feature = "client")]
 mod tend_lock;
 #[cfg(feature = "client")]
+mod tend_notify;
+#[cfg(feature = "client")]
 mod topology;
 
 pub use identity::{
@@ -138,3 +146,5 @@ pub use options::KvOptions;
 pub use slot::key_slot;
 #[cfg(feature = "client")]
 pub use stats::{Role, Stats};
+#[cfg(feature = "client")]
+pub use tend_notify::{ENV_NOTIFY_SOCKET, KEY_SEGMENT, KEY_TEND};

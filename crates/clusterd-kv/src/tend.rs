@@ -26,6 +26,7 @@ use crate::seqlock::{self, ReadError};
 use crate::stats::{Role, bump};
 use crate::sys::{futex_wait, futex_wake_all, monotonic_micros};
 use crate::tend_lock::{self, TendLock};
+use crate::tend_notify::TendNotifier;
 use crate::topology;
 
 /// What a lock-waiter thread hands over: the lock and when (CLOCK_MONOTONIC µs) it got it.
@@ -44,12 +45,15 @@ pub struct SharedMap {
     tend_lock: Mutex<Option<TendLock>>,
     /// Stop flag of the owner's refresh-request watcher thread.
     watcher_stop: Mutex<Option<Arc<AtomicBool>>>,
+    /// Tells the supervisor (`NOTIFY_SOCKET`) when this client owns or releases the lock.
+    notifier: TendNotifier,
 }
 
 impl SharedMap {
     /// Wraps a fresh attachment.
     pub fn new(mapping: Mapping, membership: Membership) -> Self {
         SharedMap {
+            notifier: TendNotifier::from_env(membership.path()),
             lock_path: crate::identity::lock_path(membership.path()),
             mapping: Arc::new(mapping),
             membership: Mutex::new(Some(membership)),
@@ -218,6 +222,7 @@ impl Inner {
                     .header
                     .heartbeat_ms
                     .store(now_ms, Ordering::Release);
+                shared.notifier.owner();
             }
         }
         let map = self.fetch_topology().await?;
@@ -357,6 +362,7 @@ impl Inner {
             .store(monotonic_micros() / 1000, Ordering::Relaxed);
         h.state.store(STATE_TENDING, Ordering::Release);
         *held = Some(lock);
+        shared.notifier.owner();
         drop(held);
         self.set_role(Role::Owner);
         bump(&self.counters.takeovers);
@@ -390,6 +396,7 @@ impl Inner {
             futex_wake_all(&h.refresh_requests);
         }
         drop(lock);
+        shared.notifier.released();
     }
 
     /// Asks for a refresh after a redirection: this client's own loop is woken, and a

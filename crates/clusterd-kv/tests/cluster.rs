@@ -375,3 +375,46 @@ fn a_segment_left_by_crashed_processes_is_replaced() {
     next.exit();
     assert!(tend_owners(dir.path(), PREFIX).unwrap().is_empty());
 }
+
+/// Receives datagrams on `socket` until one satisfies `want` (or panics after `WAIT`).
+fn receive_until(socket: &std::os::unix::net::UnixDatagram, want: impl Fn(&str) -> bool) -> String {
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        let n = socket.recv(&mut buf).expect("a datagram in time");
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if want(&text) {
+            return text;
+        }
+    }
+}
+
+#[test]
+fn the_owner_tells_notify_socket_when_it_owns_tends_and_releases() {
+    let cluster = RedisCluster::start(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    let env = [(clusterd_kv::ENV_NOTIFY_SOCKET, socket_path.as_os_str())];
+    let segment_dir = dir.path().join("shm");
+    std::fs::create_dir(&segment_dir).unwrap();
+    let mut agent = Agent::spawn_with_env(
+        &cluster.seeds(),
+        &segment_dir,
+        &["--interval-ms", "100"],
+        &env,
+    );
+    assert_eq!(agent.role(), "owner");
+    let first = receive_until(&notify, |t| t.contains("X_CLUSTERD_KV_TEND="));
+    assert!(
+        first.starts_with("X_CLUSTERD_KV_TEND=owner\nX_CLUSTERD_KV_SEGMENT=kvtest-"),
+        "{first:?}"
+    );
+    // The heartbeat: once per tend round, so more follow.
+    for _ in 0..3 {
+        receive_until(&notify, |t| t.starts_with("X_CLUSTERD_KV_TEND=owner\n"));
+    }
+    assert_eq!(agent.cmd("close"), "closed");
+    receive_until(&notify, |t| t.starts_with("X_CLUSTERD_KV_TEND=released\n"));
+    agent.exit();
+}

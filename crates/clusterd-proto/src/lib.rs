@@ -94,7 +94,7 @@ pub enum Request {
 #[serde(tag = "reply", rename_all = "kebab-case")]
 pub enum Reply {
     /// The answer to [`Request::Status`].
-    Status(Status),
+    Status(Box<Status>),
     /// A step of a long-running command (`reload --wait`).
     Progress {
         /// What happened.

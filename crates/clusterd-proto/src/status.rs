@@ -20,6 +20,14 @@ pub struct Status {
     pub sockets: Vec<SocketStatus>,
     /// The apps, by name.
     pub apps: Vec<AppStatus>,
+    /// What holds each worker and everything it starts: `cgroup v2 (...)` or
+    /// `process groups (why not cgroups)`.
+    #[serde(default)]
+    pub containment: String,
+    /// Lines of output (workers' and clusterd's own) dropped because clusterd's stdout or
+    /// stderr was not read fast enough.
+    #[serde(default)]
+    pub output_dropped: u64,
 }
 
 /// One listening socket.

@@ -27,7 +27,18 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent on `seeds` with its segment in `dir` and waits until it is connected.
     pub fn spawn(seeds: &str, dir: &Path, extra: &[&str]) -> Agent {
+        Self::spawn_with_env(seeds, dir, extra, &[])
+    }
+
+    /// Like [`Agent::spawn`], with extra environment variables.
+    pub fn spawn_with_env(
+        seeds: &str,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Agent {
         let mut child = Command::new(env!("CARGO_BIN_EXE_clusterd-kv"))
+            .envs(env.iter().copied())
             .arg("agent")
             .args(["--seeds", seeds, "--prefix", PREFIX])
             .arg("--dir")

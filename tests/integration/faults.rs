@@ -1,0 +1,403 @@
+//! Hostile or broken surroundings (issue 9): nothing a worker, a log reader or another local
+//! user does may stall clusterd, leak its resources or outlive it.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::util::{Clusterd, clusterd_bin, wait_until};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// How many descriptors `pid` has open.
+fn fd_count(pid: Pid) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read fds")
+        .count()
+}
+
+/// `clusterd status --json` with a deadline: the parsed status and how long it took, or
+/// `None` if clusterd did not answer within `timeout` (the client is killed then).
+fn status_within(clusterd: &Clusterd, timeout: Duration) -> Option<(serde_json::Value, Duration)> {
+    let started = Instant::now();
+    let mut child = Command::new(clusterd_bin())
+        .args(["status", "--json", "-f"])
+        .arg(&clusterd.manifest)
+        .env_remove("XDG_RUNTIME_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn clusterd status");
+    let finished = wait_until(timeout, || child.try_wait().expect("try_wait").is_some());
+    if !finished {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    }
+    let output = child.wait_with_output().expect("status output");
+    let elapsed = started.elapsed();
+    Some((serde_json::from_slice(&output.stdout).ok()?, elapsed))
+}
+
+/// The pid of `app`'s serving worker in `slot`, from a status.
+fn worker_pid(status: &serde_json::Value, app: &str, slot: u64) -> Option<Pid> {
+    let pid = status["apps"]
+        .as_array()?
+        .iter()
+        .find(|a| a["name"] == app)?["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["slot"] == slot && w["role"] == "serving")?["pid"]
+        .as_i64()?;
+    Some(Pid::from_raw(pid as i32))
+}
+
+/// Bytes waiting in a pipe (`FIONREAD`).
+fn pipe_fill(fd: std::os::fd::BorrowedFd<'_>) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    n as usize
+}
+
+/// The `status_text` of `app`'s worker in `slot`.
+fn status_text(clusterd: &Clusterd, app: &str, slot: u64) -> Option<String> {
+    let status = clusterd.status();
+    status["apps"]
+        .as_array()?
+        .iter()
+        .find(|a| a["name"] == app)?["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["slot"] == slot)?["status_text"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[test]
+fn descriptors_sent_with_notifications_do_not_leak() {
+    // Five datagrams with 40 descriptors each (more than a small control buffer holds), then
+    // a plain STATUS=sent: when clusterd shows it, it has read the five before it.
+    let clusterd = Clusterd::start_with_files(
+        r#"
+[apps.sender]
+command = ["{dir}/sender.py"]
+ready = "notify"
+"#,
+        &[(
+            "sender.py",
+            r#"#!/usr/bin/env python3
+import array, os, socket, time
+addr = os.environ["NOTIFY_SOCKET"]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"READY=1", addr)
+while not os.path.exists("{dir}/go"):
+    time.sleep(0.02)
+fd = os.open("/dev/null", os.O_RDONLY)
+for _ in range(5):
+    fds = array.array("i", [fd] * 40)
+    s.sendmsg([b"STATUS=burst"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], 0, addr)
+s.sendto(b"STATUS=sent", addr)
+while True:
+    time.sleep(60)
+"#,
+        )],
+    );
+    clusterd.wait_for_line("ready after", 20 * SECOND);
+    let before = fd_count(clusterd.pid());
+    std::fs::write(clusterd.dir.path().join("go"), "").expect("write go");
+    assert!(
+        wait_until(20 * SECOND, || status_text(&clusterd, "sender", 0)
+            .as_deref()
+            == Some("sent")),
+        "the worker's STATUS=sent never arrived"
+    );
+    let after = fd_count(clusterd.pid());
+    assert_eq!(
+        after, before,
+        "clusterd's descriptors: {before} before, {after} after"
+    );
+}
+
+#[test]
+fn with_its_output_unread_clusterd_still_replaces_workers_and_answers() {
+    // Both of clusterd's streams are pipes nobody reads, and a worker floods both.
+    let mut clusterd = Clusterd::start_unread(
+        r#"
+[supervisor]
+stop_timeout = "2s"
+
+[apps.flood]
+command = ["sh", "-c", "yes stderr-flood >&2 & exec yes stdout-flood"]
+
+[apps.web]
+command = ["sleep", "1000"]
+"#,
+        &[],
+    );
+    let [stdout, stderr] = clusterd.unread_pipes().expect("unread pipes");
+    let full = || pipe_fill(stdout) >= 60_000 || pipe_fill(stderr) >= 60_000;
+    assert!(
+        wait_until(20 * SECOND, full),
+        "clusterd's stdout and stderr did not fill up ({} and {} bytes)",
+        pipe_fill(stdout),
+        pipe_fill(stderr)
+    );
+    let (status, _) = status_within(&clusterd, 5 * SECOND).expect("status answers");
+    let victim = worker_pid(&status, "web", 0).expect("web[0] in status");
+    kill(victim, Signal::SIGKILL).expect("kill web[0]");
+    let mut slowest = Duration::ZERO;
+    let replaced = wait_until(20 * SECOND, || {
+        let Some((status, took)) = status_within(&clusterd, 5 * SECOND) else {
+            panic!("status did not answer within 5 s with clusterd's output unread");
+        };
+        slowest = slowest.max(took);
+        worker_pid(&status, "web", 0).is_some_and(|pid| pid != victim)
+    });
+    assert!(replaced, "the killed worker was not replaced");
+    assert!(slowest < 3 * SECOND, "status took {slowest:?}");
+    // Both streams were stalled meanwhile, the log's as well as the workers' output.
+    assert!(pipe_fill(stdout) >= 60_000 && pipe_fill(stderr) >= 60_000);
+    clusterd.signal(Signal::SIGTERM);
+    assert!(clusterd.wait_exit(20 * SECOND).success());
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+#[test]
+fn a_sighup_failing_on_its_second_new_socket_binds_nothing_and_a_corrected_one_applies() {
+    let manifest = |a: u16, b: u16| {
+        format!(
+            "[sockets.http]\nlisten = \"127.0.0.1:0\"\n\
+             [sockets.a]\nlisten = \"127.0.0.1:{a}\"\n\
+             [sockets.b]\nlisten = \"127.0.0.1:{b}\"\n\
+             [apps.web]\ncommand = [\"sleep\", \"1000\"]\nsockets = [\"http\"]\n"
+        )
+    };
+    let clusterd = Clusterd::start(
+        "[sockets.http]\nlisten = \"127.0.0.1:0\"\n[apps.web]\ncommand = [\"sleep\", \"1000\"]\nsockets = [\"http\"]\n",
+    );
+    clusterd.wait_for_line("web[0] started pid", 10 * SECOND);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_port = taken.local_addr().expect("addr").port();
+    let a = free_port();
+    // "a" sorts first and binds; "b" fails on the port held above.
+    clusterd.rewrite_manifest(&manifest(a, taken_port));
+    clusterd.signal(Signal::SIGHUP);
+    clusterd.wait_for_line("manifest re-read rejected", 10 * SECOND);
+    assert!(!listening(a), "the rejected re-read left socket a bound");
+
+    let b = free_port();
+    clusterd.rewrite_manifest(&manifest(a, b));
+    clusterd.signal(Signal::SIGHUP);
+    clusterd.wait_for_line("socket b listening on", 10 * SECOND);
+    assert!(listening(a) && listening(b));
+    let output = clusterd.output();
+    assert_eq!(clusterd.count("manifest re-read rejected"), 1, "{output}");
+}
+
+/// Runs `clusterd ARGS -f MANIFEST` with its stdout a pipe whose reader has already gone.
+fn ctl_into_closed_pipe(clusterd: &Clusterd, args: &[&str]) -> std::process::Output {
+    let (read, write) = nix::unistd::pipe().expect("pipe");
+    drop(read);
+    let child = Command::new(clusterd_bin())
+        .args(args)
+        .arg("-f")
+        .arg(&clusterd.manifest)
+        .env_remove("XDG_RUNTIME_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn clusterd client");
+    child.wait_with_output().expect("client output")
+}
+
+#[test]
+fn cli_output_into_a_closed_pipe_ends_quietly() {
+    let mut clusterd =
+        Clusterd::start("[apps.web]\ncommand = [\"sleep\", \"1000\"]\nworkers = 2\n");
+    clusterd.wait_for_lines("started pid", 2, 10 * SECOND);
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["reload", "--wait"],
+        &["check", clusterd.manifest.to_str().expect("path")],
+    ] {
+        let output = if args[0] == "check" {
+            let (read, write) = nix::unistd::pipe().expect("pipe");
+            drop(read);
+            Command::new(clusterd_bin())
+                .args(args)
+                .stdout(Stdio::from(write))
+                .stderr(Stdio::piped())
+                .output()
+                .expect("clusterd check")
+        } else {
+            ctl_into_closed_pipe(&clusterd, args)
+        };
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && stderr.is_empty(),
+            "clusterd {}: {:?}, stderr: {stderr}",
+            args.join(" "),
+            output.status
+        );
+    }
+    assert!(clusterd.stop().success());
+}
+
+/// `app`'s ready worker count, from a status.
+fn ready_count(status: &serde_json::Value, app: &str) -> Option<u64> {
+    status["apps"]
+        .as_array()?
+        .iter()
+        .find(|a| a["name"] == app)?["ready"]
+        .as_u64()
+}
+
+#[test]
+fn a_hundred_and_twenty_workers_become_ready_under_a_soft_limit_of_256_descriptors() {
+    use std::os::unix::process::CommandExt;
+    let clusterd = Clusterd::start_with(
+        r#"
+[apps.many]
+command = ["sh", "-c", "\"$CLUSTERD_EXE\" notify READY=1 && exec sleep 1000"]
+workers = 120
+ready = "notify"
+"#,
+        |command| {
+            // SAFETY: setrlimit is a plain system call, fine between fork and exec.
+            unsafe {
+                command.pre_exec(|| {
+                    let (_, hard) =
+                        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        256,
+                        hard,
+                    )?;
+                    Ok(())
+                });
+            }
+        },
+    );
+    let mut ready = None;
+    assert!(
+        wait_until(90 * SECOND, || {
+            ready = status_within(&clusterd, 10 * SECOND)
+                .and_then(|(status, _)| ready_count(&status, "many"));
+            ready == Some(120)
+        }),
+        "{ready:?} of 120 workers ready; output:\n{}",
+        clusterd.output()
+    );
+}
+
+/// Removes a file when dropped.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_fifo_planted_under_the_kv_segment_name_does_not_slow_status() {
+    // What any local user can create in world-writable /dev/shm: a FIFO named like the app's
+    // KV segment. Opening it for reading would block until a writer comes.
+    let prefix = format!("clusterd-faults-{}", std::process::id());
+    let fifo =
+        RemoveOnDrop(std::path::Path::new("/dev/shm").join(format!("{prefix}-0123456789abcdef")));
+    nix::unistd::mkfifo(&fifo.0, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let clusterd = Clusterd::start(&format!(
+        "[apps.web]\ncommand = [\"sleep\", \"1000\"]\nkv_segment = \"{prefix}\"\n"
+    ));
+    clusterd.wait_for_line("web[0] started pid", 10 * SECOND);
+    for _ in 0..3 {
+        let (_, took) = status_within(&clusterd, 5 * SECOND)
+            .expect("status did not answer within 5 s with a FIFO planted in /dev/shm");
+        assert!(took < 2 * SECOND, "status took {took:?}");
+    }
+}
+
+/// Kills (when dropped) the processes whose command line is exactly `argv`.
+struct KillOnDrop(Vec<String>);
+
+impl KillOnDrop {
+    fn pids(&self) -> Vec<Pid> {
+        let wanted: Vec<u8> = self
+            .0
+            .iter()
+            .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+            .collect();
+        std::fs::read_dir("/proc")
+            .expect("proc")
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                (std::fs::read(e.path().join("cmdline")).ok()? == wanted)
+                    .then(|| Pid::from_raw(pid))
+            })
+            .collect()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+#[test]
+fn after_a_sigkill_a_new_start_sweeps_escaped_children_holding_the_port_and_serves() {
+    // Each worker leaves a double-forked, setsid'd sleeper holding the listening socket: it
+    // is in no worker's process group, and PR_SET_PDEATHSIG does not reach it.
+    let marker = KillOnDrop(vec!["sleep".into(), format!("1000.{}", std::process::id())]);
+    let port = free_port();
+    let clusterd = Clusterd::start(&format!(
+        r#"
+[sockets.http]
+listen = "127.0.0.1:{port}"
+
+[apps.web]
+command = ["sh", "-c", "(setsid sleep {} &); exec {{hello}}"]
+workers = 2
+sockets = ["http"]
+ready = "notify"
+"#,
+        marker.0[1]
+    ));
+    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    assert!(
+        wait_until(10 * SECOND, || marker.pids().len() == 2),
+        "the escaped sleepers did not start"
+    );
+    clusterd.signal(Signal::SIGKILL);
+    let clusterd = clusterd.start_again();
+    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    assert!(
+        crate::util::whoami(addr).is_ok(),
+        "the new start does not serve"
+    );
+    // The leftovers of the killed run are gone; the new run's own sleepers are 2.
+    let output = clusterd.output();
+    assert!(output.contains("left by a previous run"), "{output}");
+    assert_eq!(marker.pids().len(), 2);
+}
