@@ -5,16 +5,17 @@
 //!   when the worker and every descendant holding the pipe have exited. Lines longer than
 //!   [`MAX_LINE`] are split; bytes are passed through as they are (not necessarily UTF-8).
 //! - **Writing**: clusterd's stdout (worker stdout) and stderr (worker stderr and the log) are
-//!   each written by a thread of [`tracing_appender::non_blocking`], fed through a bounded,
-//!   lossy queue of [`QUEUED_LINES`] lines. A reader that stops reading (a full pipe, a
-//!   stopped terminal) stalls only that thread; further lines are dropped and counted
-//!   ([`dropped_lines`]), and the supervisor goes on. Each line is one message, so lines from
-//!   different workers never interleave.
+//!   each written by a thread of [`tracing_appender::non_blocking`], fed through a lossy
+//!   queue bounded in lines ([`QUEUED_LINES`]) and in bytes ([`QUEUED_BYTES`]). A reader that
+//!   stops reading (a full pipe, a stopped terminal) stalls only that thread; further lines
+//!   are dropped and counted ([`dropped_lines`]), and the supervisor goes on. Each line is one
+//!   message, so lines from different workers never interleave.
 //! - **Exit**: [`init`]'s guard flushes what is queued when dropped, for a bounded time.
 
 use std::io::{self, Write};
 use std::os::fd::{OwnedFd, RawFd};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -25,8 +26,12 @@ use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuild
 /// The longest line forwarded in one piece; longer lines are split.
 const MAX_LINE: usize = 16 * 1024;
 
-/// Lines queued per stream before further lines are dropped (at most `MAX_LINE` bytes each).
-const QUEUED_LINES: usize = 1024;
+/// Lines queued per stream before further lines are dropped. (The queue's slots are allocated
+/// up front, about 40 bytes each.)
+const QUEUED_LINES: usize = 16 * 1024;
+
+/// Bytes queued per stream before further lines are dropped.
+const QUEUED_BYTES: usize = 4 << 20;
 
 /// How long the exit waits for the writer threads to flush their queues.
 const FLUSH_BOUND: Duration = Duration::from_millis(1500);
@@ -42,9 +47,52 @@ pub enum Stream {
 
 /// The non-blocking writers of clusterd's stdout and stderr.
 struct Writers {
-    stdout: NonBlocking,
-    stderr: NonBlocking,
-    dropped: [ErrorCounter; 2],
+    stdout: Bounded,
+    stderr: Bounded,
+}
+
+/// A [`NonBlocking`] writer that also drops (and counts) what would queue more than
+/// [`QUEUED_BYTES`]. Each `write` is one message.
+#[derive(Clone)]
+pub struct Bounded {
+    inner: NonBlocking,
+    /// Lines the queue refused for want of room.
+    full: ErrorCounter,
+    /// Bytes queued and not yet written; the writer thread ([`RawWriter`]) subtracts.
+    queued: Arc<AtomicUsize>,
+    /// Lines dropped for want of bytes.
+    dropped: Arc<AtomicU64>,
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let len = buf.len();
+        if self.queued.fetch_add(len, Ordering::AcqRel) + len > QUEUED_BYTES {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return Ok(len);
+        }
+        // A refused line is never written, so its bytes are not queued. (The count is only
+        // raced by writes from other threads, which clusterd's loop thread does not have.)
+        let refused_before = self.full.dropped_lines();
+        self.inner.write_all(buf)?;
+        if self.full.dropped_lines() != refused_before {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+        }
+        Ok(len)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Bounded {
+    type Writer = Bounded;
+
+    fn make_writer(&'a self) -> Bounded {
+        self.clone()
+    }
 }
 
 static WRITERS: OnceLock<Writers> = OnceLock::new();
@@ -57,16 +105,11 @@ pub struct OutputGuard {
 
 /// Starts the writer threads of clusterd's stdout and stderr and returns the writer the log
 /// should use (clusterd's stderr). Call once, at start, and keep the guard until exit.
-pub fn init() -> (NonBlocking, OutputGuard) {
+pub fn init() -> (Bounded, OutputGuard) {
     let (stdout, stdout_guard) = writer(1, "clusterd-stdout");
     let (stderr, stderr_guard) = writer(2, "clusterd-stderr");
     let log = stderr.clone();
-    let dropped = [stdout.error_counter(), stderr.error_counter()];
-    let _ = WRITERS.set(Writers {
-        stdout,
-        stderr,
-        dropped,
-    });
+    let _ = WRITERS.set(Writers { stdout, stderr });
     (
         log,
         OutputGuard {
@@ -75,18 +118,32 @@ pub fn init() -> (NonBlocking, OutputGuard) {
     )
 }
 
-fn writer(fd: RawFd, thread_name: &str) -> (NonBlocking, WorkerGuard) {
-    NonBlockingBuilder::default()
+fn writer(fd: RawFd, thread_name: &str) -> (Bounded, WorkerGuard) {
+    let queued = Arc::new(AtomicUsize::new(0));
+    let (inner, guard) = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(QUEUED_LINES)
         .thread_name(thread_name)
-        .finish(RawWriter(fd))
+        .finish(RawWriter {
+            fd,
+            queued: queued.clone(),
+        });
+    let writer = Bounded {
+        full: inner.error_counter(),
+        inner,
+        queued,
+        dropped: Arc::new(AtomicU64::new(0)),
+    };
+    (writer, guard)
 }
 
 /// Lines dropped so far because clusterd's stdout or stderr was not read fast enough.
 pub fn dropped_lines() -> u64 {
     WRITERS.get().map_or(0, |w| {
-        w.dropped.iter().map(|c| c.dropped_lines() as u64).sum()
+        [&w.stdout, &w.stderr]
+            .iter()
+            .map(|b| b.full.dropped_lines() as u64 + b.dropped.load(Ordering::Relaxed))
+            .sum()
     })
 }
 
@@ -120,17 +177,27 @@ impl Drop for OutputGuard {
 }
 
 /// Writes to a descriptor of clusterd's own (1 or 2) with plain `write(2)`: no lock shared
-/// with the rest of the program and no buffering, so each message is one system call.
-struct RawWriter(RawFd);
+/// with the rest of the program and no buffering. Runs on the writer thread, which writes
+/// each message with one `write_all`; what has left the queue no longer counts as queued.
+struct RawWriter {
+    fd: RawFd,
+    queued: Arc<AtomicUsize>,
+}
 
 impl Write for RawWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         // SAFETY: writing from a valid buffer to a descriptor number; a closed descriptor is an
         // error return, not undefined behaviour.
-        let n = unsafe { libc::write(self.0, buf.as_ptr().cast(), buf.len()) };
+        let n = unsafe { libc::write(self.fd, buf.as_ptr().cast(), buf.len()) };
         if n < 0 {
-            Err(io::Error::last_os_error())
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                // write_all gives the message up: none of its remaining bytes stay queued.
+                self.queued.fetch_sub(buf.len(), Ordering::AcqRel);
+            }
+            Err(error)
         } else {
+            self.queued.fetch_sub(n as usize, Ordering::AcqRel);
             Ok(n as usize)
         }
     }
@@ -253,5 +320,24 @@ mod tests {
         assert_eq!(messages.len(), 3);
         assert_eq!(messages[0].len(), "web[0] ".len() + MAX_LINE + 1);
         assert_eq!(messages[2].len(), "web[0] ".len() + 10 + 1);
+    }
+
+    #[test]
+    fn a_stalled_reader_bounds_the_queue_in_bytes_and_counts_what_is_dropped() {
+        use std::os::fd::AsRawFd;
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let (mut out, guard) = writer(write.as_raw_fd(), "test-writer");
+        let line = vec![b'x'; MAX_LINE];
+        // Nobody reads: the pipe fills, then the queue, then lines are dropped.
+        for _ in 0..(QUEUED_BYTES / MAX_LINE + 64) {
+            out.write_all(&line).unwrap();
+        }
+        assert!(out.dropped.load(Ordering::Relaxed) > 0);
+        assert!(out.queued.load(Ordering::Relaxed) <= QUEUED_BYTES);
+        // The reader goes away: the writer thread's writes fail and the queue empties.
+        drop(read);
+        drop(guard);
+        drop(write);
+        assert_eq!(out.queued.load(Ordering::Relaxed), 0);
     }
 }
