@@ -401,3 +401,91 @@ ready = "notify"
     assert!(output.contains("left by a previous run"), "{output}");
     assert_eq!(marker.pids().len(), 2);
 }
+
+/// The children of `pid` (all its threads').
+fn children(pid: Pid) -> Vec<Pid> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                .flat_map(|c| {
+                    c.split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .map(Pid::from_raw)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Children of `pid` that are zombies.
+fn zombies(pid: Pid) -> usize {
+    children(pid)
+        .into_iter()
+        .filter(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/stat"))
+                .is_ok_and(|s| s.rfind(')').and_then(|i| s[i + 2..].chars().next()) == Some('Z'))
+        })
+        .count()
+}
+
+#[test]
+fn as_pid_1_of_a_pid_namespace_it_reaps_orphans_and_stops_cleanly() {
+    // Each worker leaves an orphan behind that exits shortly after: in the namespace they
+    // are re-parented to clusterd, PID 1, which must reap them.
+    let manifest = r#"
+[supervisor]
+stop_timeout = "5s"
+
+[apps.orphans]
+command = ["sh", "-c", "sh -c 'sleep 0.3 &'; echo forked; exec sleep 1000"]
+workers = 2
+"#;
+    let mut clusterd = Clusterd::start_with(manifest, |command| {
+        let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+        let mut wrapped = Command::new("unshare");
+        wrapped
+            .args(["--pid", "--fork", "--mount-proc"])
+            .arg(clusterd_bin())
+            .args(args)
+            .current_dir(command.get_current_dir().expect("dir"))
+            .env_remove("XDG_RUNTIME_DIR")
+            .env("CLUSTERD_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        *command = wrapped;
+    });
+    clusterd.wait_for_lines("orphans[", 2, 10 * SECOND);
+    clusterd.wait_for_lines("] forked", 2, 10 * SECOND);
+    // `unshare` forks clusterd: its only child.
+    let mut inner = Vec::new();
+    assert!(wait_until(10 * SECOND, || {
+        inner = children(clusterd.pid());
+        inner.len() == 1
+    }));
+    let pid1 = inner[0];
+    assert!(
+        clusterd.output().contains("clusterd pid 1 running"),
+        "clusterd is not PID 1 of its namespace:\n{}",
+        clusterd.output()
+    );
+    // The orphans exit after 0.3 s and are reaped: no zombie stays behind.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        wait_until(10 * SECOND, || zombies(pid1) == 0),
+        "{} zombies under clusterd",
+        zombies(pid1)
+    );
+    assert!(clusterd.output().contains("reaped adopted process"));
+    let stop = clusterd.ctl(&["stop"]);
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    let status = clusterd.wait_exit(10 * SECOND);
+    assert!(status.success(), "{status:?}\n{}", clusterd.output());
+}
