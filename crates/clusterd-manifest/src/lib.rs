@@ -29,6 +29,7 @@
 
 mod doc;
 mod error;
+mod interpolate;
 mod listen;
 mod model;
 mod schema;
@@ -91,12 +92,21 @@ pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
 
 /// Parses and validates manifest `text`. `path` names the file in messages, and its directory
 /// is what relative paths in the manifest are resolved against; the file is not read.
+/// `${VAR}` and `${VAR:-default}` in string values are taken from clusterd's environment
+/// (see the `interpolate` module).
 pub fn parse(text: &str, path: &Path) -> Result<Manifest, ManifestError> {
-    parse_with(text, path, listen::system_resolver)
+    parse_with(text, path, listen::system_resolver, &|name| {
+        std::env::var(name).ok()
+    })
 }
 
-/// [`parse`], resolving host names with `resolver`.
-fn parse_with(text: &str, path: &Path, resolver: Resolver) -> Result<Manifest, ManifestError> {
+/// [`parse`], resolving host names with `resolver` and variables with `lookup`.
+fn parse_with(
+    text: &str,
+    path: &Path,
+    resolver: Resolver,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Manifest, ManifestError> {
     let absolute = std::path::absolute(path).map_err(|source| ManifestError::Read {
         path: path.to_owned(),
         source,
@@ -106,7 +116,7 @@ fn parse_with(text: &str, path: &Path, resolver: Resolver) -> Result<Manifest, M
         path: path.to_owned(),
         problems,
     };
-    let doc = DeTable::parse(text).map_err(|e| {
+    let mut doc = DeTable::parse(text).map_err(|e| {
         let offset = e.span().map_or(0, |span| span.start);
         invalid(vec![Problem::at(
             text,
@@ -120,5 +130,21 @@ fn parse_with(text: &str, path: &Path, resolver: Resolver) -> Result<Manifest, M
         dir,
         resolver,
     };
-    schema::manifest(&doc, text, &origin).map_err(invalid)
+    let mut problems = Vec::new();
+    interpolate::table(
+        doc.get_mut(),
+        &doc::KeyPath::root(),
+        text,
+        lookup,
+        &mut problems,
+    );
+    match schema::manifest(&doc, text, &origin) {
+        Ok(manifest) if problems.is_empty() => Ok(manifest),
+        Ok(_) => Err(invalid(problems)),
+        Err(mut more) => {
+            more.extend(problems);
+            more.sort_by_key(|p| (p.line, p.column));
+            Err(invalid(more))
+        }
+    }
 }

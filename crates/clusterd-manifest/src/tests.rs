@@ -43,7 +43,7 @@ enum Outcome {
 /// Parses `text` and checks what any outcome must satisfy.
 fn check(text: &str) -> Outcome {
     let path = Path::new("/fuzz/supervisor.toml");
-    match parse_with(text, path, offline_resolver) {
+    match parse_with(text, path, offline_resolver, &|_| None) {
         Ok(manifest) => {
             assert!(!manifest.apps.is_empty());
             for app in manifest.apps.values() {

@@ -135,21 +135,26 @@ pub(crate) fn choice<T: Copy>(value: &Value<'_>, choices: &[(&str, T)]) -> Resul
 /// The largest number of workers an app may ask for.
 pub(crate) const MAX_WORKERS: i64 = 4096;
 
-/// `workers`: an integer in `1..=MAX_WORKERS`, or `"auto"` for the number of CPUs.
+/// `workers`: an integer in `1..=MAX_WORKERS` (also as a string of digits, as
+/// `"${WORKERS:-4}"` gives), or `"auto"` for the number of CPUs.
 pub(crate) fn workers(value: &Value<'_>) -> Result<usize, Bad> {
     let expected = || Bad::expected("a positive integer or \"auto\"");
-    match value.get_ref() {
-        DeValue::String(s) if s == "auto" => std::thread::available_parallelism()
-            .map(|n| n.get().min(MAX_WORKERS as usize))
-            .map_err(|e| Bad::Message(format!("cannot count the CPUs for \"auto\": {e}"))),
-        DeValue::Integer(integer) => match integer_value(integer) {
-            Some(n) if n > MAX_WORKERS => {
-                Err(Bad::expected(format!("at most {MAX_WORKERS} workers")))
-            }
-            // In 1..=MAX_WORKERS, so it fits any usize.
-            Some(n) if n >= 1 => Ok(n as usize),
-            _ => Err(expected()),
-        },
+    let count = match value.get_ref() {
+        DeValue::String(s) if s == "auto" => {
+            return std::thread::available_parallelism()
+                .map(|n| n.get().min(MAX_WORKERS as usize))
+                .map_err(|e| Bad::Message(format!("cannot count the CPUs for \"auto\": {e}")));
+        }
+        DeValue::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse::<i64>().ok()
+        }
+        DeValue::Integer(integer) => integer_value(integer),
+        _ => None,
+    };
+    match count {
+        Some(n) if n > MAX_WORKERS => Err(Bad::expected(format!("at most {MAX_WORKERS} workers"))),
+        // In 1..=MAX_WORKERS, so it fits any usize.
+        Some(n) if n >= 1 => Ok(n as usize),
         _ => Err(expected()),
     }
 }
