@@ -103,6 +103,8 @@ fn worker_row(w: &WorkerStatus) -> String {
         && (w.pid.is_none() || w.restarts > 0)
     {
         info.push(format!("last: {exit}"));
+    } else if let Some(why) = &w.restart_reason {
+        info.push(format!("restarted: {why}"));
     }
     let row = format!(
         "{:<4} {:>7} {:<9} {:>3} {:>7} {:>4} {:>5} {:>8}  ",
@@ -177,6 +179,7 @@ mod tests {
             status_text: Some(
                 "serving a great many requests from a great many clients today".into(),
             ),
+            restart_reason: Some("memory: 310 MiB > max_memory 300 MiB".into()),
             tend_owner: true,
         };
         let status = Status {

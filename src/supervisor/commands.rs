@@ -134,6 +134,8 @@ impl Core {
         let old = slot.worker();
         slot.state = SlotState::Backoff { until: now };
         slot.crash_streak = 0;
+        slot.recent_restarts.clear();
+        slot.last_restart = Some("operator (clusterd restart)".into());
         if let Some(old) = old {
             self.stop(now, old, StopReason::Retired);
         }

@@ -33,6 +33,9 @@ const MAX_EXTEND: Duration = Duration::from_secs(24 * 3600);
 /// heartbeat) or gave up (`released`) its app's tend lock (see the clusterd-kv crate).
 pub const KV_TEND_KEY: &str = "X_CLUSTERD_KV_TEND";
 
+/// How often workers' memory is sampled while any app sets `max_memory`.
+pub const MEMORY_INTERVAL: Duration = Duration::from_secs(2);
+
 /// The shortest wait before retrying a spawn that failed for a transient reason (EMFILE...),
 /// whatever the backoff settings, so that a failing spawn can never spin.
 const MIN_SPAWN_RETRY: Duration = Duration::from_millis(100);
@@ -62,6 +65,8 @@ pub struct Core {
     pub(super) shutting_down: bool,
     /// `reload --wait` clients.
     pub(super) waiters: Vec<Waiter>,
+    /// When workers' memory is sampled next (only while an app sets `max_memory`).
+    memory_check: Option<Instant>,
     /// Actions decided so far, returned by `on`/`tick`.
     out: Vec<Action>,
 }
@@ -69,14 +74,16 @@ pub struct Core {
 impl Core {
     /// A core for `manifest` whose slots are all due to start at `now`.
     pub fn new(manifest: &Manifest, now: Instant) -> Self {
-        Core {
+        let mut core = Core {
             apps: manifest
                 .apps
                 .iter()
                 .map(|(name, config)| (name.clone(), App::new(config.clone(), now)))
                 .collect(),
             ..Core::default()
-        }
+        };
+        core.schedule_memory_check(now);
+        core
     }
 
     /// Applies `event` and everything that follows from it at `now`.
@@ -96,6 +103,7 @@ impl Core {
             } => self.on_notify(now, worker, &assignments),
             Event::Control { request, reply } => self.on_control(now, request, reply),
             Event::Reconfigure(manifest) => self.reconfigure(now, &manifest),
+            Event::Memory(measured) => self.on_memory(now, &measured),
         }
         self.tick(now)
     }
@@ -105,6 +113,7 @@ impl Core {
     pub fn tick(&mut self, now: Instant) -> Vec<Action> {
         self.fire_worker_deadlines(now);
         self.check_tend(now);
+        self.check_memory(now);
         self.respawn_due(now);
         let names: Vec<String> = self.apps.keys().cloned().collect();
         for name in names {
@@ -139,7 +148,7 @@ impl Core {
                 .chain(app.rollout.as_ref().and_then(|r| r.next_deadline()))
                 .chain(tend)
         });
-        workers.flatten().chain(apps).min()
+        workers.flatten().chain(apps).chain(self.memory_check).min()
     }
 
     /// True once shutdown has begun and every worker is gone.
@@ -306,9 +315,30 @@ impl Core {
                     human(end.uptime)
                 ),
             );
+        } else if let Some(limit) = config
+            .restart_limit
+            .filter(|limit| over_limit(&mut slot.recent_restarts, now, limit))
+        {
+            let reason = format!(
+                "more than {} restarts within {} (restart_limit); `clusterd restart` revives it",
+                limit.burst,
+                human(limit.interval)
+            );
+            slot.state = SlotState::Failed {
+                reason: reason.clone(),
+            };
+            self.log(
+                Level::ERROR,
+                format!("{label} {pid} exited with {how}; {reason}"),
+            );
         } else {
             slot.crash_streak = backoff::next_streak(&config.backoff, slot.crash_streak, end);
             slot.restarts += 1;
+            slot.last_restart = Some(if slot.crash_streak == 0 {
+                format!("killed from outside ({})", end.status)
+            } else {
+                format!("crash ({how})")
+            });
             let delay = backoff::delay(&config.backoff, slot.crash_streak);
             slot.state = SlotState::Backoff { until: now + delay };
             let why = if slot.crash_streak == 0 {
@@ -557,6 +587,7 @@ impl Core {
                 && s.worker() == Some(tend.worker)
             {
                 s.state = SlotState::Backoff { until: now };
+                s.last_restart = Some("KV tend owner stopped tending (kv_watchdog)".into());
             }
             self.log(
                 Level::WARN,
@@ -575,6 +606,67 @@ impl Core {
                     signal: Signal::SIGCONT,
                 });
             }
+        }
+    }
+
+    /// Schedules the next memory sample if any app sets `max_memory`; cancels it otherwise.
+    pub(super) fn schedule_memory_check(&mut self, now: Instant) {
+        let wanted = self.apps.values().any(|a| a.latest().max_memory.is_some());
+        self.memory_check = match (wanted, self.memory_check) {
+            (true, Some(at)) => Some(at),
+            (true, None) => Some(now + MEMORY_INTERVAL),
+            (false, _) => None,
+        };
+    }
+
+    /// Asks the driver for the memory of the workers that have a limit.
+    fn check_memory(&mut self, now: Instant) {
+        if self.memory_check.is_none_or(|at| at > now) {
+            return;
+        }
+        self.memory_check = Some(now + MEMORY_INTERVAL);
+        let limited: Vec<(WorkerId, Pid)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.config.max_memory.is_some())
+            .filter(|(_, w)| matches!(w.phase, Phase::Starting { .. } | Phase::Ready { .. }))
+            .filter_map(|(id, w)| Some((*id, w.pid?)))
+            .collect();
+        if !limited.is_empty() {
+            self.out.push(Action::MeasureMemory(limited));
+        }
+    }
+
+    /// A worker over its `max_memory` is replaced: its replacement starts now, beside it, and
+    /// it is stopped gracefully.
+    fn on_memory(&mut self, now: Instant, measured: &[(WorkerId, u64)]) {
+        for (id, rss) in measured {
+            let Some(worker) = self.workers.get(id) else {
+                continue;
+            };
+            let Some(limit) = worker.config.max_memory.filter(|limit| rss > limit) else {
+                continue;
+            };
+            if !matches!(worker.phase, Phase::Starting { .. } | Phase::Ready { .. }) {
+                continue;
+            }
+            let (label, pid, slot) = (worker.label(), worker.pid_text(), worker.slot);
+            let reason = format!("memory: {} MiB > max_memory {} MiB", rss >> 20, limit >> 20);
+            if self.role(*id) == Role::Current
+                && let Some(s) = self
+                    .apps
+                    .get_mut(&worker.app)
+                    .and_then(|a| a.slots.get_mut(slot))
+            {
+                s.state = SlotState::Backoff { until: now };
+                s.restarts += 1;
+                s.last_restart = Some(reason.clone());
+            }
+            self.log(
+                Level::WARN,
+                format!("{label} {pid}: {reason}; restarting it"),
+            );
+            self.stop(now, *id, StopReason::Memory);
         }
     }
 
@@ -932,5 +1024,23 @@ fn stop_reason_text(why: StopReason) -> &'static str {
         StopReason::Leftovers => "leftovers",
         StopReason::Aborted => "rollout aborted",
         StopReason::TendHung => "KV tend owner hung",
+        StopReason::Memory => "over max_memory",
     }
+}
+
+/// Records a restart at `now` and says whether the slot has now restarted more than `limit`
+/// allows within its interval.
+fn over_limit(
+    recent: &mut std::collections::VecDeque<Instant>,
+    now: Instant,
+    limit: &clusterd_manifest::RestartLimit,
+) -> bool {
+    recent.push_back(now);
+    while recent
+        .front()
+        .is_some_and(|at| now.saturating_duration_since(*at) > limit.interval)
+    {
+        recent.pop_front();
+    }
+    recent.len() > limit.burst as usize
 }

@@ -219,6 +219,15 @@ impl Driver {
                     None
                 }
                 Action::Reread => self.reread().map(|m| Event::Reconfigure(Box::new(m))),
+                Action::MeasureMemory(workers) => {
+                    let pids: Vec<Pid> = workers.iter().map(|(_, pid)| *pid).collect();
+                    let usage = procstat::group_usage(&pids);
+                    let measured = workers
+                        .into_iter()
+                        .filter_map(|(id, pid)| Some((id, usage.get(&pid)?.rss_bytes)))
+                        .collect();
+                    Some(Event::Memory(measured))
+                }
             };
             if let Some(event) = followup {
                 queue.extend(core.on(Instant::now(), event));
@@ -383,7 +392,14 @@ impl Driver {
                 program: config.command[0].clone(),
             })?;
         let mut env = self.base_env.clone();
-        env.extend(config.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        // `{slot}` in a value is the worker's slot (PM2's increment_var: `PORT = "91{slot}"`).
+        let slot_text = slot.to_string();
+        env.extend(
+            config
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.replace("{slot}", &slot_text))),
+        );
         let listen_fds: Vec<_> = config
             .sockets
             .iter()

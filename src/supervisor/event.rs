@@ -56,6 +56,9 @@ pub enum Event {
     },
     /// A re-read manifest whose new sockets are bound: apply it.
     Reconfigure(Box<Manifest>),
+    /// The resident memory of workers' process groups, asked for by
+    /// [`Action::MeasureMemory`].
+    Memory(Vec<(WorkerId, u64)>),
 }
 
 /// Why a spawn failed.
@@ -116,6 +119,8 @@ pub enum Action {
     /// SIGHUP: re-read the manifest, bind its new sockets, and come back with
     /// [`Event::Reconfigure`] (or log why not).
     Reread,
+    /// Measure these workers' memory and come back with [`Event::Memory`].
+    MeasureMemory(Vec<(WorkerId, Pid)>),
 }
 
 /// A fact for the metrics.

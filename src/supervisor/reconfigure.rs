@@ -72,6 +72,7 @@ impl Core {
                 app.configs.insert(generation, config);
             }
         }
+        self.schedule_memory_check(now);
         for (name, workers) in scales {
             self.scale(now, &name, workers);
         }

@@ -204,6 +204,7 @@ impl Core {
                     rollout.promoted.push((step.slot, slot.generation));
                     slot.generation = rollout.generation;
                     slot.crash_streak = 0;
+                    slot.last_restart = Some(format!("reload (generation {})", rollout.generation));
                     match old {
                         Some(old) => {
                             promoted_lines.push(format!(

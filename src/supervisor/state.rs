@@ -3,7 +3,7 @@
 //! process group) with a generation. Every deadline lives in the state that owns it, so
 //! [`super::Core::next_deadline`] reads exactly what [`super::Core::tick`] fires.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -127,6 +127,10 @@ pub struct Slot {
     pub crash_streak: u32,
     /// How the last worker of this slot ended, for status.
     pub last_exit: Option<String>,
+    /// Why its worker was last replaced: crash, killed, memory, watchdog, reload, operator...
+    pub last_restart: Option<String>,
+    /// When its recent unexpected exits were replaced (for `restart_limit`).
+    pub recent_restarts: VecDeque<Instant>,
 }
 
 impl Slot {
@@ -138,6 +142,8 @@ impl Slot {
             restarts: 0,
             crash_streak: 0,
             last_exit: None,
+            last_restart: None,
+            recent_restarts: VecDeque::new(),
         }
     }
 
@@ -218,6 +224,8 @@ pub enum StopReason {
     Aborted,
     /// It holds the KV tend lock but stopped tending (`kv_watchdog`).
     TendHung,
+    /// It used more memory than `max_memory`.
+    Memory,
 }
 
 impl StopReason {

@@ -188,6 +188,7 @@ fn worker_status(
         cpu_seconds: usage.map(|u| u.cpu_seconds),
         rss_bytes: usage.map(|u| u.rss_bytes),
         status_text: worker.status_text.clone(),
+        restart_reason: slot.last_restart.clone(),
         tend_owner: worker.pid.is_some() && worker.pid == tend_owner,
     }
 }
@@ -215,6 +216,7 @@ fn empty_slot(index: usize, slot: &Slot) -> WorkerStatus {
         cpu_seconds: None,
         rss_bytes: None,
         status_text: None,
+        restart_reason: slot.last_restart.clone(),
         tend_owner: false,
     }
 }

@@ -34,6 +34,8 @@ struct Sim {
     /// What the next spawns answer (`None`: a new pid).
     spawn_failures: Vec<SpawnFailure>,
     rereads: usize,
+    /// Resident memory the driver would measure, by pid (0 when absent).
+    memory: std::collections::HashMap<Pid, u64>,
 }
 
 fn manifest(text: &str) -> clusterd_manifest::Manifest {
@@ -53,6 +55,7 @@ impl Sim {
             spawns: 0,
             spawn_failures: Vec::new(),
             rereads: 0,
+            memory: std::collections::HashMap::new(),
         };
         let actions = sim.core.tick(now);
         sim.perform(actions);
@@ -78,6 +81,13 @@ impl Sim {
                 Action::Reply { to, reply } => self.replies.push((to, reply)),
                 Action::Log { level, message } => self.logs.push((level, message)),
                 Action::Reread => self.rereads += 1,
+                Action::MeasureMemory(workers) => {
+                    let measured = workers
+                        .into_iter()
+                        .map(|(id, pid)| (id, self.memory.get(&pid).copied().unwrap_or(0)))
+                        .collect();
+                    queue.extend(self.core.on(self.now, Event::Memory(measured)));
+                }
                 Action::Forget { .. } | Action::Observe(_) => {}
             }
         }
@@ -938,6 +948,73 @@ fn a_silent_tend_owner_is_restarted_with_kv_watchdog() {
         "its replacement starts at once"
     );
     assert!(sim.core.apps["web"].tend.is_none());
+}
+
+#[test]
+fn restart_limit_fails_a_slot_that_keeps_dying_until_a_restart() {
+    let mut sim = Sim::new(
+        "[apps.a]\ncommand = [\"x\"]\nbackoff_initial = \"10ms\"\nrestart_limit = { burst = 3, interval = \"10s\" }\n",
+    );
+    for _ in 0..3 {
+        let pid = sim.pid("a", 0).expect("restarted");
+        sim.exit(pid, ExitStatus::Code(1));
+        sim.advance(Duration::from_secs(1));
+    }
+    let pid = sim.pid("a", 0).expect("three restarts are allowed");
+    sim.exit(pid, ExitStatus::Code(1));
+    match sim.slot_state("a", 0) {
+        SlotState::Failed { reason } => assert!(reason.contains("restart_limit"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    sim.advance(Duration::from_secs(60));
+    assert_eq!(sim.pid("a", 0), None);
+    sim.control(
+        Request::Restart {
+            app: "a".into(),
+            slot: Some(0),
+        },
+        1,
+    );
+    assert!(sim.pid("a", 0).is_some(), "clusterd restart revives it");
+}
+
+#[test]
+fn restarts_spread_over_more_than_the_interval_are_within_the_limit() {
+    let mut sim = Sim::new(
+        "[apps.a]\ncommand = [\"x\"]\nbackoff_reset = \"1s\"\nrestart_limit = { burst = 2, interval = \"5s\" }\n",
+    );
+    for _ in 0..10 {
+        let pid = sim.pid("a", 0).expect("restarted");
+        sim.exit(pid, ExitStatus::Code(1));
+        sim.advance(Duration::from_secs(3));
+    }
+    assert!(sim.pid("a", 0).is_some());
+}
+
+#[test]
+fn a_worker_over_max_memory_is_replaced_gracefully() {
+    let mut sim = Sim::new("[apps.a]\ncommand = [\"x\"]\nworkers = 2\nmax_memory = \"300M\"\n");
+    let (fat, thin) = (sim.pid("a", 0).unwrap(), sim.pid("a", 1).unwrap());
+    sim.memory.insert(fat, 310 << 20);
+    sim.memory.insert(thin, 100 << 20);
+    let wakes = sim.advance(super::core::MEMORY_INTERVAL);
+    assert_eq!(wakes, 1, "one sample per interval");
+    assert!(sim.sent(fat, Signal::SIGTERM), "stopped gracefully");
+    assert!(!sim.sent(thin, Signal::SIGTERM));
+    let replacement = sim.pid("a", 0).expect("its replacement starts at once");
+    assert_ne!(replacement, fat);
+    let reason = sim.core.apps["a"].slots[0].last_restart.clone().unwrap();
+    assert!(reason.starts_with("memory: 310 MiB"), "{reason}");
+    // Its exit is expected: no crash.
+    sim.exit(fat, ExitStatus::Signal(Signal::SIGTERM));
+    assert_eq!(sim.core.apps["a"].slots[0].crash_streak, 0);
+}
+
+#[test]
+fn memory_is_sampled_only_when_an_app_sets_max_memory() {
+    let mut sim = Sim::new(WEB3);
+    ready_all(&mut sim, "web");
+    assert_eq!(sim.core.next_deadline(), None);
 }
 
 #[test]

@@ -66,7 +66,9 @@ pub(crate) fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result
             rest = after;
         } else if let Some(braced) = rest.strip_prefix("${") {
             let Some(end) = braced.find('}') else {
-                return Err(format!("unterminated \"${{\" in {s:?} (write $$ for a literal $)"));
+                return Err(format!(
+                    "unterminated \"${{\" in {s:?} (write $$ for a literal $)"
+                ));
             };
             out.push_str(&substitute(&braced[..end], lookup)?);
             rest = &braced[end + 1..];

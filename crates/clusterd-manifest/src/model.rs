@@ -101,6 +101,12 @@ pub struct AppConfig {
     pub watchdog: Option<Duration>,
     /// `[apps.NAME.reload]`.
     pub reload: ReloadConfig,
+    /// `max_memory`: a worker whose process group's resident memory exceeds this many bytes is
+    /// restarted gracefully (sampled every few seconds while any app sets it).
+    pub max_memory: Option<u64>,
+    /// `restart_limit = { burst, interval }`: more unexpected exits than `burst` within
+    /// `interval` fail the slot until `clusterd restart` (systemd's `StartLimitBurst`).
+    pub restart_limit: Option<RestartLimit>,
     /// `kv_segment`: name prefix of the KV client's shared-memory segment, passed to workers
     /// as `CLUSTERD_KV_SEGMENT`.
     pub kv_segment: Option<String>,
@@ -108,6 +114,15 @@ pub struct AppConfig {
     /// socket, `X_CLUSTERD_KV_TEND=owner`, every round) is restarted after this long without
     /// a word, so that the tend lock moves to another worker.
     pub kv_watchdog: Option<std::time::Duration>,
+}
+
+/// `restart_limit`: the give-up rule for a slot that keeps dying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartLimit {
+    /// At most this many restarts...
+    pub burst: u32,
+    /// ...within this long; one more fails the slot.
+    pub interval: Duration,
 }
 
 /// When a worker that exited is started again.

@@ -58,8 +58,11 @@ const APP_KEYS: &[&str] = &[
     "watchdog",
     "kv_segment",
     "kv_watchdog",
+    "max_memory",
+    "restart_limit",
     "reload",
 ];
+const RESTART_LIMIT_KEYS: &[&str] = &["burst", "interval"];
 const RELOAD_KEYS: &[&str] = &["surge", "bake"];
 const METRICS_KEYS: &[&str] = &["listen"];
 
@@ -357,6 +360,8 @@ fn app(
         );
     }
     let reload = reload(cx, &table);
+    let max_memory = cx.field(&table, "max_memory", values::size).optional();
+    let restart_limit = restart_limit(cx, &table);
 
     Some(AppConfig {
         command: command?,
@@ -372,6 +377,8 @@ fn app(
         ready_timeout: ready_timeout?,
         watchdog: watchdog?,
         reload: reload?,
+        max_memory: max_memory?,
+        restart_limit: restart_limit?,
         kv_segment: kv_segment?,
         kv_watchdog: kv_watchdog?,
     })
@@ -627,6 +634,28 @@ fn reload(cx: &mut Checker<'_>, table: &Table<'_, '_>) -> Option<ReloadConfig> {
         surge: surge? as usize,
         bake: bake?,
     })
+}
+
+/// `restart_limit = { burst = 5, interval = "10s" }`, optional.
+fn restart_limit(cx: &mut Checker<'_>, table: &Table<'_, '_>) -> Option<Option<RestartLimit>> {
+    let Some(value) = table.get("restart_limit") else {
+        return Some(None);
+    };
+    let limit = cx.table(value, table.key.child("restart_limit"), RESTART_LIMIT_KEYS)?;
+    let burst = cx.required(&limit, "burst", "restarts allowed within interval", |v| {
+        values::integer_in(v, 1, 1_000_000)
+    });
+    let interval = cx.required(
+        &limit,
+        "interval",
+        "a duration like \"10s\"",
+        values::positive_duration,
+    );
+    Some(Some(RestartLimit {
+        // In 1..=1_000_000.
+        burst: burst? as u32,
+        interval: interval?,
+    }))
 }
 
 /// `[metrics]`, optional: a TCP `listen` not taken by a socket.

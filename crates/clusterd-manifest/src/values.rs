@@ -79,6 +79,26 @@ pub(crate) fn duration(value: &Value<'_>) -> Result<Duration, Bad> {
     Ok(parsed)
 }
 
+/// A size in bytes: `"300M"`, `"1.5G"`, `"512KiB"`, or an integer of bytes. Units are
+/// powers of 1024 (`"300M"` = 300 MiB, as PM2's `max_memory_restart` reads it).
+pub(crate) fn size(value: &Value<'_>) -> Result<u64, Bad> {
+    let expected = || Bad::expected("a size like \"300M\" or \"1G\"");
+    let bytes = match value.get_ref() {
+        DeValue::String(s) => parse_size::Config::new()
+            .with_binary()
+            .parse_size(s.as_ref())
+            .map_err(|_| expected())?,
+        DeValue::Integer(integer) => integer_value(integer)
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or_else(expected)?,
+        _ => return Err(expected()),
+    };
+    if bytes == 0 {
+        return Err(Bad::expected("a size greater than zero"));
+    }
+    Ok(bytes)
+}
+
 /// A [`duration`] greater than zero.
 pub(crate) fn positive_duration(value: &Value<'_>) -> Result<Duration, Bad> {
     match duration(value)? {
@@ -262,6 +282,16 @@ mod tests {
             with("4097", workers),
             Err("expected at most 4096 workers".to_owned())
         );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(with("\"300M\"", size), Ok(300 << 20));
+        assert_eq!(with("\"1.5G\"", size), Ok(3 << 29));
+        assert_eq!(with("\"512KiB\"", size), Ok(512 << 10));
+        assert_eq!(with("4096", size), Ok(4096));
+        assert!(with("\"lots\"", size).is_err());
+        assert!(with("0", size).is_err());
     }
 
     #[test]

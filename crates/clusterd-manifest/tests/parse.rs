@@ -61,6 +61,7 @@ fn defaults() {
     assert_eq!(web.watchdog, None);
     assert_eq!(web.kv_segment, None);
     assert_eq!(web.kv_watchdog, None);
+    assert_eq!((web.max_memory, web.restart_limit), (None, None));
     assert_eq!(
         web.reload,
         ReloadConfig {

@@ -161,6 +161,11 @@ pub struct WorkerStatus {
     pub rss_bytes: Option<u64>,
     /// The last `STATUS=` text it sent.
     pub status_text: Option<String>,
+    /// Why the slot's worker was last replaced: `crash (status 1)`, `killed from outside
+    /// (signal SIGKILL)`, `memory: ...`, `reload (generation 3)`, `operator (clusterd
+    /// restart)`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_reason: Option<String>,
     /// Whether it holds its app's KV tend lock.
     pub tend_owner: bool,
 }
