@@ -256,8 +256,11 @@ pub fn forward(prefix: String, stream: Stream, tasks: &mut JoinSet<()>) -> io::R
 
 async fn copy_lines(prefix: String, receiver: impl tokio::io::AsyncRead + Unpin, out: &impl Lines) {
     let mut reader = BufReader::with_capacity(MAX_LINE, receiver);
+    // Reused for every line; what is queued is an exact-size copy, so the queue's byte bound
+    // is what it holds in memory.
+    let mut line = Vec::with_capacity(256);
     loop {
-        let mut line = Vec::with_capacity(256);
+        line.clear();
         line.extend_from_slice(prefix.as_bytes());
         line.push(b' ');
         let start = line.len();
@@ -286,8 +289,9 @@ async fn copy_lines(prefix: String, receiver: impl tokio::io::AsyncRead + Unpin,
                 line.push(b'\n');
             }
             // One message per line: wait while the reader reads, drop once it has stalled.
-            while let Push::Full(back) = out.push(line) {
-                line = back;
+            let mut message = line.clone();
+            while let Push::Full(back) = out.push(message) {
+                message = back;
                 tokio::time::sleep(RETRY).await;
             }
         }
