@@ -95,7 +95,7 @@ sockets = ["a", "b"]
         },
     );
     clusterd.wait_for_line("sleeper[0] started pid", 10 * SECOND);
-    let pid = clusterd.started_pids("sleeper[0]")[0];
+    let pid = clusterd.first_pid("sleeper[0]");
     assert!(
         wait_until(5 * SECOND, || env_var(pid, "LISTEN_FDS").is_some()),
         "worker never exec'd"
@@ -132,7 +132,7 @@ fn a_killed_worker_is_replaced_in_the_same_slot_and_requests_keep_succeeding() {
     let mut clusterd = Clusterd::start(&hello_manifest(2));
     let addr = clusterd.socket_addr("http");
     clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
-    let victim = clusterd.started_pids("web[1]")[0];
+    let victim = clusterd.first_pid("web[1]");
 
     nix::sys::signal::kill(victim, Signal::SIGKILL).expect("kill worker");
     clusterd.wait_for_line("web[1] pid", 10 * SECOND);
@@ -319,7 +319,7 @@ stop_timeout = "60s"
 "#,
     );
     clusterd.wait_for_line("] up", 10 * SECOND);
-    let worker = clusterd.started_pids("stubborn[0]")[0];
+    let worker = clusterd.first_pid("stubborn[0]");
     clusterd.signal(Signal::SIGTERM);
     clusterd.wait_for_line("stopping 1 workers", 5 * SECOND);
     clusterd.signal(Signal::SIGTERM);
@@ -437,7 +437,7 @@ fn sockets_from_socket_activation_are_passed_through_by_name() {
     let response = http_get(addr, "/").expect("request");
     assert_eq!(response.status, 200);
     // The workers get the socket at fd 3 with their own LISTEN_PID, not clusterd's.
-    let worker = clusterd.started_pids("web[0]")[0];
+    let worker = clusterd.first_pid("web[0]");
     assert_eq!(env_var(worker, "LISTEN_PID"), Some(worker.to_string()));
     assert!(clusterd.stop().success());
 }

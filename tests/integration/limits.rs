@@ -30,7 +30,7 @@ max_memory = "60M"
 "#;
     let mut clusterd = Clusterd::start(manifest);
     clusterd.wait_for_lines("] allocated", 2, 20 * SECOND);
-    let first = clusterd.started_pids("fat[0]")[0];
+    let first = clusterd.first_pid("fat[0]");
     clusterd.wait_for_line("max_memory 60 MiB; restarting it", 20 * SECOND);
     assert!(
         wait_until(10 * SECOND, || clusterd.started_pids("fat[0]").len() == 2),
@@ -94,7 +94,7 @@ env = { METRICS_PORT = "91{slot}", PLAIN = "x" }
     let mut clusterd = Clusterd::start(manifest);
     clusterd.wait_for_lines("started pid", 2, 10 * SECOND);
     for slot in 0..2 {
-        let pid: Pid = clusterd.started_pids(&format!("ports[{slot}]"))[0];
+        let pid: Pid = clusterd.first_pid(&format!("ports[{slot}]"));
         assert_eq!(env_var(pid, "METRICS_PORT"), Some(format!("91{slot}")));
         assert_eq!(env_var(pid, "PLAIN"), Some("x".into()));
     }

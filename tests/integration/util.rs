@@ -269,6 +269,14 @@ impl Clusterd {
             .collect()
     }
 
+    /// The pid of the first worker started for `label`, waiting (bounded) for its log line:
+    /// clusterd's log and its workers' output travel on different streams, so a worker's
+    /// first words may arrive before the line saying it was started.
+    pub fn first_pid(&self, label: &str) -> Pid {
+        self.wait_for_line(&format!("{label} started pid "), Duration::from_secs(10));
+        self.started_pids(label)[0]
+    }
+
     /// Sends `signal` to clusterd.
     pub fn signal(&self, signal: Signal) {
         kill(self.pid(), signal).expect("signal clusterd");
