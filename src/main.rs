@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 runtime error, 2 invalid manifest or usage.
 
 mod control;
+mod intercept;
 mod metrics;
 mod notify;
 mod output;
@@ -277,6 +278,9 @@ fn check(path: &Path) -> ExitCode {
             for problem in missing_programs(&manifest) {
                 eprintln!("warning: {problem} (`clusterd start` refuses this)");
             }
+            if let Err(problem) = interception_available(&manifest) {
+                eprintln!("warning: {problem} (`clusterd start` refuses this)");
+            }
             let workers: usize = manifest.apps.values().map(|a| a.workers).sum();
             println!(
                 "{}: ok ({} apps, {} workers, {} sockets)",
@@ -303,7 +307,31 @@ fn start(path: &Path, run_dir: Option<&Path>) -> ExitCode {
         }
         return ExitCode::from(EXIT_USAGE);
     }
+    if let Err(problem) = interception_available(&manifest) {
+        eprintln!("clusterd: {problem}");
+        return ExitCode::FAILURE;
+    }
     report(run_supervisor(manifest, run_dir))
+}
+
+/// For a manifest with an intercepted app: whether this kernel can trap `bind`/`listen`.
+fn interception_available(manifest: &Manifest) -> Result<(), String> {
+    let apps: Vec<&str> = manifest
+        .apps
+        .iter()
+        .filter(|(_, app)| app.intercept)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if apps.is_empty() {
+        return Ok(());
+    }
+    intercept::probe().map_err(|e| {
+        format!(
+            "{}: apps {} set intercept = true, but {e}",
+            manifest.path.display(),
+            apps.join(", ")
+        )
+    })
 }
 
 /// Apps whose command cannot be found: a mistake to report before starting, not a crash loop

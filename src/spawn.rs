@@ -5,7 +5,8 @@
 //! only makes async-signal-safe system calls through `libc` (no allocation, no locks, no
 //! logging), because the parent is a running tokio process. Failures in the child are reported to
 //! the parent through a close-on-exec pipe: the parent reads EOF when `execve` succeeded, or the
-//! step that failed and its errno.
+//! step that failed and its errno. For an intercepted app the last step before `execve` is
+//! [`Trap::install_in_child`] (seccomp filter, notification fd sent to the supervisor).
 
 use std::ffi::{CString, OsStr};
 use std::fmt;
@@ -16,6 +17,8 @@ use std::path::{Path, PathBuf};
 
 use clusterd_manifest::AppConfig;
 use nix::unistd::Pid;
+
+use crate::intercept::Trap;
 
 /// What to start: a fully resolved program, its arguments and environment, and its fds.
 pub struct SpawnSpec<'a> {
@@ -31,6 +34,8 @@ pub struct SpawnSpec<'a> {
     pub listen_fds: &'a [RawFd],
     /// The worker's standard input, output and error.
     pub stdio: [&'a OwnedFd; 3],
+    /// For `intercept = true`: the seccomp trap the child installs last before `execve`.
+    pub trap: Option<&'a Trap>,
 }
 
 /// Why a worker could not be started.
@@ -77,6 +82,8 @@ pub enum ChildStep {
     Chdir = 2,
     /// `execve` of the program.
     Exec = 3,
+    /// Installing the seccomp trap of `bind`/`listen` and sending its notification fd.
+    Intercept = 4,
 }
 
 impl fmt::Display for ChildStep {
@@ -85,6 +92,7 @@ impl fmt::Display for ChildStep {
             ChildStep::Fds => "cannot set up file descriptors for",
             ChildStep::Chdir => "cannot change directory to",
             ChildStep::Exec => "cannot execute",
+            ChildStep::Intercept => "cannot trap bind()/listen() (seccomp) for",
         })
     }
 }
@@ -207,6 +215,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Pid, SpawnError> {
                 stdio,
                 spec.listen_fds,
                 err_write.as_raw_fd(),
+                spec.trap,
             )
         }
     }
@@ -224,6 +233,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Pid, SpawnError> {
             let step = match report[0] {
                 1 => ChildStep::Fds,
                 2 => ChildStep::Chdir,
+                4 => ChildStep::Intercept,
                 _ => ChildStep::Exec,
             };
             let errno = i32::from_ne_bytes([report[1], report[2], report[3], report[4]]);
@@ -269,6 +279,7 @@ unsafe fn child_after_fork(
     stdio: [RawFd; 3],
     listen_fds: &[RawFd],
     err_fd: RawFd,
+    trap: Option<&Trap>,
 ) -> ! {
     unsafe {
         let fail = |step: ChildStep| -> ! {
@@ -361,6 +372,13 @@ unsafe fn child_after_fork(
             *listen_pid_buf.add(start + i) = digits[n - 1 - i];
         }
         *listen_pid_buf.add(start + n) = 0;
+
+        // Last: from here on the worker's bind() and listen() wait for the supervisor.
+        if let Some(trap) = trap
+            && trap.install_in_child() < 0
+        {
+            fail(ChildStep::Intercept);
+        }
 
         libc::execve(
             prepared.program.as_ptr(),

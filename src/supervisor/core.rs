@@ -94,6 +94,7 @@ impl Core {
                 worker,
                 assignments,
             } => self.on_notify(now, worker, &assignments),
+            Event::Listening(worker) => self.on_listening(now, worker),
             Event::Control { request, reply } => self.on_control(now, request, reply),
             Event::Reconfigure(manifest) => self.reconfigure(now, &manifest),
         }
@@ -363,7 +364,7 @@ impl Core {
                                 ready_by: now + config.ready_timeout,
                                 ready_at: Some(now + delay),
                             },
-                            Readiness::Notify => Phase::Starting {
+                            Readiness::Notify | Readiness::Listen => Phase::Starting {
                                 ready_by: now + config.ready_timeout,
                                 ready_at: None,
                             },
@@ -441,6 +442,19 @@ impl Core {
             SupervisorSignal::Reread if !self.shutting_down => self.out.push(Action::Reread),
             SupervisorSignal::Reread => {}
             SupervisorSignal::ScaleBy(delta) => self.scale_single_app(now, delta),
+        }
+    }
+
+    /// An intercepted worker called `listen()` on a socket it was handed: with
+    /// `ready = "listen"`, a starting worker is ready. Later listens change nothing.
+    fn on_listening(&mut self, now: Instant, id: WorkerId) {
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
+        if worker.config.ready == Readiness::Listen
+            && matches!(worker.phase, Phase::Starting { .. })
+        {
+            self.become_ready(now, id);
         }
     }
 

@@ -23,6 +23,7 @@ use super::event::{Action, Event, Observation, ReplyTo, SpawnFailure};
 use super::state::WorkerId;
 use super::status::{CpuSampler, Measured};
 use crate::control::server::{ControlRequest, ControlServer};
+use crate::intercept::{self, Intercepts, Trap};
 use crate::metrics::{Metrics, MetricsServer, Scrape};
 use crate::notify::{Notification, NotifySocket};
 use crate::output::{self, Stream};
@@ -63,6 +64,9 @@ pub async fn run(
             Some(signal) = signals.recv() => driver.feed(&mut core, Event::Signal(signal)),
             notification = notify.recv() => driver.on_notify(&mut core, notification),
             Some(request) = control.recv() => driver.on_control(&mut core, request),
+            Some(worker) = driver.intercepts.listening() => {
+                driver.feed(&mut core, Event::Listening(worker));
+            }
             Some(scrape) = async { match metrics_server.as_mut() { Some(m) => m.recv().await, None => None } } => {
                 driver.on_scrape(&core, scrape);
             }
@@ -102,6 +106,8 @@ struct Driver {
     next_reply: u64,
     /// CPU percentages for `clusterd status` (scrapes do not use them).
     status_cpu: CpuSampler,
+    /// The trapped `bind`/`listen` calls of intercepted workers.
+    intercepts: Intercepts,
 }
 
 impl Driver {
@@ -125,6 +131,7 @@ impl Driver {
             replies: HashMap::new(),
             next_reply: 0,
             status_cpu: CpuSampler::default(),
+            intercepts: Intercepts::default(),
         })
     }
 
@@ -147,12 +154,12 @@ impl Driver {
                     generation,
                     config,
                 } => {
-                    let result = self
-                        .spawn(&app, slot, generation, &config)
-                        .map_err(|error| SpawnFailure {
-                            transient: matches!(error, SpawnError::Os { .. }),
-                            message: error.to_string(),
-                        });
+                    let result =
+                        self.spawn(worker, &app, slot, generation, &config)
+                            .map_err(|error| SpawnFailure {
+                                transient: matches!(error, SpawnError::Os { .. }),
+                                message: error.to_string(),
+                            });
                     Some(Event::Spawned { worker, result })
                 }
                 Action::Signal {
@@ -167,6 +174,7 @@ impl Driver {
                 }
                 Action::Forget { worker } => {
                     tracing::debug!("{worker} is gone");
+                    self.intercepts.forget(worker);
                     None
                 }
                 Action::Reply { to, reply } => {
@@ -329,9 +337,10 @@ impl Driver {
         Some(manifest)
     }
 
-    /// Forks and execs a worker.
+    /// Forks and execs a worker (trapping its `bind`/`listen` when its app is intercepted).
     fn spawn(
         &mut self,
+        worker: WorkerId,
         app: &str,
         slot: usize,
         generation: u64,
@@ -377,16 +386,37 @@ impl Driver {
         };
         let stdout = output::forward(label.clone(), Stream::Stdout, &mut self.output_tasks)
             .map_err(pipe_error)?;
-        let stderr =
-            output::forward(label, Stream::Stderr, &mut self.output_tasks).map_err(pipe_error)?;
-        spawn::spawn(&SpawnSpec {
+        let stderr = output::forward(label.clone(), Stream::Stderr, &mut self.output_tasks)
+            .map_err(pipe_error)?;
+        let trap = match config.intercept {
+            true => Some(Trap::new().map_err(|cause| SpawnError::Os {
+                what: "socketpair",
+                cause,
+            })?),
+            false => None,
+        };
+        let pid = spawn::spawn(&SpawnSpec {
             program: &program,
             argv: &config.command,
             env: &env,
             cwd: &config.cwd,
             listen_fds: &listen_fds,
             stdio: [&self.dev_null, &stdout, &stderr],
-        })
+            trap: trap.as_ref(),
+        })?;
+        if let Some(trap) = trap {
+            // The child sent the fd before it exec'd. Without it, its trapped calls fail with
+            // ENOSYS once `trap` is dropped: the worker sees an error, clusterd goes on.
+            let watched = trap.receive().and_then(|notify_fd| {
+                let held = intercept::held(&self.sockets, &self.manifest.sockets, &config.sockets)?;
+                self.intercepts
+                    .watch(worker, label.clone(), notify_fd, held)
+            });
+            if let Err(error) = watched {
+                tracing::error!("{label} pid {pid}: cannot answer its bind()/listen(): {error}");
+            }
+        }
+        Ok(pid)
     }
 }
 

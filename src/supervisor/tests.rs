@@ -432,6 +432,37 @@ fn extend_timeout_moves_the_ready_deadline_and_is_capped() {
 }
 
 #[test]
+fn an_intercepted_worker_is_ready_when_it_listens_and_a_reload_waits_for_it() {
+    let mut sim = Sim::new(
+        "[sockets.http]\nlisten = \"127.0.0.1:8000\"\n\n[apps.web]\ncommand = [\"x\"]\n\
+         sockets = [\"http\"]\nintercept = true\n\n[apps.web.reload]\nbake = \"0s\"\n",
+    );
+    let pid = sim.pid("web", 0).unwrap();
+    // No delay, no READY=1: only the trapped listen() counts.
+    sim.advance(Duration::from_secs(5));
+    assert!(matches!(sim.phase(pid), Phase::Starting { .. }));
+    let worker = sim.core.worker_by_pid(pid).unwrap();
+    sim.on(Event::Listening(worker));
+    assert!(matches!(sim.phase(pid), Phase::Ready { .. }));
+    // A second listen (another socket, or a child process) changes nothing.
+    sim.on(Event::Listening(worker));
+    assert!(matches!(sim.phase(pid), Phase::Ready { .. }));
+
+    sim.signal(SupervisorSignal::Reload);
+    let candidate = sim.candidate("web", 0).expect("a candidate");
+    sim.advance(Duration::from_secs(5));
+    assert!(!sim.sent(pid, Signal::SIGTERM), "the old worker serves on");
+    let worker = sim.core.worker_by_pid(candidate).unwrap();
+    sim.on(Event::Listening(worker));
+    assert_eq!(
+        sim.pid("web", 0),
+        Some(candidate),
+        "promoted once it listens"
+    );
+    assert!(sim.sent(pid, Signal::SIGTERM));
+}
+
+#[test]
 fn a_rolling_reload_replaces_one_slot_at_a_time() {
     let mut sim = Sim::new(WEB3);
     ready_all(&mut sim, "web");

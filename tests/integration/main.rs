@@ -5,6 +5,7 @@ mod check;
 mod control;
 mod core;
 mod examples;
+mod intercept;
 mod kv;
 mod node_kv;
 mod promises;
