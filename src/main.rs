@@ -10,6 +10,7 @@ mod notify;
 mod output;
 mod procstat;
 mod reaper;
+mod run;
 mod rundir;
 mod signals;
 mod sockets;
@@ -52,6 +53,10 @@ enum Command {
         #[arg(long)]
         run_dir: Option<PathBuf>,
     },
+    /// Run one app without a manifest file, exactly as the equivalent one-app manifest would
+    /// (`--print-manifest` prints it). With --listen, the app's own bind() of that address is
+    /// answered with clusterd's socket (intercept = true) and it is ready once it listens.
+    Run(run::RunArgs),
     /// Validate a manifest: exit 0, or print every problem and exit 2.
     Check {
         /// The manifest.
@@ -125,6 +130,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Start { manifest, run_dir } => start(&manifest, run_dir.as_deref()),
         Command::Check { manifest } => check(&manifest),
+        Command::Run(args) => run_command(&args),
         Command::Notify { assignments } => report(notify_command(&assignments)),
         Command::Status {
             json,
@@ -296,10 +302,14 @@ fn check(path: &Path) -> ExitCode {
 }
 
 fn start(path: &Path, run_dir: Option<&Path>) -> ExitCode {
-    let manifest = match load_manifest(path) {
-        Ok(manifest) => manifest,
-        Err(code) => return code,
-    };
+    match load_manifest(path) {
+        Ok(manifest) => run_manifest(manifest, run_dir),
+        Err(code) => code,
+    }
+}
+
+/// `start` and `run` once the manifest is valid: refuse what cannot run here, then supervise.
+fn run_manifest(manifest: Manifest, run_dir: Option<&Path>) -> ExitCode {
     let missing = missing_programs(&manifest);
     if !missing.is_empty() {
         for problem in missing {
@@ -332,6 +342,29 @@ fn interception_available(manifest: &Manifest) -> Result<(), String> {
             apps.join(", ")
         )
     })
+}
+
+fn run_command(args: &run::RunArgs) -> ExitCode {
+    if args.print_manifest {
+        return match args.manifest_text() {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => report(Err(error.into())),
+        };
+    }
+    let manifest = match args.manifest() {
+        Ok(manifest) => manifest,
+        Err(error) => {
+            eprintln!(
+                "{error}
+(the manifest these options make: clusterd run --print-manifest ...)"
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    run_manifest(manifest, None)
 }
 
 /// Apps whose command cannot be found: a mistake to report before starting, not a crash loop
