@@ -107,7 +107,8 @@ fn child_js() -> Option<Vec<u8>> {
 /// The port child.js hard-codes; the test fails (it cannot rewrite the file) when it is taken.
 const CHILD_JS_PORT: u16 = 8001;
 
-/// Starts `clusterd run ARGS...` in a new temp dir holding `files` (written byte for byte),
+/// Starts `clusterd run ARGS...` in a new temp dir holding `files` (written byte for byte,
+/// executable),
 /// with its run dir where [`Clusterd::ctl`] looks for it (a manifest naming only `run_dir`).
 fn start_run(args: &[&str], files: &[(&str, &[u8])]) -> Clusterd {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
@@ -120,7 +121,10 @@ fn start_run(args: &[&str], files: &[(&str, &[u8])]) -> Clusterd {
         move |command| {
             let dir = command.get_current_dir().expect("the temp dir").to_owned();
             for (name, bytes) in &files {
-                std::fs::write(dir.join(name), bytes).expect("write file");
+                let path = dir.join(name);
+                std::fs::write(&path, bytes).expect("write file");
+                let mode = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+                std::fs::set_permissions(&path, mode).expect("chmod");
             }
             let mut run = Command::new(clusterd_bin());
             run.arg("run")
@@ -308,5 +312,68 @@ restart = "never"
     );
     let line = clusterd.wait_for_line("options ", 20 * SECOND);
     assert!(line.ends_with("options True True 75 True"), "{line}");
+    assert!(clusterd.stop().success());
+}
+
+/// A Go server that binds its own port: `http.ListenAndServe(":PORT")`.
+const GO_SERVER: &str = r#"package main
+
+import (
+	"fmt"
+	"net/http"
+	"os"
+)
+
+func main() {
+	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "%d\n", os.Getpid())
+	})
+	if err := http.ListenAndServe(":"+os.Args[1], nil); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+}
+"#;
+
+#[test]
+fn a_static_go_binary_binding_its_own_port_runs_as_three_workers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("main.go"), GO_SERVER).expect("write main.go");
+    let built = Command::new("go")
+        .args(["build", "-o", "server", "main.go"])
+        .current_dir(dir.path())
+        .env("CGO_ENABLED", "0")
+        .env("GO111MODULE", "off")
+        .output();
+    let built = match built {
+        Err(error) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIPPED: cannot run `go` ({error}); CI installs golang-go");
+            return;
+        }
+        result => result.expect("go build"),
+    };
+    assert!(
+        built.status.success(),
+        "go build: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let server = std::fs::read(dir.path().join("server")).expect("the built server");
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let mut clusterd = start_run(
+        &[
+            "--workers",
+            "3",
+            "--listen",
+            &listen,
+            "--",
+            "./server",
+            &port,
+        ],
+        &[("server", &server)],
+    );
+    clusterd.wait_for_lines("ready after", 3, 30 * SECOND);
+    let pids = distinct_bodies(listen.parse().expect("addr"), 3, |b| b.trim().to_owned());
+    assert_eq!(pids.len(), 3, "{pids:?}");
     assert!(clusterd.stop().success());
 }
