@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clusterd_manifest::{Manifest, Readiness, RestartPolicy};
+use clusterd_manifest::{AppConfig, Manifest, Readiness, RestartPolicy};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tracing::Level;
@@ -53,6 +53,8 @@ pub enum Role {
 pub struct Core {
     /// The apps, by name.
     pub(super) apps: BTreeMap<String, App>,
+    /// The addresses of the manifest's sockets, by name, for messages.
+    pub(super) socket_addresses: BTreeMap<String, String>,
     /// Every worker whose record is alive (its process, or what is left of its group).
     pub(super) workers: BTreeMap<WorkerId, Worker>,
     /// Running workers by pid.
@@ -66,6 +68,48 @@ pub struct Core {
     out: Vec<Action>,
 }
 
+/// `name → address` of every socket of `manifest` (`127.0.0.1:8001`, `unix:/path`).
+pub(super) fn socket_addresses(manifest: &Manifest) -> BTreeMap<String, String> {
+    manifest
+        .sockets
+        .iter()
+        .map(|(name, socket)| {
+            let address = match &socket.listen {
+                clusterd_manifest::Listen::Tcp(addr) => addr.to_string(),
+                clusterd_manifest::Listen::Unix(path) => format!("unix:{}", path.display()),
+            };
+            (name.clone(), address)
+        })
+        .collect()
+}
+
+/// How soon after its start a failed, never-ready worker counts as "could not bind".
+const EARLY_EXIT: Duration = Duration::from_secs(1);
+
+/// Say what is wrong, by a documented heuristic: a worker of an app that has sockets but does
+/// not intercept, which fails within [`EARLY_EXIT`] of its start and before it was ready, most
+/// often tried to bind the address clusterd already holds (EADDRINUSE): unmodified servers
+/// bind their own port.
+fn binds_itself_hint(
+    config: &AppConfig,
+    end: &End,
+    socket_addresses: &BTreeMap<String, String>,
+) -> Option<String> {
+    if config.intercept || end.was_ready || end.status.success() || end.uptime >= EARLY_EXIT {
+        return None;
+    }
+    let addresses: Vec<&str> = config
+        .sockets
+        .iter()
+        .filter_map(|name| socket_addresses.get(name).map(String::as_str))
+        .collect();
+    let first = addresses.first()?;
+    Some(format!(
+        "exited at once, before it was ready: if the app binds {first} itself (EADDRINUSE: \
+         clusterd holds it), set intercept = true or take fd 3"
+    ))
+}
+
 impl Core {
     /// A core for `manifest` whose slots are all due to start at `now`.
     pub fn new(manifest: &Manifest, now: Instant) -> Self {
@@ -75,6 +119,7 @@ impl Core {
                 .iter()
                 .map(|(name, config)| (name.clone(), App::new(config.clone(), now)))
                 .collect(),
+            socket_addresses: socket_addresses(manifest),
             ..Core::default()
         }
     }
@@ -287,8 +332,25 @@ impl Core {
             .as_ref()
             .filter(|r| r.generation == generation)
             .and_then(|r| r.promoted_from(index));
+        let hint = binds_itself_hint(&config, end, &self.socket_addresses);
         let slot = &mut app.slots[index];
-        slot.last_exit = Some(format!("{how} after {}", human(end.uptime)));
+        let exit = format!("{how} after {}", human(end.uptime));
+        if let Some(hint) = hint {
+            // Once per streak of such exits: the status keeps saying it.
+            if slot
+                .last_exit
+                .as_deref()
+                .is_none_or(|last| !last.contains(&hint))
+            {
+                self.out.push(Action::Log {
+                    level: Level::WARN,
+                    message: format!("{label}: {hint}"),
+                });
+            }
+            slot.last_exit = Some(format!("{exit}: {hint}"));
+        } else {
+            slot.last_exit = Some(exit);
+        }
         if let Some(old) = rolled_back {
             slot.generation = old;
         }
