@@ -445,6 +445,7 @@ mod tests {
             listen_fds: &[],
             stdio: [&null, &null, &null],
             cgroup_procs,
+            trap: None,
         })
         .expect("spawn")
     }

@@ -5,11 +5,13 @@
 
 mod containment;
 mod control;
+mod intercept;
 mod metrics;
 mod notify;
 mod output;
 mod procstat;
 mod reaper;
+mod run;
 mod rundir;
 mod signals;
 mod sockets;
@@ -54,6 +56,10 @@ enum Command {
         #[arg(long)]
         run_dir: Option<PathBuf>,
     },
+    /// Run one app without a manifest file, exactly as the equivalent one-app manifest would
+    /// (`--print-manifest` prints it). With --listen, the app's own bind() of that address is
+    /// answered with clusterd's socket (intercept = true) and it is ready once it listens.
+    Run(run::RunArgs),
     /// Validate a manifest: exit 0, or print every problem and exit 2.
     Check {
         /// The manifest.
@@ -143,6 +149,7 @@ fn main() -> ExitCode {
             code
         }
         Command::Check { manifest } => check(&manifest),
+        Command::Run(args) => run_command(&args),
         Command::Notify { assignments } => report(notify_command(&assignments)),
         Command::Status {
             json,
@@ -321,6 +328,9 @@ fn check(path: &Path) -> ExitCode {
             for problem in missing_programs(&manifest) {
                 eprintln!("warning: {problem} (`clusterd start` refuses this)");
             }
+            if let Err(problem) = interception_available(&manifest) {
+                eprintln!("warning: {problem} (`clusterd start` refuses this)");
+            }
             let workers: usize = manifest.apps.values().map(|a| a.workers).sum();
             // A closed stdout is no reason to fail a valid manifest.
             let _ = print_out(format_args!(
@@ -337,10 +347,14 @@ fn check(path: &Path) -> ExitCode {
 }
 
 fn start(path: &Path, run_dir: Option<&Path>) -> ExitCode {
-    let manifest = match load_manifest(path) {
-        Ok(manifest) => manifest,
-        Err(code) => return code,
-    };
+    match load_manifest(path) {
+        Ok(manifest) => run_manifest(manifest, run_dir),
+        Err(code) => code,
+    }
+}
+
+/// `start` and `run` once the manifest is valid: refuse what cannot run here, then supervise.
+fn run_manifest(manifest: Manifest, run_dir: Option<&Path>) -> ExitCode {
     let missing = missing_programs(&manifest);
     if !missing.is_empty() {
         for problem in missing {
@@ -348,7 +362,54 @@ fn start(path: &Path, run_dir: Option<&Path>) -> ExitCode {
         }
         return ExitCode::from(EXIT_USAGE);
     }
+    if let Err(problem) = interception_available(&manifest) {
+        eprintln!("clusterd: {problem}");
+        return ExitCode::FAILURE;
+    }
     report(run_supervisor(manifest, run_dir))
+}
+
+/// For a manifest with an intercepted app: whether this kernel can trap `bind`/`listen`.
+fn interception_available(manifest: &Manifest) -> Result<(), String> {
+    let apps: Vec<&str> = manifest
+        .apps
+        .iter()
+        .filter(|(_, app)| app.intercept)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if apps.is_empty() {
+        return Ok(());
+    }
+    intercept::probe().map_err(|e| {
+        format!(
+            "{}: apps {} set intercept = true, but {e}",
+            manifest.path.display(),
+            apps.join(", ")
+        )
+    })
+}
+
+fn run_command(args: &run::RunArgs) -> ExitCode {
+    if args.print_manifest {
+        return match args.manifest_text() {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => report(Err(error.into())),
+        };
+    }
+    let manifest = match args.manifest() {
+        Ok(manifest) => manifest,
+        Err(error) => {
+            eprintln!(
+                "{error}
+(the manifest these options make: clusterd run --print-manifest ...)"
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    run_manifest(manifest, None)
 }
 
 /// Apps whose command cannot be found: a mistake to report before starting, not a crash loop

@@ -1,6 +1,8 @@
 //! The listening sockets of `[sockets.*]`: bound once at start and held for clusterd's whole
 //! life, so their accept queues outlive any worker. Workers receive duplicates at fds 3, 4, ...
 //!
+//! TCP sockets get the manifest's `tcp_nodelay`, `keepalive` and `reuseport` before they bind.
+//!
 //! When clusterd is itself socket-activated (systemd passes `LISTEN_FDS`, `LISTEN_PID` and
 //! `LISTEN_FDNAMES`), a socket whose name matches an inherited one is taken over as it is
 //! instead of being bound: name the `.socket` unit's sockets with `FileDescriptorName=`.
@@ -12,7 +14,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use clusterd_manifest::{Listen, SocketConfig};
+use clusterd_manifest::{Keepalive, Listen, SocketConfig};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 /// A bound, listening socket.
@@ -228,6 +230,7 @@ fn bind(config: &SocketConfig) -> io::Result<BoundSocket> {
         Listen::Tcp(addr) => {
             let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
             socket.set_reuse_address(true)?;
+            apply_tcp_options(&socket, config)?;
             socket
                 .bind(&SockAddr::from(*addr))
                 .map_err(|e| name_holders(e, addr.port()))?;
@@ -339,6 +342,26 @@ fn listening_inodes(table: &str, port: u16) -> Vec<String> {
         .collect()
 }
 
+/// `tcp_nodelay`, `keepalive` and `reuseport` of `[sockets.NAME]`, set on the listener before
+/// `bind`. Linux copies `TCP_NODELAY` and the keepalive settings to every accepted connection,
+/// so workers get them without setting anything.
+fn apply_tcp_options(socket: &Socket, config: &SocketConfig) -> io::Result<()> {
+    if config.tcp_nodelay {
+        socket.set_tcp_nodelay(true)?;
+    }
+    match config.keepalive {
+        Keepalive::Off => {}
+        Keepalive::On => socket.set_keepalive(true)?,
+        Keepalive::Idle(idle) => {
+            socket.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle))?;
+        }
+    }
+    if config.reuseport {
+        socket.set_reuse_port(true)?;
+    }
+    Ok(())
+}
+
 /// A socket file left by a dead process is removed; one somebody still listens on is an error.
 fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
@@ -368,6 +391,9 @@ mod tests {
             listen: Listen::Tcp(addr.parse().unwrap()),
             backlog: 16,
             mode: None,
+            tcp_nodelay: false,
+            keepalive: clusterd_manifest::Keepalive::Off,
+            reuseport: false,
         }
     }
 

@@ -5,7 +5,8 @@
 //! only makes async-signal-safe system calls through `libc` (no allocation, no locks, no
 //! logging), because the parent is a running tokio process. Failures in the child are reported to
 //! the parent through a close-on-exec pipe: the parent reads EOF when `execve` succeeded, or the
-//! step that failed and its errno.
+//! step that failed and its errno. For an intercepted app the last step before `execve` is
+//! [`Trap::install_in_child`] (seccomp filter, notification fd sent to the supervisor).
 
 use std::ffi::{CString, OsStr};
 use std::fmt;
@@ -18,6 +19,8 @@ use std::sync::OnceLock;
 use clusterd_manifest::AppConfig;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::unistd::Pid;
+
+use crate::intercept::Trap;
 
 /// What to start: a fully resolved program, its arguments and environment, and its fds.
 pub struct SpawnSpec<'a> {
@@ -37,6 +40,8 @@ pub struct SpawnSpec<'a> {
     /// (`Containment::prepare_worker`): the child writes `0` to it first thing after `fork`,
     /// so the worker and everything it starts are inside from the beginning.
     pub cgroup_procs: Option<&'a OwnedFd>,
+    /// For `intercept = true`: the seccomp trap the child installs last before `execve`.
+    pub trap: Option<&'a Trap>,
 }
 
 /// Why a worker could not be started.
@@ -115,6 +120,8 @@ pub enum ChildStep {
     Exec = 3,
     /// Joining the worker's cgroup.
     Cgroup = 4,
+    /// Installing the seccomp trap of `bind`/`listen` and sending its notification fd.
+    Intercept = 5,
 }
 
 impl fmt::Display for ChildStep {
@@ -124,6 +131,7 @@ impl fmt::Display for ChildStep {
             ChildStep::Chdir => "cannot change directory to",
             ChildStep::Exec => "cannot execute",
             ChildStep::Cgroup => "cannot join the cgroup of",
+            ChildStep::Intercept => "cannot trap bind()/listen() (seccomp) for",
         })
     }
 }
@@ -268,8 +276,8 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Pid, SpawnError> {
                 parent_pid,
                 cgroup_procs,
                 stdio,
-                spec.listen_fds,
                 err_write.as_raw_fd(),
+                spec,
             )
         }
     }
@@ -288,6 +296,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Pid, SpawnError> {
                 1 => ChildStep::Fds,
                 2 => ChildStep::Chdir,
                 4 => ChildStep::Cgroup,
+                5 => ChildStep::Intercept,
                 _ => ChildStep::Exec,
             };
             let errno = i32::from_ne_bytes([report[1], report[2], report[3], report[4]]);
@@ -332,9 +341,11 @@ unsafe fn child_after_fork(
     parent_pid: libc::pid_t,
     cgroup_procs: Option<RawFd>,
     stdio: [RawFd; 3],
-    listen_fds: &[RawFd],
     err_fd: RawFd,
+    spec: &SpawnSpec<'_>,
 ) -> ! {
+    // Field reads only: nothing here allocates.
+    let (listen_fds, trap) = (spec.listen_fds, spec.trap);
     unsafe {
         // First of all, before this process can start anything: join the worker's cgroup.
         if let Some(fd) = cgroup_procs
@@ -439,6 +450,13 @@ unsafe fn child_after_fork(
         }
         *listen_pid_buf.add(start + n) = 0;
 
+        // Last: from here on the worker's bind() and listen() wait for the supervisor.
+        if let Some(trap) = trap
+            && trap.install_in_child() < 0
+        {
+            fail(ChildStep::Intercept);
+        }
+
         libc::execve(
             prepared.program.as_ptr(),
             prepared.argv_ptrs.as_ptr(),
@@ -532,6 +550,7 @@ mod tests {
             listen_fds: &listen,
             stdio: [&null, &null, &null],
             cgroup_procs: None,
+            trap: None,
         };
         match spawn(&spec) {
             Err(SpawnError::Child {

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clusterd_manifest::{Manifest, Readiness, RestartPolicy};
+use clusterd_manifest::{AppConfig, Manifest, Readiness, RestartPolicy};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tracing::Level;
@@ -56,6 +56,8 @@ pub enum Role {
 pub struct Core {
     /// The apps, by name.
     pub(super) apps: BTreeMap<String, App>,
+    /// The addresses of the manifest's sockets, by name, for messages.
+    pub(super) socket_addresses: BTreeMap<String, String>,
     /// Every worker whose record is alive (its process, or what is left of its group).
     pub(super) workers: BTreeMap<WorkerId, Worker>,
     /// Running workers by pid.
@@ -71,6 +73,48 @@ pub struct Core {
     out: Vec<Action>,
 }
 
+/// `name → address` of every socket of `manifest` (`127.0.0.1:8001`, `unix:/path`).
+pub(super) fn socket_addresses(manifest: &Manifest) -> BTreeMap<String, String> {
+    manifest
+        .sockets
+        .iter()
+        .map(|(name, socket)| {
+            let address = match &socket.listen {
+                clusterd_manifest::Listen::Tcp(addr) => addr.to_string(),
+                clusterd_manifest::Listen::Unix(path) => format!("unix:{}", path.display()),
+            };
+            (name.clone(), address)
+        })
+        .collect()
+}
+
+/// How soon after its start a failed, never-ready worker counts as "could not bind".
+const EARLY_EXIT: Duration = Duration::from_secs(1);
+
+/// Say what is wrong, by a documented heuristic: a worker of an app that has sockets but does
+/// not intercept, which fails within [`EARLY_EXIT`] of its start and before it was ready, most
+/// often tried to bind the address clusterd already holds (EADDRINUSE): unmodified servers
+/// bind their own port.
+fn binds_itself_hint(
+    config: &AppConfig,
+    end: &End,
+    socket_addresses: &BTreeMap<String, String>,
+) -> Option<String> {
+    if config.intercept || end.was_ready || end.status.success() || end.uptime >= EARLY_EXIT {
+        return None;
+    }
+    let addresses: Vec<&str> = config
+        .sockets
+        .iter()
+        .filter_map(|name| socket_addresses.get(name).map(String::as_str))
+        .collect();
+    let first = addresses.first()?;
+    Some(format!(
+        "exited at once, before it was ready: if the app binds {first} itself (EADDRINUSE: \
+         clusterd holds it), set intercept = true or take fd 3"
+    ))
+}
+
 impl Core {
     /// A core for `manifest` whose slots are all due to start at `now`.
     pub fn new(manifest: &Manifest, now: Instant) -> Self {
@@ -80,6 +124,7 @@ impl Core {
                 .iter()
                 .map(|(name, config)| (name.clone(), App::new(config.clone(), now)))
                 .collect(),
+            socket_addresses: socket_addresses(manifest),
             ..Core::default()
         };
         core.schedule_memory_check(now);
@@ -101,6 +146,7 @@ impl Core {
                 worker,
                 assignments,
             } => self.on_notify(now, worker, &assignments),
+            Event::Listening(worker) => self.on_listening(now, worker),
             Event::Control { request, reply } => self.on_control(now, request, reply),
             Event::Reconfigure(manifest) => self.reconfigure(now, &manifest),
             Event::Memory(measured) => self.on_memory(now, &measured),
@@ -301,8 +347,25 @@ impl Core {
             .as_ref()
             .filter(|r| r.generation == generation)
             .and_then(|r| r.promoted_from(index));
+        let hint = binds_itself_hint(&config, end, &self.socket_addresses);
         let slot = &mut app.slots[index];
-        slot.last_exit = Some(format!("{how} after {}", human(end.uptime)));
+        let exit = format!("{how} after {}", human(end.uptime));
+        if let Some(hint) = hint {
+            // Once per streak of such exits: the status keeps saying it.
+            if slot
+                .last_exit
+                .as_deref()
+                .is_none_or(|last| !last.contains(&hint))
+            {
+                self.out.push(Action::Log {
+                    level: Level::WARN,
+                    message: format!("{label}: {hint}"),
+                });
+            }
+            slot.last_exit = Some(format!("{exit}: {hint}"));
+        } else {
+            slot.last_exit = Some(exit);
+        }
         if let Some(old) = rolled_back {
             slot.generation = old;
         }
@@ -399,7 +462,7 @@ impl Core {
                                 ready_by: now + config.ready_timeout,
                                 ready_at: Some(now + delay),
                             },
-                            Readiness::Notify => Phase::Starting {
+                            Readiness::Notify | Readiness::Listen => Phase::Starting {
                                 ready_by: now + config.ready_timeout,
                                 ready_at: None,
                             },
@@ -477,6 +540,19 @@ impl Core {
             SupervisorSignal::Reread if !self.shutting_down => self.out.push(Action::Reread),
             SupervisorSignal::Reread => {}
             SupervisorSignal::ScaleBy(delta) => self.scale_single_app(now, delta),
+        }
+    }
+
+    /// An intercepted worker called `listen()` on a socket it was handed: with
+    /// `ready = "listen"`, a starting worker is ready. Later listens change nothing.
+    fn on_listening(&mut self, now: Instant, id: WorkerId) {
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
+        if worker.config.ready == Readiness::Listen
+            && matches!(worker.phase, Phase::Starting { .. })
+        {
+            self.become_ready(now, id);
         }
     }
 

@@ -24,6 +24,7 @@ use super::state::WorkerId;
 use super::status::{CpuSampler, Measured};
 use crate::containment::{self, Containment};
 use crate::control::server::{ControlRequest, ControlServer};
+use crate::intercept::{self, Intercepts, Trap};
 use crate::metrics::{Metrics, MetricsServer, Scrape};
 use crate::notify::{Notification, NotifySocket};
 use crate::output::{self, Stream};
@@ -69,6 +70,9 @@ pub async fn run(
             Some(signal) = signals.recv() => driver.feed(&mut core, Event::Signal(signal)),
             notification = notify.recv() => driver.on_notify(&mut core, notification),
             Some(request) = control.recv() => driver.on_control(&mut core, request),
+            Some(worker) = driver.intercepts.listening() => {
+                driver.feed(&mut core, Event::Listening(worker));
+            }
             Some(scrape) = async { match metrics_server.as_mut() { Some(m) => m.recv().await, None => None } } => {
                 driver.on_scrape(&core, scrape);
             }
@@ -114,6 +118,8 @@ struct Driver {
     containment: Containment,
     /// Each worker's name in the containment (its cgroup), from spawn until forgotten.
     contained: HashMap<WorkerId, String>,
+    /// The trapped `bind`/`listen` calls of intercepted workers.
+    intercepts: Intercepts,
 }
 
 impl Driver {
@@ -144,6 +150,7 @@ impl Driver {
             status_cpu: CpuSampler::default(),
             containment,
             contained: HashMap::new(),
+            intercepts: Intercepts::default(),
         })
     }
 
@@ -167,12 +174,12 @@ impl Driver {
                     config,
                 } => {
                     let key = format!("{app}.{slot}.{}", worker.0);
-                    let result =
-                        self.spawn(&app, slot, generation, &config, &key)
-                            .map_err(|error| SpawnFailure {
-                                transient: error.is_transient(),
-                                message: error.to_string(),
-                            });
+                    let result = self
+                        .spawn(worker, &app, slot, generation, &config, &key)
+                        .map_err(|error| SpawnFailure {
+                            transient: error.is_transient(),
+                            message: error.to_string(),
+                        });
                     if result.is_ok() {
                         self.contained.insert(worker, key);
                     } else {
@@ -198,6 +205,7 @@ impl Driver {
                     if let Some(key) = self.contained.remove(&worker) {
                         self.containment.remove_worker(&key);
                     }
+                    self.intercepts.forget(worker);
                     None
                 }
                 Action::Reply { to, reply } => {
@@ -378,9 +386,10 @@ impl Driver {
         Some(manifest)
     }
 
-    /// Forks and execs a worker.
+    /// Forks and execs a worker (trapping its `bind`/`listen` when its app is intercepted).
     fn spawn(
         &mut self,
+        worker: WorkerId,
         app: &str,
         slot: usize,
         generation: u64,
@@ -444,7 +453,14 @@ impl Driver {
                 tracing::warn!("{error}; {label} runs in its process group only");
                 None
             });
-        spawn::spawn(&SpawnSpec {
+        let trap = match config.intercept {
+            true => Some(Trap::new().map_err(|cause| SpawnError::Os {
+                what: "socketpair",
+                cause,
+            })?),
+            false => None,
+        };
+        let pid = spawn::spawn(&SpawnSpec {
             program: &program,
             argv: &config.command,
             env: &env,
@@ -452,7 +468,21 @@ impl Driver {
             listen_fds: &listen_fds,
             stdio: [&self.dev_null, &stdout, &stderr],
             cgroup_procs: cgroup_procs.as_ref(),
-        })
+            trap: trap.as_ref(),
+        })?;
+        if let Some(trap) = trap {
+            // The child sent the fd before it exec'd. Without it, its trapped calls fail with
+            // ENOSYS once `trap` is dropped: the worker sees an error, clusterd goes on.
+            let watched = trap.receive().and_then(|notify_fd| {
+                let held = intercept::held(&self.sockets, &self.manifest.sockets, &config.sockets)?;
+                self.intercepts
+                    .watch(worker, label.clone(), notify_fd, held)
+            });
+            if let Err(error) = watched {
+                tracing::error!("{label} pid {pid}: cannot answer its bind()/listen(): {error}");
+            }
+        }
+        Ok(pid)
     }
 }
 

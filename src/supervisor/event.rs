@@ -47,6 +47,9 @@ pub enum Event {
         /// Its `KEY=value` assignments.
         assignments: Vec<(String, String)>,
     },
+    /// An intercepted worker (or one of its processes) called `listen()` on a socket clusterd
+    /// handed it in place of its own `bind()`.
+    Listening(WorkerId),
     /// A control request other than `status` (which is a read-only view).
     Control {
         /// The request.

@@ -23,3 +23,4 @@ mod status;
 mod tests;
 
 pub use driver::run;
+pub use state::WorkerId;

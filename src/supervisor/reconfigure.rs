@@ -20,6 +20,7 @@ impl Core {
         if self.shutting_down {
             return;
         }
+        self.socket_addresses = super::core::socket_addresses(manifest);
         let mut changes = Vec::new();
         let mut reloads = Vec::new();
         let mut scales = Vec::new();

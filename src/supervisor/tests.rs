@@ -442,6 +442,67 @@ fn extend_timeout_moves_the_ready_deadline_and_is_capped() {
 }
 
 #[test]
+fn an_intercepted_worker_is_ready_when_it_listens_and_a_reload_waits_for_it() {
+    let mut sim = Sim::new(
+        "[sockets.http]\nlisten = \"127.0.0.1:8000\"\n\n[apps.web]\ncommand = [\"x\"]\n\
+         sockets = [\"http\"]\nintercept = true\n\n[apps.web.reload]\nbake = \"0s\"\n",
+    );
+    let pid = sim.pid("web", 0).unwrap();
+    // No delay, no READY=1: only the trapped listen() counts.
+    sim.advance(Duration::from_secs(5));
+    assert!(matches!(sim.phase(pid), Phase::Starting { .. }));
+    let worker = sim.core.worker_by_pid(pid).unwrap();
+    sim.on(Event::Listening(worker));
+    assert!(matches!(sim.phase(pid), Phase::Ready { .. }));
+    // A second listen (another socket, or a child process) changes nothing.
+    sim.on(Event::Listening(worker));
+    assert!(matches!(sim.phase(pid), Phase::Ready { .. }));
+
+    sim.signal(SupervisorSignal::Reload);
+    let candidate = sim.candidate("web", 0).expect("a candidate");
+    sim.advance(Duration::from_secs(5));
+    assert!(!sim.sent(pid, Signal::SIGTERM), "the old worker serves on");
+    let worker = sim.core.worker_by_pid(candidate).unwrap();
+    sim.on(Event::Listening(worker));
+    assert_eq!(
+        sim.pid("web", 0),
+        Some(candidate),
+        "promoted once it listens"
+    );
+    assert!(sim.sent(pid, Signal::SIGTERM));
+}
+
+#[test]
+fn a_worker_that_fails_at_once_beside_a_held_socket_is_told_to_intercept() {
+    let text = "[sockets.http]\nlisten = \"127.0.0.1:8001\"\n\n[apps.web]\ncommand = [\"x\"]\n\
+                sockets = [\"http\"]\n";
+    let mut sim = Sim::new(text);
+    for _ in 0..3 {
+        let pid = sim.pid("web", 0).unwrap_or_else(|| {
+            let SlotState::Backoff { until } = sim.slot_state("web", 0) else {
+                panic!("not in backoff")
+            };
+            sim.advance(until - sim.now);
+            sim.pid("web", 0).unwrap()
+        });
+        sim.advance(30 * MS);
+        sim.exit(pid, ExitStatus::Code(1));
+    }
+    let hint = "if the app binds 127.0.0.1:8001 itself (EADDRINUSE: clusterd holds it), set \
+                intercept = true or take fd 3";
+    let logged = sim.logs.iter().filter(|(_, l)| l.contains(hint)).count();
+    assert_eq!(logged, 1, "once, not at every crash: {:?}", sim.logs);
+    let last = sim.core.apps["web"].slots[0].last_exit.clone().unwrap();
+    assert!(last.contains(hint), "{last}");
+
+    // Intercepted apps, and workers that served first, are not told.
+    let mut sim = Sim::new(&format!("{text}intercept = true\n"));
+    let pid = sim.pid("web", 0).unwrap();
+    sim.exit(pid, ExitStatus::Code(1));
+    assert!(!sim.logs.iter().any(|(_, l)| l.contains("set intercept")));
+}
+
+#[test]
 fn a_rolling_reload_replaces_one_slot_at_a_time() {
     let mut sim = Sim::new(WEB3);
     ready_all(&mut sim, "web");

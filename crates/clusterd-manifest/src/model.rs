@@ -60,6 +60,26 @@ pub struct SocketConfig {
     pub backlog: u32,
     /// `mode` of a unix socket file, e.g. `"0660"` (default 0o666 minus umask: `None`).
     pub mode: Option<u32>,
+    /// `tcp_nodelay` (TCP only, default false): `TCP_NODELAY` on the listener, inherited by
+    /// every accepted connection.
+    pub tcp_nodelay: bool,
+    /// `keepalive` (TCP only): `false`/absent (off), `true` (on, the kernel's timings) or a
+    /// duration (on, idle time before the first probe, `TCP_KEEPIDLE`).
+    pub keepalive: Keepalive,
+    /// `reuseport` (TCP only, default false): `SO_REUSEPORT` on the listener, so that other
+    /// processes of the same user may bind the same address.
+    pub reuseport: bool,
+}
+
+/// `keepalive` of a TCP socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keepalive {
+    /// No `SO_KEEPALIVE`.
+    Off,
+    /// `SO_KEEPALIVE` with the kernel's timings.
+    On,
+    /// `SO_KEEPALIVE` with this idle time before the first probe.
+    Idle(Duration),
 }
 
 /// The address of a listening socket.
@@ -107,6 +127,9 @@ pub struct AppConfig {
     /// `restart_limit = { burst, interval }`: more unexpected exits than `burst` within
     /// `interval` fail the slot until `clusterd restart` (systemd's `StartLimitBurst`).
     pub restart_limit: Option<RestartLimit>,
+    /// `intercept` (default false): trap the workers' own `bind()`/`listen()` with seccomp
+    /// and hand them the app's held sockets instead (unmodified servers).
+    pub intercept: bool,
     /// `kv_segment`: name prefix of the KV client's shared-memory segment, passed to workers
     /// as `CLUSTERD_KV_SEGMENT`.
     pub kv_segment: Option<String>,
@@ -158,6 +181,9 @@ pub enum Readiness {
     Delay(Duration),
     /// `ready = "notify"`: it sends `READY=1` to `NOTIFY_SOCKET`.
     Notify,
+    /// `ready = "listen"` (default for apps with `intercept = true`, and only valid with it):
+    /// it calls `listen()` on a socket it was handed in place of its own `bind()`.
+    Listen,
 }
 
 /// `[apps.NAME.reload]`: how a rolling reload proceeds.

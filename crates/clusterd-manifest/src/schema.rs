@@ -39,7 +39,14 @@ const BAKE: Duration = Duration::from_secs(1);
 
 const TOP_KEYS: &[&str] = &["supervisor", "sockets", "apps", "metrics"];
 const SUPERVISOR_KEYS: &[&str] = &["stop_timeout", "run_dir"];
-const SOCKET_KEYS: &[&str] = &["listen", "backlog", "mode"];
+const SOCKET_KEYS: &[&str] = &[
+    "listen",
+    "backlog",
+    "mode",
+    "tcp_nodelay",
+    "keepalive",
+    "reuseport",
+];
 const APP_KEYS: &[&str] = &[
     "command",
     "workers",
@@ -60,6 +67,7 @@ const APP_KEYS: &[&str] = &[
     "kv_watchdog",
     "max_memory",
     "restart_limit",
+    "intercept",
     "reload",
 ];
 const RESTART_LIMIT_KEYS: &[&str] = &["burst", "interval"];
@@ -221,6 +229,23 @@ fn socket(
         }
         (_, mode) => mode.optional(),
     };
+    let tcp_nodelay = cx.field(&table, "tcp_nodelay", values::boolean).or(false);
+    let keepalive = cx.field(&table, "keepalive", keepalive).or(Keepalive::Off);
+    let reuseport = cx.field(&table, "reuseport", values::boolean).or(false);
+    if let Some(Listen::Unix(path)) = &listen {
+        for name in ["tcp_nodelay", "keepalive", "reuseport"] {
+            if let Some(value) = table.get(name) {
+                cx.report(
+                    value.span(),
+                    &table.key.child(name),
+                    format!(
+                        "{name} only applies to TCP sockets, and this one listens on unix:{}",
+                        path.display()
+                    ),
+                );
+            }
+        }
+    }
     let listen_span = table.get("listen")?.span();
     Some(CheckedSocket {
         config: SocketConfig {
@@ -228,9 +253,24 @@ fn socket(
             // In 1..=65535.
             backlog: backlog? as u32,
             mode: mode?,
+            tcp_nodelay: tcp_nodelay?,
+            keepalive: keepalive?,
+            reuseport: reuseport?,
         },
         listen_span,
     })
+}
+
+/// `keepalive`: a boolean, or a positive duration (on, with that idle time).
+fn keepalive(value: &Value<'_>) -> Result<Keepalive, Bad> {
+    match value.get_ref() {
+        DeValue::Boolean(true) => Ok(Keepalive::On),
+        DeValue::Boolean(false) => Ok(Keepalive::Off),
+        DeValue::String(_) => values::positive_duration(value).map(Keepalive::Idle),
+        _ => Err(Bad::expected(
+            "true, false or an idle time like \"60s\" before the first probe",
+        )),
+    }
 }
 
 /// Reports each socket whose address conflicts with one written before it.
@@ -341,7 +381,18 @@ fn app(
     // An app with sockets that says nothing about readiness is given a moment to start
     // listening before a rollout counts on it (see `readiness`).
     let has_sockets = table.get("sockets").is_some();
-    let ready = readiness(cx, &table, has_sockets);
+    let intercept = cx.field(&table, "intercept", values::boolean).or(false);
+    if intercept == Some(true) && app_sockets.as_ref().is_some_and(|s| s.is_empty()) {
+        if let Some(value) = table.get("intercept") {
+            cx.report(
+                value.span(),
+                &table.key.child("intercept"),
+                "intercept = true needs at least one socket in `sockets`: the app's own bind() \
+                 is answered with one of them",
+            );
+        }
+    }
+    let ready = readiness(cx, &table, has_sockets, intercept == Some(true));
     let ready_timeout = cx
         .field(&table, "ready_timeout", values::positive_duration)
         .or(READY_TIMEOUT);
@@ -379,6 +430,7 @@ fn app(
         reload: reload?,
         max_memory: max_memory?,
         restart_limit: restart_limit?,
+        intercept: intercept?,
         kv_segment: kv_segment?,
         kv_watchdog: kv_watchdog?,
     })
@@ -566,14 +618,23 @@ enum ReadyKind {
     Immediate,
     Delay,
     Notify,
+    Listen,
 }
 
 /// `ready` and `ready_delay` (only with `ready = "delay"`). Without `ready`, an app with
 /// sockets is `"delay"` (it must stay up `ready_delay` before it counts as ready: most servers
 /// never signal readiness, and a rollout must not stop every old worker before the new ones
-/// listen) and an app without sockets is `"immediate"`.
-fn readiness(cx: &mut Checker<'_>, table: &Table<'_, '_>, has_sockets: bool) -> Option<Readiness> {
-    let default = if has_sockets {
+/// listen), an intercepted app is `"listen"` (its `listen()` is trapped, so it says when it
+/// listens) and an app without sockets is `"immediate"`. `"listen"` needs `intercept = true`.
+fn readiness(
+    cx: &mut Checker<'_>,
+    table: &Table<'_, '_>,
+    has_sockets: bool,
+    intercept: bool,
+) -> Option<Readiness> {
+    let default = if intercept {
+        ReadyKind::Listen
+    } else if has_sockets {
         ReadyKind::Delay
     } else {
         ReadyKind::Immediate
@@ -586,10 +647,21 @@ fn readiness(cx: &mut Checker<'_>, table: &Table<'_, '_>, has_sockets: bool) -> 
                     ("immediate", ReadyKind::Immediate),
                     ("delay", ReadyKind::Delay),
                     ("notify", ReadyKind::Notify),
+                    ("listen", ReadyKind::Listen),
                 ],
             )
         })
         .or(default);
+    if kind == Some(ReadyKind::Listen) && !intercept {
+        if let Some(value) = table.get("ready") {
+            cx.report(
+                value.span(),
+                &table.key.child("ready"),
+                "ready = \"listen\" needs intercept = true: only a trapped listen() is seen",
+            );
+        }
+        return None;
+    }
     let delay = cx.field(table, "ready_delay", values::duration);
     match (kind?, delay) {
         (ReadyKind::Delay, delay) => delay.or(READY_DELAY).map(Readiness::Delay),
@@ -597,6 +669,8 @@ fn readiness(cx: &mut Checker<'_>, table: &Table<'_, '_>, has_sockets: bool) -> 
         (kind, Field::Valid(_)) => {
             let written = match kind {
                 ReadyKind::Notify => "ready is \"notify\"",
+                ReadyKind::Listen if table.get("ready").is_some() => "ready is \"listen\"",
+                ReadyKind::Listen => "ready defaults to \"listen\" with intercept = true",
                 _ if table.get("ready").is_some() => "ready is \"immediate\"",
                 _ => "ready defaults to \"immediate\"",
             };
@@ -611,6 +685,7 @@ fn readiness(cx: &mut Checker<'_>, table: &Table<'_, '_>, has_sockets: bool) -> 
         }
         (ReadyKind::Immediate, Field::Absent) => Some(Readiness::Immediate),
         (ReadyKind::Notify, Field::Absent) => Some(Readiness::Notify),
+        (ReadyKind::Listen, Field::Absent) => Some(Readiness::Listen),
     }
 }
 

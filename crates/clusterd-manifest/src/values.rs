@@ -1,5 +1,5 @@
 //! Conversions of single TOML values into typed settings: durations, bounded integers, names,
-//! paths, signals, choices and unix modes. Each returns the value or why it was rejected, and
+//! paths, signals, choices, booleans and unix modes. Each returns the value or why it was rejected, and
 //! knows nothing about where the value sits in the document.
 
 use std::path::{Path, PathBuf};
@@ -27,6 +27,14 @@ pub(crate) fn integer_in(value: &Value<'_>, min: i64, max: i64) -> Result<i64, B
             _ => Err(Bad::expected(format!("an integer from {min} to {max}"))),
         },
         _ => Err(Bad::expected(format!("an integer from {min} to {max}"))),
+    }
+}
+
+/// `true` or `false`.
+pub(crate) fn boolean(value: &Value<'_>) -> Result<bool, Bad> {
+    match value.get_ref() {
+        DeValue::Boolean(b) => Ok(*b),
+        _ => Err(Bad::expected("true or false")),
     }
 }
 

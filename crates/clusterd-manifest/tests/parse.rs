@@ -62,6 +62,7 @@ fn defaults() {
     assert_eq!(web.kv_segment, None);
     assert_eq!(web.kv_watchdog, None);
     assert_eq!((web.max_memory, web.restart_limit), (None, None));
+    assert!(!web.intercept);
     assert_eq!(
         web.reload,
         ReloadConfig {
@@ -312,7 +313,7 @@ fn each_key_rejects_bad_values() {
     );
     assert_eq!(
         app("ready = 1"),
-        "3:9: apps.web.ready: expected one of \"immediate\", \"delay\", \"notify\", found 1"
+        "3:9: apps.web.ready: expected one of \"immediate\", \"delay\", \"notify\", \"listen\", found 1"
     );
     assert_eq!(
         app("ready = \"delay\"\nready_delay = \"x\""),

@@ -1,0 +1,759 @@
+//! Unmodified servers (`intercept = true`): a worker's own `bind()` and `listen()` are trapped
+//! with seccomp user notification and answered with the app's held sockets.
+//!
+//! **Child side** ([`Trap`]): before `fork`, the BPF program, a datagram socketpair and the
+//! `sendmsg` buffers are prepared. As the last step before `execve`, the child sets
+//! `PR_SET_NO_NEW_PRIVS`, installs the filter with `SECCOMP_FILTER_FLAG_NEW_LISTENER` (it
+//! returns `SECCOMP_RET_USER_NOTIF` for `bind` and `listen` of the native architecture and
+//! allows everything else) and sends the notification fd to the supervisor with
+//! `SCM_RIGHTS`. The filter is inherited by everything the worker runs.
+//!
+//! **Supervisor side** ([`Intercepts`]): one local task per worker waits on its notification
+//! fd with tokio's `AsyncFd` (never blocking the loop) and answers each trapped call:
+//!
+//! - `bind(fd, addr)` of a stream socket whose address **matches** one of the app's held
+//!   sockets: the held socket is installed at the worker's `fd` (`SECCOMP_IOCTL_NOTIF_ADDFD`
+//!   with `SECCOMP_ADDFD_FLAG_SETFD`, keeping the fd's close-on-exec flag) and the call
+//!   returns 0. The worker's own socket is closed by that; `getsockname` then shows the held
+//!   socket's address (e.g. `127.0.0.1:8001` for a bind of `[::]:8001`).
+//! - `listen(fd)` on a handed-off socket returns 0 without touching the shared socket (its
+//!   backlog is the manifest's), and tells the driver (`Event::Listening`): the worker is
+//!   ready with `ready = "listen"`.
+//! - anything else continues unchanged (`SECCOMP_USER_NOTIF_FLAG_CONTINUE`).
+//!
+//! **Matching rules.** A TCP bind matches a held TCP socket with the same port when its address
+//! is the wildcard (`0.0.0.0`, `::`), the held socket's own address, or a loopback address
+//! while the held socket is on loopback (`127.0.0.1`, `::1`, `::ffff:127.0.0.1`). Port 0 never
+//! matches. A unix bind matches by path (a relative path is resolved against the worker's
+//! working directory); abstract addresses never match. Only stream sockets are handed off.
+//!
+//! **O_NONBLOCK.** Sockets handed to intercepted apps are made non-blocking (the flag belongs
+//! to the socket shared by every worker): event-loop servers (Node, Go, asyncio) expect it, and
+//! blocking-style servers that `select()` first (Python's `socketserver`) treat the `EAGAIN` of
+//! a connection another worker took as "nothing to accept".
+//!
+//! This is a convenience, not a sandbox: a worker that uses another syscall ABI (x32) or
+//! `socketcall` is simply not intercepted. The memory and fd reads need ptrace access to the
+//! worker (clusterd is its parent: allowed by Yama's default scope). A worker that dies
+//! mid-notification is harmless: the ioctls then fail with `ENOENT` and the notification is
+//! dropped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use clusterd_manifest::{Listen, SocketConfig};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::task::AbortHandle;
+
+use crate::sockets::Sockets;
+use crate::supervisor::WorkerId;
+
+/// `AUDIT_ARCH_*` of the architecture clusterd is built for: syscall numbers are per ABI.
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH: u32 = 0xC000_003E;
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH: u32 = 0xC000_00B7;
+
+/// The child end of the socketpair is moved to an fd at least this high before fork, above any
+/// fd the child places (0-2 and 3 + up to 64 sockets), so that no `dup2` can overwrite it.
+const CHILD_FD_MIN: RawFd = 100;
+
+/// Offsets in `struct seccomp_data`.
+const DATA_NR: u32 = 0;
+const DATA_ARCH: u32 = 4;
+
+/// The filter: `SECCOMP_RET_USER_NOTIF` for `bind` and `listen` of the native ABI.
+fn filter() -> Vec<libc::sock_filter> {
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    let ret = libc::BPF_RET | libc::BPF_K;
+    vec![
+        stmt(load, DATA_ARCH),
+        jeq(AUDIT_ARCH, 1, 0),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+        stmt(load, DATA_NR),
+        jeq(libc::SYS_bind as u32, 2, 0),
+        jeq(libc::SYS_listen as u32, 1, 0),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+        stmt(ret, libc::SECCOMP_RET_USER_NOTIF),
+    ]
+}
+
+/// Why interception cannot be used here.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "seccomp user notification is unavailable ({what}: {cause}); intercept = true needs \
+     Linux 5.9 or later and a container profile that allows seccomp()"
+)]
+pub struct Unavailable {
+    /// The step that failed.
+    what: &'static str,
+    /// Its error.
+    cause: io::Error,
+}
+
+/// Checks that this kernel (and container profile) lets a process install a filter with a
+/// notification listener and supports `SECCOMP_IOCTL_NOTIF_ADDFD`. Runs in a throwaway thread:
+/// filters and `no_new_privs` are per thread, so clusterd itself stays unfiltered.
+pub fn probe() -> Result<(), Unavailable> {
+    std::thread::spawn(|| {
+        let program = filter();
+        let prog = libc::sock_fprog {
+            len: program.len() as u16,
+            filter: program.as_ptr().cast_mut(),
+        };
+        // SAFETY: plain syscalls on valid memory; they affect only this thread.
+        unsafe {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+                return Err(Unavailable {
+                    what: "prctl(PR_SET_NO_NEW_PRIVS)",
+                    cause: io::Error::last_os_error(),
+                });
+            }
+            let fd = libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                &prog,
+            );
+            if fd < 0 {
+                return Err(Unavailable {
+                    what: "seccomp(SECCOMP_FILTER_FLAG_NEW_LISTENER)",
+                    cause: io::Error::last_os_error(),
+                });
+            }
+            let fd = OwnedFd::from_raw_fd(fd as RawFd);
+            // No notification has id 0: a kernel with ADDFD says ENOENT.
+            let mut addfd: libc::seccomp_notif_addfd = std::mem::zeroed();
+            addfd.flags = libc::SECCOMP_ADDFD_FLAG_SETFD as u32;
+            addfd.srcfd = fd.as_raw_fd() as u32;
+            let rc = libc::ioctl(fd.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ADDFD, &addfd);
+            let cause = io::Error::last_os_error();
+            if rc < 0 && cause.raw_os_error() != Some(libc::ENOENT) {
+                return Err(Unavailable {
+                    what: "ioctl(SECCOMP_IOCTL_NOTIF_ADDFD)",
+                    cause,
+                });
+            }
+        }
+        Ok(())
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(Unavailable {
+            what: "probe thread",
+            cause: io::Error::other("panicked"),
+        })
+    })
+}
+
+/// What the child of one spawn needs to trap its `bind`/`listen`, prepared before `fork`.
+pub struct Trap {
+    /// The BPF program (`prog` points into it).
+    _program: Vec<libc::sock_filter>,
+    prog: libc::sock_fprog,
+    /// The child's end of the socketpair, at an fd >= [`CHILD_FD_MIN`].
+    child_end: OwnedFd,
+    /// The supervisor's end.
+    parent_end: OwnedFd,
+    /// The `SCM_RIGHTS` control message; the child writes its fd number at `fd_offset`.
+    control: Box<[u64; 4]>,
+    control_len: usize,
+    fd_offset: usize,
+    /// One byte of payload (a datagram must carry data for the fd to travel).
+    payload: Box<[u8; 1]>,
+}
+
+impl Trap {
+    /// Builds the filter, the socketpair and the message buffers.
+    pub fn new() -> io::Result<Self> {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two fds into `fds`.
+        if unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds are new and ours.
+        let (parent_end, low_child_end) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let child_end = nix::fcntl::fcntl(
+            &low_child_end,
+            nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(CHILD_FD_MIN),
+        )?;
+        // SAFETY: F_DUPFD_CLOEXEC returned a new fd that we own.
+        let child_end = unsafe { OwnedFd::from_raw_fd(child_end) };
+        drop(low_child_end);
+
+        let program = filter();
+        let prog = libc::sock_fprog {
+            len: program.len() as u16,
+            filter: program.as_ptr().cast_mut(),
+        };
+        let mut control = Box::new([0u64; 4]);
+        let fd_size = std::mem::size_of::<RawFd>() as u32;
+        // SAFETY: CMSG_* only compute sizes and offsets; the header is written inside
+        // `control`, which is large enough for one fd (CMSG_SPACE(4) <= 32) and aligned.
+        let (control_len, fd_offset) = unsafe {
+            let space = libc::CMSG_SPACE(fd_size) as usize;
+            assert!(space <= std::mem::size_of_val(&*control));
+            let header = control.as_mut_ptr().cast::<libc::cmsghdr>();
+            (*header).cmsg_len = libc::CMSG_LEN(fd_size) as _;
+            (*header).cmsg_level = libc::SOL_SOCKET;
+            (*header).cmsg_type = libc::SCM_RIGHTS;
+            let data = libc::CMSG_DATA(header);
+            (space, data.offset_from(header.cast::<u8>()) as usize)
+        };
+        Ok(Trap {
+            _program: program,
+            prog,
+            child_end,
+            parent_end,
+            control,
+            control_len,
+            fd_offset,
+            payload: Box::new([0]),
+        })
+    }
+
+    /// The child's side, as the last step before `execve`: no new privileges, the filter, and
+    /// the notification fd sent to the supervisor. Returns -1 with `errno` set on failure.
+    ///
+    /// # Safety
+    ///
+    /// Only for the child between `fork` and `execve`: it makes async-signal-safe syscalls on
+    /// memory prepared before the fork and writes into `self`'s control buffer.
+    pub unsafe fn install_in_child(&self) -> libc::c_int {
+        unsafe {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+                return -1;
+            }
+            let notify_fd = libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                &self.prog,
+            ) as libc::c_int;
+            if notify_fd < 0 {
+                return -1;
+            }
+            let control = self.control.as_ptr().cast::<u8>().cast_mut();
+            std::ptr::write_unaligned(control.add(self.fd_offset).cast::<RawFd>(), notify_fd);
+            let mut iov = libc::iovec {
+                iov_base: self.payload.as_ptr().cast_mut().cast(),
+                iov_len: 1,
+            };
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.cast();
+            msg.msg_controllen = self.control_len as _;
+            let sent = libc::sendmsg(self.child_end.as_raw_fd(), &msg, 0);
+            // The supervisor holds its copy now (or the spawn fails): ours must not reach the
+            // program (it is close-on-exec anyway).
+            libc::close(notify_fd);
+            if sent < 0 { -1 } else { 0 }
+        }
+    }
+
+    /// After a successful spawn: the notification fd the child sent.
+    pub fn receive(&self) -> io::Result<OwnedFd> {
+        let mut payload = [0u8; 1];
+        let mut control = [0u64; 4];
+        let mut iov = libc::iovec {
+            iov_base: payload.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        // SAFETY: msghdr points at live buffers; every fd the kernel passes is taken into an
+        // OwnedFd before anything is checked.
+        unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&control) as _;
+            let n = libc::recvmsg(
+                self.parent_end.as_raw_fd(),
+                &mut msg,
+                libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+            );
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut received = None;
+            let mut header = libc::CMSG_FIRSTHDR(&msg);
+            while !header.is_null() {
+                if (*header).cmsg_level == libc::SOL_SOCKET
+                    && (*header).cmsg_type == libc::SCM_RIGHTS
+                {
+                    let fd = std::ptr::read_unaligned(libc::CMSG_DATA(header).cast::<RawFd>());
+                    received = Some(OwnedFd::from_raw_fd(fd));
+                }
+                header = libc::CMSG_NXTHDR(&msg, header);
+            }
+            received.ok_or_else(|| io::Error::other("the worker sent no notification fd"))
+        }
+    }
+}
+
+/// One of an app's held sockets, as the interception tasks see it.
+#[derive(Debug)]
+pub struct Held {
+    /// Its name in the manifest.
+    name: String,
+    /// Its address.
+    listen: Listen,
+    /// A duplicate of the held socket, installed into workers.
+    fd: OwnedFd,
+    /// Its inode: `/proc/PID/fd/N` of a handed-off fd reads `socket:[inode]`.
+    inode: u64,
+}
+
+/// The held sockets `names` of an app (configured in `configs`), made non-blocking (see the
+/// module doc).
+pub fn held(
+    sockets: &Sockets,
+    configs: &BTreeMap<String, SocketConfig>,
+    names: &[String],
+) -> io::Result<Vec<Held>> {
+    let mut held = Vec::new();
+    for name in names {
+        let (Some(socket), Some(config)) = (sockets.get(name), configs.get(name)) else {
+            continue;
+        };
+        let listen = &config.listen;
+        // SAFETY: the held socket outlives this call; we duplicate it.
+        let fd =
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(socket.raw_fd()) }.try_clone_to_owned()?;
+        socket2::SockRef::from(&fd).set_nonblocking(true)?;
+        let inode = nix::sys::stat::fstat(&fd)?.st_ino;
+        held.push(Held {
+            name: name.clone(),
+            listen: listen.clone(),
+            fd,
+            inode,
+        });
+    }
+    Ok(held)
+}
+
+/// A trapped address, as the worker passed it to `bind`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BindAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+    Other,
+}
+
+impl std::fmt::Display for BindAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BindAddr::Tcp(addr) => write!(f, "{addr}"),
+            BindAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+            BindAddr::Other => f.write_str("(other family)"),
+        }
+    }
+}
+
+/// Decodes a `struct sockaddr` of `bytes`.
+fn decode(bytes: &[u8]) -> BindAddr {
+    let Some(family) = bytes.get(..2).map(|b| u16::from_ne_bytes([b[0], b[1]])) else {
+        return BindAddr::Other;
+    };
+    let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);
+    match i32::from(family) {
+        libc::AF_INET if bytes.len() >= 8 => {
+            let ip = Ipv4Addr::new(bytes[4], bytes[5], bytes[6], bytes[7]);
+            BindAddr::Tcp(SocketAddr::new(IpAddr::V4(ip), port(bytes)))
+        }
+        libc::AF_INET6 if bytes.len() >= 24 => {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(&bytes[8..24]);
+            BindAddr::Tcp(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(octets)),
+                port(bytes),
+            ))
+        }
+        libc::AF_UNIX if bytes.len() > 2 && bytes[2] != 0 => {
+            let path = &bytes[2..];
+            let end = path.iter().position(|b| *b == 0).unwrap_or(path.len());
+            BindAddr::Unix(PathBuf::from(std::ffi::OsStr::from_bytes(&path[..end])))
+        }
+        _ => BindAddr::Other,
+    }
+}
+
+/// `::ffff:a.b.c.d` as `a.b.c.d`.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The matching rules of the module doc. `cwd` resolves a relative unix path.
+fn matches(bind: &BindAddr, held: &Listen, cwd: Option<&Path>) -> bool {
+    match (bind, held) {
+        (BindAddr::Tcp(bind), Listen::Tcp(held)) => {
+            let (ip, held_ip) = (canonical(bind.ip()), canonical(held.ip()));
+            bind.port() != 0
+                && bind.port() == held.port()
+                && (ip.is_unspecified()
+                    || ip == held_ip
+                    || (ip.is_loopback() && held_ip.is_loopback()))
+        }
+        (BindAddr::Unix(path), Listen::Unix(held)) => {
+            if path.is_absolute() {
+                path == held
+            } else {
+                cwd.is_some_and(|cwd| cwd.join(path) == *held)
+            }
+        }
+        _ => false,
+    }
+}
+
+/// The interception tasks of all workers, and the channel they report `listen()`s on.
+pub struct Intercepts {
+    tasks: HashMap<WorkerId, AbortHandle>,
+    listening_tx: UnboundedSender<WorkerId>,
+    listening_rx: UnboundedReceiver<WorkerId>,
+}
+
+impl Default for Intercepts {
+    fn default() -> Self {
+        let (listening_tx, listening_rx) = unbounded_channel();
+        Intercepts {
+            tasks: HashMap::new(),
+            listening_tx,
+            listening_rx,
+        }
+    }
+}
+
+impl Intercepts {
+    /// Starts answering the trapped calls of `worker` (labelled `label` in logs) on its
+    /// notification fd, with the app's `held` sockets. Must run inside a `LocalSet`.
+    pub fn watch(
+        &mut self,
+        worker: WorkerId,
+        label: String,
+        notify_fd: OwnedFd,
+        held: Vec<Held>,
+    ) -> io::Result<()> {
+        // SAFETY: an OwnedFd keeps its fd open, and the same, for as long as it lives.
+        let fd =
+            unsafe { AsyncFd::register_with_interest(notify_fd, tokio::io::Interest::READABLE) }
+                .map_err(io::Error::from)?;
+        let tx = self.listening_tx.clone();
+        let task = tokio::task::spawn_local(serve(worker, label, fd, held, tx));
+        self.tasks.insert(worker, task.abort_handle());
+        Ok(())
+    }
+
+    /// The worker's record is gone: stop its task (dropping the notification fd makes any call
+    /// still trapped fail with `ENOSYS`; by now its processes are gone).
+    pub fn forget(&mut self, worker: WorkerId) {
+        if let Some(task) = self.tasks.remove(&worker) {
+            task.abort();
+        }
+    }
+
+    /// The next worker that called `listen()` on a handed-off socket.
+    pub async fn listening(&mut self) -> Option<WorkerId> {
+        self.listening_rx.recv().await
+    }
+}
+
+/// One worker's task: answers notifications until every process of the worker is gone.
+async fn serve(
+    worker: WorkerId,
+    label: String,
+    fd: AsyncFd<OwnedFd>,
+    held: Vec<Held>,
+    listening: UnboundedSender<WorkerId>,
+) {
+    loop {
+        let Ok(mut guard) = fd.readable().await else {
+            return;
+        };
+        // Every process that had the filter is gone: nothing can be pending.
+        if guard.ready().is_read_closed() {
+            return;
+        }
+        // Edge-triggered: answer everything pending before waiting for the next edge.
+        while pending(fd.get_ref()) {
+            match receive(fd.get_ref()) {
+                Ok(notification) => {
+                    if answer(fd.get_ref(), &notification, &held, &label) {
+                        let _ = listening.send(worker);
+                    }
+                }
+                // The caller died or was interrupted before we took the notification.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINTR)) => {}
+                Err(e) => {
+                    tracing::warn!("{label}: cannot read its trapped bind/listen calls: {e}");
+                    return;
+                }
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Whether a notification is waiting (`poll` with no timeout).
+fn pending(fd: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & libc::POLLIN != 0
+}
+
+fn receive(fd: &OwnedFd) -> io::Result<libc::seccomp_notif> {
+    // SAFETY: the kernel requires a zeroed struct and fills it.
+    unsafe {
+        let mut notification: libc::seccomp_notif = std::mem::zeroed();
+        if libc::ioctl(
+            fd.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_RECV,
+            &mut notification,
+        ) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(notification)
+    }
+}
+
+/// How a trapped call is answered.
+enum Answer {
+    /// Run the call as the worker made it.
+    Continue,
+    /// Return 0 without running it.
+    Success,
+}
+
+/// Answers one notification; returns true for a `listen()` on a handed-off socket. Every
+/// error from the ioctls (`ENOENT`: the worker died meanwhile) drops the notification.
+fn answer(fd: &OwnedFd, notification: &libc::seccomp_notif, held: &[Held], label: &str) -> bool {
+    let pid = notification.pid as libc::pid_t;
+    let nr = i64::from(notification.data.nr);
+    let target = notification.data.args[0] as RawFd;
+    let (answer, listened) = if nr == libc::SYS_bind {
+        (bind(fd, notification, held, label), false)
+    } else if nr == libc::SYS_listen && handed_off(pid, target, held).is_some() {
+        (Answer::Success, true)
+    } else {
+        (Answer::Continue, false)
+    };
+    let mut response = libc::seccomp_notif_resp {
+        id: notification.id,
+        val: 0,
+        error: 0,
+        flags: 0,
+    };
+    if let Answer::Continue = answer {
+        response.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32;
+    }
+    // SAFETY: a valid response struct for this notification.
+    let sent = unsafe { libc::ioctl(fd.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &response) };
+    sent == 0 && listened
+}
+
+/// The held socket at `target` in process `pid`, if it is one of `held`.
+fn handed_off(pid: libc::pid_t, target: RawFd, held: &[Held]) -> Option<&Held> {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{target}")).ok()?;
+    let link = link.to_str()?;
+    held.iter()
+        .find(|h| link == format!("socket:[{}]", h.inode))
+}
+
+/// A trapped `bind`: hand off a matching held socket, else continue.
+fn bind(fd: &OwnedFd, notification: &libc::seccomp_notif, held: &[Held], label: &str) -> Answer {
+    let pid = notification.pid as libc::pid_t;
+    let [target, addr_ptr, addr_len, ..] = notification.data.args;
+    let target = target as RawFd;
+    let mut bytes = [0u8; std::mem::size_of::<libc::sockaddr_storage>()];
+    let len = (addr_len as usize).min(bytes.len());
+    if read_memory(pid, addr_ptr, &mut bytes[..len]).is_err() {
+        return Answer::Continue;
+    }
+    let address = decode(&bytes[..len]);
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+    let Some(socket) = held
+        .iter()
+        .find(|h| matches(&address, &h.listen, cwd.as_deref()))
+    else {
+        return Answer::Continue;
+    };
+    let Some(cloexec) = stream_socket_cloexec(pid, target) else {
+        return Answer::Continue;
+    };
+    // The pid, the memory and the fd read above belong to this very call only if the
+    // notification is still pending.
+    // SAFETY: the ioctl reads one u64.
+    if unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_ID_VALID,
+            &notification.id,
+        )
+    } < 0
+    {
+        return Answer::Continue;
+    }
+    let addfd = libc::seccomp_notif_addfd {
+        id: notification.id,
+        flags: libc::SECCOMP_ADDFD_FLAG_SETFD as u32,
+        srcfd: socket.fd.as_raw_fd() as u32,
+        newfd: target as u32,
+        newfd_flags: if cloexec { libc::O_CLOEXEC as u32 } else { 0 },
+    };
+    // SAFETY: a valid addfd struct; the kernel duplicates our fd into the worker.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ADDFD, &addfd) } < 0 {
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::ENOENT) {
+            tracing::warn!(
+                "{label}: pid {pid} bind({address}): cannot hand it socket {}: {error}",
+                socket.name
+            );
+        }
+        return Answer::Continue;
+    }
+    tracing::info!(
+        "{label}: pid {pid} bind({address}) on fd {target} answered with socket {} ({})",
+        socket.name,
+        crate::sockets::display_listen(&socket.listen)
+    );
+    Answer::Success
+}
+
+/// Reads `buf.len()` bytes at `addr` in process `pid`.
+fn read_memory(pid: libc::pid_t, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: the local iovec covers `buf`; the remote one is only read by the kernel.
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n as usize != buf.len() {
+        return Err(io::Error::other("short read of the worker's memory"));
+    }
+    Ok(())
+}
+
+/// `Some(close_on_exec)` when fd `target` of `pid` is a stream socket; `None` otherwise (or
+/// when it cannot be seen).
+fn stream_socket_cloexec(pid: libc::pid_t, target: RawFd) -> Option<bool> {
+    // SAFETY: pidfd_open and pidfd_getfd return new fds (or -1), which we own.
+    let copy = unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if pidfd < 0 {
+            return None;
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
+        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0);
+        if copy < 0 {
+            return None;
+        }
+        OwnedFd::from_raw_fd(copy as RawFd)
+    };
+    if socket2::SockRef::from(&copy).r#type().ok()? != socket2::Type::STREAM {
+        return None;
+    }
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{target}")).ok()?;
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())?;
+    Some(flags & libc::O_CLOEXEC as u32 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(s: &str) -> BindAddr {
+        BindAddr::Tcp(s.parse().unwrap())
+    }
+
+    #[test]
+    fn binds_match_by_port_and_wildcard_or_loopback() {
+        let held = Listen::Tcp("127.0.0.1:8001".parse().unwrap());
+        for bind in ["0.0.0.0:8001", "[::]:8001", "127.0.0.1:8001", "[::1]:8001"] {
+            assert!(matches(&tcp(bind), &held, None), "{bind}");
+        }
+        assert!(matches(&tcp("[::ffff:127.0.0.1]:8001"), &held, None));
+        for bind in ["0.0.0.0:8002", "0.0.0.0:0", "10.1.2.3:8001"] {
+            assert!(!matches(&tcp(bind), &held, None), "{bind}");
+        }
+        let any = Listen::Tcp("0.0.0.0:0".parse().unwrap());
+        assert!(
+            !matches(&tcp("0.0.0.0:0"), &any, None),
+            "port 0 never matches"
+        );
+        let unix = Listen::Unix("/run/app.sock".into());
+        let bind = BindAddr::Unix("app.sock".into());
+        assert!(matches(&bind, &unix, Some(Path::new("/run"))));
+        assert!(!matches(&bind, &unix, Some(Path::new("/tmp"))));
+        assert!(!matches(&tcp("0.0.0.0:8001"), &unix, None));
+    }
+
+    #[test]
+    fn decodes_sockaddrs() {
+        let v4 = socket2::SockAddr::from("127.0.0.1:8001".parse::<SocketAddr>().unwrap());
+        // SAFETY: as_ptr points at len() initialized bytes.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(v4.as_ptr().cast::<u8>(), v4.len() as usize) };
+        assert_eq!(decode(bytes), tcp("127.0.0.1:8001"));
+        let v6 = socket2::SockAddr::from("[::]:80".parse::<SocketAddr>().unwrap());
+        // SAFETY: as above.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(v6.as_ptr().cast::<u8>(), v6.len() as usize) };
+        assert_eq!(decode(bytes), tcp("[::]:80"));
+        let unix = socket2::SockAddr::unix("/run/x.sock").unwrap();
+        // SAFETY: as above.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(unix.as_ptr().cast::<u8>(), unix.len() as usize) };
+        assert_eq!(decode(bytes), BindAddr::Unix("/run/x.sock".into()));
+        assert_eq!(decode(&[]), BindAddr::Other);
+    }
+
+    #[test]
+    fn this_kernel_supports_user_notification() {
+        probe().expect("seccomp user notification");
+    }
+}
