@@ -38,19 +38,18 @@
 //! mid-notification is harmless: the ioctls then fail with `ENOENT` and the notification is
 //! dropped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use clusterd_manifest::{Listen, SocketConfig};
+use clusterd_manifest::Listen;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::task::AbortHandle;
 
-use crate::sockets::Sockets;
 use crate::supervisor::WorkerId;
 
 /// `AUDIT_ARCH_*` of the architecture clusterd is built for: syscall numbers are per ABI.
@@ -331,32 +330,19 @@ pub struct Held {
     inode: u64,
 }
 
-/// The held sockets `names` of an app (configured in `configs`), made non-blocking (see the
-/// module doc).
-pub fn held(
-    sockets: &Sockets,
-    configs: &BTreeMap<String, SocketConfig>,
-    names: &[String],
-) -> io::Result<Vec<Held>> {
-    let mut held = Vec::new();
-    for name in names {
-        let (Some(socket), Some(config)) = (sockets.get(name), configs.get(name)) else {
-            continue;
-        };
-        let listen = &config.listen;
-        // SAFETY: the held socket outlives this call; we duplicate it.
-        let fd =
-            unsafe { std::os::fd::BorrowedFd::borrow_raw(socket.raw_fd()) }.try_clone_to_owned()?;
+impl Held {
+    /// `fd`, a listening socket for `name` (at `listen`), made non-blocking, to hand to a
+    /// worker whose bind matches.
+    pub fn new(name: &str, listen: &Listen, fd: OwnedFd) -> io::Result<Held> {
         socket2::SockRef::from(&fd).set_nonblocking(true)?;
         let inode = nix::sys::stat::fstat(&fd)?.st_ino;
-        held.push(Held {
-            name: name.clone(),
+        Ok(Held {
+            name: name.to_owned(),
             listen: listen.clone(),
             fd,
             inode,
-        });
+        })
     }
-    Ok(held)
 }
 
 /// A trapped address, as the worker passed it to `bind`.

@@ -16,6 +16,7 @@ mod rundir;
 mod signals;
 mod sockets;
 mod spawn;
+mod steering;
 mod supervisor;
 
 use std::io::{self, Write};
@@ -470,7 +471,13 @@ fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<
             ),
             Err(e) => tracing::warn!("cannot sweep a previous run's processes: {e}"),
         }
-        let sockets = Sockets::bind_all(&manifest.sockets, inherited)?;
+        let steered = steering::steered(&manifest);
+        if !steered.is_empty() && !steering::enable_migration() {
+            tracing::warn!(
+                "cannot set net.ipv4.tcp_migrate_req: a worker that dies with connections queued on its own socket loses them"
+            );
+        }
+        let sockets = Sockets::bind_all(&manifest.sockets, inherited, &steered)?;
         let notify = NotifySocket::bind(&run_dir.notify_socket())
             .with_context(|| format!("cannot bind {}", run_dir.notify_socket().display()))?;
         let metrics = match &manifest.metrics {

@@ -32,6 +32,19 @@ impl BoundSocket {
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+
+    /// A duplicate of the socket.
+    pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+        self.fd.try_clone()
+    }
+
+    /// Its TCP address (`None` for unix sockets).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        socket2::SockRef::from(&self.fd)
+            .local_addr()
+            .ok()?
+            .as_socket()
+    }
 }
 
 /// Why a socket could not be bound.
@@ -59,16 +72,22 @@ impl Sockets {
     pub fn bind_all(
         configs: &BTreeMap<String, SocketConfig>,
         mut inherited: BTreeMap<String, OwnedFd>,
+        steered: &std::collections::BTreeSet<String>,
     ) -> Result<Self, BindError> {
         let mut sockets = Sockets::default();
         for (name, config) in configs {
             let result = match inherited.remove(name) {
                 Some(fd) => adopt(fd),
-                None => bind(config),
+                None => bind(config, steered.contains(name)),
             };
             match result {
                 Ok(socket) => {
-                    tracing::info!("socket {name} listening on {}", socket.address);
+                    let steered = if steered.contains(name) {
+                        " (steered: each worker listens on a socket of its own)"
+                    } else {
+                        ""
+                    };
+                    tracing::info!("socket {name} listening on {}{steered}", socket.address);
                     sockets.by_name.insert(name.clone(), socket);
                 }
                 Err(cause) => {
@@ -114,7 +133,7 @@ impl Sockets {
             match old.get(name) {
                 Some(previous) if previous == config => {}
                 Some(_) => changed.push(name.clone()),
-                None => match bind(config) {
+                None => match bind(config, false) {
                     Ok(socket) => {
                         prepared.by_name.insert(name.clone(), socket);
                     }
@@ -224,17 +243,24 @@ fn adopt(fd: OwnedFd) -> io::Result<BoundSocket> {
     })
 }
 
-fn bind(config: &SocketConfig) -> io::Result<BoundSocket> {
+/// Binds one socket. A `steered` TCP socket only reserves its address (`SO_REUSEPORT`, never
+/// listening): its workers listen on sockets of their own (see `steering`).
+fn bind(config: &SocketConfig, steered: bool) -> io::Result<BoundSocket> {
     let backlog = i32::try_from(config.backlog).unwrap_or(i32::MAX);
     match &config.listen {
         Listen::Tcp(addr) => {
             let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
             socket.set_reuse_address(true)?;
             apply_tcp_options(&socket, config)?;
+            if steered {
+                socket.set_reuse_port(true)?;
+            }
             socket
                 .bind(&SockAddr::from(*addr))
                 .map_err(|e| name_holders(e, addr.port()))?;
-            socket.listen(backlog)?;
+            if !steered {
+                socket.listen(backlog)?;
+            }
             let local = socket
                 .local_addr()?
                 .as_socket()
@@ -345,7 +371,7 @@ fn listening_inodes(table: &str, port: u16) -> Vec<String> {
 /// `tcp_nodelay`, `keepalive` and `reuseport` of `[sockets.NAME]`, set on the listener before
 /// `bind`. Linux copies `TCP_NODELAY` and the keepalive settings to every accepted connection,
 /// so workers get them without setting anything.
-fn apply_tcp_options(socket: &Socket, config: &SocketConfig) -> io::Result<()> {
+pub(crate) fn apply_tcp_options(socket: &Socket, config: &SocketConfig) -> io::Result<()> {
     if config.tcp_nodelay {
         socket.set_tcp_nodelay(true)?;
     }
@@ -406,7 +432,7 @@ mod tests {
     fn a_port_in_use_names_who_holds_it() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = taken.local_addr().unwrap().to_string();
-        let error = bind(&tcp(&addr)).unwrap_err();
+        let error = bind(&tcp(&addr), false).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
         let me = format!("pid {} (", std::process::id());
         assert!(error.to_string().contains(&me), "{error}");

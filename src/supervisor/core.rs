@@ -180,6 +180,7 @@ impl Core {
             Phase::Starting { ready_by, ready_at } => [Some(ready_by), ready_at],
             Phase::Ready { watchdog_by, .. } => [watchdog_by, None],
             Phase::Stopping { kill_at, .. } => [kill_at, None],
+            Phase::Draining { until, .. } => [Some(until), None],
             Phase::Spawning => [None, None],
         });
         let apps = self.apps.values().flat_map(|app| {
@@ -299,6 +300,15 @@ impl Core {
         };
         match &mut worker.phase {
             Phase::Stopping { exited, .. } => *exited = true,
+            Phase::Draining { why, .. } => {
+                let why = *why;
+                self.signal_stop(now, id, why);
+                if let Some(Phase::Stopping { exited, .. }) =
+                    self.workers.get_mut(&id).map(|w| &mut w.phase)
+                {
+                    *exited = true;
+                }
+            }
             _ => {
                 let message = format!(
                     "{} pid {pid} left processes in its group; stopping them",
@@ -759,6 +769,7 @@ impl Core {
                 }
                 Phase::Ready { watchdog_by, .. } => watchdog_by.is_some_and(|at| at <= now),
                 Phase::Stopping { kill_at, .. } => kill_at.is_some_and(|at| at <= now),
+                Phase::Draining { until, .. } => until <= now,
                 Phase::Spawning => false,
             })
             .map(|(id, w)| (*id, w.phase))
@@ -795,6 +806,7 @@ impl Core {
                     );
                     self.kill(id, why);
                 }
+                Phase::Draining { why, .. } => self.signal_stop(now, id, why),
                 Phase::Spawning => {}
             }
         }
@@ -820,6 +832,12 @@ impl Core {
             app: worker.app.clone(),
             seconds: waited.as_secs_f64(),
         }));
+        if worker.config.drain.is_some() {
+            self.out.push(Action::Steer {
+                worker: id,
+                serving: true,
+            });
+        }
         self.log(Level::INFO, message);
     }
 
@@ -925,7 +943,7 @@ impl Core {
             return;
         };
         match worker.phase {
-            Phase::Stopping { .. } => return,
+            Phase::Stopping { .. } | Phase::Draining { .. } => return,
             Phase::Spawning => {
                 // Signalled once its pid is known (see `on_spawned`).
                 worker.phase = Phase::Stopping {
@@ -937,6 +955,26 @@ impl Core {
             }
             _ => {}
         }
+        // An app that cannot drain itself: no new connections first, its signal later.
+        if let Some(drain) = worker.config.drain.filter(|_| why != StopReason::Shutdown) {
+            worker.phase = Phase::Draining {
+                why,
+                until: now + drain,
+            };
+            self.out.push(Action::Steer {
+                worker: id,
+                serving: false,
+            });
+            return;
+        }
+        self.signal_stop(now, id, why);
+    }
+
+    /// Sends a worker's group its stop signal; SIGKILL follows after its stop timeout.
+    fn signal_stop(&mut self, now: Instant, id: WorkerId, why: StopReason) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
         let timeout = worker.config.stop_timeout;
         if timeout.is_zero() {
             self.kill(id, why);

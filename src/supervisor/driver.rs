@@ -5,7 +5,7 @@
 //! exec, signals to process groups, replies, log lines, metrics). Nothing polls: with nothing
 //! due, the loop sleeps until the next event.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -33,6 +33,7 @@ use crate::reaper::{self, Exit, Reaper};
 use crate::signals::Signals;
 use crate::sockets::Sockets;
 use crate::spawn::{self, SpawnError, SpawnSpec};
+use crate::steering::{self, Steering};
 
 /// How long, at exit, the workers' last output may take to drain.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
@@ -120,6 +121,10 @@ struct Driver {
     contained: HashMap<WorkerId, String>,
     /// The trapped `bind`/`listen` calls of intercepted workers.
     intercepts: Intercepts,
+    /// Sockets whose workers each listen on a socket of their own, steered (apps with `drain`).
+    steered: BTreeSet<String>,
+    /// The per-worker sockets of `steered` and the program that picks among them.
+    steering: Steering,
 }
 
 impl Driver {
@@ -133,6 +138,7 @@ impl Driver {
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| !clusterd_manifest::RESERVED_ENV.contains(&k.as_str()))
             .collect();
+        let steered = steering::steered(&manifest);
         Ok(Driver {
             manifest,
             sockets,
@@ -151,6 +157,8 @@ impl Driver {
             containment,
             contained: HashMap::new(),
             intercepts: Intercepts::default(),
+            steered,
+            steering: Steering::default(),
         })
     }
 
@@ -206,6 +214,7 @@ impl Driver {
                         self.containment.remove_worker(&key);
                     }
                     self.intercepts.forget(worker);
+                    self.steering.forget(worker);
                     None
                 }
                 Action::Reply { to, reply } => {
@@ -227,6 +236,10 @@ impl Driver {
                     None
                 }
                 Action::Reread => self.reread().map(|m| Event::Reconfigure(Box::new(m))),
+                Action::Steer { worker, serving } => {
+                    self.steering.set_serving(worker, serving);
+                    None
+                }
                 Action::MeasureMemory(workers) => {
                     let pids: Vec<Pid> = workers.iter().map(|(_, pid)| *pid).collect();
                     let usage = procstat::group_usage(&pids);
@@ -474,7 +487,7 @@ impl Driver {
             // The child sent the fd before it exec'd. Without it, its trapped calls fail with
             // ENOSYS once `trap` is dropped: the worker sees an error, clusterd goes on.
             let watched = trap.receive().and_then(|notify_fd| {
-                let held = intercept::held(&self.sockets, &self.manifest.sockets, &config.sockets)?;
+                let held = self.held(worker, &config.sockets)?;
                 self.intercepts
                     .watch(worker, label.clone(), notify_fd, held)
             });
@@ -483,6 +496,31 @@ impl Driver {
             }
         }
         Ok(pid)
+    }
+}
+
+impl Driver {
+    /// The sockets an intercepted worker's binds are answered with: a listening socket of its
+    /// own for steered sockets (apps with `drain`), else the shared held socket.
+    fn held(
+        &mut self,
+        worker: WorkerId,
+        names: &[String],
+    ) -> std::io::Result<Vec<intercept::Held>> {
+        let mut held = Vec::new();
+        for name in names {
+            let (Some(socket), Some(config)) =
+                (self.sockets.get(name), self.manifest.sockets.get(name))
+            else {
+                continue;
+            };
+            let fd = match socket.local_addr().filter(|_| self.steered.contains(name)) {
+                Some(address) => self.steering.socket_for(name, worker, address, config)?,
+                None => socket.try_clone_fd()?,
+            };
+            held.push(intercept::Held::new(name, &config.listen, fd)?);
+        }
+        Ok(held)
     }
 }
 

@@ -122,6 +122,14 @@ pub enum Action {
     /// SIGHUP: re-read the manifest, bind its new sockets, and come back with
     /// [`Event::Reconfigure`] (or log why not).
     Reread,
+    /// Put a worker's own listening sockets in (`serving`) or out of the connection steering
+    /// (apps with `drain`).
+    Steer {
+        /// The worker.
+        worker: WorkerId,
+        /// Whether it gets new connections.
+        serving: bool,
+    },
     /// Measure these workers' memory and come back with [`Event::Memory`].
     MeasureMemory(Vec<(WorkerId, Pid)>),
 }

@@ -194,6 +194,14 @@ pub enum Phase {
         /// With a watchdog: killed if no `WATCHDOG=1` arrives by then.
         watchdog_by: Option<Instant>,
     },
+    /// Being retired without new connections (`drain`): it finishes what it has, then gets
+    /// its stop signal at `until`.
+    Draining {
+        /// Why it is stopping.
+        why: StopReason,
+        /// When its stop signal is due.
+        until: Instant,
+    },
     /// Told to stop (or its process exited while others of its group live on).
     Stopping {
         /// Why it is stopping.

@@ -170,7 +170,7 @@ fn worker_status(
     let (state, ready_ms) = match worker.phase {
         Phase::Spawning | Phase::Starting { .. } => (WorkerState::Starting, None),
         Phase::Ready { since, .. } => (WorkerState::Ready, Some(millis(since - worker.started))),
-        Phase::Stopping { .. } => (WorkerState::Stopping, None),
+        Phase::Draining { .. } | Phase::Stopping { .. } => (WorkerState::Stopping, None),
     };
     let usage = worker.pid.and_then(|pid| m.usage.get(&pid));
     WorkerStatus {

@@ -34,6 +34,8 @@ struct Sim {
     /// What the next spawns answer (`None`: a new pid).
     spawn_failures: Vec<SpawnFailure>,
     rereads: usize,
+    /// Steering changes, in order.
+    steered: Vec<(WorkerId, bool)>,
     /// Resident memory the driver would measure, by pid (0 when absent).
     memory: std::collections::HashMap<Pid, u64>,
 }
@@ -56,6 +58,7 @@ impl Sim {
             spawn_failures: Vec::new(),
             rereads: 0,
             memory: std::collections::HashMap::new(),
+            steered: Vec::new(),
         };
         let actions = sim.core.tick(now);
         sim.perform(actions);
@@ -88,6 +91,7 @@ impl Sim {
                         .collect();
                     queue.extend(self.core.on(self.now, Event::Memory(measured)));
                 }
+                Action::Steer { worker, serving } => self.steered.push((worker, serving)),
                 Action::Forget { .. } | Action::Observe(_) => {}
             }
         }
@@ -469,6 +473,8 @@ fn an_intercepted_worker_is_ready_when_it_listens_and_a_reload_waits_for_it() {
         Some(candidate),
         "promoted once it listens"
     );
+    // Drained for the default second, then told to stop.
+    sim.advance(Duration::from_secs(1));
     assert!(sim.sent(pid, Signal::SIGTERM));
 }
 
@@ -1076,6 +1082,55 @@ fn memory_is_sampled_only_when_an_app_sets_max_memory() {
     let mut sim = Sim::new(WEB3);
     ready_all(&mut sim, "web");
     assert_eq!(sim.core.next_deadline(), None);
+}
+
+const INTERCEPTED: &str = r#"
+[sockets.http]
+listen = "127.0.0.1:0"
+[apps.web]
+command = ["node", "child.js"]
+workers = 2
+sockets = ["http"]
+intercept = true
+drain = "2s"
+[apps.web.reload]
+bake = "0s"
+"#;
+
+#[test]
+fn a_retiring_worker_is_steered_away_and_drains_before_its_stop_signal() {
+    let mut sim = Sim::new(INTERCEPTED);
+    let old = sim.pid("web", 0).unwrap();
+    let old_id = sim.core.worker_by_pid(old).unwrap();
+    sim.on(Event::Listening(old_id));
+    assert_eq!(
+        sim.steered.last(),
+        Some(&(old_id, true)),
+        "ready: steered in"
+    );
+    let other = sim.core.worker_by_pid(sim.pid("web", 1).unwrap()).unwrap();
+    sim.on(Event::Listening(other));
+    sim.signal(SupervisorSignal::Reload);
+    let candidate = sim.candidate("web", 0).unwrap();
+    let candidate_id = sim.core.worker_by_pid(candidate).unwrap();
+    sim.on(Event::Listening(candidate_id));
+    // Promoted: the old worker gets no new connections, and no signal yet.
+    assert_eq!(sim.steered.last(), Some(&(old_id, false)));
+    assert!(!sim.sent(old, Signal::SIGTERM));
+    sim.advance(Duration::from_millis(1999));
+    assert!(!sim.sent(old, Signal::SIGTERM));
+    sim.advance(MS);
+    assert!(sim.sent(old, Signal::SIGTERM), "signalled once drained");
+    sim.exit(old, ExitStatus::Signal(Signal::SIGTERM));
+    assert!(sim.candidate("web", 1).is_some(), "the rollout goes on");
+}
+
+#[test]
+fn shutdown_does_not_drain() {
+    let mut sim = Sim::new(INTERCEPTED);
+    let pids = sim.serving("web");
+    sim.signal(SupervisorSignal::Stop(Signal::SIGTERM));
+    assert!(pids.iter().all(|p| sim.sent(*p, Signal::SIGTERM)));
 }
 
 #[test]

@@ -130,6 +130,10 @@ pub struct AppConfig {
     /// `intercept` (default false): trap the workers' own `bind()`/`listen()` with seccomp
     /// and hand them the app's held sockets instead (unmodified servers).
     pub intercept: bool,
+    /// `drain` (intercepted apps; default 1s, `"0s"` turns it off): each worker gets a
+    /// listening socket of its own, steered by clusterd; a retiring worker first stops getting
+    /// new connections and has this long to finish what it has before its stop signal.
+    pub drain: Option<Duration>,
     /// `kv_segment`: name prefix of the KV client's shared-memory segment, passed to workers
     /// as `CLUSTERD_KV_SEGMENT`.
     pub kv_segment: Option<String>,

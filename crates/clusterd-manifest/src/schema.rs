@@ -30,6 +30,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const BACKOFF_RESET: Duration = Duration::from_secs(10);
 /// Default `ready_delay`.
 const READY_DELAY: Duration = Duration::from_secs(1);
+/// Default `drain` of intercepted apps.
+const DRAIN: Duration = Duration::from_secs(1);
 /// Default `ready_timeout`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `[apps.NAME.reload] bake`: a new worker must stay up this long after it is ready
@@ -68,6 +70,7 @@ const APP_KEYS: &[&str] = &[
     "max_memory",
     "restart_limit",
     "intercept",
+    "drain",
     "reload",
 ];
 const RESTART_LIMIT_KEYS: &[&str] = &["burst", "interval"];
@@ -392,6 +395,22 @@ fn app(
             );
         }
     }
+    let drain = cx.field(&table, "drain", values::duration);
+    let drain = match (intercept, drain) {
+        (Some(true), drain) => drain.or(DRAIN).map(|d| (!d.is_zero()).then_some(d)),
+        (_, Field::Valid(_)) => {
+            if let Some(value) = table.get("drain") {
+                cx.report(
+                    value.span(),
+                    &table.key.child("drain"),
+                    "drain applies to intercepted apps (intercept = true), whose sockets clusterd steers",
+                );
+            }
+            None
+        }
+        (_, Field::Invalid) => None,
+        (_, Field::Absent) => Some(None),
+    };
     let ready = readiness(cx, &table, has_sockets, intercept == Some(true));
     let ready_timeout = cx
         .field(&table, "ready_timeout", values::positive_duration)
@@ -431,6 +450,7 @@ fn app(
         max_memory: max_memory?,
         restart_limit: restart_limit?,
         intercept: intercept?,
+        drain: drain?,
         kv_segment: kv_segment?,
         kv_watchdog: kv_watchdog?,
     })
