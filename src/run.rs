@@ -35,6 +35,10 @@ pub struct RunArgs {
     /// Do not trap the app's bind(): it takes its sockets at fd 3, 4, ... itself.
     #[arg(long)]
     pub no_intercept: bool,
+    /// How long a retiring worker gets without new connections before its stop signal
+    /// (default 1s; `0s`: one shared socket, no drain).
+    #[arg(long, value_name = "DURATION")]
+    pub drain: Option<String>,
     /// Print the equivalent manifest and exit.
     #[arg(long)]
     pub print_manifest: bool,
@@ -103,6 +107,9 @@ impl RunArgs {
             let names: Vec<String> = sockets.iter().map(|s| quote(s)).collect();
             let _ = writeln!(text, "sockets = [{}]", names.join(", "));
             let _ = writeln!(text, "intercept = {}", !self.no_intercept);
+            if let Some(drain) = &self.drain {
+                let _ = writeln!(text, "drain = {}", quote(drain));
+            }
         }
         if let Some(ready) = &self.ready {
             let _ = writeln!(text, "ready = {}", quote(ready));

@@ -122,18 +122,34 @@ log "the app alone (1 process)"
 ALONE=$!; PIDS+=("$ALONE")
 wait_until 10 http_ok || die "child.js alone did not answer"
 measure alone
-ROWS+=("| node child.js alone (1 process) | $RPS_KA | $P99_KA | $RPS_CL | $P99_CL | - |")
+ROWS+=("| node child.js alone (1 process) | $RPS_KA | $P99_KA | $RPS_CL | $P99_CL | - | - |")
 stop_pid "$ALONE"; wait_until 10 port_free
 
-log "clusterd run --workers 2"
-(cd "$APP" && exec "$CLUSTERD" run --run-dir "$TMP/run" --workers 2 --listen "127.0.0.1:$PORT" -- node child.js >"$TMP/clusterd.log" 2>&1) &
-CD=$!; PIDS+=("$CD")
-wait_until 20 eval '(( $(grep -c "ready after" "$TMP/clusterd.log") >= 2 ))' || die "clusterd did not start 2 workers"
-measure clusterd
-reloads clusterd "$CLUSTERD" reload --wait --run-dir "$TMP/run"
-ROWS+=("| clusterd run --workers 2 (intercepted) | $RPS_KA | $P99_KA | $RPS_CL | $P99_CL | $RELOAD_FAILED |")
-READY_MS=$(grep -o 'ready after [0-9.]*m\?s' "$TMP/clusterd.log" | awk '{v=$3; if (v ~ /ms$/) {sub(/ms/,"",v)} else {sub(/s/,"",v); v*=1000} print v}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
-stop_pid "$CD"; wait_until 10 port_free
+# The share of requests each worker answered, from child.js's own log lines ("This request
+# came from") in clusterd's output: "51/49" for two workers.
+balance() {
+    grep -o '\[[0-9]*\] This request came from' "$1" | sort | uniq -c \
+        | awk '{n[NR]=$1; t+=$1} END {s=""; for (i=1;i<=NR;i++) s=s (i>1?"/":"") int(100*n[i]/t+0.5); print s}'
+}
+
+# clusterd_row LABEL [run options...]: child.js under `clusterd run`, measured and reloaded.
+clusterd_row() {
+    local label=$1; shift
+    log "clusterd run --workers 2 $*"
+    rm -rf "$TMP/run"
+    (cd "$APP" && exec "$CLUSTERD" run --run-dir "$TMP/run" --workers 2 --listen "127.0.0.1:$PORT" "$@" -- node child.js >"$TMP/clusterd.log" 2>&1) &
+    CD=$!; PIDS+=("$CD")
+    wait_until 20 eval '(( $(grep -c "ready after" "$TMP/clusterd.log") >= 2 ))' || die "clusterd did not start 2 workers"
+    measure clusterd
+    local share
+    share=$(balance "$TMP/clusterd.log")
+    reloads clusterd "$CLUSTERD" reload --wait --run-dir "$TMP/run"
+    ROWS+=("| $label | $RPS_KA | $P99_KA | $RPS_CL | $P99_CL | $RELOAD_FAILED | $share |")
+    READY_MS=$(grep -o 'ready after [0-9.]*m\?s' "$TMP/clusterd.log" | awk '{v=$3; if (v ~ /ms$/) {sub(/ms/,"",v)} else {sub(/s/,"",v); v*=1000} print v}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+    stop_pid "$CD"; wait_until 10 port_free
+}
+clusterd_row "clusterd run --workers 2 --drain 0s (one shared socket)" --drain 0s
+clusterd_row "clusterd run --workers 2 (socket per worker, steered, drain 1s)"
 
 log "pm2 start child.js -i 2"
 PM2_STARTED=1
@@ -142,7 +158,7 @@ wait_until 30 http_ok || die "PM2 did not answer"
 sleep 1
 measure pm2
 reloads pm2 pm2 reload web
-ROWS+=("| pm2 start child.js -i 2 | $RPS_KA | $P99_KA | $RPS_CL | $P99_CL | $RELOAD_FAILED |")
+ROWS+=("| pm2 start child.js -i 2 | $RPS_KA | $P99_KA | $RPS_CL | $P99_CL | $RELOAD_FAILED | - |")
 pm2 kill >/dev/null 2>&1 || true; PM2_STARTED=0; wait_until 10 port_free
 
 # Spawn to first answer of one worker: launch, poll every 10 ms, stop; median in ms.
@@ -166,8 +182,8 @@ RUN_MS=$(first_answer_ms "$CLUSTERD" run --run-dir "$TMP/run1" --listen "127.0.0
 
 cat <<EOF
 
-| setup | rps keep-alive | p99 keep-alive | rps close | p99 close | failed / requests over $RELOADS reloads (close) |
-|---|---|---|---|---|---|
+| setup | rps keep-alive | p99 keep-alive | rps close | p99 close | failed / requests over $RELOADS reloads (close) | share per worker (%) |
+|---|---|---|---|---|---|---|
 $(printf '%s\n' "${ROWS[@]}")
 
 Spawn to first answer (median of $STARTS): node child.js alone ${PLAIN_MS} ms; under \`clusterd run\` (clusterd start, bind trapped and handed off, listen trapped) ${RUN_MS} ms. clusterd's spawn-to-ready (ready = "listen") of the workers above: median ${READY_MS} ms.
