@@ -130,10 +130,11 @@ const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The supervisor writes its log and its workers' output through non-blocking writer
-    // threads (see `output`), kept until the end of `main`; the CLI commands write directly.
+    // The supervisor (`start`, `run`) writes its log and its workers' output through
+    // non-blocking writer threads (see `output`); the CLI commands write directly.
+    let supervises = matches!(cli.command, Command::Start { .. } | Command::Run(_));
     match cli.command {
-        Command::Start { .. } => match output::init() {
+        _ if supervises => match output::init() {
             Ok(()) => init_logging(|| output::LogWriter),
             Err(error) => {
                 eprintln!("clusterd: cannot start the output threads: {error}");
@@ -142,13 +143,8 @@ fn main() -> ExitCode {
         },
         _ => init_logging(std::io::stderr),
     }
-    match cli.command {
-        Command::Start { manifest, run_dir } => {
-            let code = start(&manifest, run_dir.as_deref());
-            // What is still queued for stdout and stderr gets a bounded moment to be written.
-            output::flush(Duration::from_millis(1500));
-            code
-        }
+    let code = match cli.command {
+        Command::Start { manifest, run_dir } => start(&manifest, run_dir.as_deref()),
         Command::Check { manifest } => check(&manifest),
         Command::Run(args) => run_command(&args),
         Command::Notify { assignments } => report(notify_command(&assignments)),
@@ -222,7 +218,12 @@ fn main() -> ExitCode {
             target,
         } => control_command(&target, Request::Signal { app, signal }, |_| Ok(false)),
         Command::Stop { target } => control_command(&target, Request::Stop {}, |_| Ok(false)),
+    };
+    if supervises {
+        // What is still queued for stdout and stderr gets a bounded moment to be written.
+        output::flush(Duration::from_millis(1500));
     }
+    code
 }
 
 /// Writes to stdout. A reader that went away (`clusterd status | head -1`) shows up as

@@ -232,6 +232,12 @@ fn the_tutorials_child_js_runs_unmodified_as_two_workers_and_reloads_without_err
         answered + failures.len()
     );
     assert!(clusterd.output().contains("steered"));
+    // The workers' own output reaches clusterd's, prefixed.
+    assert!(
+        clusterd.count("] Started instance") >= 2,
+        "{}",
+        clusterd.output()
+    );
     assert_eq!(restarts(&clusterd, "node"), 0);
     assert!(clusterd.stop().success());
 }
