@@ -443,21 +443,11 @@ stop_timeout = "5s"
 command = ["sh", "-c", "sh -c 'sleep 0.3 &'; echo forked; exec sleep 1000"]
 workers = 2
 "#;
-    let mut clusterd = Clusterd::start_with(manifest, |command| {
-        let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-        let mut wrapped = Command::new("unshare");
-        wrapped
-            .args(["--pid", "--fork", "--mount-proc"])
-            .arg(clusterd_bin())
-            .args(args)
-            .current_dir(command.get_current_dir().expect("dir"))
-            .env_remove("XDG_RUNTIME_DIR")
-            .env("CLUSTERD_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        *command = wrapped;
-    });
+    let mut clusterd = Clusterd::start_wrapped(
+        manifest,
+        &["unshare", "--pid", "--fork", "--mount-proc"],
+        |_| {},
+    );
     clusterd.wait_for_lines("orphans[", 2, 10 * SECOND);
     clusterd.wait_for_lines("] forked", 2, 10 * SECOND);
     // `unshare` forks clusterd: its only child.

@@ -68,12 +68,25 @@ impl Clusterd {
     /// Like [`Clusterd::start_with`], with clusterd exec'd by `sh -c 'LISTEN_PID=$$ exec ...'`
     /// so that `LISTEN_PID` is clusterd's own pid, as under systemd socket activation.
     pub fn start_activated(manifest: &str, adjust: impl FnOnce(&mut Command)) -> Self {
+        Self::start_wrapped(
+            manifest,
+            &["sh", "-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""],
+            adjust,
+        )
+    }
+
+    /// Like [`Clusterd::start_with`], with clusterd's command line run by `wrapper` (a
+    /// program and its arguments, e.g. `unshare --pid --fork`).
+    pub fn start_wrapped(
+        manifest: &str,
+        wrapper: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
         Self::start_full(manifest, &[], |command| {
             let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-            let mut wrapped = Command::new("sh");
+            let mut wrapped = Command::new(wrapper[0]);
             wrapped
-                .arg("-c")
-                .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+                .args(&wrapper[1..])
                 .arg(clusterd_bin())
                 .args(args)
                 .current_dir(command.get_current_dir().expect("dir"))
