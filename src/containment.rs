@@ -292,15 +292,8 @@ pub fn adopted_orphans(workers: &[Pid]) -> Vec<Pid> {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .map(Pid::from_raw)
         .filter(|pid| !workers.contains(pid))
-        .filter(|pid| stat_field(*pid, 1).is_some_and(|ppid| ppid == me.as_raw().to_string()))
+        .filter(|pid| crate::procstat::ppid(*pid) == Some(me))
         .collect()
-}
-
-/// Field `index` after the command in `/proc/<pid>/stat` (0: state, 1: ppid).
-fn stat_field(pid: Pid, index: usize) -> Option<String> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split(' ').nth(index).map(str::to_owned)
 }
 
 /// `pid (command)`.
@@ -460,7 +453,12 @@ mod tests {
 
     /// Gone, or a zombie waiting for its parent.
     fn dead(pid: Pid) -> bool {
-        stat_field(pid, 0).is_none_or(|state| state == "Z")
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return true;
+        };
+        stat.rfind(')')
+            .and_then(|i| stat.get(i + 2..i + 3))
+            .is_none_or(|state| state == "Z")
     }
 
     fn reap(pid: Pid) {

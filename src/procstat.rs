@@ -60,11 +60,17 @@ pub fn self_rss() -> u64 {
         .map_or(0, |pages| pages * page)
 }
 
-/// The parent of `pid` (none for pid 1's children: init is nobody's worker).
-pub fn parent_of(pid: Pid) -> Option<Pid> {
+/// The parent of `pid` as `/proc/<pid>/stat` says (0 for a process whose parent is outside
+/// its PID namespace).
+pub fn ppid(pid: Pid) -> Option<Pid> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let ppid = parse_stat(&stat)?.ppid;
-    (ppid > 1).then(|| Pid::from_raw(ppid))
+    Some(Pid::from_raw(parse_stat(&stat)?.ppid))
+}
+
+/// The parent of `pid`, for finding a worker among its ancestors (none above pid 1: init is
+/// nobody's worker).
+pub fn parent_of(pid: Pid) -> Option<Pid> {
+    ppid(pid).filter(|p| p.as_raw() > 1)
 }
 
 struct StatFields {
