@@ -9,6 +9,7 @@ use nix::sys::signal::Signal;
 use toml::de::{DeInteger, DeValue};
 
 use crate::doc::{Bad, Value};
+use crate::model::LogTarget;
 use crate::signal::parse_signal;
 
 /// The longest duration accepted anywhere (so that adding it to an `Instant` cannot overflow).
@@ -130,6 +131,59 @@ pub(crate) fn choice<T: Copy>(value: &Value<'_>, choices: &[(&str, T)]) -> Resul
         .map(|(name, _)| format!("{name:?}"))
         .collect();
     Err(Bad::expected(format!("one of {}", names.join(", "))))
+}
+
+/// `log`: `"stdout"`, or a path: a directory when written with a trailing `/` or when it is an
+/// existing directory, else a file. Relative paths resolve against `dir`.
+pub(crate) fn log_target(value: &Value<'_>, dir: &Path) -> Result<LogTarget, Bad> {
+    let s = c_string(value)
+        .map_err(|_| Bad::expected("\"stdout\", a directory (\"logs/\") or a file path"))?;
+    if s == "stdout" {
+        return Ok(LogTarget::Stdout);
+    }
+    let resolved = path(value, dir)?;
+    if s.ends_with('/') || resolved.is_dir() {
+        Ok(LogTarget::Dir(resolved))
+    } else {
+        Ok(LogTarget::File(resolved))
+    }
+}
+
+/// A size in bytes: a positive integer, or a string like `"10M"`, `"512K"`, `"1G"` (powers of
+/// 1024; a trailing `B` or `iB` is accepted).
+pub(crate) fn size(value: &Value<'_>) -> Result<u64, Bad> {
+    let expected = || Bad::expected("a size like \"10M\", \"512K\" or a number of bytes");
+    let bytes = match value.get_ref() {
+        DeValue::Integer(integer) => integer_value(integer)
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or_else(expected)?,
+        DeValue::String(s) => parse_size(s).ok_or_else(expected)?,
+        _ => return Err(expected()),
+    };
+    if bytes == 0 {
+        return Err(Bad::expected("a size greater than zero"));
+    }
+    Ok(bytes)
+}
+
+/// `"10M"` → 10 MiB; `None` when not a size.
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let number: u64 = s[..digits].parse().ok()?;
+    let unit = s[digits..].trim().to_ascii_uppercase();
+    let unit = unit
+        .strip_suffix("IB")
+        .or_else(|| unit.strip_suffix('B'))
+        .unwrap_or(&unit);
+    let shift = match unit {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return None,
+    };
+    number.checked_mul(1 << shift)
 }
 
 /// The largest number of workers an app may ask for.
@@ -309,6 +363,17 @@ mod tests {
         );
         assert!(with("\"\"", |v| path(v, dir)).is_err());
         assert!(with("\"a\\u0000b\"", |v| path(v, dir)).is_err());
+    }
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(with("\"10M\"", size), Ok(10 << 20));
+        assert_eq!(with("\"512KiB\"", size), Ok(512 << 10));
+        assert_eq!(with("\"1G\"", size), Ok(1 << 30));
+        assert_eq!(with("4096", size), Ok(4096));
+        assert!(with("\"0\"", size).is_err());
+        assert!(with("\"10X\"", size).is_err());
+        assert!(with("-1", size).is_err());
     }
 
     #[test]
