@@ -7,6 +7,7 @@ mod core;
 mod examples;
 mod faults;
 mod kv;
+mod logs;
 mod node_kv;
 mod promises;
 mod reload;
