@@ -10,7 +10,8 @@
 //! deadline passes (exit 1 with the reason and the worker's last lines; the supervisor is
 //! stopped, so that a failed start leaves nothing running).
 //!
-//! **Stop** asks the supervisor to stop, then waits until its process is gone.
+//! **Stop** asks the supervisor to stop, then waits until its process is gone (or, for a
+//! supervisor in another PID namespace, its control socket and pid file).
 
 use std::fs::File;
 use std::io::{self, BufRead};
@@ -341,7 +342,7 @@ fn stop_and_wait(
         stop_timeout(manifest.as_ref())
     });
     let deadline = Instant::now() + timeout;
-    while process_alive(pid) {
+    while !supervisor_gone(pid, &socket) {
         if Instant::now() >= deadline {
             eprintln!(
                 "clusterd: pid {pid} is still running {} after the stop request \
@@ -355,6 +356,19 @@ fn stop_and_wait(
     }
     println!("stopped (pid {pid})");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether the supervisor that answered on `socket` as `pid` has exited. When `pid` is not a
+/// clusterd process here (clusterd runs in another PID namespace, e.g. as PID 1 of a
+/// container), what is seen of it is its run directory: the control socket no longer
+/// answers and the pid file beside it is gone.
+fn supervisor_gone(pid: u32, socket: &Path) -> bool {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() == "clusterd" {
+        return !process_alive(pid);
+    }
+    std::os::unix::net::UnixStream::connect(socket).is_err()
+        && !socket.with_file_name("clusterd.pid").exists()
 }
 
 /// Whether `pid` is a live process (a zombie has exited).
