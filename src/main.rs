@@ -6,6 +6,8 @@
 mod containment;
 mod control;
 mod intercept;
+mod lifecycle;
+mod logs;
 mod metrics;
 mod notify;
 mod output;
@@ -29,7 +31,7 @@ use clap::{Parser, Subcommand};
 use clusterd_manifest::Manifest;
 
 use crate::containment::Containment;
-use crate::control::client::{self, Target};
+use crate::control::client::{self, LogsTarget, Target};
 use crate::control::render;
 use crate::control::server::ControlServer;
 use crate::notify::NotifySocket;
@@ -48,7 +50,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Bind the manifest's sockets and run its workers in the foreground.
+    /// Bind the manifest's sockets and run its workers (in the foreground, or with --detach
+    /// in the background).
     Start {
         /// The manifest.
         #[arg(default_value = "supervisor.toml")]
@@ -56,6 +59,18 @@ enum Command {
         /// Directory for the pid file, control and notify sockets (overrides the manifest).
         #[arg(long)]
         run_dir: Option<PathBuf>,
+        /// Run in the background; return once every app's workers are ready (exit 0) or one
+        /// failed to come up (exit 1, with the reason). Logs default to the run directory's
+        /// clusterd.log.
+        #[arg(short = 'd', long)]
+        detach: bool,
+        /// With --detach: how long to wait for the apps (default: the longest ready_timeout
+        /// plus 11s), e.g. "30s".
+        #[arg(long, value_parser = humantime::parse_duration, requires = "detach")]
+        timeout: Option<Duration>,
+        /// Internal: this process is the background supervisor of `start --detach`.
+        #[arg(long, hide = true)]
+        detached: bool,
     },
     /// Run one app without a manifest file, exactly as the equivalent one-app manifest would
     /// (`--print-manifest` prints it). With --listen, the app's own bind() of that address is
@@ -111,10 +126,33 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Stop a running supervisor gracefully (like SIGTERM).
+    /// Stop a running supervisor gracefully (like SIGTERM) and wait until it has exited.
     Stop {
+        /// How long to wait for the exit (default: the longest stop_timeout plus 10s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// Return once the stop is requested, without waiting.
+        #[arg(long)]
+        no_wait: bool,
         #[command(flatten)]
         target: Target,
+    },
+    /// Print the last lines of output of every app (or of APP, or APP:SLOT) kept in memory by
+    /// the supervisor, then, with -f, follow new lines until interrupted.
+    Logs {
+        /// APP or APP:SLOT (`clusterd` for clusterd's own events); every app when omitted.
+        spec: Option<String>,
+        /// How many of the last lines, per app.
+        #[arg(short = 'n', long = "lines", default_value_t = 10)]
+        lines: usize,
+        /// Keep printing new lines as they come (until Ctrl-C).
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Print one JSON object per line (the `log_format = "json"` format).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: LogsTarget,
     },
     /// Send sd_notify assignments (e.g. READY=1) to $NOTIFY_SOCKET and wait until the
     /// supervisor has read them; for workers that cannot send datagrams themselves.
@@ -132,10 +170,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The supervisor (`start`, `run`) writes its log and its workers' output through
     // non-blocking writer threads (see `output`); the CLI commands write directly.
-    let supervises = matches!(cli.command, Command::Start { .. } | Command::Run(_));
+    let supervises = matches!(
+        cli.command,
+        Command::Start { detach: false, .. } | Command::Run(_)
+    );
     match cli.command {
         _ if supervises => match output::init() {
-            Ok(()) => init_logging(|| output::LogWriter),
+            Ok(()) => init_logging(|| logs::EventWriter),
             Err(error) => {
                 eprintln!("clusterd: cannot start the output threads: {error}");
                 return ExitCode::FAILURE;
@@ -144,7 +185,19 @@ fn main() -> ExitCode {
         _ => init_logging(std::io::stderr),
     }
     let code = match cli.command {
-        Command::Start { manifest, run_dir } => start(&manifest, run_dir.as_deref()),
+        Command::Start {
+            manifest,
+            run_dir,
+            detach: true,
+            timeout,
+            ..
+        } => start_detached(&manifest, run_dir.as_deref(), timeout),
+        Command::Start {
+            manifest,
+            run_dir,
+            detached,
+            ..
+        } => start(&manifest, run_dir.as_deref(), detached),
         Command::Check { manifest } => check(&manifest),
         Command::Run(args) => run_command(&args),
         Command::Notify { assignments } => report(notify_command(&assignments)),
@@ -217,13 +270,103 @@ fn main() -> ExitCode {
             signal,
             target,
         } => control_command(&target, Request::Signal { app, signal }, |_| Ok(false)),
-        Command::Stop { target } => control_command(&target, Request::Stop {}, |_| Ok(false)),
+        Command::Stop {
+            timeout,
+            no_wait,
+            target,
+        } => lifecycle::stop(&target, timeout, no_wait),
+        Command::Logs {
+            spec,
+            lines,
+            follow,
+            json,
+            target,
+        } => logs_command(spec, lines, follow, json, &target.into()),
     };
     if supervises {
         // What is still queued for stdout and stderr gets a bounded moment to be written.
         output::flush(Duration::from_millis(1500));
     }
     code
+}
+
+/// `clusterd logs`: prints each line as it arrives (text as in a log file, or JSON).
+fn logs_command(
+    spec: Option<String>,
+    lines: usize,
+    follow: bool,
+    json: bool,
+    target: &Target,
+) -> ExitCode {
+    let (app, slot) = match spec.as_deref().map(|s| s.split_once(':')) {
+        None => (None, None),
+        Some(None) => (spec, None),
+        Some(Some((app, slot))) => match slot.parse() {
+            Ok(slot) => (Some(app.to_owned()), Some(slot)),
+            Err(_) => {
+                eprintln!(
+                    "clusterd: {:?}: expected APP or APP:SLOT",
+                    spec.unwrap_or_default()
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+    };
+    let request = Request::Logs {
+        app,
+        slot,
+        lines,
+        follow,
+    };
+    let timeout = (!follow).then_some(Duration::from_secs(30));
+    let result = target.socket_path().and_then(|socket| {
+        client::call_streaming(&socket, request, timeout, |reply| {
+            let Reply::Log(line) = reply else {
+                return Ok(());
+            };
+            let text = if json {
+                clusterd_proto::encode_line(&line)
+            } else {
+                logs::format::text_of_line(&line)
+            };
+            let mut out = io::stdout().lock();
+            out.write_all(&text)?;
+            out.flush()
+        })
+    });
+    match result {
+        Ok(Reply::Done { .. }) => ExitCode::SUCCESS,
+        Ok(Reply::Error { message, .. }) => {
+            eprintln!("clusterd: {message}");
+            ExitCode::FAILURE
+        }
+        Ok(other) => {
+            eprintln!("clusterd: unexpected reply: {other:?}");
+            ExitCode::FAILURE
+        }
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("clusterd: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `clusterd start --detach`: checks the manifest here (problems are reported to the caller),
+/// then hands over to [`lifecycle::start_detached`].
+fn start_detached(path: &Path, run_dir: Option<&Path>, timeout: Option<Duration>) -> ExitCode {
+    let manifest = match load_manifest(path) {
+        Ok(manifest) => manifest,
+        Err(code) => return code,
+    };
+    let missing = missing_programs(&manifest);
+    if !missing.is_empty() {
+        for problem in missing {
+            eprintln!("{problem}");
+        }
+        return ExitCode::from(EXIT_USAGE);
+    }
+    lifecycle::start_detached(&manifest, run_dir, timeout)
 }
 
 /// Writes to stdout. A reader that went away (`clusterd status | head -1`) shows up as
@@ -348,15 +491,15 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-fn start(path: &Path, run_dir: Option<&Path>) -> ExitCode {
+fn start(path: &Path, run_dir: Option<&Path>, detached: bool) -> ExitCode {
     match load_manifest(path) {
-        Ok(manifest) => run_manifest(manifest, run_dir),
+        Ok(manifest) => run_manifest(manifest, run_dir, detached),
         Err(code) => code,
     }
 }
 
 /// `start` and `run` once the manifest is valid: refuse what cannot run here, then supervise.
-fn run_manifest(manifest: Manifest, run_dir: Option<&Path>) -> ExitCode {
+fn run_manifest(manifest: Manifest, run_dir: Option<&Path>, detached: bool) -> ExitCode {
     let missing = missing_programs(&manifest);
     if !missing.is_empty() {
         for problem in missing {
@@ -368,7 +511,7 @@ fn run_manifest(manifest: Manifest, run_dir: Option<&Path>) -> ExitCode {
         eprintln!("clusterd: {problem}");
         return ExitCode::FAILURE;
     }
-    report(run_supervisor(manifest, run_dir))
+    report(run_supervisor(manifest, run_dir, detached))
 }
 
 /// For a manifest with an intercepted app: whether this kernel can trap `bind`/`listen`.
@@ -411,7 +554,7 @@ fn run_command(args: &run::RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    run_manifest(manifest, None)
+    run_manifest(manifest, None, false)
 }
 
 /// Apps whose command cannot be found: a mistake to report before starting, not a crash loop
@@ -434,7 +577,11 @@ fn missing_programs(manifest: &Manifest) -> Vec<String> {
         .collect()
 }
 
-fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<()> {
+fn run_supervisor(
+    manifest: Manifest,
+    run_dir: Option<&Path>,
+    detached: bool,
+) -> anyhow::Result<()> {
     // First, before anything else opens a file: sockets systemd passed to us (fds 3..).
     let inherited = sockets::take_inherited()?;
     // A supervisor holds a few descriptors per worker: use all the hard limit allows.
@@ -449,6 +596,14 @@ fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<
     run_dir
         .create()
         .with_context(|| format!("cannot create run directory {}", run_dir.path.display()))?;
+    // Where output goes; a detached supervisor writes to its run directory by default.
+    let detached_log = detached.then(|| run_dir.path.join("clusterd.log"));
+    let app_logs: Vec<(&str, &clusterd_manifest::LogConfig)> = manifest
+        .apps
+        .iter()
+        .map(|(name, app)| (name.as_str(), &app.log))
+        .collect();
+    logs::configure(&manifest.supervisor.log, &app_logs, detached_log.as_deref())?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -456,6 +611,8 @@ fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<
         .context("cannot start the event loop")?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async {
+        // SIGUSR1 (reopen the log files) would kill us until it is handled.
+        logs::listen_for_reopen().context("cannot handle SIGUSR1")?;
         // The control socket first: a second `start` of a running manifest fails here, before
         // it could disturb anything.
         let control = ControlServer::bind(&run_dir.control_socket())?;

@@ -1,18 +1,19 @@
-//! clusterd's own output: each worker's stdout and stderr forwarded one line at a time, each
-//! line prefixed with `app[slot]`, and clusterd's log. Nothing here ever blocks the event loop.
+//! clusterd's output: each worker's stdout and stderr forwarded one line at a time (what a
+//! line becomes, and where it goes, is [`crate::logs`]'s business), and the writer threads of
+//! clusterd's stdout, stderr and log files. Nothing here ever blocks the event loop.
 //!
 //! - **Reading**: a worker's pipes are read by a small tokio task that ends at EOF, which comes
 //!   when the worker and every descendant holding the pipe have exited. Lines longer than
 //!   [`MAX_LINE`] are split; bytes are passed through as they are (not necessarily UTF-8).
-//! - **Writing**: clusterd's stdout (workers' stdout) and stderr (workers' stderr and the log)
-//!   are each written by a thread of their own from a queue bounded in bytes
+//! - **Writing**: clusterd's stdout (workers' stdout), stderr (workers' stderr and the log)
+//!   and each log file are written by a thread of their own from a queue bounded in bytes
 //!   ([`QUEUE_BYTES`]). While the reader keeps reading, a full queue makes the forwarding
 //!   task wait (it stops reading the worker's pipe: ordinary pipe backpressure for a worker
 //!   that outpaces its reader) and nothing is lost. When the reader stalls — one write blocked
 //!   for [`STALL`] (a full pipe nobody drains, a stopped terminal) — lines that do not fit are
 //!   dropped and counted ([`dropped_lines`]), the workers' pipes keep draining, and the
-//!   supervisor goes on. Each line is one `write`, so lines from different workers never
-//!   interleave.
+//!   supervisor goes on. A write that fails (a full disk) drops and counts its line. Each line
+//!   is one `write`, so lines from different workers never interleave.
 //! - **Exit**: [`flush`] waits, for a bounded time, until the queues are written.
 
 use std::collections::VecDeque;
@@ -38,29 +39,28 @@ const STALL: Duration = Duration::from_secs(1);
 /// How often a forwarding task looks again at a full queue whose reader is still reading.
 const RETRY: Duration = Duration::from_millis(5);
 
-/// Which of clusterd's streams a worker stream goes to.
-#[derive(Debug, Clone, Copy)]
-pub enum Stream {
-    /// The worker's stdout, to clusterd's stdout.
-    Stdout,
-    /// The worker's stderr, to clusterd's stderr.
-    Stderr,
-}
-
 /// What became of a line offered to a [`Sink`].
 #[derive(Debug, PartialEq, Eq)]
-enum Push {
+pub enum Push {
     /// Queued, or dropped and counted because the reader has stalled.
     Done,
     /// No room, but the reader is reading: offer it again soon.
     Full(Vec<u8>),
 }
 
-/// One of clusterd's output streams: a byte-bounded queue and the thread that writes it.
-struct Sink {
+/// What a writer thread writes to: clusterd's stdout or stderr, or a log file.
+pub trait Target: Send + 'static {
+    /// Writes one whole line.
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()>;
+    /// Closes and opens the destination again (SIGUSR1); nothing to do for a descriptor.
+    fn reopen(&mut self) {}
+}
+
+/// One of clusterd's outputs: a byte-bounded queue and the thread that writes it.
+pub struct Sink {
     state: Mutex<Queue>,
-    /// Signalled when a line is queued (for the writer) and when the queue empties (for
-    /// [`flush`]).
+    /// Signalled when a line is queued or a reopen asked (for the writer) and when the queue
+    /// empties (for [`flush`]).
     changed: Condvar,
     dropped: AtomicU64,
 }
@@ -71,6 +71,8 @@ struct Queue {
     bytes: usize,
     /// When the write in progress began; `None` while the writer waits for lines.
     writing_since: Option<Instant>,
+    /// [`Sink::reopen`] was asked.
+    reopen: bool,
 }
 
 impl Sink {
@@ -82,7 +84,8 @@ impl Sink {
         }
     }
 
-    fn push(&self, line: Vec<u8>) -> Push {
+    /// Offers a line: queued, or (the reader stalled) dropped and counted, or given back.
+    pub fn push(&self, line: Vec<u8>) -> Push {
         let mut queue = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if queue.bytes + line.len() <= QUEUE_BYTES || queue.lines.is_empty() {
             queue.bytes += line.len();
@@ -98,28 +101,43 @@ impl Sink {
         }
     }
 
-    /// The writer thread: writes each queued line with one `write(2)` (a closed stream drops
-    /// its lines quietly).
-    fn run(&self, fd: RawFd) {
-        let mut out = RawWriter(fd);
+    /// Asks the writer to reopen its target before the next line.
+    pub fn reopen(&self) {
+        let mut queue = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        queue.reopen = true;
+        self.changed.notify_all();
+    }
+
+    /// The writer thread: writes each queued line with one write (a line that cannot be
+    /// written is dropped and counted).
+    fn run(&self, out: &mut impl Target) {
         loop {
             let line = {
                 let mut queue = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 queue.writing_since = None;
                 loop {
+                    if std::mem::take(&mut queue.reopen) {
+                        break None;
+                    }
                     if let Some(line) = queue.lines.pop_front() {
-                        break line;
+                        break Some(line);
                     }
                     self.changed.notify_all();
                     queue = self.changed.wait(queue).unwrap_or_else(|e| e.into_inner());
                 }
+            };
+            let Some(line) = line else {
+                out.reopen();
+                continue;
             };
             {
                 let mut queue = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 queue.bytes -= line.len();
                 queue.writing_since = Some(Instant::now());
             }
-            let _ = out.write_all(&line);
+            if out.write_line(&line).is_err() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -155,6 +173,34 @@ fn sinks() -> &'static Sinks {
     })
 }
 
+/// The writers started by [`spawn_writer`] (log files).
+static OTHERS: Mutex<Vec<&'static Sink>> = Mutex::new(Vec::new());
+
+fn others() -> Vec<&'static Sink> {
+    OTHERS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// clusterd's stdout.
+pub fn stdout() -> &'static Sink {
+    &sinks().stdout
+}
+
+/// clusterd's stderr.
+pub fn stderr() -> &'static Sink {
+    &sinks().stderr
+}
+
+/// Starts a writer thread for `target` (a log file). It lives, like its queue, until the
+/// process exits; [`flush`] and [`dropped_lines`] include it.
+pub fn spawn_writer(name: &str, mut target: impl Target) -> io::Result<&'static Sink> {
+    let sink: &'static Sink = Box::leak(Box::new(Sink::new()));
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || sink.run(&mut target))?;
+    OTHERS.lock().unwrap_or_else(|e| e.into_inner()).push(sink);
+    Ok(sink)
+}
+
 /// Starts the writer threads of clusterd's stdout and stderr. Call once, at start, before
 /// anything is written; the threads live until the process exits.
 pub fn init() -> io::Result<()> {
@@ -168,45 +214,43 @@ pub fn init() -> io::Result<()> {
                 } else {
                     &sinks.stderr
                 };
-                sink.run(fd)
+                sink.run(&mut RawWriter(fd))
             })?;
     }
     Ok(())
 }
 
-/// Waits (at most `bound`) until both streams have written what is queued. For the exit.
+/// Waits (at most `bound`) until every writer has written what is queued. For the exit.
 pub fn flush(bound: Duration) {
     let deadline = Instant::now() + bound;
     let sinks = sinks();
+    for sink in others() {
+        sink.flush(deadline);
+    }
     sinks.stdout.flush(deadline);
     sinks.stderr.flush(deadline);
 }
 
-/// Lines dropped so far because clusterd's stdout or stderr was not read.
+/// Lines dropped so far because clusterd's stdout, stderr or a log file was not written
+/// (not read, blocked, or failing).
 pub fn dropped_lines() -> u64 {
     let sinks = sinks();
-    sinks.stdout.dropped.load(Ordering::Relaxed) + sinks.stderr.dropped.load(Ordering::Relaxed)
-}
-
-/// The log's writer: each event is one message on clusterd's stderr. The log never waits:
-/// a full queue drops the line (and counts it).
-#[derive(Clone, Copy, Default)]
-pub struct LogWriter;
-
-impl Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let _ = sinks().stderr.push(buf.to_vec());
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
+    [&sinks.stdout, &sinks.stderr]
+        .into_iter()
+        .chain(others())
+        .map(|sink| sink.dropped.load(Ordering::Relaxed))
+        .sum()
 }
 
 /// Writes to a descriptor of clusterd's own (1 or 2) with plain `write(2)`: no lock shared
 /// with the rest of the program and no buffering, so each message is one system call.
 struct RawWriter(RawFd);
+
+impl Target for RawWriter {
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        self.write_all(line)
+    }
+}
 
 impl Write for RawWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -225,45 +269,34 @@ impl Write for RawWriter {
     }
 }
 
-/// Where [`copy_lines`] puts each line (a [`Sink`]; a collector in tests).
-trait Lines {
+/// Where [`copy_lines`] puts each line ([`crate::logs::Forwarder`]; a collector in tests).
+pub trait Lines {
+    /// Takes note of a line (without its newline) and returns it formatted for the output.
+    fn record(&self, message: &[u8]) -> Vec<u8>;
+    /// Offers a formatted line to the output.
     fn push(&self, line: Vec<u8>) -> Push;
-}
-
-impl Lines for Sink {
-    fn push(&self, line: Vec<u8>) -> Push {
-        Sink::push(self, line)
-    }
 }
 
 /// Creates a pipe for one worker stream: the write end for the worker, and a task in `tasks`
 /// that forwards what arrives on the read end until end of file. The supervisor waits for
 /// these tasks before it exits, so a worker's last words are not lost. [`init`] must have
 /// been called.
-pub fn forward(prefix: String, stream: Stream, tasks: &mut JoinSet<()>) -> io::Result<OwnedFd> {
-    let sinks = sinks();
-    let out = match stream {
-        Stream::Stdout => &sinks.stdout,
-        Stream::Stderr => &sinks.stderr,
-    };
+pub fn forward(out: impl Lines + 'static, tasks: &mut JoinSet<()>) -> io::Result<OwnedFd> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let receiver = pipe::Receiver::from_owned_fd(read)?;
     // Forget the tasks that have finished, so the set stays as small as the live workers.
     while tasks.try_join_next().is_some() {}
-    tasks.spawn_local(copy_lines(prefix, receiver, out));
+    tasks.spawn_local(async move { copy_lines(receiver, &out).await });
     Ok(write)
 }
 
-async fn copy_lines(prefix: String, receiver: impl tokio::io::AsyncRead + Unpin, out: &impl Lines) {
+async fn copy_lines(receiver: impl tokio::io::AsyncRead + Unpin, out: &impl Lines) {
     let mut reader = BufReader::with_capacity(MAX_LINE, receiver);
     // Reused for every line; what is queued is an exact-size copy, so the queue's byte bound
     // is what it holds in memory.
     let mut line = Vec::with_capacity(256);
     loop {
         line.clear();
-        line.extend_from_slice(prefix.as_bytes());
-        line.push(b' ');
-        let start = line.len();
         // Read up to a newline, but never buffer more than MAX_LINE.
         let done = loop {
             let buf = match reader.fill_buf().await {
@@ -273,23 +306,25 @@ async fn copy_lines(prefix: String, receiver: impl tokio::io::AsyncRead + Unpin,
             if buf.is_empty() {
                 break true;
             }
-            let room = MAX_LINE - (line.len() - start);
+            let room = MAX_LINE - line.len();
             let (take, found) = match buf.iter().take(room).position(|b| *b == b'\n') {
                 Some(i) => (i + 1, true),
                 None => (buf.len().min(room), false),
             };
             line.extend_from_slice(&buf[..take]);
             reader.consume(take);
-            if found || line.len() - start >= MAX_LINE {
+            if found || line.len() >= MAX_LINE {
                 break false;
             }
         };
-        if line.len() > start {
-            if line.last() != Some(&b'\n') {
-                line.push(b'\n');
+        if !line.is_empty() {
+            if line.last() == Some(&b'\n') {
+                line.pop();
             }
-            // One message per line: wait while the reader reads, drop once it has stalled.
-            let mut message = line.clone();
+            // One message per line, of exactly its size (the queue's bound is in bytes): wait
+            // while the reader reads, drop once it has stalled.
+            let mut message = out.record(&line);
+            message.shrink_to_fit();
             while let Push::Full(back) = out.push(message) {
                 message = back;
                 tokio::time::sleep(RETRY).await;
@@ -310,6 +345,13 @@ mod tests {
     struct Messages(std::cell::RefCell<Vec<Vec<u8>>>);
 
     impl Lines for Messages {
+        fn record(&self, message: &[u8]) -> Vec<u8> {
+            let mut line = b"web[0] ".to_vec();
+            line.extend_from_slice(message);
+            line.push(b'\n');
+            line
+        }
+
         fn push(&self, line: Vec<u8>) -> Push {
             self.0.borrow_mut().push(line);
             Push::Done
@@ -321,7 +363,7 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        runtime.block_on(copy_lines("web[0]".into(), input, &messages));
+        runtime.block_on(copy_lines(input, &messages));
         messages.0.into_inner()
     }
 

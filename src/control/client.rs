@@ -12,7 +12,11 @@ use clusterd_proto::{Envelope, MAX_FRAME, Reply, Request, encode_line};
 use crate::rundir::RunDir;
 
 /// How to find a running supervisor: its control socket, or the manifest it runs.
-#[derive(Debug, clap::Args)]
+///
+/// The manifest is `--file` everywhere. `-f` is also accepted for it, for compatibility,
+/// except by `clusterd logs`, where `-f` means follow (as for `tail`, `journalctl`,
+/// `docker logs` and `kubectl logs`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Target {
     /// The manifest the supervisor runs (its run directory holds the control socket).
     #[arg(short = 'f', long = "file", default_value = "supervisor.toml")]
@@ -37,6 +41,30 @@ impl Target {
     }
 }
 
+/// The same as [`Target`] without `-f` (which `clusterd logs` takes for follow).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogsTarget {
+    /// The manifest the supervisor runs (its run directory holds the control socket).
+    #[arg(long = "file", default_value = "supervisor.toml")]
+    pub manifest: PathBuf,
+    /// The control socket itself (overrides --file).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// The run directory the supervisor was started with (`start --run-dir`).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+}
+
+impl From<LogsTarget> for Target {
+    fn from(target: LogsTarget) -> Self {
+        Target {
+            manifest: target.manifest,
+            socket: target.socket,
+            run_dir: target.run_dir,
+        }
+    }
+}
+
 /// Sends `request` and returns the final reply; progress lines go to `on_progress`, whose
 /// error (e.g. a closed stdout) ends the call with that error as the cause.
 /// `timeout` bounds the wait for each reply line (`None`: wait as long as it takes).
@@ -45,6 +73,20 @@ pub fn call(
     request: Request,
     timeout: Option<Duration>,
     mut on_progress: impl FnMut(&str) -> std::io::Result<()>,
+) -> anyhow::Result<Reply> {
+    call_streaming(socket, request, timeout, |reply| match reply {
+        Reply::Progress { message } => on_progress(&message),
+        _ => Ok(()),
+    })
+}
+
+/// Like [`call`], with every reply that is not final ([`Reply::is_final`]: progress and log
+/// lines) given to `on_line`.
+pub fn call_streaming(
+    socket: &Path,
+    request: Request,
+    timeout: Option<Duration>,
+    mut on_line: impl FnMut(Reply) -> std::io::Result<()>,
 ) -> anyhow::Result<Reply> {
     let mut stream = UnixStream::connect(socket).with_context(|| {
         format!(
@@ -72,9 +114,9 @@ pub fn call(
         }
         let reply: Reply =
             serde_json::from_str(&line).with_context(|| format!("unreadable reply: {line:?}"))?;
-        match reply {
-            Reply::Progress { message } => on_progress(&message).context("writing the progress")?,
-            reply => return Ok(reply),
+        if reply.is_final() {
+            return Ok(reply);
         }
+        on_line(reply).context("writing the output")?;
     }
 }

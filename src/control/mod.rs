@@ -1,5 +1,5 @@
 //! The control socket: [`server`] runs inside the supervisor, [`client`] is the CLI side
-//! (`clusterd status`, `reload`, `restart`, `scale`, `signal`, `stop`), and [`render`] turns a
+//! (`clusterd status`, `reload`, `restart`, `scale`, `signal`, `stop`, `logs`), and [`render`] turns a
 //! status snapshot into the table people read.
 
 pub mod client;

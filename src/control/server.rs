@@ -3,6 +3,11 @@
 //! served by its own small task: it reads one request line (bounded in size and time), hands
 //! the decoded request to the supervisor's loop, and writes back the reply lines the
 //! supervisor sends. A slow, silent or malicious client only ever occupies its own task.
+//!
+//! `logs` is answered here, from the supervisor's memory of recent lines ([`crate::logs`]),
+//! without a trip through the loop: the last lines, then for `--follow` every new line from a
+//! queue of the follower's own, bounded ([`FOLLOWER_QUEUE`]); a follower that falls that far
+//! behind is dropped and told so. The connection ends when the client closes it.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -15,8 +20,13 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
+use crate::logs::{self, Filter, format};
+
 /// How long a client may take to send its request, and to read each reply line.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Lines queued for one `logs --follow` client before it is dropped.
+const FOLLOWER_QUEUE: usize = 4096;
 
 /// A decoded request and where its replies go.
 pub struct ControlRequest {
@@ -141,6 +151,17 @@ async fn serve(mut stream: UnixStream, our_uid: u32, requests: mpsc::Sender<Cont
         }
     };
 
+    if let Request::Logs {
+        app,
+        slot,
+        lines,
+        follow,
+    } = request
+    {
+        let filter = Filter { app, slot };
+        return serve_logs(stream, filter, lines, follow).await;
+    }
+
     let (reply, mut replies) = mpsc::unbounded_channel();
     if requests
         .send(ControlRequest { request, reply })
@@ -152,6 +173,63 @@ async fn serve(mut stream: UnixStream, our_uid: u32, requests: mpsc::Sender<Cont
     while let Some(line) = replies.recv().await {
         if send(&mut stream, &line).await.is_err() {
             return; // the client went away or stopped reading
+        }
+    }
+}
+
+/// `logs`: the last lines, then (`follow`) the new ones until the client goes away.
+async fn serve_logs(stream: UnixStream, filter: Filter, lines: usize, follow: bool) {
+    let (mut reader, mut writer) = stream.into_split();
+    let hub = logs::hub();
+    if let Some(app) = &filter.app
+        && !hub.knows(app)
+    {
+        let message = format!("unknown app {app:?}");
+        let _ = send(&mut writer, &error(ErrorKind::BadRequest, &message)).await;
+        return;
+    }
+    if !follow {
+        let tail = hub.tail(&filter, lines);
+        for record in &tail {
+            if send(&mut writer, &Reply::Log(Box::new(format::log_line(record))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let done = Reply::Done {
+            message: format!("{} lines", tail.len()),
+        };
+        let _ = send(&mut writer, &done).await;
+        return;
+    }
+    let (tail, mut queue) = hub.follow(filter, lines, FOLLOWER_QUEUE);
+    for record in &tail {
+        if send(&mut writer, &Reply::Log(Box::new(format::log_line(record))))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    let mut byte = [0u8; 1];
+    loop {
+        tokio::select! {
+            record = queue.recv() => {
+                let Some(record) = record else {
+                    let message = format!(
+                        "dropped: this follower fell {FOLLOWER_QUEUE} lines behind"
+                    );
+                    let _ = send(&mut writer, &error(ErrorKind::TooSlow, &message)).await;
+                    return;
+                };
+                if send(&mut writer, &Reply::Log(Box::new(format::log_line(&record)))).await.is_err() {
+                    return; // stopped reading
+                }
+            }
+            // The client sends nothing more: end of file (or an error) means it has gone.
+            _ = reader.read(&mut byte) => return,
         }
     }
 }
@@ -182,7 +260,7 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, (ErrorKind, St
     decode_request(&line).map_err(|e| (e.kind, e.message))
 }
 
-async fn send(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
+async fn send(stream: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> io::Result<()> {
     tokio::time::timeout(CLIENT_TIMEOUT, stream.write_all(&encode_line(reply)))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client not reading"))?

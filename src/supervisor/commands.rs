@@ -28,9 +28,9 @@ impl Core {
     /// Carries out one control request and replies.
     pub(super) fn on_control(&mut self, now: Instant, request: Request, reply: ReplyTo) {
         let answer = match request {
-            Request::Status {} => Err(error(
+            Request::Status {} | Request::Logs { .. } => Err(error(
                 ErrorKind::BadRequest,
-                "status is answered by the driver",
+                "status and logs are answered outside the core",
             )),
             Request::Reload { app, wait } => self.reload_command(now, app, wait, reply),
             Request::Restart { app, slot } => self.restart_command(now, &app, slot),

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clusterd_manifest::Manifest;
-use clusterd_proto::{Reply, Request, SocketStatus, Status};
+use clusterd_proto::{LogStream, Reply, Request, SocketStatus, Status};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::sync::mpsc::UnboundedSender;
@@ -25,9 +25,10 @@ use super::status::{CpuSampler, Measured};
 use crate::containment::{self, Containment};
 use crate::control::server::{ControlRequest, ControlServer};
 use crate::intercept::{self, Intercepts, Trap};
+use crate::logs::{self, Forwarder, Source};
 use crate::metrics::{Metrics, MetricsServer, Scrape};
 use crate::notify::{Notification, NotifySocket};
-use crate::output::{self, Stream};
+use crate::output;
 use crate::procstat;
 use crate::reaper::{self, Exit, Reaper};
 use crate::signals::Signals;
@@ -139,6 +140,7 @@ impl Driver {
             .filter(|(k, _)| !clusterd_manifest::RESERVED_ENV.contains(&k.as_str()))
             .collect();
         let steered = steering::steered(&manifest);
+        logs::hub().set_apps(manifest.apps.keys());
         Ok(Driver {
             manifest,
             sockets,
@@ -395,6 +397,7 @@ impl Driver {
                 "socket {name}: a changed address takes effect only after a restart of clusterd"
             );
         }
+        logs::hub().set_apps(manifest.apps.keys());
         self.manifest = manifest.clone();
         Some(manifest)
     }
@@ -454,10 +457,13 @@ impl Driver {
             what: "pipe2",
             cause,
         };
-        let stdout = output::forward(label.clone(), Stream::Stdout, &mut self.output_tasks)
-            .map_err(pipe_error)?;
-        let stderr = output::forward(label.clone(), Stream::Stderr, &mut self.output_tasks)
-            .map_err(pipe_error)?;
+        // The forwarding tasks learn the pid once the fork has returned it.
+        let source = Source::worker(app, slot, generation);
+        let destination = logs::destination(&config.log, app);
+        let stdout = Forwarder::new(source.clone(), LogStream::Stdout, destination);
+        let stdout = output::forward(stdout, &mut self.output_tasks).map_err(pipe_error)?;
+        let stderr = Forwarder::new(source.clone(), LogStream::Stderr, destination);
+        let stderr = output::forward(stderr, &mut self.output_tasks).map_err(pipe_error)?;
         // Without its own cgroup the worker is still contained by its process group.
         let cgroup_procs = self
             .containment
@@ -482,7 +488,8 @@ impl Driver {
             stdio: [&self.dev_null, &stdout, &stderr],
             cgroup_procs: cgroup_procs.as_ref(),
             trap: trap.as_ref(),
-        })?;
+        })
+        .inspect(|pid| source.set_pid(pid.as_raw().unsigned_abs()))?;
         if let Some(trap) = trap {
             // The child sent the fd before it exec'd. Without it, its trapped calls fail with
             // ENOSYS once `trap` is dropped: the worker sees an error, clusterd goes on.

@@ -9,6 +9,7 @@ mod faults;
 mod intercept;
 mod kv;
 mod limits;
+mod logs;
 mod node_kv;
 mod promises;
 mod reload;

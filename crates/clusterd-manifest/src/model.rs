@@ -49,6 +49,46 @@ pub struct SupervisorConfig {
     /// Directory for the control socket, pid file and notify socket (`run_dir`); `None` means
     /// the default chosen by the supervisor.
     pub run_dir: Option<PathBuf>,
+    /// `log`, `log_format`, `log_max_size`, `log_keep`: where clusterd's own events go, and
+    /// the default of every app.
+    pub log: LogConfig,
+}
+
+/// Where and how output is logged: `log`, `log_format`, `log_max_size`, `log_keep`, in
+/// `[supervisor]` (the default) and in `[apps.NAME]` (each unset key inherits the
+/// supervisor's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// `log`: `None` when neither the app nor `[supervisor]` sets it, which means stdout in the
+    /// foreground and the run directory's `clusterd.log` for `clusterd start --detach`.
+    pub target: Option<LogTarget>,
+    /// `log_format` (default `"text"`).
+    pub format: LogFormat,
+    /// `log_max_size`: a file reaching this many bytes is rotated (default: never).
+    pub max_size: Option<u64>,
+    /// `log_keep` (default 5): rotated files kept, `NAME.1` (newest) to `NAME.<keep>`.
+    pub keep: usize,
+}
+
+/// `log`: where lines go.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LogTarget {
+    /// `"stdout"`: clusterd's stdout (workers' stdout) and stderr (workers' stderr, events).
+    Stdout,
+    /// A directory (written with a trailing `/`, or an existing directory): one file per
+    /// app, `<dir>/<app>.log`, and `<dir>/clusterd.log` for clusterd's events. Absolute.
+    Dir(PathBuf),
+    /// Any other path: one file. Absolute.
+    File(PathBuf),
+}
+
+/// `log_format`: how a line is written to a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `"text"`: `<RFC 3339 time> app[slot] message` (stderr: `app[slot]!`).
+    Text,
+    /// `"json"`: one JSON object per line (see the README).
+    Json,
 }
 
 /// `[sockets.NAME]`: a listening socket clusterd binds once and hands to workers.
@@ -141,6 +181,9 @@ pub struct AppConfig {
     /// socket, `X_CLUSTERD_KV_TEND=owner`, every round) is restarted after this long without
     /// a word, so that the tend lock moves to another worker.
     pub kv_watchdog: Option<std::time::Duration>,
+    /// `log`, `log_format`, `log_max_size`, `log_keep`, with what the app does not set taken
+    /// from `[supervisor]`.
+    pub log: LogConfig,
 }
 
 /// `restart_limit`: the give-up rule for a slot that keeps dying.

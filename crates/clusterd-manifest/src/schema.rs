@@ -40,7 +40,18 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const BAKE: Duration = Duration::from_secs(1);
 
 const TOP_KEYS: &[&str] = &["supervisor", "sockets", "apps", "metrics"];
-const SUPERVISOR_KEYS: &[&str] = &["stop_timeout", "run_dir"];
+const SUPERVISOR_KEYS: &[&str] = &[
+    "stop_timeout",
+    "run_dir",
+    "log",
+    "log_format",
+    "log_max_size",
+    "log_keep",
+];
+/// Default `log_keep`.
+const LOG_KEEP: usize = 5;
+/// The most rotated files `log_keep` may ask for.
+const MAX_LOG_KEEP: i64 = 1000;
 const SOCKET_KEYS: &[&str] = &[
     "listen",
     "backlog",
@@ -72,6 +83,10 @@ const APP_KEYS: &[&str] = &[
     "intercept",
     "drain",
     "reload",
+    "log",
+    "log_format",
+    "log_max_size",
+    "log_keep",
 ];
 const RESTART_LIMIT_KEYS: &[&str] = &["burst", "interval"];
 const RELOAD_KEYS: &[&str] = &["surge", "bake"];
@@ -106,7 +121,14 @@ pub(crate) fn manifest(
     let supervisor = supervisor(&mut cx, &root, origin);
     let sockets = sockets(&mut cx, &root, origin);
     let default_stop = supervisor.as_ref().map_or(STOP_TIMEOUT, |s| s.stop_timeout);
-    let apps = apps(&mut cx, &root, origin, sockets.as_ref(), default_stop);
+    let default_log = supervisor
+        .as_ref()
+        .map_or_else(LogConfig::default_config, |s| s.log.clone());
+    let defaults = AppDefaults {
+        stop_timeout: default_stop,
+        log: default_log,
+    };
+    let apps = apps(&mut cx, &root, origin, sockets.as_ref(), &defaults);
     let metrics = metrics(&mut cx, &root, origin, sockets.as_ref());
 
     let sockets: Option<BTreeMap<String, SocketConfig>> = sockets.and_then(|sockets| {
@@ -144,9 +166,11 @@ fn supervisor(
         return Some(SupervisorConfig {
             stop_timeout: STOP_TIMEOUT,
             run_dir: None,
+            log: LogConfig::default_config(),
         });
     };
     let table = cx.table(value, root.key.child("supervisor"), SUPERVISOR_KEYS)?;
+    let log = log(cx, &table, origin, &LogConfig::default_config());
     let stop_timeout = cx
         .field(&table, "stop_timeout", values::duration)
         .or(STOP_TIMEOUT);
@@ -156,6 +180,7 @@ fn supervisor(
     Some(SupervisorConfig {
         stop_timeout: stop_timeout?,
         run_dir: run_dir?,
+        log: log?,
     })
 }
 
@@ -308,7 +333,7 @@ fn apps(
     root: &Table<'_, '_>,
     origin: &Origin,
     sockets: Option<&Sockets>,
-    default_stop: Duration,
+    defaults: &AppDefaults,
 ) -> Option<BTreeMap<String, AppConfig>> {
     const NO_APP: &str =
         "no app defined: at least one [apps.NAME] table with a command is required";
@@ -333,7 +358,7 @@ fn apps(
             cx.report(name.span(), &key, message);
             valid = false;
         }
-        match app(cx, value, key, origin, sockets, default_stop) {
+        match app(cx, value, key, origin, sockets, defaults) {
             Some(app) => {
                 apps.insert(name.get_ref().to_string(), app);
             }
@@ -350,7 +375,7 @@ fn app(
     key: KeyPath,
     origin: &Origin,
     sockets: Option<&Sockets>,
-    default_stop: Duration,
+    defaults: &AppDefaults,
 ) -> Option<AppConfig> {
     let table = cx.table(value, key, APP_KEYS)?;
     let dir = &origin.dir;
@@ -367,7 +392,7 @@ fn app(
         .or(Signal::SIGTERM);
     let stop_timeout = cx
         .field(&table, "stop_timeout", values::duration)
-        .or(default_stop);
+        .or(defaults.stop_timeout);
     let restart = cx
         .field(&table, "restart", |v| {
             values::choice(
@@ -432,6 +457,7 @@ fn app(
     let reload = reload(cx, &table);
     let max_memory = cx.field(&table, "max_memory", values::size).optional();
     let restart_limit = restart_limit(cx, &table);
+    let log = log(cx, &table, origin, &defaults.log);
 
     Some(AppConfig {
         command: command?,
@@ -453,6 +479,56 @@ fn app(
         drain: drain?,
         kv_segment: kv_segment?,
         kv_watchdog: kv_watchdog?,
+        log: log?,
+    })
+}
+
+/// What an app takes from `[supervisor]` unless it sets it.
+struct AppDefaults {
+    stop_timeout: Duration,
+    log: LogConfig,
+}
+
+impl LogConfig {
+    /// The settings when nothing is written: the default destination, text, no rotation.
+    fn default_config() -> Self {
+        LogConfig {
+            target: None,
+            format: LogFormat::Text,
+            max_size: None,
+            keep: LOG_KEEP,
+        }
+    }
+}
+
+/// `log`, `log_format`, `log_max_size` and `log_keep` of `table`, each defaulting to
+/// `inherited`'s.
+fn log(
+    cx: &mut Checker<'_>,
+    table: &Table<'_, '_>,
+    origin: &Origin,
+    inherited: &LogConfig,
+) -> Option<LogConfig> {
+    let target = cx
+        .field(table, "log", |v| values::log_target(v, &origin.dir))
+        .optional();
+    let format = cx
+        .field(table, "log_format", |v| {
+            values::choice(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)])
+        })
+        .or(inherited.format);
+    let max_size = cx.field(table, "log_max_size", values::size).optional();
+    let keep = cx
+        .field(table, "log_keep", |v| {
+            values::integer_in(v, 0, MAX_LOG_KEEP)
+        })
+        .optional();
+    Some(LogConfig {
+        target: target?.or_else(|| inherited.target.clone()),
+        format: format?,
+        max_size: max_size?.or(inherited.max_size),
+        // In 0..=MAX_LOG_KEEP.
+        keep: keep?.map_or(inherited.keep, |k| k as usize),
     })
 }
 

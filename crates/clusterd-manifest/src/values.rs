@@ -9,6 +9,7 @@ use nix::sys::signal::Signal;
 use toml::de::{DeInteger, DeValue};
 
 use crate::doc::{Bad, Value};
+use crate::model::LogTarget;
 use crate::signal::parse_signal;
 
 /// The longest duration accepted anywhere (so that adding it to an `Instant` cannot overflow).
@@ -158,6 +159,22 @@ pub(crate) fn choice<T: Copy>(value: &Value<'_>, choices: &[(&str, T)]) -> Resul
         .map(|(name, _)| format!("{name:?}"))
         .collect();
     Err(Bad::expected(format!("one of {}", names.join(", "))))
+}
+
+/// `log`: `"stdout"`, or a path: a directory when written with a trailing `/` or when it is an
+/// existing directory, else a file. Relative paths resolve against `dir`.
+pub(crate) fn log_target(value: &Value<'_>, dir: &Path) -> Result<LogTarget, Bad> {
+    let s = c_string(value)
+        .map_err(|_| Bad::expected("\"stdout\", a directory (\"logs/\") or a file path"))?;
+    if s == "stdout" {
+        return Ok(LogTarget::Stdout);
+    }
+    let resolved = path(value, dir)?;
+    if s.ends_with('/') || resolved.is_dir() {
+        Ok(LogTarget::Dir(resolved))
+    } else {
+        Ok(LogTarget::File(resolved))
+    }
 }
 
 /// The largest number of workers an app may ask for.
@@ -352,6 +369,17 @@ mod tests {
         );
         assert!(with("\"\"", |v| path(v, dir)).is_err());
         assert!(with("\"a\\u0000b\"", |v| path(v, dir)).is_err());
+    }
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(with("\"10M\"", size), Ok(10 << 20));
+        assert_eq!(with("\"512KiB\"", size), Ok(512 << 10));
+        assert_eq!(with("\"1G\"", size), Ok(1 << 30));
+        assert_eq!(with("4096", size), Ok(4096));
+        assert!(with("\"0\"", size).is_err());
+        assert!(with("\"10X\"", size).is_err());
+        assert!(with("-1", size).is_err());
     }
 
     #[test]

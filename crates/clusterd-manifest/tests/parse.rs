@@ -472,3 +472,54 @@ fn kv_watchdog_needs_a_kv_segment() {
         Some(Duration::from_secs(5))
     );
 }
+
+#[test]
+fn log_settings_inherit_from_the_supervisor() {
+    use clusterd_manifest::{LogFormat, LogTarget};
+    let manifest = parse_srv(
+        "[supervisor]\nlog = \"logs/\"\nlog_max_size = \"10M\"\nlog_keep = 3\n\
+         [apps.web]\ncommand = [\"hello\"]\n\
+         [apps.api]\ncommand = [\"hello\"]\nlog = \"api.log\"\nlog_format = \"json\"\nlog_keep = 0\n\
+         [apps.out]\ncommand = [\"hello\"]\nlog = \"stdout\"\n",
+    )
+    .unwrap();
+    let supervisor = &manifest.supervisor.log;
+    assert_eq!(
+        supervisor.target,
+        Some(LogTarget::Dir(PathBuf::from("/srv/app/logs")))
+    );
+    assert_eq!(supervisor.max_size, Some(10 << 20));
+    let web = &manifest.apps["web"].log;
+    assert_eq!(web, supervisor);
+    let api = &manifest.apps["api"].log;
+    assert_eq!(
+        api.target,
+        Some(LogTarget::File(PathBuf::from("/srv/app/api.log")))
+    );
+    assert_eq!(
+        (api.format, api.max_size, api.keep),
+        (LogFormat::Json, Some(10 << 20), 0)
+    );
+    assert_eq!(manifest.apps["out"].log.target, Some(LogTarget::Stdout));
+
+    let plain = parse_srv("[apps.web]\ncommand = [\"hello\"]\n").unwrap();
+    let log = &plain.apps["web"].log;
+    assert_eq!(
+        (&log.target, log.format, log.max_size, log.keep),
+        (&None, LogFormat::Text, None, 5)
+    );
+}
+
+#[test]
+fn bad_log_settings_are_reported() {
+    let problems = problems(
+        "[apps.web]\ncommand = [\"hello\"]\nlog = 3\nlog_format = \"xml\"\n\
+         log_max_size = \"lots\"\nlog_keep = -1\n",
+    );
+    let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(text.len(), 4, "{text:#?}");
+    assert!(
+        text[1].contains("expected one of \"text\", \"json\""),
+        "{text:#?}"
+    );
+}

@@ -12,7 +12,13 @@
 //! > {"v":1,"cmd":"reload","app":"web","wait":true}
 //! < {"reply":"progress","message":"web[0] pid 5150 (generation 2) ready"}
 //! < {"reply":"reloaded","outcomes":[{"app":"web","outcome":"completed","generation":2}]}
+//! > {"v":1,"cmd":"logs","app":"web","lines":2,"follow":false}
+//! < {"reply":"log","time":"2026-11-21T10:00:00.120Z","app":"web","slot":0,"pid":5150,"generation":1,"stream":"stdout","message":"listening"}
+//! < {"reply":"log","time":"2026-11-21T10:00:00.480Z","app":"web","slot":1,"pid":5151,"generation":1,"stream":"stderr","message":"warning: ..."}
+//! < {"reply":"done","message":"2 lines"}
 //! ```
+//!
+//! Replies that are not final: [`Reply::Progress`] and [`Reply::Log`] ([`Reply::is_final`]).
 
 #![warn(missing_docs)]
 
@@ -87,6 +93,27 @@ pub enum Request {
     },
     /// Graceful shutdown of the supervisor.
     Stop {},
+    /// The last lines of output kept in memory, then (with `follow`) the new ones as they
+    /// come: [`Reply::Log`] lines, ended by [`Reply::Done`] (or [`Reply::Error`] for a follower
+    /// dropped because it did not keep up).
+    Logs {
+        /// Only this app's lines; every app's (and clusterd's own events) when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        app: Option<String>,
+        /// Only this slot's lines (with `app`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<usize>,
+        /// How many of the last lines, per app.
+        #[serde(default = "default_log_lines")]
+        lines: usize,
+        /// Keep the connection and send new lines as they come.
+        #[serde(default)]
+        follow: bool,
+    },
+}
+
+fn default_log_lines() -> usize {
+    10
 }
 
 /// A reply line.
@@ -117,6 +144,57 @@ pub enum Reply {
         /// A message for people.
         message: String,
     },
+    /// One line of output (`logs`); more follow.
+    Log(Box<LogLine>),
+}
+
+impl Reply {
+    /// Whether this is the last reply of a request (everything but progress and log lines).
+    pub fn is_final(&self) -> bool {
+        !matches!(self, Reply::Progress { .. } | Reply::Log(_))
+    }
+}
+
+/// One line of a worker's output, or one of clusterd's own events: a `logs` reply and, as it
+/// is, a line of a `log_format = "json"` file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// When clusterd read it: RFC 3339, UTC, milliseconds (`2026-11-21T10:00:00.123Z`).
+    pub time: String,
+    /// The app, or `clusterd` for clusterd's own events.
+    pub app: String,
+    /// The worker's slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<usize>,
+    /// The worker's pid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The worker's generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// Which stream.
+    pub stream: LogStream,
+    /// An event's level (`INFO`, `WARN`...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    /// The line, without its newline. When the bytes are not UTF-8, they are base64
+    /// (standard alphabet, padded) and `base64` is true: nothing is lost or replaced.
+    pub message: String,
+    /// `message` is base64.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub base64: bool,
+}
+
+/// Where a [`LogLine`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogStream {
+    /// The worker's stdout.
+    Stdout,
+    /// The worker's stderr.
+    Stderr,
+    /// clusterd's own event log.
+    Log,
 }
 
 /// Why a request was refused.
@@ -137,6 +215,8 @@ pub enum ErrorKind {
     Timeout,
     /// The peer's uid may not use this socket.
     Forbidden,
+    /// A `logs --follow` client that fell too far behind was dropped.
+    TooSlow,
 }
 
 /// Why a line could not be read as a request.
@@ -194,7 +274,9 @@ pub fn decode_request(line: &[u8]) -> Result<Request, DecodeError> {
             message: "missing command \"cmd\"".into(),
         });
     };
-    const KNOWN: &[&str] = &["status", "reload", "restart", "scale", "signal", "stop"];
+    const KNOWN: &[&str] = &[
+        "status", "reload", "restart", "scale", "signal", "stop", "logs",
+    ];
     if !KNOWN.contains(&cmd.as_str()) {
         return Err(DecodeError {
             kind: ErrorKind::UnknownCommand,
@@ -245,6 +327,18 @@ mod tests {
                 signal: "HUP".into(),
             },
             Request::Stop {},
+            Request::Logs {
+                app: Some("web".into()),
+                slot: Some(1),
+                lines: 5,
+                follow: true,
+            },
+            Request::Logs {
+                app: None,
+                slot: None,
+                lines: 10,
+                follow: false,
+            },
         ];
         for request in requests {
             let line = encode_line(&Envelope::new(request.clone()));
@@ -256,6 +350,45 @@ mod tests {
         assert_eq!(
             String::from_utf8(encode_line(&Envelope::new(Request::Status {}))).unwrap(),
             "{\"v\":1,\"cmd\":\"status\"}\n"
+        );
+    }
+
+    #[test]
+    fn log_lines_are_flat_replies_and_not_final() {
+        let reply = Reply::Log(Box::new(LogLine {
+            time: "2026-11-21T10:00:00.123Z".into(),
+            app: "web".into(),
+            slot: Some(0),
+            pid: Some(42),
+            generation: Some(1),
+            stream: LogStream::Stderr,
+            level: None,
+            message: "hello".into(),
+            base64: false,
+        }));
+        let line = String::from_utf8(encode_line(&reply)).unwrap();
+        assert_eq!(
+            line,
+            "{\"reply\":\"log\",\"time\":\"2026-11-21T10:00:00.123Z\",\"app\":\"web\",\"slot\":0,\
+             \"pid\":42,\"generation\":1,\"stream\":\"stderr\",\"message\":\"hello\"}\n"
+        );
+        assert_eq!(serde_json::from_str::<Reply>(&line).unwrap(), reply);
+        assert!(!reply.is_final());
+        assert!(
+            Reply::Done {
+                message: String::new()
+            }
+            .is_final()
+        );
+        // Omitted fields take their defaults.
+        assert_eq!(
+            decode_request(b"{\"v\":1,\"cmd\":\"logs\"}").unwrap(),
+            Request::Logs {
+                app: None,
+                slot: None,
+                lines: 10,
+                follow: false
+            }
         );
     }
 
