@@ -76,11 +76,12 @@ intercept = true
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
     assert_eq!(clusterd.count("answered with socket http"), 2);
-    // http.server answers with its own pid nowhere, but both workers log their requests.
+    // http.server answers with its own pid nowhere, but both workers log their requests (on
+    // stderr: `py[N]!`).
     assert!(
         wait_until(20 * SECOND, || {
             let _ = http_get(addr, "/index.html");
-            clusterd.count("py[0] 127.0.0.1") > 0 && clusterd.count("py[1] 127.0.0.1") > 0
+            clusterd.count("py[0]! 127.0.0.1") > 0 && clusterd.count("py[1]! 127.0.0.1") > 0
         }),
         "not both workers served:\n{}",
         clusterd.output()
