@@ -59,9 +59,17 @@ impl Sockets {
         mut inherited: BTreeMap<String, OwnedFd>,
     ) -> Result<Self, BindError> {
         let mut sockets = Sockets::default();
+        // Fds systemd named after no [sockets.*] (by default it names them after the unit):
+        // binding their address ourselves would only fail with "address in use".
+        let unmatched: Vec<String> = inherited
+            .keys()
+            .filter(|name| !configs.contains_key(*name))
+            .cloned()
+            .collect();
         for (name, config) in configs {
             let result = match inherited.remove(name) {
                 Some(fd) => adopt(fd),
+                None if !unmatched.is_empty() => Err(unmatched_names(name, &unmatched)),
                 None => bind(config),
             };
             match result {
@@ -142,6 +150,24 @@ impl Sockets {
             }
         }
     }
+}
+
+/// The error for a manifest socket `name` that was not among the inherited fds, whose names
+/// (`unmatched`) match no `[sockets.*]`.
+fn unmatched_names(name: &str, unmatched: &[String]) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "clusterd was socket-activated with fds named {}, which match no [sockets.*] of \
+             the manifest (systemd names them after the unit unless told otherwise); in the \
+             .socket unit, name each one after its [sockets.NAME] with FileDescriptorName={name}",
+            unmatched
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
 }
 
 /// `127.0.0.1:8000` or `unix:/path`.
