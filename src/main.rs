@@ -5,6 +5,7 @@
 
 mod containment;
 mod control;
+mod manager;
 mod metrics;
 mod notify;
 mod output;
@@ -64,6 +65,10 @@ enum Command {
         /// Print JSON (stable; see the README) instead of a table.
         #[arg(long)]
         json: bool,
+        /// Exit 0 if every app has its desired ready workers and no rollout is aborting, 1
+        /// otherwise (with the reason): an exec probe, like `GET /readyz`.
+        #[arg(long, conflicts_with = "json")]
+        check: bool,
         /// The manifest (same as --file).
         file: Option<PathBuf>,
         #[command(flatten)]
@@ -146,6 +151,7 @@ fn main() -> ExitCode {
         Command::Notify { assignments } => report(notify_command(&assignments)),
         Command::Status {
             json,
+            check,
             file,
             mut target,
         } => {
@@ -153,6 +159,14 @@ fn main() -> ExitCode {
                 target.manifest = file;
             }
             control_command(&target, Request::Status {}, |reply| match reply {
+                Reply::Status(status) if check => match status.not_ready {
+                    _ if status.ready => print_out(format_args!("ready\n")).map(|()| true),
+                    reason => print_out(format_args!(
+                        "not ready: {}\n",
+                        reason.as_deref().unwrap_or("unknown")
+                    ))
+                    .map(|()| false),
+                },
                 Reply::Status(status) if json => {
                     let json = serde_json::to_string_pretty(&status).unwrap_or_default();
                     print_out(format_args!("{json}\n")).map(|()| true)
@@ -374,6 +388,8 @@ fn missing_programs(manifest: &Manifest) -> Vec<String> {
 fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<()> {
     // First, before anything else opens a file: sockets systemd passed to us (fds 3..).
     let inherited = sockets::take_inherited()?;
+    // clusterd's own manager, if it has one (systemd's NOTIFY_SOCKET): taken once, here.
+    let manager = manager::Manager::from_env(std::time::Instant::now())?;
     // A supervisor holds a few descriptors per worker: use all the hard limit allows.
     match spawn::raise_nofile_limit() {
         Ok((before, after)) => tracing::debug!("descriptor limit raised from {before} to {after}"),
@@ -427,8 +443,16 @@ fn run_supervisor(manifest: Manifest, run_dir: Option<&Path>) -> anyhow::Result<
             manifest.path.display(),
             run_dir.control_socket().display()
         );
-        let result =
-            supervisor::run(manifest, sockets, notify, control, metrics, containment).await;
+        let result = supervisor::run(
+            manifest,
+            sockets,
+            notify,
+            control,
+            metrics,
+            containment,
+            manager,
+        )
+        .await;
         drop(pid_file);
         let dropped = output::dropped_lines();
         if dropped > 0 {

@@ -210,6 +210,8 @@ mod tests {
             }],
             containment: "process groups (test)".into(),
             output_dropped: 0,
+            ready: false,
+            not_ready: None,
         };
         let table = status_table(&status);
         for line in table.lines() {

@@ -20,16 +20,18 @@ use tracing::Level;
 
 use super::core::Core;
 use super::event::{Action, Event, Observation, ReplyTo, SpawnFailure};
+use super::host::{HostMessage, HostNotifier};
 use super::state::WorkerId;
 use super::status::{CpuSampler, Measured};
 use crate::containment::{self, Containment};
 use crate::control::server::{ControlRequest, ControlServer};
-use crate::metrics::{Metrics, MetricsServer, Scrape};
+use crate::manager::{self, Manager};
+use crate::metrics::{Metrics, MetricsServer, Query};
 use crate::notify::{Notification, NotifySocket};
 use crate::output::{self, Stream};
 use crate::procstat;
 use crate::reaper::{self, Exit, Reaper};
-use crate::signals::Signals;
+use crate::signals::{Signals, SupervisorSignal};
 use crate::sockets::Sockets;
 use crate::spawn::{self, SpawnError, SpawnSpec};
 
@@ -51,26 +53,37 @@ pub async fn run(
     mut control: ControlServer,
     mut metrics_server: Option<MetricsServer>,
     containment: Containment,
+    manager: Option<Manager>,
 ) -> anyhow::Result<()> {
     // Install the SIGCHLD listener and the other signal handlers before the first fork.
     let mut reaper = Reaper::new()?;
     let mut signals = Signals::new()?;
     let mut core = Core::new(&manifest, Instant::now());
     let mut driver = Driver::new(manifest, sockets, notify.path().to_path_buf(), containment)?;
+    driver.manager = manager;
     let first = core.tick(Instant::now());
     driver.perform(&mut core, first);
+    driver.tell_manager(&core);
     while !core.finished() {
         driver.metrics.record_wakeup();
         let deadline = core
             .next_deadline()
+            .into_iter()
+            .chain(driver.manager.as_ref().and_then(Manager::watchdog_due))
+            .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             exits = reaper.next() => driver.on_exits(&mut core, exits),
-            Some(signal) = signals.recv() => driver.feed(&mut core, Event::Signal(signal)),
+            Some(signal) = signals.recv() => {
+                if signal == SupervisorSignal::Reread {
+                    driver.host.reload_seen();
+                }
+                driver.feed(&mut core, Event::Signal(signal));
+            }
             notification = notify.recv() => driver.on_notify(&mut core, notification),
             Some(request) = control.recv() => driver.on_control(&mut core, request),
-            Some(scrape) = async { match metrics_server.as_mut() { Some(m) => m.recv().await, None => None } } => {
-                driver.on_scrape(&core, scrape);
+            Some(query) = async { match metrics_server.as_mut() { Some(m) => m.recv().await, None => None } } => {
+                driver.on_query(&core, query);
             }
             _ = tokio::time::sleep_until(deadline.into()) => {
                 let actions = core.tick(Instant::now());
@@ -78,6 +91,7 @@ pub async fn run(
                 driver.check_lingering(&mut core);
             }
         }
+        driver.tell_manager(&core);
     }
     driver.sockets.remove_files();
     stop_adopted_orphans();
@@ -114,6 +128,10 @@ struct Driver {
     containment: Containment,
     /// Each worker's name in the containment (its cgroup), from spawn until forgotten.
     contained: HashMap<WorkerId, String>,
+    /// clusterd's own manager (`NOTIFY_SOCKET` of clusterd), if it has one.
+    manager: Option<Manager>,
+    /// What the manager has been told.
+    host: HostNotifier,
 }
 
 impl Driver {
@@ -144,7 +162,29 @@ impl Driver {
             status_cpu: CpuSampler::default(),
             containment,
             contained: HashMap::new(),
+            manager: None,
+            host: HostNotifier::default(),
         })
+    }
+
+    /// Tells clusterd's manager what changed since the last event, and sends its watchdog
+    /// heartbeat when due (the loop wakes for it: proof that the loop itself runs).
+    fn tell_manager(&mut self, core: &Core) {
+        let Some(manager) = &mut self.manager else {
+            return;
+        };
+        manager.watchdog(Instant::now());
+        for message in self.host.update(core) {
+            match message {
+                HostMessage::Ready => manager.send("READY=1"),
+                HostMessage::Reloading => manager.send(&format!(
+                    "RELOADING=1\nMONOTONIC_USEC={}",
+                    manager::monotonic_usec()
+                )),
+                HostMessage::Stopping => manager.send("STOPPING=1"),
+                HostMessage::Status(line) => manager.send(&format!("STATUS={line}")),
+            }
+        }
     }
 
     /// Feeds one event and carries out what follows.
@@ -285,9 +325,19 @@ impl Driver {
         self.feed(core, Event::Control { request, reply: to });
     }
 
-    fn on_scrape(&mut self, core: &Core, scrape: Scrape) {
-        let status = self.status(core, false);
-        let _ = scrape.send(self.metrics.encode(&status));
+    fn on_query(&mut self, core: &Core, query: Query) {
+        match query {
+            Query::Metrics(answer) => {
+                let status = self.status(core, false);
+                let _ = answer.send(self.metrics.encode(&status));
+            }
+            Query::Ready(answer) => {
+                let _ = answer.send(core.readiness());
+            }
+            Query::Health(answer) => {
+                let _ = answer.send(());
+            }
+        }
     }
 
     /// A snapshot for status (`with_cpu_percent`) or for a scrape.
@@ -324,6 +374,8 @@ impl Driver {
             apps: core.app_statuses(now, &measured),
             containment: self.containment.describe(),
             output_dropped: output::dropped_lines(),
+            ready: core.readiness().is_ok(),
+            not_ready: core.readiness().err(),
         }
     }
 

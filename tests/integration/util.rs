@@ -68,7 +68,17 @@ impl Clusterd {
     /// Like [`Clusterd::start_with`], with clusterd exec'd by `sh -c 'LISTEN_PID=$$ exec ...'`
     /// so that `LISTEN_PID` is clusterd's own pid, as under systemd socket activation.
     pub fn start_activated(manifest: &str, adjust: impl FnOnce(&mut Command)) -> Self {
-        Self::start_full(manifest, &[], |command| {
+        Self::start_activated_with_files(manifest, &[], adjust)
+    }
+
+    /// Like [`Clusterd::start_activated`], after writing executable `files` into the temp dir
+    /// (as [`Clusterd::start_with_files`] does).
+    pub fn start_activated_with_files(
+        manifest: &str,
+        files: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
+        Self::start_full(manifest, files, |command| {
             let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
             let mut wrapped = Command::new("sh");
             wrapped
