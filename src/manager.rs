@@ -112,7 +112,12 @@ impl Manager {
         if watchdog.next > now {
             return;
         }
-        watchdog.next = now + watchdog.period;
+        // On the beat, not from whenever the loop got to it: a late wake-up does not delay
+        // every later heartbeat (one missed by more than a period starts over from now).
+        watchdog.next += watchdog.period;
+        if watchdog.next <= now {
+            watchdog.next = now + watchdog.period;
+        }
         self.send("WATCHDOG=1");
     }
 }
