@@ -247,6 +247,8 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// The HTTP listener; queries arrive through [`MetricsServer::recv`].
 pub struct MetricsServer {
     queries: mpsc::Receiver<Query>,
+    /// A duplicate of the listener, handed to the next clusterd by an upgrade.
+    kept: std::os::fd::OwnedFd,
 }
 
 impl MetricsServer {
@@ -255,9 +257,26 @@ impl MetricsServer {
     pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
+        Self::serve_listener(listener)
+    }
+
+    /// The listener handed over by the previous clusterd (must run inside a `LocalSet`).
+    pub fn adopt(fd: std::os::fd::OwnedFd) -> std::io::Result<Self> {
+        let listener = std::net::TcpListener::from(fd);
+        listener.set_nonblocking(true)?;
+        Self::serve_listener(TcpListener::from_std(listener)?)
+    }
+
+    fn serve_listener(listener: TcpListener) -> std::io::Result<Self> {
+        let kept = std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned()?;
         let (sender, queries) = mpsc::channel(16);
         tokio::task::spawn_local(serve(listener, sender));
-        Ok(MetricsServer { queries })
+        Ok(MetricsServer { queries, kept })
+    }
+
+    /// The listener's descriptor, for an upgrade's hand-over.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.kept)
     }
 
     /// The next query.

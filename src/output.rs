@@ -240,18 +240,37 @@ impl Lines for Sink {
 /// that forwards what arrives on the read end until end of file. The supervisor waits for
 /// these tasks before it exits, so a worker's last words are not lost. [`init`] must have
 /// been called.
-pub fn forward(prefix: String, stream: Stream, tasks: &mut JoinSet<()>) -> io::Result<OwnedFd> {
+///
+/// Also returns a duplicate of the pipe's read end: what an upgrade hands to the next
+/// clusterd, which forwards the rest with [`resume`].
+pub fn forward(
+    prefix: String,
+    stream: Stream,
+    tasks: &mut JoinSet<()>,
+) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let kept = read.try_clone()?;
+    resume(prefix, stream, read, tasks)?;
+    Ok((write, kept))
+}
+
+/// Forwards what arrives on `read`, a worker's pipe (handed over by the previous clusterd),
+/// until end of file.
+pub fn resume(
+    prefix: String,
+    stream: Stream,
+    read: OwnedFd,
+    tasks: &mut JoinSet<()>,
+) -> io::Result<()> {
     let sinks = sinks();
     let out = match stream {
         Stream::Stdout => &sinks.stdout,
         Stream::Stderr => &sinks.stderr,
     };
-    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let receiver = pipe::Receiver::from_owned_fd(read)?;
-    // Forget the tasks that have finished, so the set stays as small as the live workers.
     while tasks.try_join_next().is_some() {}
     tasks.spawn_local(copy_lines(prefix, receiver, out));
-    Ok(write)
+    Ok(())
 }
 
 async fn copy_lines(prefix: String, receiver: impl tokio::io::AsyncRead + Unpin, out: &impl Lines) {

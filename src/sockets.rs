@@ -93,6 +93,34 @@ impl Sockets {
         Ok(sockets)
     }
 
+    /// Every socket as (name, fd, address, unix file), for an upgrade's hand-over.
+    pub fn parts(&self) -> impl Iterator<Item = (&String, RawFd, &String, Option<&PathBuf>)> {
+        self.by_name
+            .iter()
+            .map(|(name, s)| (name, s.fd.as_raw_fd(), &s.address, s.unix_path.as_ref()))
+    }
+
+    /// The sockets handed over by the previous clusterd (see [`Sockets::parts`]).
+    pub fn from_parts(
+        parts: impl IntoIterator<Item = (String, OwnedFd, String, Option<PathBuf>)>,
+    ) -> Self {
+        Sockets {
+            by_name: parts
+                .into_iter()
+                .map(|(name, fd, address, unix_path)| {
+                    (
+                        name,
+                        BoundSocket {
+                            fd,
+                            address,
+                            unix_path,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
     /// The socket called `name`.
     pub fn get(&self, name: &str) -> Option<&BoundSocket> {
         self.by_name.get(name)

@@ -28,10 +28,9 @@ impl Core {
     /// Carries out one control request and replies.
     pub(super) fn on_control(&mut self, now: Instant, request: Request, reply: ReplyTo) {
         let answer = match request {
-            Request::Status {} => Err(error(
-                ErrorKind::BadRequest,
-                "status is answered by the driver",
-            )),
+            Request::Status {} | Request::Upgrade { .. } => {
+                Err(error(ErrorKind::BadRequest, "answered by the driver"))
+            }
             Request::Reload { app, wait } => self.reload_command(now, app, wait, reply),
             Request::Restart { app, slot } => self.restart_command(now, &app, slot),
             Request::Scale { app, workers } => self.scale_command(now, &app, workers),

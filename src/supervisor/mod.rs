@@ -9,13 +9,15 @@
 //!   owns it), [`backoff`] (crash loops vs outside kills), [`rollout`] (rolling reload and its
 //!   fail-safe abort), [`reconfigure`] (applying a re-read manifest), [`commands`] (control
 //!   requests); [`event`] is the vocabulary between core and driver; [`status`] the views;
-//!   [`host`] what clusterd tells its own manager and orchestrators (ready, summary).
+//!   [`host`] what clusterd tells its own manager and orchestrators (ready, summary);
+//!   [`handover`] the state and descriptors that cross `clusterd upgrade`'s exec.
 
 mod backoff;
 mod commands;
 mod core;
 mod driver;
 mod event;
+mod handover;
 mod host;
 mod reconfigure;
 mod rollout;
@@ -25,3 +27,4 @@ mod status;
 mod tests;
 
 pub use driver::run;
+pub use handover::{adopt as adopt_fd, check as check_handover, read_fd as read_handover};

@@ -1079,6 +1079,110 @@ mod host {
     }
 }
 
+mod handover {
+    //! The core crosses an upgrade's exec as JSON: every slot, generation, restart count,
+    //! rollout and deadline comes back.
+
+    use super::super::handover::{DriverState, HandedPath, Handover};
+    use super::*;
+
+    fn round_trip(sim: &mut Sim) {
+        let core = std::mem::take(&mut sim.core);
+        let handover = Handover::new(
+            core,
+            manifest(WEB3),
+            "/run/x".into(),
+            Vec::new(),
+            HandedPath {
+                fd: 5,
+                path: "/run/x/control.sock".into(),
+            },
+            HandedPath {
+                fd: 6,
+                path: "/run/x/notify.sock".into(),
+            },
+            None,
+            DriverState {
+                started: sim.now,
+                upgrades: 1,
+                contained: Vec::new(),
+                outputs: Vec::new(),
+            },
+        );
+        let deadline = handover.core.next_deadline();
+        let bytes = handover.encode(sim.now).expect("encode");
+        let decoded = Handover::decode(&bytes).expect("decode");
+        let (core, _) = decoded.into_state();
+        // Deadlines keep their distance from the moment of writing (the reader's clock is
+        // real, so compare relative to now rather than equal).
+        let (a, b) = (deadline.unwrap(), core.next_deadline().unwrap());
+        let (da, db) = (
+            a.saturating_duration_since(sim.now),
+            b.saturating_duration_since(Instant::now()),
+        );
+        assert!(
+            da.abs_diff(db) < Duration::from_millis(200),
+            "{da:?} vs {db:?}"
+        );
+        sim.core = core;
+        // The simulator's clock goes on from the decoded instants.
+        sim.now = Instant::now();
+    }
+
+    #[test]
+    fn a_rollout_in_progress_crosses_and_completes() {
+        let mut sim = Sim::new(&WEB3.replace("bake = \"0s\"", "bake = \"5s\""));
+        ready_all(&mut sim, "web");
+        let old = sim.serving("web");
+        sim.killed(old[2]);
+        sim.advance(10 * MS);
+        ready_all(&mut sim, "web");
+        sim.signal(SupervisorSignal::Reload);
+        let candidate = sim.candidate("web", 0).unwrap();
+        sim.notify(candidate, "READY=1");
+        round_trip(&mut sim);
+        assert_eq!(sim.core.apps["web"].slots[2].restarts, 1);
+        assert_eq!(sim.core.apps["web"].generation, 2);
+        assert_eq!(sim.candidate("web", 0), Some(candidate));
+        assert!(sim.core.worker_by_pid(candidate).is_some());
+        // Its bake (5 s) goes on from where it was, then the rollout ends as usual.
+        sim.advance(4 * SECOND_);
+        assert_eq!(
+            sim.pid("web", 0),
+            Some(old[0]),
+            "promoted before its bake ended"
+        );
+        sim.advance(2 * SECOND_);
+        assert_eq!(sim.pid("web", 0), Some(candidate));
+        sim.stopped_ones_exit();
+        for _ in 0..4 {
+            for slot in 0..3 {
+                if let Some(pid) = sim.candidate("web", slot)
+                    && matches!(sim.phase(pid), Phase::Starting { .. })
+                {
+                    sim.notify(pid, "READY=1");
+                }
+            }
+            sim.advance(6 * SECOND_);
+            sim.stopped_ones_exit();
+        }
+        assert_eq!(
+            sim.last_reload("web"),
+            Some(ReloadOutcome::Completed { generation: 2 })
+        );
+    }
+
+    const SECOND_: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_state_from_a_newer_format_or_garbage_is_refused() {
+        assert!(Handover::decode(b"not json").is_err());
+        let newer = br#"{"format":99,"version":"9.9.9","monotonic_ns":1}"#;
+        let error = Handover::decode(newer).err().expect("refused").to_string();
+        assert!(error.contains("format 99 of clusterd 9.9.9"), "{error}");
+    }
+}
+
 mod random {
     //! Random event sequences against the invariants (checked by `Sim::perform` after every
     //! step), plus: a rollout is never reported completed while one of its new workers is

@@ -283,3 +283,221 @@ fn readyz_and_status_check_follow_the_workers_and_an_aborting_rollout() {
     }));
     assert!(clusterd.stop().success());
 }
+
+/// Four hello workers and a ticker that prints a numbered line every 50 ms.
+const UPGRADE_MANIFEST: &str = r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{hello}"]
+workers = 4
+sockets = ["http"]
+ready = "notify"
+
+[apps.tick]
+command = ["sh", "-c", "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.05; done"]
+workers = 1
+"#;
+
+/// Keep-alive HTTP/1.1 GETs on one connection (reconnecting only when the server says
+/// `Connection: close`); any error counts as a failed request.
+fn keep_alive_get(
+    stream: &mut Option<std::io::BufReader<std::net::TcpStream>>,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<u16> {
+    use std::io::{BufRead, Read, Write};
+    if stream.is_none() {
+        let s = std::net::TcpStream::connect_timeout(&addr, 5 * SECOND)?;
+        s.set_read_timeout(Some(10 * SECOND))?;
+        *stream = Some(std::io::BufReader::new(s));
+    }
+    let reader = stream.as_mut().expect("connected");
+    write!(reader.get_mut(), "GET / HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::other("closed before a response"));
+    }
+    let status: u16 = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let (mut length, mut close) = (0usize, false);
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header)?;
+        let header = header.trim_end().to_ascii_lowercase();
+        if header.is_empty() {
+            break;
+        }
+        if let Some(v) = header.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if header == "connection: close" {
+            close = true;
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    if close {
+        *stream = None;
+    }
+    Ok(status)
+}
+
+#[test]
+fn upgrade_under_load_keeps_every_pid_and_fails_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let mut clusterd = Clusterd::start(UPGRADE_MANIFEST);
+    let addr = clusterd.socket_addr("http");
+    clusterd.wait_for_lines("ready after", 5, 20 * SECOND);
+    let before = clusterd.status();
+    let workers = |status: &serde_json::Value| -> Vec<u64> {
+        let mut pids: Vec<u64> = status["apps"]
+            .as_array()
+            .expect("apps")
+            .iter()
+            .flat_map(|a| a["workers"].as_array().expect("workers").clone())
+            .filter_map(|w| w["pid"].as_u64())
+            .collect();
+        pids.sort();
+        pids
+    };
+    assert_eq!(workers(&before).len(), 5);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let fresh = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match http_get(addr, "/") {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    let kept = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            let mut stream = None;
+            while !stop.load(Ordering::Relaxed) {
+                match keep_alive_get(&mut stream, addr) {
+                    Ok(200) => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    assert!(wait_until(10 * SECOND, || ok.load(Ordering::Relaxed) > 100));
+
+    let upgrade = clusterd.ctl(&["upgrade"]);
+    let said = String::from_utf8_lossy(&upgrade.stdout).into_owned();
+    assert!(
+        upgrade.status.success(),
+        "{said}{}\n{}",
+        String::from_utf8_lossy(&upgrade.stderr),
+        clusterd.output()
+    );
+    assert!(said.contains("5 workers kept"), "{said}");
+    let served_at_upgrade = ok.load(Ordering::Relaxed);
+    assert!(wait_until(10 * SECOND, || {
+        ok.load(Ordering::Relaxed) > served_at_upgrade + 100
+    }));
+    stop.store(true, Ordering::Relaxed);
+    fresh.join().expect("fresh client");
+    kept.join().expect("keep-alive client");
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "failed requests");
+
+    let after = clusterd.status();
+    assert_eq!(after["pid"], before["pid"]);
+    assert_eq!(after["pid"].as_u64(), Some(clusterd.pid().as_raw() as u64));
+    assert_eq!(workers(&after), workers(&before), "a worker was replaced");
+    assert_eq!(after["upgrades"], 1);
+    assert!(after["upgraded_ms"].as_u64().is_some());
+    assert!(after["version"].as_str().is_some_and(|v| !v.is_empty()));
+
+    // The workers' output is still forwarded, by the new clusterd.
+    let line = clusterd.wait_for_line("upgraded in place from clusterd", 10 * SECOND);
+    let ticks = clusterd.count("tick[0] tick ");
+    assert!(
+        wait_until(10 * SECOND, || clusterd.count("tick[0] tick ") > ticks + 3),
+        "{line}"
+    );
+
+    // And it works: a rolling reload, then a clean shutdown.
+    let reload = clusterd.ctl(&["reload", "--wait", "web"]);
+    assert!(
+        reload.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reload.stdout)
+    );
+    assert!(clusterd.stop().success());
+}
+
+#[test]
+fn an_upgrade_to_a_binary_that_cannot_read_the_state_changes_nothing() {
+    let mut clusterd = Clusterd::start(UPGRADE_MANIFEST);
+    clusterd.wait_for_lines("ready after", 5, 20 * SECOND);
+    let before = clusterd.status();
+    let serving_before: std::collections::HashMap<&str, _> = ["web", "tick"]
+        .into_iter()
+        .map(|app| (app, clusterd.serving(app)))
+        .collect();
+    let not_executable = clusterd.manifest.display().to_string();
+    for (binary, why) in [
+        ("/bin/true", "cannot read this clusterd's state"),
+        (not_executable.as_str(), "not executable"),
+        ("/nonexistent/clusterd", "No such file"),
+    ] {
+        let upgrade = clusterd.ctl(&["upgrade", "--binary", binary]);
+        let stderr = String::from_utf8_lossy(&upgrade.stderr).into_owned();
+        assert!(!upgrade.status.success(), "{binary}: {stderr}");
+        assert!(
+            stderr.contains(why) && stderr.contains("nothing changed"),
+            "{stderr}"
+        );
+    }
+    let after = clusterd.status();
+    assert_eq!(after["upgrades"], 0);
+    assert_eq!(after["pid"], before["pid"]);
+    for app in ["web", "tick"] {
+        let pids = |s: Vec<(u64, nix::unistd::Pid, u64, String)>| -> Vec<_> {
+            s.into_iter().map(|(slot, pid, _, _)| (slot, pid)).collect()
+        };
+        assert_eq!(
+            pids(clusterd.serving(app)),
+            pids(serving_before[app].clone())
+        );
+    }
+    assert!(clusterd.stop().success());
+}
+
+#[test]
+fn a_clusterd_that_cannot_read_the_state_handed_to_it_starts_nothing_and_fails() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &state,
+        r#"{"format":1,"version":"0.0.1","monotonic_ns":1,"core":42}"#,
+    )
+    .expect("write state");
+    let output = std::process::Command::new(crate::util::clusterd_bin())
+        .args(["handover-resume", "0"])
+        .stdin(std::fs::File::open(&state).expect("open state"))
+        .output()
+        .expect("run clusterd");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot take over from the previous clusterd; starting no worker")
+            && stderr.contains("cannot read the state of clusterd 0.0.1"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("started pid"), "{stderr}");
+}

@@ -87,6 +87,14 @@ pub enum Request {
     },
     /// Graceful shutdown of the supervisor.
     Stop {},
+    /// Replace the supervisor in place with a clusterd binary (same pid, workers kept),
+    /// after checking that the binary can read its state. Answered with [`Reply::Done`] just
+    /// before the exec, or [`Reply::Error`] (nothing changed).
+    Upgrade {
+        /// The new binary, absolute; the one the supervisor was started from when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<String>,
+    },
 }
 
 /// A reply line.
@@ -194,7 +202,9 @@ pub fn decode_request(line: &[u8]) -> Result<Request, DecodeError> {
             message: "missing command \"cmd\"".into(),
         });
     };
-    const KNOWN: &[&str] = &["status", "reload", "restart", "scale", "signal", "stop"];
+    const KNOWN: &[&str] = &[
+        "status", "reload", "restart", "scale", "signal", "stop", "upgrade",
+    ];
     if !KNOWN.contains(&cmd.as_str()) {
         return Err(DecodeError {
             kind: ErrorKind::UnknownCommand,
@@ -245,6 +255,9 @@ mod tests {
                 signal: "HUP".into(),
             },
             Request::Stop {},
+            Request::Upgrade {
+                binary: Some("/usr/local/bin/clusterd".into()),
+            },
         ];
         for request in requests {
             let line = encode_line(&Envelope::new(request.clone()));

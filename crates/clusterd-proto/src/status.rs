@@ -35,6 +35,15 @@ pub struct Status {
     /// Why not ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_ready: Option<String>,
+    /// The supervisor's clusterd version.
+    #[serde(default)]
+    pub version: String,
+    /// How many times it was upgraded in place (`clusterd upgrade`).
+    #[serde(default)]
+    pub upgrades: u32,
+    /// Milliseconds since the last upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgraded_ms: Option<u64>,
 }
 
 /// One listening socket.
