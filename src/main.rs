@@ -8,6 +8,7 @@ mod control;
 mod intercept;
 mod lifecycle;
 mod logs;
+mod manager;
 mod metrics;
 mod notify;
 mod output;
@@ -86,6 +87,10 @@ enum Command {
         /// Print JSON (stable; see the README) instead of a table.
         #[arg(long)]
         json: bool,
+        /// Exit 0 if every app has its desired ready workers and no rollout is aborting, 1
+        /// otherwise (with the reason): an exec probe, like `GET /readyz`.
+        #[arg(long, conflicts_with = "json")]
+        check: bool,
         /// The manifest (same as --file).
         file: Option<PathBuf>,
         #[command(flatten)]
@@ -154,6 +159,27 @@ enum Command {
         #[command(flatten)]
         target: LogsTarget,
     },
+    /// Replace the running supervisor with a clusterd binary in place: same pid, the workers
+    /// keep running and serving; sockets, pipes and the whole state cross over. The binary
+    /// must prove it can read the state first; if not, nothing changes.
+    Upgrade {
+        /// The new binary (default: the one the supervisor was started from, e.g. replaced
+        /// on disk by a package upgrade).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Read a supervisor's hand-over state from stdin and say whether this binary can take
+    /// over from it (run by `upgrade` on the new binary).
+    #[command(hide = true)]
+    HandoverCheck,
+    /// Take over from the supervisor that exec'd this binary (run by `upgrade`).
+    #[command(hide = true)]
+    HandoverResume {
+        /// The memfd holding the state.
+        fd: i32,
+    },
     /// Send sd_notify assignments (e.g. READY=1) to $NOTIFY_SOCKET and wait until the
     /// supervisor has read them; for workers that cannot send datagrams themselves.
     Notify {
@@ -172,7 +198,7 @@ fn main() -> ExitCode {
     // non-blocking writer threads (see `output`); the CLI commands write directly.
     let supervises = matches!(
         cli.command,
-        Command::Start { detach: false, .. } | Command::Run(_)
+        Command::Start { detach: false, .. } | Command::Run(_) | Command::HandoverResume { .. }
     );
     match cli.command {
         _ if supervises => match output::init() {
@@ -198,11 +224,24 @@ fn main() -> ExitCode {
             detached,
             ..
         } => start(&manifest, run_dir.as_deref(), detached),
+        Command::HandoverResume { fd } => report(resume_supervisor(fd)),
+        Command::HandoverCheck => match supervisor::check_handover(io::stdin().lock()) {
+            Ok(line) => match print_out(format_args!("{line}\n")) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            },
+            Err(error) => {
+                eprintln!("clusterd: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Upgrade { binary, target } => report(upgrade_command(binary, &target)),
         Command::Check { manifest } => check(&manifest),
         Command::Run(args) => run_command(&args),
         Command::Notify { assignments } => report(notify_command(&assignments)),
         Command::Status {
             json,
+            check,
             file,
             mut target,
         } => {
@@ -210,6 +249,14 @@ fn main() -> ExitCode {
                 target.manifest = file;
             }
             control_command(&target, Request::Status {}, |reply| match reply {
+                Reply::Status(status) if check => match status.not_ready {
+                    _ if status.ready => print_out(format_args!("ready\n")).map(|()| true),
+                    reason => print_out(format_args!(
+                        "not ready: {}\n",
+                        reason.as_deref().unwrap_or("unknown")
+                    ))
+                    .map(|()| false),
+                },
                 Reply::Status(status) if json => {
                     let json = serde_json::to_string_pretty(&status).unwrap_or_default();
                     print_out(format_args!("{json}\n")).map(|()| true)
@@ -584,6 +631,8 @@ fn run_supervisor(
 ) -> anyhow::Result<()> {
     // First, before anything else opens a file: sockets systemd passed to us (fds 3..).
     let inherited = sockets::take_inherited()?;
+    // clusterd's own manager, if it has one (systemd's NOTIFY_SOCKET): taken once, here.
+    let manager = manager::Manager::from_env(std::time::Instant::now())?;
     // A supervisor holds a few descriptors per worker: use all the hard limit allows.
     match spawn::raise_nofile_limit() {
         Ok((before, after)) => tracing::debug!("descriptor limit raised from {before} to {after}"),
@@ -653,8 +702,17 @@ fn run_supervisor(
             manifest.path.display(),
             run_dir.control_socket().display()
         );
-        let result =
-            supervisor::run(manifest, sockets, notify, control, metrics, containment).await;
+        let result = supervisor::run(
+            manifest,
+            sockets,
+            notify,
+            control,
+            metrics,
+            containment,
+            manager,
+            None,
+        )
+        .await;
         drop(pid_file);
         let dropped = output::dropped_lines();
         if dropped > 0 {
@@ -669,4 +727,115 @@ fn notify_command(assignments: &[String]) -> anyhow::Result<()> {
         .context("NOTIFY_SOCKET is not set: not running under a supervisor")?;
     notify::send_with_barrier(&socket, &assignments.join("\n"), Duration::from_secs(5))
         .with_context(|| format!("cannot notify {socket}"))
+}
+
+/// `clusterd upgrade`: asks the supervisor to exec `binary` (it checks it first), then waits
+/// until the new one answers status, and says how long that took.
+fn upgrade_command(binary: Option<PathBuf>, target: &Target) -> anyhow::Result<()> {
+    let socket = target.socket_path()?;
+    let timeout = Some(Duration::from_secs(30));
+    let status = |socket: &Path| match client::call(socket, Request::Status {}, timeout, |_| Ok(()))
+    {
+        Ok(Reply::Status(status)) => Ok(*status),
+        Ok(other) => anyhow::bail!("unexpected reply {other:?}"),
+        Err(error) => Err(error),
+    };
+    let before = status(&socket)?;
+    let binary = binary
+        .map(|b| std::path::absolute(&b).with_context(|| format!("{}", b.display())))
+        .transpose()?;
+    let started = std::time::Instant::now();
+    let request = Request::Upgrade {
+        binary: binary.map(|b| b.display().to_string()),
+    };
+    match client::call(&socket, request, timeout, |_| Ok(()))? {
+        Reply::Done { message } => print_out(format_args!("{message}\n"))?,
+        Reply::Error { message, .. } => anyhow::bail!("{message}"),
+        other => anyhow::bail!("unexpected reply {other:?}"),
+    }
+    let deadline = started + Duration::from_secs(30);
+    loop {
+        // Connections wait in the control socket's queue while the exec runs.
+        if let Ok(after) = status(&socket)
+            && after.upgrades > before.upgrades
+        {
+            anyhow::ensure!(
+                after.pid == before.pid,
+                "the supervisor's pid changed from {} to {}",
+                before.pid,
+                after.pid
+            );
+            let workers: usize = after.apps.iter().map(|a| a.running).sum();
+            print_out(format_args!(
+                "upgraded clusterd pid {} from {} to {} in {} ms; {workers} workers kept\n",
+                after.pid,
+                before.version,
+                after.version,
+                started.elapsed().as_millis()
+            ))?;
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the supervisor did not come back upgraded within 30 s; see its log"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The new side of an upgrade: takes the state and descriptors the previous clusterd of this
+/// pid handed over and runs its workers on. A state it cannot read starts nothing: clusterd
+/// exits non-zero (and the workers, its children, follow through `PR_SET_PDEATHSIG`) rather
+/// than starting a second set of workers beside them.
+fn resume_supervisor(fd: i32) -> anyhow::Result<()> {
+    let handover = supervisor::read_handover(fd)
+        .context("cannot take over from the previous clusterd; starting no worker")?;
+    nix::sys::prctl::set_child_subreaper(true).context("cannot become a child subreaper")?;
+    if let Some((soft, hard)) = handover.nofile {
+        spawn::set_worker_nofile(soft, hard);
+    }
+    let manager = manager::Manager::from_env(std::time::Instant::now())?;
+    let run_dir = RunDir {
+        path: handover.run_dir.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the event loop")?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async {
+        let adopt = |fd| supervisor::adopt_fd(fd).context("an inherited descriptor");
+        let control = ControlServer::adopt(adopt(handover.control.fd)?, &handover.control.path)?;
+        let notify = NotifySocket::adopt(adopt(handover.notify.fd)?, &handover.notify.path)?;
+        let metrics = match handover.metrics {
+            Some(fd) => Some(metrics::MetricsServer::adopt(adopt(fd)?)?),
+            None => None,
+        };
+        let mut sockets = Vec::new();
+        for s in &handover.sockets {
+            sockets.push((
+                s.name.clone(),
+                adopt(s.fd)?,
+                s.address.clone(),
+                s.unix_path.clone(),
+            ));
+        }
+        let sockets = Sockets::from_parts(sockets);
+        let containment = Containment::detect(&containment::key_for(&run_dir.path));
+        let pid_file = PidFile::write(run_dir.pid_file())?;
+        let manifest = handover.manifest.clone();
+        let result = supervisor::run(
+            manifest,
+            sockets,
+            notify,
+            control,
+            metrics,
+            containment,
+            manager,
+            Some(handover),
+        )
+        .await;
+        drop(pid_file);
+        result
+    })
 }

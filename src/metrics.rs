@@ -1,7 +1,9 @@
 //! Prometheus metrics (OpenMetrics text) on an optional HTTP listener (`[metrics] listen = "127.0.0.1:9100"`).
 //!
-//! The HTTP side ([`MetricsServer`]) only forwards each scrape to the supervisor's loop and
-//! writes back the text it gets; the registry ([`Metrics`]) is owned by the supervisor, which
+//! The HTTP side ([`MetricsServer`]) only forwards each request to the supervisor's loop and
+//! writes back what it gets: `/metrics`, and for orchestrators `/healthz` (200 when the loop
+//! answers) and `/readyz` (200 when every app has its desired ready workers and no rollout is
+//! aborting, else 503 with a JSON reason); the registry ([`Metrics`]) is owned by the supervisor, which
 //! records events as they happen (restarts, reload outcomes, time to ready) and refreshes the
 //! gauges from a status snapshot at each scrape.
 
@@ -229,40 +231,70 @@ impl Metrics {
     }
 }
 
-/// A scrape waiting for the supervisor's text.
-pub type Scrape = oneshot::Sender<String>;
+/// What the HTTP listener asks the supervisor's loop; each carries where the answer goes.
+pub enum Query {
+    /// `GET /metrics`: the exposition text.
+    Metrics(oneshot::Sender<String>),
+    /// `GET /readyz`: ready, or why not.
+    Ready(oneshot::Sender<Result<(), String>>),
+    /// `GET /healthz`: answered by the loop itself, which proves it runs.
+    Health(oneshot::Sender<()>),
+}
 
-/// The HTTP listener; scrapes arrive through [`MetricsServer::recv`].
+/// How long a probe waits for the loop before it answers 503.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The HTTP listener; queries arrive through [`MetricsServer::recv`].
 pub struct MetricsServer {
-    scrapes: mpsc::Receiver<Scrape>,
+    queries: mpsc::Receiver<Query>,
+    /// A duplicate of the listener, handed to the next clusterd by an upgrade.
+    kept: std::os::fd::OwnedFd,
 }
 
 impl MetricsServer {
-    /// Binds `addr` and serves `GET /metrics` (must run inside a `LocalSet`).
+    /// Binds `addr` and serves `GET /metrics`, `/healthz` and `/readyz` (must run inside a
+    /// `LocalSet`).
     pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
-        let (sender, scrapes) = mpsc::channel(16);
-        tokio::task::spawn_local(serve(listener, sender));
-        Ok(MetricsServer { scrapes })
+        Self::serve_listener(listener)
     }
 
-    /// The next scrape.
-    pub async fn recv(&mut self) -> Option<Scrape> {
-        self.scrapes.recv().await
+    /// The listener handed over by the previous clusterd (must run inside a `LocalSet`).
+    pub fn adopt(fd: std::os::fd::OwnedFd) -> std::io::Result<Self> {
+        let listener = std::net::TcpListener::from(fd);
+        listener.set_nonblocking(true)?;
+        Self::serve_listener(TcpListener::from_std(listener)?)
+    }
+
+    fn serve_listener(listener: TcpListener) -> std::io::Result<Self> {
+        let kept = std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned()?;
+        let (sender, queries) = mpsc::channel(16);
+        tokio::task::spawn_local(serve(listener, sender));
+        Ok(MetricsServer { queries, kept })
+    }
+
+    /// The listener's descriptor, for an upgrade's hand-over.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.kept)
+    }
+
+    /// The next query.
+    pub async fn recv(&mut self) -> Option<Query> {
+        self.queries.recv().await
     }
 }
 
-async fn serve(listener: TcpListener, scrapes: mpsc::Sender<Scrape>) {
+async fn serve(listener: TcpListener, queries: mpsc::Sender<Query>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
-        let scrapes = scrapes.clone();
+        let queries = queries.clone();
         tokio::task::spawn_local(async move {
             let service =
-                hyper::service::service_fn(move |request| respond(request, scrapes.clone()));
+                hyper::service::service_fn(move |request| respond(request, queries.clone()));
             let io = hyper_util::rt::TokioIo::new(stream);
             let connection =
                 hyper::server::conn::http1::Builder::new().serve_connection(io, service);
@@ -271,34 +303,62 @@ async fn serve(listener: TcpListener, scrapes: mpsc::Sender<Scrape>) {
     }
 }
 
+/// Sends a query to the loop and waits (bounded) for its answer.
+async fn ask<T>(
+    queries: &mpsc::Sender<Query>,
+    query: impl FnOnce(oneshot::Sender<T>) -> Query,
+) -> Option<T> {
+    let (sender, answer) = oneshot::channel();
+    queries.send(query(sender)).await.ok()?;
+    tokio::time::timeout(PROBE_TIMEOUT, answer).await.ok()?.ok()
+}
+
 async fn respond(
     request: Request<Incoming>,
-    scrapes: mpsc::Sender<Scrape>,
+    queries: mpsc::Sender<Query>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    if request.uri().path() != "/metrics" {
-        return Ok(reply(StatusCode::NOT_FOUND, "try /metrics\n".into()));
-    }
-    let (sender, text) = oneshot::channel();
-    if scrapes.send(sender).await.is_err() {
-        return Ok(reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting down\n".into(),
-        ));
-    }
-    Ok(match text.await {
-        Ok(text) => reply(StatusCode::OK, text),
-        Err(_) => reply(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into()),
+    const JSON: &str = "application/json";
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let unavailable = |what: &str| {
+        let body = serde_json::json!({ "ready": false, "reason": what }).to_string() + "\n";
+        reply(StatusCode::SERVICE_UNAVAILABLE, JSON, body)
+    };
+    Ok(match request.uri().path() {
+        "/metrics" => match ask(&queries, Query::Metrics).await {
+            Some(text) => reply(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text,
+            ),
+            None => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                "shutting down\n".into(),
+            ),
+        },
+        "/healthz" => match ask(&queries, Query::Health).await {
+            Some(()) => reply(StatusCode::OK, TEXT, "ok\n".into()),
+            None => unavailable("the event loop does not answer"),
+        },
+        "/readyz" => match ask(&queries, Query::Ready).await {
+            Some(Ok(())) => reply(StatusCode::OK, JSON, "{\"ready\":true}\n".into()),
+            Some(Err(reason)) => unavailable(&reason),
+            None => unavailable("the event loop does not answer"),
+        },
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "try /metrics, /healthz or /readyz\n".into(),
+        ),
     })
 }
 
-fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        hyper::header::HeaderValue::from_static(content_type),
     );
     response
 }

@@ -43,6 +43,21 @@ impl NotifySocket {
         })
     }
 
+    /// The socket handed over by the previous clusterd (bound at `path`).
+    pub fn adopt(fd: OwnedFd, path: &Path) -> io::Result<Self> {
+        let socket = std::os::unix::net::UnixDatagram::from(fd);
+        socket.set_nonblocking(true)?;
+        Ok(NotifySocket {
+            socket: UnixDatagram::from_std(socket)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Its descriptor, for an upgrade's hand-over.
+    pub fn raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
     /// Where workers send: the value of `NOTIFY_SOCKET`.
     pub fn path(&self) -> &Path {
         &self.path

@@ -281,13 +281,26 @@ pub trait Lines {
 /// that forwards what arrives on the read end until end of file. The supervisor waits for
 /// these tasks before it exits, so a worker's last words are not lost. [`init`] must have
 /// been called.
-pub fn forward(out: impl Lines + 'static, tasks: &mut JoinSet<()>) -> io::Result<OwnedFd> {
+///
+/// Also returns a duplicate of the pipe's read end: what an upgrade hands to the next
+/// clusterd, which forwards the rest with [`resume`].
+pub fn forward(
+    out: impl Lines + 'static,
+    tasks: &mut JoinSet<()>,
+) -> io::Result<(OwnedFd, OwnedFd)> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let kept = read.try_clone()?;
+    resume(out, read, tasks)?;
+    Ok((write, kept))
+}
+
+/// Forwards what arrives on `read`, a worker's pipe (handed over by the previous clusterd),
+/// until end of file.
+pub fn resume(out: impl Lines + 'static, read: OwnedFd, tasks: &mut JoinSet<()>) -> io::Result<()> {
     let receiver = pipe::Receiver::from_owned_fd(read)?;
-    // Forget the tasks that have finished, so the set stays as small as the live workers.
     while tasks.try_join_next().is_some() {}
     tasks.spawn_local(async move { copy_lines(receiver, &out).await });
-    Ok(write)
+    Ok(())
 }
 
 async fn copy_lines(receiver: impl tokio::io::AsyncRead + Unpin, out: &impl Lines) {

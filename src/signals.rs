@@ -7,6 +7,13 @@
 //! | SIGUSR1         | reopen the log files (handled by `crate::logs`)          |
 //! | SIGHUP          | re-read the manifest and apply the difference            |
 //! | SIGTTIN/SIGTTOU | one worker more / fewer (manifests with a single app)    |
+//! | SIGURG          | upgrade in place: exec clusterd's own binary again       |
+//!
+//! Why SIGURG for the upgrade: SIGUSR2 and SIGHUP are taken, SIGUSR1 is kept for reopening
+//! log files. SIGWINCH (nginx's choice) is sent by the terminal to the foreground process
+//! group on every resize, and clusterd often runs in the foreground. SIGURG's default action
+//! is to ignore it, so an older clusterd (or a wrong pid) is not hurt; the kernel sends it
+//! only to owners of sockets with out-of-band data (`F_SETOWN`), which clusterd never sets.
 
 use std::io;
 
@@ -24,6 +31,34 @@ pub enum SupervisorSignal {
     Reread,
     /// SIGTTIN (+1) or SIGTTOU (-1).
     ScaleBy(i64),
+    /// SIGURG: `clusterd upgrade` with clusterd's own binary.
+    Upgrade,
+}
+
+/// Every signal clusterd handles (and SIGCHLD, the reaper's).
+const HANDLED: [Signal; 8] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGUSR2,
+    Signal::SIGHUP,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGURG,
+    Signal::SIGCHLD,
+];
+
+/// Blocks (`true`) or unblocks the signals clusterd handles, in the calling thread. Blocked
+/// across the exec of an upgrade (the mask and pending signals survive `execve`), so that
+/// none is lost or takes its default action before the new side has its handlers.
+pub fn block_handled(block: bool) -> io::Result<()> {
+    let set: nix::sys::signal::SigSet = HANDLED.into_iter().collect();
+    let how = if block {
+        nix::sys::signal::SigmaskHow::SIG_BLOCK
+    } else {
+        nix::sys::signal::SigmaskHow::SIG_UNBLOCK
+    };
+    nix::sys::signal::pthread_sigmask(how, Some(&set), None)?;
+    Ok(())
 }
 
 /// The installed signal listeners.
@@ -52,6 +87,10 @@ impl Signals {
             (
                 SignalKind::from_raw(libc::SIGTTOU),
                 SupervisorSignal::ScaleBy(-1),
+            ),
+            (
+                SignalKind::from_raw(libc::SIGURG),
+                SupervisorSignal::Upgrade,
             ),
         ];
         let listeners = table

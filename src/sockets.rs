@@ -75,9 +75,17 @@ impl Sockets {
         steered: &std::collections::BTreeSet<String>,
     ) -> Result<Self, BindError> {
         let mut sockets = Sockets::default();
+        // Fds systemd named after no [sockets.*] (by default it names them after the unit):
+        // binding their address ourselves would only fail with "address in use".
+        let unmatched: Vec<String> = inherited
+            .keys()
+            .filter(|name| !configs.contains_key(*name))
+            .cloned()
+            .collect();
         for (name, config) in configs {
             let result = match inherited.remove(name) {
                 Some(fd) => adopt(fd),
+                None if !unmatched.is_empty() => Err(unmatched_names(name, &unmatched)),
                 None => bind(config, steered.contains(name)),
             };
             match result {
@@ -104,6 +112,34 @@ impl Sockets {
             tracing::warn!("inherited socket {name:?} is not in the manifest; closing it");
         }
         Ok(sockets)
+    }
+
+    /// Every socket as (name, fd, address, unix file), for an upgrade's hand-over.
+    pub fn parts(&self) -> impl Iterator<Item = (&String, RawFd, &String, Option<&PathBuf>)> {
+        self.by_name
+            .iter()
+            .map(|(name, s)| (name, s.fd.as_raw_fd(), &s.address, s.unix_path.as_ref()))
+    }
+
+    /// The sockets handed over by the previous clusterd (see [`Sockets::parts`]).
+    pub fn from_parts(
+        parts: impl IntoIterator<Item = (String, OwnedFd, String, Option<PathBuf>)>,
+    ) -> Self {
+        Sockets {
+            by_name: parts
+                .into_iter()
+                .map(|(name, fd, address, unix_path)| {
+                    (
+                        name,
+                        BoundSocket {
+                            fd,
+                            address,
+                            unix_path,
+                        },
+                    )
+                })
+                .collect(),
+        }
     }
 
     /// The socket called `name`.
@@ -163,6 +199,24 @@ impl Sockets {
             }
         }
     }
+}
+
+/// The error for a manifest socket `name` that was not among the inherited fds, whose names
+/// (`unmatched`) match no `[sockets.*]`.
+fn unmatched_names(name: &str, unmatched: &[String]) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "clusterd was socket-activated with fds named {}, which match no [sockets.*] of \
+             the manifest (systemd names them after the unit unless told otherwise); in the \
+             .socket unit, name each one after its [sockets.NAME] with FileDescriptorName={name}",
+            unmatched
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
 }
 
 /// `127.0.0.1:8000` or `unix:/path`.

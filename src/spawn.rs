@@ -186,6 +186,20 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     Ok((soft, hard))
 }
 
+/// The soft and hard `RLIMIT_NOFILE` workers get, to hand to the next clusterd across an
+/// upgrade (whose own limit is the raised one).
+pub fn worker_nofile() -> Option<(u64, u64)> {
+    WORKER_NOFILE.get().map(|l| (l.rlim_cur, l.rlim_max))
+}
+
+/// After an upgrade: the limit workers get is the one the first clusterd was started with.
+pub fn set_worker_nofile(soft: u64, hard: u64) {
+    let _ = WORKER_NOFILE.set(libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    });
+}
+
 /// The C-level form of a [`SpawnSpec`], built before forking.
 struct Prepared {
     program: CString,

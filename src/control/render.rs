@@ -13,12 +13,25 @@ pub fn status_table(status: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "clusterd pid {}  up {}  rss {}{}",
+        "clusterd {}pid {}  up {}  rss {}{}",
+        if status.version.is_empty() {
+            String::new()
+        } else {
+            format!("{}  ", status.version)
+        },
         status.pid,
         duration(status.uptime_ms),
         bytes(status.rss_bytes),
         if status.stopping { "  STOPPING" } else { "" }
     );
+    if let Some(ms) = status.upgraded_ms {
+        let _ = writeln!(
+            out,
+            "upgraded in place {} ago ({} upgrades)",
+            duration(ms),
+            status.upgrades
+        );
+    }
     if !status.containment.is_empty() {
         let _ = writeln!(out, "contained by {}", truncate(&status.containment, 67));
     }
@@ -213,6 +226,11 @@ mod tests {
             }],
             containment: "process groups (test)".into(),
             output_dropped: 0,
+            ready: false,
+            not_ready: None,
+            version: "10.20.30".into(),
+            upgrades: 3,
+            upgraded_ms: Some(999_000_000),
         };
         let table = status_table(&status);
         for line in table.lines() {

@@ -41,6 +41,8 @@ pub struct ControlRequest {
 pub struct ControlServer {
     requests: mpsc::Receiver<ControlRequest>,
     path: PathBuf,
+    /// A duplicate of the listener, handed to the next clusterd by an upgrade.
+    kept: std::os::fd::OwnedFd,
 }
 
 /// Why the control socket could not be set up.
@@ -76,12 +78,31 @@ impl ControlServer {
         let listener = UnixListener::bind(path).map_err(bind_error)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(bind_error)?;
+        Self::serve_listener(listener, path).map_err(bind_error)
+    }
+
+    /// The listener handed over by the previous clusterd (bound at `path`). Must run inside
+    /// a `LocalSet`.
+    pub fn adopt(fd: std::os::fd::OwnedFd, path: &Path) -> io::Result<Self> {
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener.set_nonblocking(true)?;
+        Self::serve_listener(UnixListener::from_std(listener)?, path)
+    }
+
+    fn serve_listener(listener: UnixListener, path: &Path) -> io::Result<Self> {
+        let kept = std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned()?;
         let (sender, requests) = mpsc::channel(64);
         tokio::task::spawn_local(accept_loop(listener, sender));
         Ok(ControlServer {
             requests,
             path: path.to_path_buf(),
+            kept,
         })
+    }
+
+    /// The listener's descriptor and path, for an upgrade's hand-over.
+    pub fn handover_parts(&self) -> (std::os::fd::RawFd, &Path) {
+        (std::os::fd::AsRawFd::as_raw_fd(&self.kept), &self.path)
     }
 
     /// The next request from a client.
@@ -173,6 +194,11 @@ async fn serve(mut stream: UnixStream, our_uid: u32, requests: mpsc::Sender<Cont
     while let Some(line) = replies.recv().await {
         if send(&mut stream, &line).await.is_err() {
             return; // the client went away or stopped reading
+        }
+        // The final reply ends the connection; dropping `replies` tells the supervisor it
+        // was written (an upgrade waits for that before its exec).
+        if !matches!(line, Reply::Progress { .. }) {
+            return;
         }
     }
 }

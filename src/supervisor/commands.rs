@@ -28,9 +28,9 @@ impl Core {
     /// Carries out one control request and replies.
     pub(super) fn on_control(&mut self, now: Instant, request: Request, reply: ReplyTo) {
         let answer = match request {
-            Request::Status {} | Request::Logs { .. } => Err(error(
+            Request::Status {} | Request::Logs { .. } | Request::Upgrade { .. } => Err(error(
                 ErrorKind::BadRequest,
-                "status and logs are answered outside the core",
+                "status, logs and upgrade are answered outside the core",
             )),
             Request::Reload { app, wait } => self.reload_command(now, app, wait, reply),
             Request::Restart { app, slot } => self.restart_command(now, &app, slot),

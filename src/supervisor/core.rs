@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use clusterd_manifest::{AppConfig, Manifest, Readiness, RestartPolicy};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
 use tracing::Level;
 
 use super::backoff::{self, End};
@@ -51,8 +52,9 @@ pub enum Role {
     Retired,
 }
 
-/// All the supervisor's state.
-#[derive(Debug, Default)]
+/// All the supervisor's state. It crosses `clusterd upgrade` serialized (see `handover`),
+/// except what belongs to this process's connections: `reload --wait` clients.
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Core {
     /// The apps, by name.
     pub(super) apps: BTreeMap<String, App>,
@@ -61,15 +63,19 @@ pub struct Core {
     /// Every worker whose record is alive (its process, or what is left of its group).
     pub(super) workers: BTreeMap<WorkerId, Worker>,
     /// Running workers by pid.
+    #[serde(with = "super::handover::pid_map")]
     pids: HashMap<Pid, WorkerId>,
     next_id: u64,
     /// Set once shutdown has begun.
     pub(super) shutting_down: bool,
     /// `reload --wait` clients.
+    #[serde(skip)]
     pub(super) waiters: Vec<Waiter>,
     /// When workers' memory is sampled next (only while an app sets `max_memory`).
+    #[serde(with = "super::handover::opt_instant")]
     memory_check: Option<Instant>,
     /// Actions decided so far, returned by `on`/`tick`.
+    #[serde(skip)]
     out: Vec<Action>,
 }
 
@@ -550,6 +556,8 @@ impl Core {
             SupervisorSignal::Reread if !self.shutting_down => self.out.push(Action::Reread),
             SupervisorSignal::Reread => {}
             SupervisorSignal::ScaleBy(delta) => self.scale_single_app(now, delta),
+            // The driver's business: it replaces this process (see `handover`).
+            SupervisorSignal::Upgrade => {}
         }
     }
 

@@ -6,12 +6,12 @@
 //! due, the loop sleeps until the next event.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clusterd_manifest::Manifest;
-use clusterd_proto::{LogStream, Reply, Request, SocketStatus, Status};
+use clusterd_proto::{ErrorKind, LogStream, Reply, Request, SocketStatus, Status};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::sync::mpsc::UnboundedSender;
@@ -20,18 +20,21 @@ use tracing::Level;
 
 use super::core::Core;
 use super::event::{Action, Event, Observation, ReplyTo, SpawnFailure};
+use super::handover::{self, Handover};
+use super::host::{HostMessage, HostNotifier};
 use super::state::WorkerId;
 use super::status::{CpuSampler, Measured};
 use crate::containment::{self, Containment};
 use crate::control::server::{ControlRequest, ControlServer};
 use crate::intercept::{self, Intercepts, Trap};
 use crate::logs::{self, Forwarder, Source};
-use crate::metrics::{Metrics, MetricsServer, Scrape};
+use crate::manager::{self, Manager};
+use crate::metrics::{Metrics, MetricsServer, Query};
 use crate::notify::{Notification, NotifySocket};
 use crate::output;
 use crate::procstat;
 use crate::reaper::{self, Exit, Reaper};
-use crate::signals::Signals;
+use crate::signals::{Signals, SupervisorSignal};
 use crate::sockets::Sockets;
 use crate::spawn::{self, SpawnError, SpawnSpec};
 use crate::steering::{self, Steering};
@@ -45,8 +48,11 @@ const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the supervisor until a shutdown has stopped every worker.
 ///
-/// The caller has bound the sockets, the notify socket and the control socket; signals are
-/// handled here. Returns when every worker has exited.
+/// The caller has bound the sockets, the notify socket and the control socket (or adopted
+/// them from `resumed`, the state a previous clusterd of this pid handed over: then the
+/// workers are its own children already); signals are handled here. Returns when every
+/// worker has exited.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     manifest: Manifest,
     sockets: Sockets,
@@ -54,35 +60,65 @@ pub async fn run(
     mut control: ControlServer,
     mut metrics_server: Option<MetricsServer>,
     containment: Containment,
+    manager: Option<Manager>,
+    resumed: Option<Handover>,
 ) -> anyhow::Result<()> {
     // Install the SIGCHLD listener and the other signal handlers before the first fork.
     let mut reaper = Reaper::new()?;
     let mut signals = Signals::new()?;
-    let mut core = Core::new(&manifest, Instant::now());
     let mut driver = Driver::new(manifest, sockets, notify.path().to_path_buf(), containment)?;
+    driver.manager = manager;
+    let mut core = match resumed {
+        Some(handover) => driver.resume(handover)?,
+        None => Core::new(&driver.manifest, Instant::now()),
+    };
     let first = core.tick(Instant::now());
     driver.perform(&mut core, first);
+    // After an upgrade: exits while the exec ran (their SIGCHLD went to the old image).
+    let exits = reaper::reap_all();
+    driver.on_exits(&mut core, exits);
+    driver.tell_manager(&core);
     while !core.finished() {
         driver.metrics.record_wakeup();
         let deadline = core
             .next_deadline()
+            .into_iter()
+            .chain(driver.manager.as_ref().and_then(Manager::watchdog_due))
+            .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             exits = reaper.next() => driver.on_exits(&mut core, exits),
-            Some(signal) = signals.recv() => driver.feed(&mut core, Event::Signal(signal)),
+            Some(signal) = signals.recv() => {
+                if signal == SupervisorSignal::Reread {
+                    driver.host.reload_seen();
+                }
+                if signal == SupervisorSignal::Upgrade {
+                    driver.pending_upgrade = Some(UpgradeRequest { binary: None, reply: None });
+                }
+                driver.feed(&mut core, Event::Signal(signal));
+            }
             notification = notify.recv() => driver.on_notify(&mut core, notification),
             Some(request) = control.recv() => driver.on_control(&mut core, request),
             Some(worker) = driver.intercepts.listening() => {
                 driver.feed(&mut core, Event::Listening(worker));
             }
-            Some(scrape) = async { match metrics_server.as_mut() { Some(m) => m.recv().await, None => None } } => {
-                driver.on_scrape(&core, scrape);
+            Some(query) = async { match metrics_server.as_mut() { Some(m) => m.recv().await, None => None } } => {
+                driver.on_query(&core, query);
             }
             _ = tokio::time::sleep_until(deadline.into()) => {
                 let actions = core.tick(Instant::now());
                 driver.perform(&mut core, actions);
                 driver.check_lingering(&mut core);
             }
+        }
+        driver.tell_manager(&core);
+        if let Some(request) = driver.pending_upgrade.take() {
+            let parts = Handed {
+                notify: &notify,
+                control: &control,
+                metrics: metrics_server.as_ref(),
+            };
+            driver.upgrade(&mut core, request, parts).await;
         }
     }
     driver.sockets.remove_files();
@@ -95,6 +131,28 @@ pub async fn run(
     let _ = tokio::time::timeout(OUTPUT_DRAIN, drained).await;
     tracing::info!("all workers stopped; exiting");
     Ok(())
+}
+
+/// An upgrade asked for by a client (and where its answer goes) or by SIGURG.
+struct UpgradeRequest {
+    /// The new binary; clusterd's own when `None`.
+    binary: Option<PathBuf>,
+    /// The client.
+    reply: Option<UnboundedSender<Reply>>,
+}
+
+/// What the loop owns that an upgrade hands over.
+struct Handed<'a> {
+    notify: &'a NotifySocket,
+    control: &'a ControlServer,
+    metrics: Option<&'a MetricsServer>,
+}
+
+/// A duplicate of the read ends of a worker's output pipes, for an upgrade.
+struct KeptOutput {
+    label: String,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
 }
 
 /// What the driver holds: the OS resources and the views' own state.
@@ -126,6 +184,17 @@ struct Driver {
     steered: BTreeSet<String>,
     /// The per-worker sockets of `steered` and the program that picks among them.
     steering: Steering,
+    /// clusterd's own manager (`NOTIFY_SOCKET` of clusterd), if it has one.
+    manager: Option<Manager>,
+    /// What the manager has been told.
+    host: HostNotifier,
+    /// The workers' output pipes, for an upgrade.
+    outputs: HashMap<WorkerId, KeptOutput>,
+    /// Upgrades in place so far, and when the last one was.
+    upgrades: u32,
+    upgraded_at: Option<Instant>,
+    /// An upgrade to carry out once the current event is handled.
+    pending_upgrade: Option<UpgradeRequest>,
 }
 
 impl Driver {
@@ -161,7 +230,221 @@ impl Driver {
             intercepts: Intercepts::default(),
             steered,
             steering: Steering::default(),
+            manager: None,
+            host: HostNotifier::default(),
+            outputs: HashMap::new(),
+            upgrades: 0,
+            upgraded_at: None,
+            pending_upgrade: None,
         })
+    }
+
+    /// Takes over from the clusterd that exec'd this one: its state, containment names and
+    /// output pipes (forwarded again from here), and unblocks the signals it blocked.
+    fn resume(&mut self, handover: Handover) -> anyhow::Result<Core> {
+        let now = Instant::now();
+        let from = handover.version.clone();
+        let (core, state) = handover.into_state();
+        self.started = state.started;
+        self.upgrades = state.upgrades;
+        self.upgraded_at = Some(now);
+        self.contained = state.contained.into_iter().collect();
+        for output in state.outputs {
+            let stdout = handover::adopt(output.stdout)?;
+            let stderr = handover::adopt(output.stderr)?;
+            let keep = |fd: &OwnedFd| fd.try_clone();
+            let kept = KeptOutput {
+                label: output.label.clone(),
+                stdout: keep(&stdout)?,
+                stderr: keep(&stderr)?,
+            };
+            let Some(worker) = core.workers.get(&output.worker) else {
+                continue;
+            };
+            let source = Source::worker(&worker.app, worker.slot, worker.generation);
+            if let Some(pid) = worker.pid {
+                source.set_pid(pid.as_raw().unsigned_abs());
+            }
+            let destination = logs::destination(&worker.config.log, &worker.app);
+            let out = |stream| Forwarder::new(source.clone(), stream, destination);
+            output::resume(out(LogStream::Stdout), stdout, &mut self.output_tasks)?;
+            output::resume(out(LogStream::Stderr), stderr, &mut self.output_tasks)?;
+            self.outputs.insert(output.worker, kept);
+        }
+        crate::signals::block_handled(false)?;
+        tracing::info!(
+            "upgraded in place from clusterd {from} to {}: {} workers kept",
+            handover::VERSION,
+            core.groups().len()
+        );
+        Ok(core)
+    }
+
+    /// `clusterd upgrade` / SIGURG: checks that `binary` can read this clusterd's state and,
+    /// if it can, execs it with the state and the descriptors (see `handover`). On any
+    /// failure nothing changes, and the client hears why.
+    async fn upgrade(&mut self, core: &mut Core, request: UpgradeRequest, parts: Handed<'_>) {
+        let refuse = |message: String| {
+            tracing::error!("upgrade refused: {message}");
+            if let Some(reply) = &request.reply {
+                let _ = reply.send(Reply::Error {
+                    kind: ErrorKind::BadRequest,
+                    message,
+                });
+            }
+        };
+        // What interception holds (each worker's seccomp listener, and its own listening
+        // sockets when steered) does not cross the exec yet: refuse rather than lose it.
+        if let Some(app) = core
+            .apps
+            .iter()
+            .find(|(_, app)| app.latest().intercept)
+            .map(|(name, _)| name.clone())
+        {
+            refuse(format!(
+                "app {app} is intercepted (intercept = true): its workers' trapped bind()/listen() \
+                 and their own sockets cannot be handed over yet; restart clusterd instead"
+            ));
+            return;
+        }
+        if core.shutting_down() {
+            return refuse("clusterd is shutting down".into());
+        }
+        let Some(binary) = request
+            .binary
+            .clone()
+            .or_else(|| self.exe.clone().map(PathBuf::from))
+        else {
+            return refuse("cannot tell which binary clusterd runs: give --binary".into());
+        };
+        let (handover, fds) = self.handover(std::mem::take(core), &parts);
+        let encoded = handover.encode(Instant::now());
+        *core = handover.into_state().0;
+        let state = match encoded.and_then(|bytes| handover::memfd(&bytes)) {
+            Ok(state) => state,
+            Err(error) => return refuse(error.to_string()),
+        };
+        let line = match handover::check_binary(&binary, &state) {
+            Ok(line) => line,
+            Err(error) => return refuse(error.to_string()),
+        };
+        let version = handover::field(&line, "version").unwrap_or("?").to_owned();
+        tracing::info!(
+            "upgrade: {} (clusterd {version}) can read the state; replacing clusterd {} pid {}",
+            binary.display(),
+            handover::VERSION,
+            std::process::id()
+        );
+        if let Some(reply) = &request.reply {
+            let _ = reply.send(Reply::Done {
+                message: format!("upgrading to clusterd {version} ({})", binary.display()),
+            });
+            // Until the connection's task has written it (it ends with the final reply).
+            let _ = tokio::time::timeout(Duration::from_secs(1), reply.closed()).await;
+        }
+        output::flush(Duration::from_secs(1));
+        let mut all = fds;
+        all.push(state.as_raw_fd());
+        let error = match handover::set_inherit(&all, true)
+            .and_then(|()| crate::signals::block_handled(true))
+        {
+            Ok(()) => handover::exec(&binary, &state),
+            Err(error) => error,
+        };
+        // Still here: the exec failed. Undo, and go on as before.
+        let _ = crate::signals::block_handled(false);
+        let _ = handover::set_inherit(&all, false);
+        tracing::error!(
+            "upgrade: cannot exec {}: {error}; nothing changed",
+            binary.display()
+        );
+    }
+
+    /// The hand-over of everything (taking `core`), and the descriptors it names.
+    fn handover(&self, core: Core, parts: &Handed<'_>) -> (Handover, Vec<std::os::fd::RawFd>) {
+        let mut fds = Vec::new();
+        let sockets: Vec<handover::HandedSocket> = self
+            .sockets
+            .parts()
+            .map(|(name, fd, address, unix_path)| {
+                fds.push(fd);
+                handover::HandedSocket {
+                    name: name.clone(),
+                    fd,
+                    address: address.clone(),
+                    unix_path: unix_path.cloned(),
+                }
+            })
+            .collect();
+        let (control_fd, control_path) = parts.control.handover_parts();
+        fds.extend([control_fd, parts.notify.raw_fd()]);
+        let metrics = parts.metrics.map(MetricsServer::raw_fd);
+        fds.extend(metrics);
+        let outputs = self
+            .outputs
+            .iter()
+            .map(|(worker, kept)| {
+                fds.extend([kept.stdout.as_raw_fd(), kept.stderr.as_raw_fd()]);
+                handover::HandedOutput {
+                    worker: *worker,
+                    label: kept.label.clone(),
+                    stdout: kept.stdout.as_raw_fd(),
+                    stderr: kept.stderr.as_raw_fd(),
+                }
+            })
+            .collect();
+        let driver = handover::DriverState {
+            started: self.started,
+            upgrades: self.upgrades + 1,
+            contained: self
+                .contained
+                .iter()
+                .map(|(w, k)| (*w, k.clone()))
+                .collect(),
+            outputs,
+        };
+        let run_dir = self
+            .notify_path
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        let handover = Handover::new(
+            core,
+            self.manifest.clone(),
+            run_dir,
+            sockets,
+            handover::HandedPath {
+                fd: control_fd,
+                path: control_path.to_path_buf(),
+            },
+            handover::HandedPath {
+                fd: parts.notify.raw_fd(),
+                path: self.notify_path.clone(),
+            },
+            metrics,
+            driver,
+        );
+        (handover, fds)
+    }
+
+    /// Tells clusterd's manager what changed since the last event, and sends its watchdog
+    /// heartbeat when due (the loop wakes for it: proof that the loop itself runs).
+    fn tell_manager(&mut self, core: &Core) {
+        let Some(manager) = &mut self.manager else {
+            return;
+        };
+        manager.watchdog(Instant::now());
+        for message in self.host.update(core) {
+            match message {
+                HostMessage::Ready => manager.send("READY=1"),
+                HostMessage::Reloading => manager.send(&format!(
+                    "RELOADING=1\nMONOTONIC_USEC={}",
+                    manager::monotonic_usec()
+                )),
+                HostMessage::Stopping => manager.send("STOPPING=1"),
+                HostMessage::Status(line) => manager.send(&format!("STATUS={line}")),
+            }
+        }
     }
 
     /// Feeds one event and carries out what follows.
@@ -186,6 +469,10 @@ impl Driver {
                     let key = format!("{app}.{slot}.{}", worker.0);
                     let result = self
                         .spawn(worker, &app, slot, generation, &config, &key)
+                        .map(|(pid, kept)| {
+                            self.outputs.insert(worker, kept);
+                            pid
+                        })
                         .map_err(|error| SpawnFailure {
                             transient: error.is_transient(),
                             message: error.to_string(),
@@ -212,6 +499,7 @@ impl Driver {
                     None
                 }
                 Action::Forget { worker } => {
+                    self.outputs.remove(&worker);
                     if let Some(key) = self.contained.remove(&worker) {
                         self.containment.remove_worker(&key);
                     }
@@ -311,15 +599,32 @@ impl Driver {
             let _ = reply.send(Reply::Status(Box::new(status)));
             return;
         }
+        if let Request::Upgrade { binary } = request {
+            self.pending_upgrade = Some(UpgradeRequest {
+                binary: binary.map(PathBuf::from),
+                reply: Some(reply),
+            });
+            return;
+        }
         self.next_reply += 1;
         let to = ReplyTo(self.next_reply);
         self.replies.insert(to, reply);
         self.feed(core, Event::Control { request, reply: to });
     }
 
-    fn on_scrape(&mut self, core: &Core, scrape: Scrape) {
-        let status = self.status(core, false);
-        let _ = scrape.send(self.metrics.encode(&status));
+    fn on_query(&mut self, core: &Core, query: Query) {
+        match query {
+            Query::Metrics(answer) => {
+                let status = self.status(core, false);
+                let _ = answer.send(self.metrics.encode(&status));
+            }
+            Query::Ready(answer) => {
+                let _ = answer.send(core.readiness());
+            }
+            Query::Health(answer) => {
+                let _ = answer.send(());
+            }
+        }
     }
 
     /// A snapshot for status (`with_cpu_percent`) or for a scrape.
@@ -356,6 +661,13 @@ impl Driver {
             apps: core.app_statuses(now, &measured),
             containment: self.containment.describe(),
             output_dropped: output::dropped_lines(),
+            ready: core.readiness().is_ok(),
+            not_ready: core.readiness().err(),
+            version: handover::VERSION.to_owned(),
+            upgrades: self.upgrades,
+            upgraded_ms: self
+                .upgraded_at
+                .map(|at| u64::try_from((now - at).as_millis()).unwrap_or(u64::MAX)),
         }
     }
 
@@ -411,7 +723,7 @@ impl Driver {
         generation: u64,
         config: &clusterd_manifest::AppConfig,
         key: &str,
-    ) -> Result<Pid, SpawnError> {
+    ) -> Result<(Pid, KeptOutput), SpawnError> {
         let program = spawn::find_program(config, self.base_env.get("PATH").map(|p| p.as_ref()))
             .ok_or_else(|| SpawnError::NotFound {
                 program: config.command[0].clone(),
@@ -461,9 +773,11 @@ impl Driver {
         let source = Source::worker(app, slot, generation);
         let destination = logs::destination(&config.log, app);
         let stdout = Forwarder::new(source.clone(), LogStream::Stdout, destination);
-        let stdout = output::forward(stdout, &mut self.output_tasks).map_err(pipe_error)?;
+        let (stdout, kept_stdout) =
+            output::forward(stdout, &mut self.output_tasks).map_err(pipe_error)?;
         let stderr = Forwarder::new(source.clone(), LogStream::Stderr, destination);
-        let stderr = output::forward(stderr, &mut self.output_tasks).map_err(pipe_error)?;
+        let (stderr, kept_stderr) =
+            output::forward(stderr, &mut self.output_tasks).map_err(pipe_error)?;
         // Without its own cgroup the worker is still contained by its process group.
         let cgroup_procs = self
             .containment
@@ -502,7 +816,12 @@ impl Driver {
                 tracing::error!("{label} pid {pid}: cannot answer its bind()/listen(): {error}");
             }
         }
-        Ok(pid)
+        let kept = KeptOutput {
+            label,
+            stdout: kept_stdout,
+            stderr: kept_stderr,
+        };
+        Ok((pid, kept))
     }
 }
 

@@ -8,13 +8,17 @@
 //! - The core's rooms: [`state`] (apps, slots, workers; every deadline lives in the state that
 //!   owns it), [`backoff`] (crash loops vs outside kills), [`rollout`] (rolling reload and its
 //!   fail-safe abort), [`reconfigure`] (applying a re-read manifest), [`commands`] (control
-//!   requests); [`event`] is the vocabulary between core and driver; [`status`] the views.
+//!   requests); [`event`] is the vocabulary between core and driver; [`status`] the views;
+//!   [`host`] what clusterd tells its own manager and orchestrators (ready, summary);
+//!   [`handover`] the state and descriptors that cross `clusterd upgrade`'s exec.
 
 mod backoff;
 mod commands;
 mod core;
 mod driver;
 mod event;
+mod handover;
+mod host;
 mod reconfigure;
 mod rollout;
 mod state;
@@ -23,4 +27,5 @@ mod status;
 mod tests;
 
 pub use driver::run;
+pub use handover::{adopt as adopt_fd, check as check_handover, read_fd as read_handover};
 pub use state::WorkerId;

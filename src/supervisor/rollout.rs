@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
 use tracing::Level;
 
 use super::core::Core;
@@ -20,7 +21,7 @@ use super::event::{Action, Observation};
 use super::state::{Phase, ReloadOutcome, SlotState, StopReason, WorkerId};
 
 /// A rollout in progress for one app.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Rollout {
     /// The generation being rolled out.
     pub generation: u64,
@@ -35,18 +36,22 @@ pub struct Rollout {
 }
 
 /// One slot in flight.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Step {
     slot: usize,
     stage: Stage,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 enum Stage {
     /// The candidate is starting.
     Starting(WorkerId),
     /// The candidate is ready and must stay up until `until`.
-    Baking { candidate: WorkerId, until: Instant },
+    Baking {
+        candidate: WorkerId,
+        #[serde(with = "super::handover::instant")]
+        until: Instant,
+    },
     /// The candidate was promoted; the old worker is stopping.
     Retiring(WorkerId),
 }

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use clusterd_manifest::AppConfig;
 use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
 
 use super::rollout::Rollout;
 
 /// clusterd's own name for a worker, never reused (pids are).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct WorkerId(pub u64);
 
 impl fmt::Display for WorkerId {
@@ -24,7 +25,7 @@ impl fmt::Display for WorkerId {
 }
 
 /// One `[apps.NAME]` at run time.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct App {
     /// The newest generation: the one a respawn of a new slot runs, and the one the next
     /// rollout follows.
@@ -78,16 +79,17 @@ impl App {
 }
 
 /// The worker tending an app's KV cluster map, and when it last said so.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tend {
     /// The owner.
     pub worker: WorkerId,
     /// Its last `X_CLUSTERD_KV_TEND=owner` (sent every tend round).
+    #[serde(with = "super::handover::instant")]
     pub seen: Instant,
 }
 
 /// How a rolling reload ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReloadOutcome {
     /// Every slot runs the new generation.
     Completed {
@@ -115,7 +117,7 @@ impl ReloadOutcome {
 }
 
 /// A worker position that survives restarts.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Slot {
     /// Who or what holds the slot.
     pub state: SlotState,
@@ -129,7 +131,9 @@ pub struct Slot {
     pub last_exit: Option<String>,
     /// Why its worker was last replaced: crash, killed, memory, watchdog, reload, operator...
     pub last_restart: Option<String>,
-    /// When its recent unexpected exits were replaced (for `restart_limit`).
+    /// When its recent unexpected exits were replaced (for `restart_limit`; not carried
+    /// across an upgrade: the window starts again).
+    #[serde(skip)]
     pub recent_restarts: VecDeque<Instant>,
 }
 
@@ -157,13 +161,14 @@ impl Slot {
 }
 
 /// What holds a slot.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SlotState {
     /// A worker serves it (or is starting up in it).
     Occupied(WorkerId),
     /// Empty, and due to start a worker at `until` (now, for a first crash or a new slot).
     Backoff {
         /// When the replacement starts.
+        #[serde(with = "super::handover::instant")]
         until: Instant,
     },
     /// Empty until a reload or restart: its worker cannot be started.
@@ -176,22 +181,26 @@ pub enum SlotState {
 }
 
 /// What a worker is doing. Each phase carries its own deadlines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Phase {
     /// Asked for; the driver has not reported its pid yet.
     Spawning,
     /// Running, not ready yet.
     Starting {
         /// Killed (and replaced, or its rollout aborted) if still starting then.
+        #[serde(with = "super::handover::instant")]
         ready_by: Instant,
         /// With `ready = "delay"`: ready at this moment if still alive.
+        #[serde(with = "super::handover::opt_instant")]
         ready_at: Option<Instant>,
     },
     /// Ready to serve.
     Ready {
         /// When it became ready.
+        #[serde(with = "super::handover::instant")]
         since: Instant,
         /// With a watchdog: killed if no `WATCHDOG=1` arrives by then.
+        #[serde(with = "super::handover::opt_instant")]
         watchdog_by: Option<Instant>,
     },
     /// Being retired without new connections (`drain`): it finishes what it has, then gets
@@ -200,6 +209,7 @@ pub enum Phase {
         /// Why it is stopping.
         why: StopReason,
         /// When its stop signal is due.
+        #[serde(with = "super::handover::instant")]
         until: Instant,
     },
     /// Told to stop (or its process exited while others of its group live on).
@@ -207,6 +217,7 @@ pub enum Phase {
         /// Why it is stopping.
         why: StopReason,
         /// When its group gets SIGKILL; `None` once it has.
+        #[serde(with = "super::handover::opt_instant")]
         kill_at: Option<Instant>,
         /// Whether the worker's own process has been reaped (its group may linger).
         exited: bool,
@@ -214,7 +225,7 @@ pub enum Phase {
 }
 
 /// Why a worker was told to stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StopReason {
     /// Replaced by a rollout, restarted, scaled away or its app removed.
     Retired,
@@ -248,9 +259,10 @@ impl StopReason {
 }
 
 /// One worker process, and its process group (whose id is its pid).
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Worker {
     /// Its pid, once spawned.
+    #[serde(with = "super::handover::opt_pid")]
     pub pid: Option<Pid>,
     /// Its app's name.
     pub app: String,
@@ -261,6 +273,7 @@ pub struct Worker {
     /// The configuration it was started with.
     pub config: Arc<AppConfig>,
     /// When it was spawned.
+    #[serde(with = "super::handover::instant")]
     pub started: Instant,
     /// What it is doing.
     pub phase: Phase,

@@ -1158,6 +1158,224 @@ fn a_signal_command_reaches_running_workers() {
     ));
 }
 
+mod host {
+    //! What clusterd tells its own manager (sd_notify) and orchestrators (`/readyz`).
+
+    use super::super::host::{HostMessage, HostNotifier};
+    use super::*;
+
+    fn status(messages: &[HostMessage]) -> Option<&str> {
+        messages.iter().find_map(|m| match m {
+            HostMessage::Status(line) => Some(line.as_str()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn ready_is_sent_once_every_app_has_its_ready_workers_and_status_only_on_change() {
+        let mut sim = Sim::new(&format!(
+            "{WEB3}\n[apps.kv]\ncommand = [\"kv\"]\nworkers = 1\n"
+        ));
+        let mut host = HostNotifier::default();
+        let first = host.update(&sim.core);
+        assert!(!first.contains(&HostMessage::Ready), "{first:?}");
+        // The kv worker is ready at once (immediate); web is not.
+        assert_eq!(status(&first), Some("kv 1/1 ready, web 0/3 ready"));
+        let pids = sim.serving("web");
+        sim.notify(pids[0], "READY=1");
+        let some = host.update(&sim.core);
+        assert!(!some.contains(&HostMessage::Ready), "{some:?}");
+        assert!(
+            sim.core
+                .readiness()
+                .unwrap_err()
+                .contains("web: 1/3 workers ready")
+        );
+        assert!(
+            host.update(&sim.core).is_empty(),
+            "nothing changed: nothing sent"
+        );
+        ready_all(&mut sim, "web");
+        let all = host.update(&sim.core);
+        assert_eq!(
+            all,
+            vec![
+                HostMessage::Ready,
+                HostMessage::Status("kv 1/1 ready, web 3/3 ready".into())
+            ]
+        );
+        assert_eq!(sim.core.readiness(), Ok(()));
+        // A crash later is STATUS only: READY=1 means "started", once.
+        sim.killed(pids[1]);
+        let crash = host.update(&sim.core);
+        assert!(!crash.contains(&HostMessage::Ready));
+        assert!(sim.core.readiness().is_err());
+    }
+
+    #[test]
+    fn a_rollout_is_reloading_until_it_ends_and_a_sighup_that_changes_nothing_is_both() {
+        let mut sim = Sim::new(WEB3);
+        let mut host = HostNotifier::default();
+        ready_all(&mut sim, "web");
+        assert!(host.update(&sim.core).contains(&HostMessage::Ready));
+
+        sim.signal(SupervisorSignal::Reload);
+        let start = host.update(&sim.core);
+        assert_eq!(start[0], HostMessage::Reloading);
+        assert_eq!(status(&start), Some("web 3/3 ready (reload g2 0/3)"));
+        roll(&mut sim, "web");
+        let end = host.update(&sim.core);
+        assert_eq!(end[0], HostMessage::Ready, "{end:?}");
+
+        // SIGHUP (Type=notify-reload): RELOADING=1 then READY=1 even with nothing to do.
+        host.reload_seen();
+        assert_eq!(
+            host.update(&sim.core),
+            vec![HostMessage::Reloading, HostMessage::Ready]
+        );
+    }
+
+    #[test]
+    fn shutdown_says_stopping_once() {
+        let mut sim = Sim::new(WEB3);
+        let mut host = HostNotifier::default();
+        ready_all(&mut sim, "web");
+        host.update(&sim.core);
+        sim.signal(SupervisorSignal::Stop(Signal::SIGTERM));
+        let messages = host.update(&sim.core);
+        assert_eq!(messages[0], HostMessage::Stopping);
+        assert_eq!(status(&messages), Some("stopping: web 0/3 ready"));
+        assert_eq!(
+            sim.core.readiness(),
+            Err("clusterd is shutting down".to_owned())
+        );
+        sim.stopped_ones_exit();
+        assert!(!host.update(&sim.core).contains(&HostMessage::Stopping));
+    }
+
+    #[test]
+    fn not_ready_while_an_aborted_rollout_stops_its_new_workers() {
+        let mut sim = Sim::new(&WEB3.replace("bake = \"0s\"", "bake = \"0s\"\nsurge = 2"));
+        ready_all(&mut sim, "web");
+        sim.signal(SupervisorSignal::Reload);
+        let (c0, c1) = (
+            sim.candidate("web", 0).unwrap(),
+            sim.candidate("web", 1).unwrap(),
+        );
+        sim.exit(c0, ExitStatus::Code(1));
+        // c1 is told to stop; until it is gone the host is not ready.
+        assert!(sim.sent(c1, Signal::SIGTERM));
+        let reason = sim.core.readiness().unwrap_err();
+        assert!(reason.contains("web: a rollout is aborting"), "{reason}");
+        sim.exit(c1, ExitStatus::Signal(Signal::SIGTERM));
+        assert_eq!(sim.core.readiness(), Ok(()));
+    }
+}
+
+mod handover {
+    //! The core crosses an upgrade's exec as JSON: every slot, generation, restart count,
+    //! rollout and deadline comes back.
+
+    use super::super::handover::{DriverState, HandedPath, Handover};
+    use super::*;
+
+    fn round_trip(sim: &mut Sim) {
+        let core = std::mem::take(&mut sim.core);
+        let handover = Handover::new(
+            core,
+            manifest(WEB3),
+            "/run/x".into(),
+            Vec::new(),
+            HandedPath {
+                fd: 5,
+                path: "/run/x/control.sock".into(),
+            },
+            HandedPath {
+                fd: 6,
+                path: "/run/x/notify.sock".into(),
+            },
+            None,
+            DriverState {
+                started: sim.now,
+                upgrades: 1,
+                contained: Vec::new(),
+                outputs: Vec::new(),
+            },
+        );
+        let deadline = handover.core.next_deadline();
+        let bytes = handover.encode(sim.now).expect("encode");
+        let decoded = Handover::decode(&bytes).expect("decode");
+        let (core, _) = decoded.into_state();
+        // Deadlines keep their distance from the moment of writing (the reader's clock is
+        // real, so compare relative to now rather than equal).
+        let (a, b) = (deadline.unwrap(), core.next_deadline().unwrap());
+        let (da, db) = (
+            a.saturating_duration_since(sim.now),
+            b.saturating_duration_since(Instant::now()),
+        );
+        assert!(
+            da.abs_diff(db) < Duration::from_millis(200),
+            "{da:?} vs {db:?}"
+        );
+        sim.core = core;
+        // The simulator's clock goes on from the decoded instants.
+        sim.now = Instant::now();
+    }
+
+    #[test]
+    fn a_rollout_in_progress_crosses_and_completes() {
+        let mut sim = Sim::new(&WEB3.replace("bake = \"0s\"", "bake = \"5s\""));
+        ready_all(&mut sim, "web");
+        let old = sim.serving("web");
+        sim.killed(old[2]);
+        sim.advance(10 * MS);
+        ready_all(&mut sim, "web");
+        sim.signal(SupervisorSignal::Reload);
+        let candidate = sim.candidate("web", 0).unwrap();
+        sim.notify(candidate, "READY=1");
+        round_trip(&mut sim);
+        assert_eq!(sim.core.apps["web"].slots[2].restarts, 1);
+        assert_eq!(sim.core.apps["web"].generation, 2);
+        assert_eq!(sim.candidate("web", 0), Some(candidate));
+        assert!(sim.core.worker_by_pid(candidate).is_some());
+        // Its bake (5 s) goes on from where it was, then the rollout ends as usual.
+        sim.advance(4 * SECOND_);
+        assert_eq!(
+            sim.pid("web", 0),
+            Some(old[0]),
+            "promoted before its bake ended"
+        );
+        sim.advance(2 * SECOND_);
+        assert_eq!(sim.pid("web", 0), Some(candidate));
+        sim.stopped_ones_exit();
+        for _ in 0..4 {
+            for slot in 0..3 {
+                if let Some(pid) = sim.candidate("web", slot)
+                    && matches!(sim.phase(pid), Phase::Starting { .. })
+                {
+                    sim.notify(pid, "READY=1");
+                }
+            }
+            sim.advance(6 * SECOND_);
+            sim.stopped_ones_exit();
+        }
+        assert_eq!(
+            sim.last_reload("web"),
+            Some(ReloadOutcome::Completed { generation: 2 })
+        );
+    }
+
+    const SECOND_: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_state_from_a_newer_format_or_garbage_is_refused() {
+        assert!(Handover::decode(b"not json").is_err());
+        let newer = br#"{"format":99,"version":"9.9.9","monotonic_ns":1}"#;
+        let error = Handover::decode(newer).err().expect("refused").to_string();
+        assert!(error.contains("format 99 of clusterd 9.9.9"), "{error}");
+    }
+}
+
 mod random {
     //! Random event sequences against the invariants (checked by `Sim::perform` after every
     //! step), plus: a rollout is never reported completed while one of its new workers is

@@ -6,6 +6,7 @@ mod control;
 mod core;
 mod examples;
 mod faults;
+mod host;
 mod intercept;
 mod kv;
 mod limits;

@@ -68,8 +68,19 @@ impl Clusterd {
     /// Like [`Clusterd::start_with`], with clusterd exec'd by `sh -c 'LISTEN_PID=$$ exec ...'`
     /// so that `LISTEN_PID` is clusterd's own pid, as under systemd socket activation.
     pub fn start_activated(manifest: &str, adjust: impl FnOnce(&mut Command)) -> Self {
-        Self::start_wrapped(
+        Self::start_activated_with_files(manifest, &[], adjust)
+    }
+
+    /// Like [`Clusterd::start_activated`], after writing executable `files` into the temp dir
+    /// (as [`Clusterd::start_with_files`] does).
+    pub fn start_activated_with_files(
+        manifest: &str,
+        files: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
+        Self::start_wrapped_with_files(
             manifest,
+            files,
             &["sh", "-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""],
             adjust,
         )
@@ -82,7 +93,16 @@ impl Clusterd {
         wrapper: &[&str],
         adjust: impl FnOnce(&mut Command),
     ) -> Self {
-        Self::start_full(manifest, &[], |command| {
+        Self::start_wrapped_with_files(manifest, &[], wrapper, adjust)
+    }
+
+    fn start_wrapped_with_files(
+        manifest: &str,
+        files: &[(&str, &str)],
+        wrapper: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
+        Self::start_full(manifest, files, |command| {
             let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
             let mut wrapped = Command::new(wrapper[0]);
             wrapped

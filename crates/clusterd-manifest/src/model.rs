@@ -1,6 +1,8 @@
 //! The validated manifest: what the supervisor runs from. Every value here is resolved
 //! (defaults applied, relative paths made absolute against the manifest's directory,
-//! `"auto"` turned into a number), so the supervisor never re-interprets raw TOML.
+//! `"auto"` turned into a number), so the supervisor never re-interprets raw TOML. Every type
+//! is serializable: the supervisor's state, configurations included, crosses `clusterd
+//! upgrade` as JSON.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -8,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
 
 /// Environment variables clusterd sets for each worker itself (or withholds): an app's `env`
 /// may not set them, and clusterd's own values never reach a worker.
@@ -25,7 +28,7 @@ pub const RESERVED_ENV: &[&str] = &[
 pub const RESERVED_ENV_PREFIX: &str = "CLUSTERD_";
 
 /// A whole manifest after parsing and validation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     /// The manifest file, absolute.
     pub path: PathBuf,
@@ -42,7 +45,7 @@ pub struct Manifest {
 }
 
 /// `[supervisor]`: settings of the clusterd process itself.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SupervisorConfig {
     /// Default grace period between the stop signal and SIGKILL (`stop_timeout`, default 10s).
     pub stop_timeout: Duration,
@@ -57,7 +60,7 @@ pub struct SupervisorConfig {
 /// Where and how output is logged: `log`, `log_format`, `log_max_size`, `log_keep`, in
 /// `[supervisor]` (the default) and in `[apps.NAME]` (each unset key inherits the
 /// supervisor's).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogConfig {
     /// `log`: `None` when neither the app nor `[supervisor]` sets it, which means stdout in the
     /// foreground and the run directory's `clusterd.log` for `clusterd start --detach`.
@@ -71,7 +74,7 @@ pub struct LogConfig {
 }
 
 /// `log`: where lines go.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum LogTarget {
     /// `"stdout"`: clusterd's stdout (workers' stdout) and stderr (workers' stderr, events).
     Stdout,
@@ -83,7 +86,7 @@ pub enum LogTarget {
 }
 
 /// `log_format`: how a line is written to a file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LogFormat {
     /// `"text"`: `<RFC 3339 time> app[slot] message` (stderr: `app[slot]!`).
     Text,
@@ -92,7 +95,7 @@ pub enum LogFormat {
 }
 
 /// `[sockets.NAME]`: a listening socket clusterd binds once and hands to workers.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SocketConfig {
     /// Where to listen.
     pub listen: Listen,
@@ -112,7 +115,7 @@ pub struct SocketConfig {
 }
 
 /// `keepalive` of a TCP socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Keepalive {
     /// No `SO_KEEPALIVE`.
     Off,
@@ -123,7 +126,7 @@ pub enum Keepalive {
 }
 
 /// The address of a listening socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Listen {
     /// `"host:port"` or `"[v6]:port"`; the host was resolved at validation time.
     Tcp(SocketAddr),
@@ -132,7 +135,7 @@ pub enum Listen {
 }
 
 /// `[apps.NAME]`: one group of identical workers.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AppConfig {
     /// `command`: argv, non-empty. `argv[0]` containing a `/` was made absolute against the
     /// manifest's directory; a bare name is looked up in `PATH` at each spawn.
@@ -146,6 +149,7 @@ pub struct AppConfig {
     /// `cwd`: absolute working directory (default: the manifest's directory).
     pub cwd: PathBuf,
     /// `stop_signal` (default SIGTERM), accepted as `"SIGTERM"`, `"TERM"` or a number.
+    #[serde(with = "signal_number")]
     pub stop_signal: Signal,
     /// `stop_timeout` (default: `[supervisor].stop_timeout`).
     pub stop_timeout: Duration,
@@ -187,7 +191,7 @@ pub struct AppConfig {
 }
 
 /// `restart_limit`: the give-up rule for a slot that keeps dying.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestartLimit {
     /// At most this many restarts...
     pub burst: u32,
@@ -196,7 +200,7 @@ pub struct RestartLimit {
 }
 
 /// When a worker that exited is started again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RestartPolicy {
     /// Whatever the exit status.
     Always,
@@ -207,7 +211,7 @@ pub enum RestartPolicy {
 }
 
 /// Exponential backoff between repeated crashes of a slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Backoff {
     /// `backoff_initial` (default 100ms): the delay after the second crash in a row
     /// (the first crash is replaced at once).
@@ -219,7 +223,7 @@ pub struct Backoff {
 }
 
 /// How the supervisor learns that a new worker is ready to serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Readiness {
     /// `ready = "immediate"` (default for apps without sockets): as soon as it has been spawned.
     Immediate,
@@ -234,7 +238,7 @@ pub enum Readiness {
 }
 
 /// `[apps.NAME.reload]`: how a rolling reload proceeds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReloadConfig {
     /// `surge` (default 1): new workers started ahead of stopping old ones.
     pub surge: usize,
@@ -243,8 +247,24 @@ pub struct ReloadConfig {
 }
 
 /// `[metrics]`: the optional Prometheus endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetricsConfig {
     /// `listen`: a TCP `host:port`.
     pub listen: SocketAddr,
+}
+
+/// A signal as its number, for the serialized form of an [`AppConfig`] (the state clusterd
+/// hands to its next version across `clusterd upgrade`).
+mod signal_number {
+    use nix::sys::signal::Signal;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(signal: &Signal, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i32(*signal as i32)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Signal, D::Error> {
+        let number = i32::deserialize(d)?;
+        Signal::try_from(number).map_err(serde::de::Error::custom)
+    }
 }

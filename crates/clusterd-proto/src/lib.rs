@@ -110,6 +110,14 @@ pub enum Request {
         #[serde(default)]
         follow: bool,
     },
+    /// Replace the supervisor in place with a clusterd binary (same pid, workers kept),
+    /// after checking that the binary can read its state. Answered with [`Reply::Done`] just
+    /// before the exec, or [`Reply::Error`] (nothing changed).
+    Upgrade {
+        /// The new binary, absolute; the one the supervisor was started from when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<String>,
+    },
 }
 
 fn default_log_lines() -> usize {
@@ -275,7 +283,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, DecodeError> {
         });
     };
     const KNOWN: &[&str] = &[
-        "status", "reload", "restart", "scale", "signal", "stop", "logs",
+        "status", "reload", "restart", "scale", "signal", "stop", "logs", "upgrade",
     ];
     if !KNOWN.contains(&cmd.as_str()) {
         return Err(DecodeError {
@@ -338,6 +346,9 @@ mod tests {
                 slot: None,
                 lines: 10,
                 follow: false,
+            },
+            Request::Upgrade {
+                binary: Some("/usr/local/bin/clusterd".into()),
             },
         ];
         for request in requests {

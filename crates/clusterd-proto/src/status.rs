@@ -28,6 +28,22 @@ pub struct Status {
     /// stderr was not read fast enough.
     #[serde(default)]
     pub output_dropped: u64,
+    /// Whether every app has its desired number of ready workers, no rollout is aborting and
+    /// the supervisor is not stopping (what `/readyz` and `clusterd status --check` answer).
+    #[serde(default)]
+    pub ready: bool,
+    /// Why not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready: Option<String>,
+    /// The supervisor's clusterd version.
+    #[serde(default)]
+    pub version: String,
+    /// How many times it was upgraded in place (`clusterd upgrade`).
+    #[serde(default)]
+    pub upgrades: u32,
+    /// Milliseconds since the last upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgraded_ms: Option<u64>,
 }
 
 /// One listening socket.

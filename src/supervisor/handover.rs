@@ -1,0 +1,511 @@
+//! `clusterd upgrade`: replacing the running supervisor with a (new) clusterd binary in place.
+//! Same pid, so the workers stay its children and keep serving; what crosses `execve`:
+//!
+//! - **descriptors**, by number, close-on-exec cleared just before the exec: the listening
+//!   sockets, the control and notify sockets, the metrics listener and the read ends of the
+//!   workers' output pipes (the new side re-marks each close-on-exec as it adopts it);
+//! - **the state**, as JSON in a memfd ([`Handover`]): the whole [`Core`] (slots,
+//!   generations, restart counts, rollouts, every deadline), the manifest, the driver's
+//!   bookkeeping. An [`Instant`] is written as nanoseconds from an anchor whose
+//!   `CLOCK_MONOTONIC` time is in the header, so the reader shifts every deadline by the time
+//!   the exec took: a deadline is as absolute after the upgrade as before.
+//!
+//! Before anything changes, the new binary must prove it can read this very state: the
+//! driver runs `NEW handover-check` with the memfd as stdin, which parses it completely and
+//! prints [`CHECK_OK`] with its versions ([`check`]). Any failure (not executable, another
+//! program, an older format) leaves everything as it was and is the answer to the client.
+//! Signals clusterd handles are blocked across the exec (the mask and pending signals
+//! survive it) and unblocked by the new side once its handlers are installed.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clusterd_manifest::Manifest;
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use super::core::Core;
+use super::state::WorkerId;
+
+/// The version of the state format this build writes, and the newest it reads.
+pub const FORMAT: u32 = 1;
+
+/// The first word of the line `handover-check` prints when it can read the state.
+pub const CHECK_OK: &str = "clusterd-handover-ok";
+
+/// How long the new binary's `handover-check` may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a clusterd hands to the next one.
+#[derive(Serialize, Deserialize)]
+pub struct Handover {
+    /// [`FORMAT`] of the writer.
+    pub format: u32,
+    /// The writer's clusterd version.
+    pub version: String,
+    /// `CLOCK_MONOTONIC` (ns) of the anchor the instants are written against.
+    monotonic_ns: u64,
+    /// The decisions' state.
+    pub(super) core: Core,
+    /// The manifest in effect (the last one applied, not the file as it is now).
+    pub manifest: Manifest,
+    /// The run directory (pid file, control and notify sockets).
+    pub run_dir: PathBuf,
+    /// The listening sockets.
+    pub sockets: Vec<HandedSocket>,
+    /// The control socket's listener.
+    pub control: HandedPath,
+    /// The notify socket.
+    pub notify: HandedPath,
+    /// The metrics listener.
+    pub metrics: Option<RawFd>,
+    /// The soft and hard `RLIMIT_NOFILE` clusterd was first started with (workers get it).
+    pub nofile: Option<(u64, u64)>,
+    /// What the driver keeps for itself.
+    pub(super) driver: DriverState,
+}
+
+/// One listening socket.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HandedSocket {
+    /// `[sockets.NAME]`.
+    pub name: String,
+    /// Its descriptor.
+    pub fd: RawFd,
+    /// What it is bound to, as status shows it.
+    pub address: String,
+    /// The socket file clusterd created (removed at exit).
+    pub unix_path: Option<PathBuf>,
+}
+
+/// A unix socket with its path.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HandedPath {
+    /// Its descriptor.
+    pub fd: RawFd,
+    /// Its file.
+    pub path: PathBuf,
+}
+
+/// The driver's own bookkeeping.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct DriverState {
+    /// When the first clusterd of this pid started.
+    #[serde(with = "instant")]
+    pub started: Instant,
+    /// Upgrades so far, this one included.
+    pub upgrades: u32,
+    /// Each worker's name in the containment.
+    pub contained: Vec<(WorkerId, String)>,
+    /// The read ends of the workers' output pipes.
+    pub outputs: Vec<HandedOutput>,
+}
+
+/// A worker's output pipes (read ends).
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct HandedOutput {
+    /// The worker.
+    pub worker: WorkerId,
+    /// Its line prefix, `app[slot]`.
+    pub label: String,
+    /// Its stdout pipe.
+    pub stdout: RawFd,
+    /// Its stderr pipe.
+    pub stderr: RawFd,
+}
+
+/// What every reader checks first, before trusting the rest.
+#[derive(Deserialize)]
+struct Header {
+    format: u32,
+    version: String,
+    monotonic_ns: u64,
+}
+
+/// Why a hand-over cannot be read, written or carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    /// Not the JSON of a hand-over at all.
+    #[error("not a clusterd hand-over: {0}")]
+    Malformed(serde_json::Error),
+    /// Written in a format this build does not read.
+    #[error(
+        "the state is in hand-over format {found} of clusterd {version}; this clusterd {ours} reads format {FORMAT} and older"
+    )]
+    Format {
+        /// The writer's format.
+        found: u32,
+        /// The writer's version.
+        version: String,
+        /// This build's version.
+        ours: &'static str,
+    },
+    /// The header was fine, the rest not.
+    #[error("cannot read the state of clusterd {version}: {cause}")]
+    State {
+        /// The writer's version.
+        version: String,
+        /// What failed.
+        cause: serde_json::Error,
+    },
+    /// A system call failed.
+    #[error("{what}: {cause}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        cause: io::Error,
+    },
+    /// The new binary is not fit.
+    #[error("{binary}: {why}; nothing changed")]
+    Refused {
+        /// The binary.
+        binary: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+fn io_error(what: &'static str) -> impl FnOnce(io::Error) -> HandoverError {
+    move |cause| HandoverError::Io { what, cause }
+}
+
+/// This build's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+impl Handover {
+    /// A hand-over of `core` and the rest, anchored at `now`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        core: Core,
+        manifest: Manifest,
+        run_dir: PathBuf,
+        sockets: Vec<HandedSocket>,
+        control: HandedPath,
+        notify: HandedPath,
+        metrics: Option<RawFd>,
+        driver: DriverState,
+    ) -> Self {
+        Handover {
+            format: FORMAT,
+            version: VERSION.to_owned(),
+            monotonic_ns: monotonic_ns(),
+            core,
+            manifest,
+            run_dir,
+            sockets,
+            control,
+            notify,
+            metrics,
+            nofile: crate::spawn::worker_nofile(),
+            driver,
+        }
+    }
+
+    /// The JSON, with instants relative to `now`.
+    pub(super) fn encode(&self, now: Instant) -> Result<Vec<u8>, HandoverError> {
+        let anchor = Anchor::set(now);
+        let bytes = serde_json::to_vec(self).map_err(HandoverError::Malformed);
+        drop(anchor);
+        bytes
+    }
+
+    /// Reads a hand-over; instants come out shifted by the time since it was written.
+    pub fn decode(bytes: &[u8]) -> Result<Handover, HandoverError> {
+        let header: Header = serde_json::from_slice(bytes).map_err(HandoverError::Malformed)?;
+        if header.format > FORMAT {
+            return Err(HandoverError::Format {
+                found: header.format,
+                version: header.version,
+                ours: VERSION,
+            });
+        }
+        let elapsed = Duration::from_nanos(monotonic_ns().saturating_sub(header.monotonic_ns));
+        let now = Instant::now();
+        let anchor = Anchor::set(now.checked_sub(elapsed).unwrap_or(now));
+        let handover = serde_json::from_slice(bytes).map_err(|cause| HandoverError::State {
+            version: header.version,
+            cause,
+        });
+        drop(anchor);
+        handover
+    }
+
+    /// The pieces the driver needs back.
+    pub(super) fn into_state(self) -> (Core, DriverState) {
+        (self.core, self.driver)
+    }
+}
+
+/// `clusterd handover-check`: reads a hand-over from `input` completely and returns the line
+/// that tells the old clusterd this binary can take over.
+pub fn check(mut input: impl Read) -> Result<String, HandoverError> {
+    let mut bytes = Vec::new();
+    input
+        .read_to_end(&mut bytes)
+        .map_err(io_error("reading the state"))?;
+    let handover = Handover::decode(&bytes)?;
+    Ok(format!(
+        "{CHECK_OK} format={FORMAT} proto={} version={VERSION} workers={}",
+        clusterd_proto::VERSION,
+        handover.core.workers.len()
+    ))
+}
+
+/// Writes `bytes` into a new memfd (close-on-exec), positioned at its start.
+pub(super) fn memfd(bytes: &[u8]) -> Result<std::fs::File, HandoverError> {
+    // SAFETY: memfd_create with a static NUL-terminated name.
+    let raw = unsafe { libc::memfd_create(c"clusterd-handover".as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(io_error("memfd_create")(io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create just returned this descriptor to us.
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    file.write_all(bytes)
+        .and_then(|()| file.rewind())
+        .map_err(io_error("writing the state"))?;
+    Ok(file)
+}
+
+/// Reads the hand-over at `fd` (the new side) and closes it.
+pub fn read_fd(fd: RawFd) -> Result<Handover, HandoverError> {
+    // SAFETY: the old clusterd passed this descriptor to us for this, and nothing else owns it.
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut bytes = Vec::new();
+    file.rewind()
+        .and_then(|()| file.read_to_end(&mut bytes))
+        .map_err(io_error("reading the handed-over state"))?;
+    Handover::decode(&bytes)
+}
+
+/// Runs `binary handover-check` on the state in `state` and says whether it can take over:
+/// `Ok` with its check line, or why not.
+pub(super) fn check_binary(binary: &Path, state: &std::fs::File) -> Result<String, HandoverError> {
+    let refuse = |why: String| HandoverError::Refused {
+        binary: binary.to_path_buf(),
+        why,
+    };
+    let meta = std::fs::metadata(binary).map_err(|e| refuse(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    if nix::unistd::access(binary, nix::unistd::AccessFlags::X_OK).is_err() {
+        return Err(refuse("not executable".into()));
+    }
+    let input = state.try_clone().map_err(io_error("dup"))?;
+    let mut child = std::process::Command::new(binary)
+        .arg("handover-check")
+        .stdin(input)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| refuse(format!("cannot run it: {e}")))?;
+    // Bounded: the loop waits here (clusterd's own child, reaped here by pid, before the
+    // reaper can see it: the reaper only runs between events).
+    let deadline = Instant::now() + CHECK_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(refuse(format!(
+                    "`handover-check` did not finish within {CHECK_TIMEOUT:?}"
+                )));
+            }
+        }
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        let _ = stdout.read_to_string(&mut out);
+    }
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = stderr.read_to_string(&mut err);
+    }
+    let line = out.lines().find(|l| l.starts_with(CHECK_OK));
+    match line {
+        Some(line) if status.success() => {
+            let proto = field(line, "proto").and_then(|p| p.parse::<u32>().ok());
+            if proto.is_none_or(|p| p < clusterd_proto::VERSION) {
+                return Err(refuse(format!(
+                    "it speaks control protocol {proto:?}, older than ours ({})",
+                    clusterd_proto::VERSION
+                )));
+            }
+            Ok(line.to_owned())
+        }
+        _ => {
+            let said = err.trim().lines().last().unwrap_or("").to_owned();
+            Err(refuse(format!(
+                "it cannot read this clusterd's state ({status}{}{said})",
+                if said.is_empty() { "" } else { ": " }
+            )))
+        }
+    }
+}
+
+/// `key=value` in a check line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split(' ')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Clears close-on-exec on `fds` (for the exec), or sets it again (after a failed one).
+pub(super) fn set_inherit(fds: &[RawFd], inherit: bool) -> io::Result<()> {
+    for fd in fds {
+        let flag = if inherit { 0 } else { libc::FD_CLOEXEC };
+        // SAFETY: F_SETFD on a descriptor number this process holds.
+        if unsafe { libc::fcntl(*fd, libc::F_SETFD, flag) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Marks an adopted descriptor close-on-exec again (the new side).
+pub fn adopt(fd: RawFd) -> io::Result<OwnedFd> {
+    set_inherit(&[fd], false)?;
+    // SAFETY: handed to us by the previous clusterd, owned by nothing else in this process.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Replaces this process with `binary handover-resume FD`. Returns only on failure (then
+/// the caller undoes what it prepared).
+pub(super) fn exec(binary: &Path, state: &std::fs::File) -> io::Error {
+    use std::os::unix::ffi::OsStrExt;
+    let program = match std::ffi::CString::new(binary.as_os_str().as_bytes()) {
+        Ok(p) => p,
+        Err(e) => return io::Error::new(io::ErrorKind::InvalidInput, e),
+    };
+    let fd = std::ffi::CString::new(state.as_raw_fd().to_string()).unwrap_or_default();
+    let argv = [c"clusterd", c"handover-resume", fd.as_c_str()];
+    match nix::unistd::execv(&program, &argv) {
+        Err(errno) => errno.into(),
+        Ok(never) => match never {},
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    crate::manager::monotonic_usec().saturating_mul(1000)
+}
+
+thread_local! {
+    /// The instant that serialized offsets are relative to, while (de)serializing.
+    static ANCHOR: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Sets [`ANCHOR`] for as long as it lives.
+struct Anchor;
+
+impl Anchor {
+    fn set(at: Instant) -> Anchor {
+        ANCHOR.with(|a| a.set(Some(at)));
+        Anchor
+    }
+}
+
+impl Drop for Anchor {
+    fn drop(&mut self) {
+        ANCHOR.with(|a| a.set(None));
+    }
+}
+
+/// An [`Instant`] as signed nanoseconds from the anchor.
+pub mod instant {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    const NO_ANCHOR: &str = "an instant outside of a hand-over";
+
+    fn anchor() -> Option<Instant> {
+        ANCHOR.with(Cell::get)
+    }
+
+    /// Writes `at`.
+    pub fn serialize<S: Serializer>(at: &Instant, s: S) -> Result<S::Ok, S::Error> {
+        let anchor = anchor().ok_or_else(|| serde::ser::Error::custom(NO_ANCHOR))?;
+        let nanos = if *at >= anchor {
+            i64::try_from((*at - anchor).as_nanos()).unwrap_or(i64::MAX)
+        } else {
+            -i64::try_from((anchor - *at).as_nanos()).unwrap_or(i64::MAX)
+        };
+        s.serialize_i64(nanos)
+    }
+
+    /// Reads an instant.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Instant, D::Error> {
+        let anchor = anchor().ok_or_else(|| serde::de::Error::custom(NO_ANCHOR))?;
+        let nanos = i64::deserialize(d)?;
+        let offset = Duration::from_nanos(nanos.unsigned_abs());
+        let at = if nanos >= 0 {
+            anchor.checked_add(offset)
+        } else {
+            anchor.checked_sub(offset)
+        };
+        at.ok_or_else(|| serde::de::Error::custom("an instant out of range"))
+    }
+}
+
+/// An `Option<Instant>`, as [`instant`] or null.
+pub mod opt_instant {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Wrapped(#[serde(with = "super::instant")] Instant);
+
+    /// Writes `at`.
+    pub fn serialize<S: Serializer>(at: &Option<Instant>, s: S) -> Result<S::Ok, S::Error> {
+        at.map(Wrapped).serialize(s)
+    }
+
+    /// Reads an optional instant.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Instant>, D::Error> {
+        Ok(Option::<Wrapped>::deserialize(d)?.map(|w| w.0))
+    }
+}
+
+/// An `Option<Pid>` as a number or null.
+pub mod opt_pid {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    /// Writes `pid`.
+    pub fn serialize<S: Serializer>(pid: &Option<Pid>, s: S) -> Result<S::Ok, S::Error> {
+        pid.map(Pid::as_raw).serialize(s)
+    }
+
+    /// Reads an optional pid.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Pid>, D::Error> {
+        Ok(Option::<i32>::deserialize(d)?.map(Pid::from_raw))
+    }
+}
+
+/// The core's pid index, as `[pid, worker]` pairs.
+pub mod pid_map {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    /// Writes the map.
+    pub fn serialize<S: Serializer>(map: &HashMap<Pid, WorkerId>, s: S) -> Result<S::Ok, S::Error> {
+        let pairs: Vec<(i32, WorkerId)> = map.iter().map(|(p, w)| (p.as_raw(), *w)).collect();
+        pairs.serialize(s)
+    }
+
+    /// Reads the map.
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<HashMap<Pid, WorkerId>, D::Error> {
+        let pairs = Vec::<(i32, WorkerId)>::deserialize(d)?;
+        Ok(pairs
+            .into_iter()
+            .map(|(p, w)| (Pid::from_raw(p), w))
+            .collect())
+    }
+}
