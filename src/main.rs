@@ -6,6 +6,7 @@
 mod containment;
 mod control;
 mod intercept;
+mod ipc;
 mod metrics;
 mod notify;
 mod output;
@@ -111,6 +112,16 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Deliver a JSON message on the channel (ipc) of every worker of an app (APP), or of
+    /// one slot's worker (APP:SLOT); Node workers get it as a `message` event.
+    Send {
+        /// APP or APP:SLOT.
+        spec: String,
+        /// The message, e.g. '{"hello":1}'.
+        message: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Stop a running supervisor gracefully (like SIGTERM).
     Stop {
         #[command(flatten)]
@@ -199,17 +210,28 @@ fn main() -> ExitCode {
             },
         ),
         Command::Restart { spec, target } => {
-            let (app, slot) = match spec.split_once(':') {
-                Some((app, slot)) => match slot.parse() {
-                    Ok(slot) => (app.to_owned(), Some(slot)),
-                    Err(_) => {
-                        eprintln!("clusterd: {spec:?}: expected APP or APP:SLOT");
-                        return ExitCode::from(EXIT_USAGE);
-                    }
-                },
-                None => (spec, None),
+            let Some((app, slot)) = app_slot(&spec) else {
+                return ExitCode::from(EXIT_USAGE);
             };
             control_command(&target, Request::Restart { app, slot }, |_| Ok(false))
+        }
+        Command::Send {
+            spec,
+            message,
+            target,
+        } => {
+            let Some((app, slot)) = app_slot(&spec) else {
+                return ExitCode::from(EXIT_USAGE);
+            };
+            let message = match serde_json::from_str(&message) {
+                Ok(message) => message,
+                Err(error) => {
+                    eprintln!("clusterd: the message is not JSON: {error}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let request = Request::Send { app, slot, message };
+            control_command(&target, request, |_| Ok(false))
         }
         Command::Scale {
             app,
@@ -222,6 +244,20 @@ fn main() -> ExitCode {
             target,
         } => control_command(&target, Request::Signal { app, signal }, |_| Ok(false)),
         Command::Stop { target } => control_command(&target, Request::Stop {}, |_| Ok(false)),
+    }
+}
+
+/// `APP` or `APP:SLOT`; `None` (after saying why) for anything else.
+fn app_slot(spec: &str) -> Option<(String, Option<usize>)> {
+    match spec.split_once(':') {
+        Some((app, slot)) => match slot.parse() {
+            Ok(slot) => Some((app.to_owned(), Some(slot))),
+            Err(_) => {
+                eprintln!("clusterd: {spec:?}: expected APP or APP:SLOT");
+                None
+            }
+        },
+        None => Some((spec.to_owned(), None)),
     }
 }
 

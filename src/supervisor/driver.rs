@@ -25,6 +25,7 @@ use super::status::{CpuSampler, Measured};
 use crate::containment::{self, Containment};
 use crate::control::server::{ControlRequest, ControlServer};
 use crate::intercept::{self, Intercepts, Trap};
+use crate::ipc::{self, Channels};
 use crate::metrics::{Metrics, MetricsServer, Scrape};
 use crate::notify::{Notification, NotifySocket};
 use crate::output::{self, Stream};
@@ -73,6 +74,10 @@ pub async fn run(
             Some(request) = control.recv() => driver.on_control(&mut core, request),
             Some(worker) = driver.intercepts.listening() => {
                 driver.feed(&mut core, Event::Listening(worker));
+            }
+            Some(message) = driver.channels.recv() => {
+                let ipc::Message { worker, text, ready } = message;
+                driver.feed(&mut core, Event::Message { worker, text, ready });
             }
             Some(scrape) = async { match metrics_server.as_mut() { Some(m) => m.recv().await, None => None } } => {
                 driver.on_scrape(&core, scrape);
@@ -125,6 +130,8 @@ struct Driver {
     steered: BTreeSet<String>,
     /// The per-worker sockets of `steered` and the program that picks among them.
     steering: Steering,
+    /// Workers' message channels (`ipc`).
+    channels: Channels,
 }
 
 impl Driver {
@@ -159,6 +166,7 @@ impl Driver {
             intercepts: Intercepts::default(),
             steered,
             steering: Steering::default(),
+            channels: Channels::default(),
         })
     }
 
@@ -215,6 +223,17 @@ impl Driver {
                     }
                     self.intercepts.forget(worker);
                     self.steering.forget(worker);
+                    self.channels.close(worker);
+                    None
+                }
+                Action::Deliver { worker, text } => {
+                    if !self.channels.send(worker, text) {
+                        self.metrics.record_message_dropped();
+                    }
+                    None
+                }
+                Action::Disconnect { worker } => {
+                    self.channels.close(worker);
                     None
                 }
                 Action::Reply { to, reply } => {
@@ -337,6 +356,15 @@ impl Driver {
             usage: &usage,
             cpu_percent: &cpu_percent,
         };
+        let mut apps = core.app_statuses(now, &measured);
+        for worker in apps.iter_mut().flat_map(|app| app.workers.iter_mut()) {
+            let id = worker
+                .pid
+                .and_then(|pid| core.worker_by_pid(Pid::from_raw(pid as i32)));
+            if let Some(id) = id {
+                worker.messages_dropped = self.channels.dropped(id);
+            }
+        }
         Status {
             pid: std::process::id(),
             manifest: self.manifest.path.display().to_string(),
@@ -351,7 +379,7 @@ impl Driver {
                     address: s.address.clone(),
                 })
                 .collect(),
-            apps: core.app_statuses(now, &measured),
+            apps,
             containment: self.containment.describe(),
             output_dropped: output::dropped_lines(),
         }
@@ -367,6 +395,7 @@ impl Driver {
             Observation::Ready { app, seconds } => self.metrics.record_ready(&app, seconds),
             Observation::Restart { app } => self.metrics.record_restart(&app),
             Observation::Reload { app, completed } => self.metrics.record_reload(&app, completed),
+            Observation::Message { app } => self.metrics.record_message(&app),
         }
     }
 
@@ -447,6 +476,19 @@ impl Driver {
         if let Some(exe) = &self.exe {
             env.insert("CLUSTERD_EXE".into(), exe.clone());
         }
+        let channel = match config.ipc {
+            true => Some(ipc::pair().map_err(|cause| SpawnError::Os {
+                what: "socketpair",
+                cause,
+            })?),
+            false => None,
+        };
+        if channel.is_some() {
+            let fd = spawn::ipc_fd_number(listen_fds.len()).to_string();
+            env.insert("CLUSTERD_IPC_FD".into(), fd.clone());
+            env.insert("NODE_CHANNEL_FD".into(), fd);
+            env.insert("NODE_CHANNEL_SERIALIZATION_MODE".into(), "json".into());
+        }
         let env: Vec<(String, String)> = env.into_iter().collect();
 
         let label = format!("{app}[{slot}]");
@@ -482,7 +524,13 @@ impl Driver {
             stdio: [&self.dev_null, &stdout, &stderr],
             cgroup_procs: cgroup_procs.as_ref(),
             trap: trap.as_ref(),
+            ipc: channel.as_ref().map(|(_, theirs)| theirs),
         })?;
+        if let Some((mine, _)) = channel
+            && let Err(error) = self.channels.watch(worker, label.clone(), mine)
+        {
+            tracing::error!("{label} pid {pid}: cannot serve its message channel: {error}");
+        }
         if let Some(trap) = trap {
             // The child sent the fd before it exec'd. Without it, its trapped calls fail with
             // ENOSYS once `trap` is dropped: the worker sees an error, clusterd goes on.

@@ -8,13 +8,15 @@
 //! - The core's rooms: [`state`] (apps, slots, workers; every deadline lives in the state that
 //!   owns it), [`backoff`] (crash loops vs outside kills), [`rollout`] (rolling reload and its
 //!   fail-safe abort), [`reconfigure`] (applying a re-read manifest), [`commands`] (control
-//!   requests); [`event`] is the vocabulary between core and driver; [`status`] the views.
+//!   requests), [`messages`] (what workers' messages mean, `clusterd send`); [`event`] is the
+//!   vocabulary between core and driver; [`status`] the views.
 
 mod backoff;
 mod commands;
 mod core;
 mod driver;
 mod event;
+mod messages;
 mod reconfigure;
 mod rollout;
 mod state;

@@ -87,6 +87,16 @@ pub enum Request {
     },
     /// Graceful shutdown of the supervisor.
     Stop {},
+    /// Deliver a message on the channel (`ipc`) of one worker or every worker of an app.
+    Send {
+        /// The app.
+        app: String,
+        /// One slot's worker; every worker of the app when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<usize>,
+        /// The message: any JSON value (a worker reads it as one line).
+        message: serde_json::Value,
+    },
 }
 
 /// A reply line.
@@ -194,7 +204,9 @@ pub fn decode_request(line: &[u8]) -> Result<Request, DecodeError> {
             message: "missing command \"cmd\"".into(),
         });
     };
-    const KNOWN: &[&str] = &["status", "reload", "restart", "scale", "signal", "stop"];
+    const KNOWN: &[&str] = &[
+        "status", "reload", "restart", "scale", "signal", "stop", "send",
+    ];
     if !KNOWN.contains(&cmd.as_str()) {
         return Err(DecodeError {
             kind: ErrorKind::UnknownCommand,
@@ -245,6 +257,16 @@ mod tests {
                 signal: "HUP".into(),
             },
             Request::Stop {},
+            Request::Send {
+                app: "web".into(),
+                slot: None,
+                message: serde_json::json!({"hello": 1}),
+            },
+            Request::Send {
+                app: "web".into(),
+                slot: Some(1),
+                message: serde_json::json!("ready"),
+            },
         ];
         for request in requests {
             let line = encode_line(&Envelope::new(request.clone()));
