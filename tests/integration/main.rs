@@ -7,6 +7,7 @@ mod core;
 mod examples;
 mod faults;
 mod intercept;
+mod ipc;
 mod kv;
 mod limits;
 mod node_kv;
