@@ -311,12 +311,14 @@ async fn write_lines(write: OwnedWriteHalf, outbox: Rc<Outbox>) {
                     return;
                 }
             }
-            None => {
-                if write.flush().await.is_err() {
+            None if !write.buffer().is_empty() => {
+                // What the loop delivers in the same turn goes out in one write.
+                tokio::task::yield_now().await;
+                if outbox.queue.borrow().is_empty() && write.flush().await.is_err() {
                     return;
                 }
-                outbox.wake.notified().await;
             }
+            None => outbox.wake.notified().await,
         }
     }
 }

@@ -128,10 +128,10 @@ run_one() { # run_one NAME LOG MASTER_PID START_TICKS
     last=$(grep -o '\(done\|partial\) [0-9]* [0-9]*' "$out" | awk '{print $3}' | sort -n | tail -1)
     got=$(grep -o '\(done\|partial\) [0-9]*' "$out" | awk '{s += $2} END {print s}')
     local expected=$(( N * (N - 1) * M ))
-    awk -v name="$name" -v n="$N" -v m="$M" -v ms=$((last - first)) -v got="$got" -v exp="$expected" \
+    awk -v name="$name" -v n="$N" -v m="$M" -v ms=$((last - first)) -v got="$got" -v want="$expected" \
         -v cpu=$(( (t1 - t0) * 1000 / HZ )) 'BEGIN {
             printf "| %s | %d | %.0f | %.0f | %.1f | %d / %d |\n", name, n, n * m / (ms / 1000),
-                got / (ms / 1000), cpu / (n * m / 10000), got, exp }'
+                got / (ms / 1000), cpu / (n * m / 10000), got, want }'
 }
 
 log "clusterd: $N workers x $M messages, ipc_broadcast"
