@@ -439,6 +439,7 @@ mod tests {
             stdio: [&null, &null, &null],
             cgroup_procs,
             trap: None,
+            ipc: None,
         })
         .expect("spawn")
     }

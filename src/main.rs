@@ -6,6 +6,7 @@
 mod containment;
 mod control;
 mod intercept;
+mod ipc;
 mod lifecycle;
 mod logs;
 mod manager;
@@ -128,6 +129,16 @@ enum Command {
         app: String,
         /// The signal: SIGHUP, HUP or 1.
         signal: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Deliver a JSON message on the channel (ipc) of every worker of an app (APP), or of
+    /// one slot's worker (APP:SLOT); Node workers get it as a `message` event.
+    Send {
+        /// APP or APP:SLOT.
+        spec: String,
+        /// The message, e.g. '{"hello":1}'.
+        message: String,
         #[command(flatten)]
         target: Target,
     },
@@ -295,17 +306,28 @@ fn main() -> ExitCode {
             },
         ),
         Command::Restart { spec, target } => {
-            let (app, slot) = match spec.split_once(':') {
-                Some((app, slot)) => match slot.parse() {
-                    Ok(slot) => (app.to_owned(), Some(slot)),
-                    Err(_) => {
-                        eprintln!("clusterd: {spec:?}: expected APP or APP:SLOT");
-                        return ExitCode::from(EXIT_USAGE);
-                    }
-                },
-                None => (spec, None),
+            let Some((app, slot)) = app_slot(&spec) else {
+                return ExitCode::from(EXIT_USAGE);
             };
             control_command(&target, Request::Restart { app, slot }, |_| Ok(false))
+        }
+        Command::Send {
+            spec,
+            message,
+            target,
+        } => {
+            let Some((app, slot)) = app_slot(&spec) else {
+                return ExitCode::from(EXIT_USAGE);
+            };
+            let message = match serde_json::from_str(&message) {
+                Ok(message) => message,
+                Err(error) => {
+                    eprintln!("clusterd: the message is not JSON: {error}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let request = Request::Send { app, slot, message };
+            control_command(&target, request, |_| Ok(false))
         }
         Command::Scale {
             app,
@@ -414,6 +436,20 @@ fn start_detached(path: &Path, run_dir: Option<&Path>, timeout: Option<Duration>
         return ExitCode::from(EXIT_USAGE);
     }
     lifecycle::start_detached(&manifest, run_dir, timeout)
+}
+
+/// `APP` or `APP:SLOT`; `None` (after saying why) for anything else.
+fn app_slot(spec: &str) -> Option<(String, Option<usize>)> {
+    match spec.split_once(':') {
+        Some((app, slot)) => match slot.parse() {
+            Ok(slot) => Some((app.to_owned(), Some(slot))),
+            Err(_) => {
+                eprintln!("clusterd: {spec:?}: expected APP or APP:SLOT");
+                None
+            }
+        },
+        None => Some((spec.to_owned(), None)),
+    }
 }
 
 /// Writes to stdout. A reader that went away (`clusterd status | head -1`) shows up as

@@ -59,6 +59,8 @@ pub struct Metrics {
     rss: Gauge,
     wakeups: Counter,
     output_dropped: Gauge,
+    ipc_messages: Family<AppLabel, Counter>,
+    ipc_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -122,8 +124,22 @@ impl Default for Metrics {
             "Output lines dropped because clusterd's stdout or stderr was not read",
             output_dropped.clone(),
         );
+        let ipc_messages = Family::<AppLabel, Counter>::default();
+        registry.register(
+            "ipc_messages",
+            "Messages workers sent on their channel (ipc)",
+            ipc_messages.clone(),
+        );
+        let ipc_dropped = Counter::default();
+        registry.register(
+            "ipc_dropped",
+            "Messages for workers dropped because the worker did not read its channel",
+            ipc_dropped.clone(),
+        );
         Metrics {
             registry,
+            ipc_messages,
+            ipc_dropped,
             wakeups,
             output_dropped,
             workers,
@@ -139,6 +155,20 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A worker of `app` sent a message on its channel.
+    pub fn record_message(&self, app: &str) {
+        self.ipc_messages
+            .get_or_create(&AppLabel {
+                app: app.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A message for a worker was dropped: it does not read its channel.
+    pub fn record_message_dropped(&self) {
+        self.ipc_dropped.inc();
+    }
+
     /// The event loop woke up once.
     pub fn record_wakeup(&self) {
         self.wakeups.inc();

@@ -42,6 +42,14 @@ pub struct SpawnSpec<'a> {
     pub cgroup_procs: Option<&'a OwnedFd>,
     /// For `intercept = true`: the seccomp trap the child installs last before `execve`.
     pub trap: Option<&'a Trap>,
+    /// For `ipc`: the worker's end of its message channel, placed at the fd right after the
+    /// listening sockets (see [`ipc_fd_number`]), without close-on-exec: the worker's own.
+    pub ipc: Option<&'a OwnedFd>,
+}
+
+/// The fd number a worker with `listen_count` sockets finds its message channel at.
+pub fn ipc_fd_number(listen_count: usize) -> RawFd {
+    3 + listen_count as RawFd
 }
 
 /// Why a worker could not be started.
@@ -360,6 +368,7 @@ unsafe fn child_after_fork(
 ) -> ! {
     // Field reads only: nothing here allocates.
     let (listen_fds, trap) = (spec.listen_fds, spec.trap);
+    let ipc = spec.ipc.map(|fd| fd.as_raw_fd());
     unsafe {
         // First of all, before this process can start anything: join the worker's cgroup.
         if let Some(fd) = cgroup_procs
@@ -368,7 +377,7 @@ unsafe fn child_after_fork(
             report_failure(err_fd, ChildStep::Cgroup);
         }
 
-        let first_free = 3 + listen_fds.len() as libc::c_int;
+        let first_free = ipc_fd_number(listen_fds.len()) + ipc.is_some() as libc::c_int;
         // The error pipe first: moved above the target range like every other descriptor, so
         // that no dup2 below can replace it, whatever number it had.
         let report_fd = libc::fcntl(err_fd, libc::F_DUPFD_CLOEXEC, first_free);
@@ -416,6 +425,13 @@ unsafe fn child_after_fork(
                 fail(ChildStep::Fds);
             }
         }
+        let mut moved_ipc = -1;
+        if let Some(fd) = ipc {
+            moved_ipc = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, first_free);
+            if moved_ipc < 0 {
+                fail(ChildStep::Fds);
+            }
+        }
         // dup2 clears close-on-exec on the target.
         for (target, fd) in moved_stdio.iter().enumerate() {
             if libc::dup2(*fd, target as libc::c_int) < 0 {
@@ -426,6 +442,9 @@ unsafe fn child_after_fork(
             if libc::dup2(*fd, 3 + i as libc::c_int) < 0 {
                 fail(ChildStep::Fds);
             }
+        }
+        if ipc.is_some() && libc::dup2(moved_ipc, ipc_fd_number(listen_fds.len())) < 0 {
+            fail(ChildStep::Fds);
         }
         // Anything else — including fds our own parent leaked to us without CLOEXEC — must not
         // reach the worker. CLOSE_RANGE_CLOEXEC keeps the error pipe usable until exec. Older
@@ -565,6 +584,7 @@ mod tests {
             stdio: [&null, &null, &null],
             cgroup_procs: None,
             trap: None,
+            ipc: None,
         };
         match spawn(&spec) {
             Err(SpawnError::Child {

@@ -194,6 +194,9 @@ mod tests {
             ),
             restart_reason: Some("memory: 310 MiB > max_memory 300 MiB".into()),
             tend_owner: true,
+            messages_received: 7,
+            messages_dropped: 0,
+            last_messages: vec!["\"ready\"".into()],
         };
         let status = Status {
             pid: 1,

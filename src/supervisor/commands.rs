@@ -36,6 +36,7 @@ impl Core {
             Request::Restart { app, slot } => self.restart_command(now, &app, slot),
             Request::Scale { app, workers } => self.scale_command(now, &app, workers),
             Request::Signal { app, signal } => self.signal_command(&app, &signal),
+            Request::Send { app, slot, message } => self.send_command(&app, slot, &message),
             Request::Stop {} => {
                 if !self.shutting_down {
                     self.begin_shutdown(now, "stop requested");

@@ -156,6 +156,11 @@ impl Core {
             Event::Control { request, reply } => self.on_control(now, request, reply),
             Event::Reconfigure(manifest) => self.reconfigure(now, &manifest),
             Event::Memory(measured) => self.on_memory(now, &measured),
+            Event::Message {
+                worker,
+                text,
+                ready,
+            } => self.on_message(now, worker, text, ready),
         }
         self.tick(now)
     }
@@ -478,10 +483,12 @@ impl Core {
                                 ready_by: now + config.ready_timeout,
                                 ready_at: Some(now + delay),
                             },
-                            Readiness::Notify | Readiness::Listen => Phase::Starting {
-                                ready_by: now + config.ready_timeout,
-                                ready_at: None,
-                            },
+                            Readiness::Notify | Readiness::Listen | Readiness::Message => {
+                                Phase::Starting {
+                                    ready_by: now + config.ready_timeout,
+                                    ready_at: None,
+                                }
+                            }
                         };
                         self.log(Level::INFO, message);
                     }
@@ -820,7 +827,7 @@ impl Core {
         }
     }
 
-    fn become_ready(&mut self, now: Instant, id: WorkerId) {
+    pub(super) fn become_ready(&mut self, now: Instant, id: WorkerId) {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
@@ -939,6 +946,7 @@ impl Core {
                 started: now,
                 phase: Phase::Spawning,
                 status_text: None,
+                inbox: Default::default(),
             },
         );
         id
@@ -964,15 +972,28 @@ impl Core {
             _ => {}
         }
         // An app that cannot drain itself: no new connections first, its signal later.
-        if let Some(drain) = worker.config.drain.filter(|_| why != StopReason::Shutdown) {
+        let drain = worker.config.drain.filter(|_| why != StopReason::Shutdown);
+        // `stop_signal = "disconnect"`: its channel is closed first, the signal follows.
+        let disconnect = worker.config.stop_disconnect;
+        if disconnect {
+            self.out.push(Action::Disconnect { worker: id });
+        }
+        let grace = drain.max(
+            disconnect
+                .then_some(worker.config.stop_timeout)
+                .filter(|t| !t.is_zero()),
+        );
+        if let Some(grace) = grace {
             worker.phase = Phase::Draining {
                 why,
-                until: now + drain,
+                until: now + grace,
             };
-            self.out.push(Action::Steer {
-                worker: id,
-                serving: false,
-            });
+            if drain.is_some() {
+                self.out.push(Action::Steer {
+                    worker: id,
+                    serving: false,
+                });
+            }
             return;
         }
         self.signal_stop(now, id, why);

@@ -27,6 +27,7 @@ use super::status::{CpuSampler, Measured};
 use crate::containment::{self, Containment};
 use crate::control::server::{ControlRequest, ControlServer};
 use crate::intercept::{self, Intercepts, Trap};
+use crate::ipc::{self, Channels};
 use crate::logs::{self, Forwarder, Source};
 use crate::manager::{self, Manager};
 use crate::metrics::{Metrics, MetricsServer, Query};
@@ -101,6 +102,10 @@ pub async fn run(
             Some(request) = control.recv() => driver.on_control(&mut core, request),
             Some(worker) = driver.intercepts.listening() => {
                 driver.feed(&mut core, Event::Listening(worker));
+            }
+            Some(message) = driver.channels.recv() => {
+                let ipc::Message { worker, text, ready } = message;
+                driver.feed(&mut core, Event::Message { worker, text, ready });
             }
             Some(query) = async { match metrics_server.as_mut() { Some(m) => m.recv().await, None => None } } => {
                 driver.on_query(&core, query);
@@ -195,6 +200,8 @@ struct Driver {
     upgraded_at: Option<Instant>,
     /// An upgrade to carry out once the current event is handled.
     pending_upgrade: Option<UpgradeRequest>,
+    /// Workers' message channels (`ipc`).
+    channels: Channels,
 }
 
 impl Driver {
@@ -236,6 +243,7 @@ impl Driver {
             upgrades: 0,
             upgraded_at: None,
             pending_upgrade: None,
+            channels: Channels::default(),
         })
     }
 
@@ -293,17 +301,25 @@ impl Driver {
                 });
             }
         };
-        // What interception holds (each worker's seccomp listener, and its own listening
-        // sockets when steered) does not cross the exec yet: refuse rather than lose it.
-        if let Some(app) = core
-            .apps
-            .iter()
-            .find(|(_, app)| app.latest().intercept)
-            .map(|(name, _)| name.clone())
-        {
+        // What interception and message channels hold (each worker's seccomp listener, its
+        // own listening sockets when steered, clusterd's end of its channel) does not cross
+        // the exec yet: refuse rather than lose it.
+        let held = core.apps.iter().find_map(|(name, app)| {
+            let config = app.latest();
+            if config.intercept {
+                Some(format!("app {name} is intercepted (intercept = true)"))
+            } else if config.ipc {
+                Some(format!(
+                    "app {name} has message channels (ipc; set ipc = false if unused)"
+                ))
+            } else {
+                None
+            }
+        });
+        if let Some(why) = held {
             refuse(format!(
-                "app {app} is intercepted (intercept = true): its workers' trapped bind()/listen() \
-                 and their own sockets cannot be handed over yet; restart clusterd instead"
+                "{why}: what clusterd holds for its workers cannot be handed over yet; restart \
+                 clusterd instead"
             ));
             return;
         }
@@ -505,6 +521,17 @@ impl Driver {
                     }
                     self.intercepts.forget(worker);
                     self.steering.forget(worker);
+                    self.channels.close(worker);
+                    None
+                }
+                Action::Deliver { worker, text } => {
+                    if !self.channels.send(worker, text) {
+                        self.metrics.record_message_dropped();
+                    }
+                    None
+                }
+                Action::Disconnect { worker } => {
+                    self.channels.close(worker);
                     None
                 }
                 Action::Reply { to, reply } => {
@@ -644,6 +671,15 @@ impl Driver {
             usage: &usage,
             cpu_percent: &cpu_percent,
         };
+        let mut apps = core.app_statuses(now, &measured);
+        for worker in apps.iter_mut().flat_map(|app| app.workers.iter_mut()) {
+            let id = worker
+                .pid
+                .and_then(|pid| core.worker_by_pid(Pid::from_raw(pid as i32)));
+            if let Some(id) = id {
+                worker.messages_dropped = self.channels.dropped(id);
+            }
+        }
         Status {
             pid: std::process::id(),
             manifest: self.manifest.path.display().to_string(),
@@ -658,7 +694,7 @@ impl Driver {
                     address: s.address.clone(),
                 })
                 .collect(),
-            apps: core.app_statuses(now, &measured),
+            apps,
             containment: self.containment.describe(),
             output_dropped: output::dropped_lines(),
             ready: core.readiness().is_ok(),
@@ -681,6 +717,7 @@ impl Driver {
             Observation::Ready { app, seconds } => self.metrics.record_ready(&app, seconds),
             Observation::Restart { app } => self.metrics.record_restart(&app),
             Observation::Reload { app, completed } => self.metrics.record_reload(&app, completed),
+            Observation::Message { app } => self.metrics.record_message(&app),
         }
     }
 
@@ -762,6 +799,19 @@ impl Driver {
         if let Some(exe) = &self.exe {
             env.insert("CLUSTERD_EXE".into(), exe.clone());
         }
+        let channel = match config.ipc {
+            true => Some(ipc::pair().map_err(|cause| SpawnError::Os {
+                what: "socketpair",
+                cause,
+            })?),
+            false => None,
+        };
+        if channel.is_some() {
+            let fd = spawn::ipc_fd_number(listen_fds.len()).to_string();
+            env.insert("CLUSTERD_IPC_FD".into(), fd.clone());
+            env.insert("NODE_CHANNEL_FD".into(), fd);
+            env.insert("NODE_CHANNEL_SERIALIZATION_MODE".into(), "json".into());
+        }
         let env: Vec<(String, String)> = env.into_iter().collect();
 
         let label = format!("{app}[{slot}]");
@@ -802,8 +852,14 @@ impl Driver {
             stdio: [&self.dev_null, &stdout, &stderr],
             cgroup_procs: cgroup_procs.as_ref(),
             trap: trap.as_ref(),
+            ipc: channel.as_ref().map(|(_, theirs)| theirs),
         })
         .inspect(|pid| source.set_pid(pid.as_raw().unsigned_abs()))?;
+        if let Some((mine, _)) = channel
+            && let Err(error) = self.channels.watch(worker, label.clone(), mine)
+        {
+            tracing::error!("{label} pid {pid}: cannot serve its message channel: {error}");
+        }
         if let Some(trap) = trap {
             // The child sent the fd before it exec'd. Without it, its trapped calls fail with
             // ENOSYS once `trap` is dropped: the worker sees an error, clusterd goes on.

@@ -62,6 +62,15 @@ pub enum Event {
     /// The resident memory of workers' process groups, asked for by
     /// [`Action::MeasureMemory`].
     Memory(Vec<(WorkerId, u64)>),
+    /// A message on a worker's channel (`ipc`).
+    Message {
+        /// The worker it came from.
+        worker: WorkerId,
+        /// Its JSON text.
+        text: Arc<str>,
+        /// It is `"ready"` or `{"type":"ready"}`.
+        ready: bool,
+    },
 }
 
 /// Why a spawn failed.
@@ -132,6 +141,18 @@ pub enum Action {
     },
     /// Measure these workers' memory and come back with [`Event::Memory`].
     MeasureMemory(Vec<(WorkerId, Pid)>),
+    /// Queue a message (JSON text) on a worker's channel.
+    Deliver {
+        /// The worker.
+        worker: WorkerId,
+        /// The message.
+        text: Arc<str>,
+    },
+    /// Close a worker's channel (`stop_signal = "disconnect"`).
+    Disconnect {
+        /// The worker.
+        worker: WorkerId,
+    },
 }
 
 /// A fact for the metrics.
@@ -146,6 +167,11 @@ pub enum Observation {
     },
     /// A worker of `app` was replaced after an unexpected exit.
     Restart {
+        /// The app.
+        app: String,
+    },
+    /// A worker of `app` sent a message on its channel.
+    Message {
         /// The app.
         app: String,
     },

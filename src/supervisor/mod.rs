@@ -8,9 +8,10 @@
 //! - The core's rooms: [`state`] (apps, slots, workers; every deadline lives in the state that
 //!   owns it), [`backoff`] (crash loops vs outside kills), [`rollout`] (rolling reload and its
 //!   fail-safe abort), [`reconfigure`] (applying a re-read manifest), [`commands`] (control
-//!   requests); [`event`] is the vocabulary between core and driver; [`status`] the views;
-//!   [`host`] what clusterd tells its own manager and orchestrators (ready, summary);
-//!   [`handover`] the state and descriptors that cross `clusterd upgrade`'s exec.
+//!   requests), [`messages`] (what workers' messages mean, `clusterd send`); [`event`] is the
+//!   vocabulary between core and driver; [`status`] the views; [`host`] what clusterd tells
+//!   its own manager and orchestrators (ready, summary); [`handover`] the state and
+//!   descriptors that cross `clusterd upgrade`'s exec.
 
 mod backoff;
 mod commands;
@@ -19,6 +20,7 @@ mod driver;
 mod event;
 mod handover;
 mod host;
+mod messages;
 mod reconfigure;
 mod rollout;
 mod state;

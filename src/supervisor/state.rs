@@ -203,8 +203,9 @@ pub enum Phase {
         #[serde(with = "super::handover::opt_instant")]
         watchdog_by: Option<Instant>,
     },
-    /// Being retired without new connections (`drain`): it finishes what it has, then gets
-    /// its stop signal at `until`.
+    /// Being retired without new connections (`drain`) or with its channel closed
+    /// (`stop_signal = "disconnect"`): it finishes what it has, then gets its stop signal at
+    /// `until`.
     Draining {
         /// Why it is stopping.
         why: StopReason,
@@ -279,6 +280,38 @@ pub struct Worker {
     pub phase: Phase,
     /// The last `STATUS=` text it sent.
     pub status_text: Option<String>,
+    /// What it said on its channel (`ipc`).
+    pub inbox: Inbox,
+}
+
+/// How many of a worker's last messages status shows, and how much of each.
+pub const RECENT_MESSAGES: usize = 5;
+/// The longest part of a message kept for status, in bytes.
+pub const RECENT_MESSAGE_BYTES: usize = 256;
+
+/// A worker's messages, for status: how many, and the last few (each cut to
+/// [`RECENT_MESSAGE_BYTES`]).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Inbox {
+    /// Messages received.
+    pub received: u64,
+    /// The last [`RECENT_MESSAGES`], oldest first.
+    pub recent: VecDeque<String>,
+}
+
+impl Inbox {
+    /// Counts `text` and keeps (the start of) it.
+    pub fn record(&mut self, text: &str) {
+        self.received += 1;
+        let mut end = text.len().min(RECENT_MESSAGE_BYTES);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        if self.recent.len() == RECENT_MESSAGES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(text[..end].to_owned());
+    }
 }
 
 impl Worker {

@@ -190,6 +190,9 @@ fn worker_status(
         status_text: worker.status_text.clone(),
         restart_reason: slot.last_restart.clone(),
         tend_owner: worker.pid.is_some() && worker.pid == tend_owner,
+        messages_received: worker.inbox.received,
+        messages_dropped: 0,
+        last_messages: worker.inbox.recent.iter().cloned().collect(),
     }
 }
 
@@ -218,6 +221,9 @@ fn empty_slot(index: usize, slot: &Slot) -> WorkerStatus {
         status_text: None,
         restart_reason: slot.last_restart.clone(),
         tend_owner: false,
+        messages_received: 0,
+        messages_dropped: 0,
+        last_messages: Vec::new(),
     }
 }
 

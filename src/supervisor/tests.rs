@@ -38,6 +38,10 @@ struct Sim {
     steered: Vec<(WorkerId, bool)>,
     /// Resident memory the driver would measure, by pid (0 when absent).
     memory: std::collections::HashMap<Pid, u64>,
+    /// Messages delivered on workers' channels, in order.
+    delivered: Vec<(WorkerId, String)>,
+    /// Channels closed (`stop_signal = "disconnect"`), in order.
+    disconnected: Vec<WorkerId>,
 }
 
 fn manifest(text: &str) -> clusterd_manifest::Manifest {
@@ -59,6 +63,8 @@ impl Sim {
             rereads: 0,
             memory: std::collections::HashMap::new(),
             steered: Vec::new(),
+            delivered: Vec::new(),
+            disconnected: Vec::new(),
         };
         let actions = sim.core.tick(now);
         sim.perform(actions);
@@ -92,6 +98,8 @@ impl Sim {
                     queue.extend(self.core.on(self.now, Event::Memory(measured)));
                 }
                 Action::Steer { worker, serving } => self.steered.push((worker, serving)),
+                Action::Deliver { worker, text } => self.delivered.push((worker, text.to_string())),
+                Action::Disconnect { worker } => self.disconnected.push(worker),
                 Action::Forget { .. } | Action::Observe(_) => {}
             }
         }
@@ -139,6 +147,19 @@ impl Sim {
         self.on(Event::Notify {
             worker,
             assignments,
+        });
+    }
+
+    /// A line on a worker's channel, classified as the driver's reader does.
+    fn message(&mut self, pid: Pid, text: &str) {
+        let worker = self.core.worker_by_pid(pid).expect("a worker");
+        let crate::ipc::Line::Message { ready } = crate::ipc::classify(text.as_bytes()) else {
+            panic!("not a message for the supervisor: {text}");
+        };
+        self.on(Event::Message {
+            worker,
+            text: text.into(),
+            ready,
         });
     }
 
@@ -1484,4 +1505,167 @@ mod random {
             prop_assert!(sim.core.finished());
         }
     }
+}
+
+// ----- worker messaging (ipc) -----
+
+const IPC3: &str = "[apps.web]\ncommand = [\"node\", \"w.js\"]\nworkers = 3\nready = \"message\"\n\
+                    ipc_broadcast = true\n[apps.web.reload]\nbake = \"0s\"\n";
+
+#[test]
+fn a_ready_message_makes_a_worker_ready_and_gates_a_rollout() {
+    let mut sim = Sim::new(IPC3);
+    let first = sim.pid("web", 0).unwrap();
+    sim.message(first, r#"{"type":"status"}"#);
+    sim.advance(Duration::from_secs(5));
+    assert_eq!(
+        sim.ready("web"),
+        0,
+        "only a ready message makes a worker ready"
+    );
+    for slot in 0..3 {
+        let pid = sim.pid("web", slot).unwrap();
+        let text = if slot == 0 {
+            "\"ready\""
+        } else {
+            r#"{"type":"ready"}"#
+        };
+        sim.message(pid, text);
+    }
+    assert_eq!(sim.ready("web"), 3);
+    sim.signal(SupervisorSignal::Reload);
+    let candidate = sim.candidate("web", 0).expect("a candidate");
+    sim.advance(Duration::from_secs(10));
+    assert_eq!(
+        sim.pid("web", 0),
+        Some(first),
+        "the old worker serves until the new one says ready"
+    );
+    assert!(!sim.sent(first, Signal::SIGTERM));
+    sim.message(candidate, "\"ready\"");
+    sim.advance(Duration::from_millis(1));
+    assert_eq!(sim.pid("web", 0), Some(candidate));
+    assert!(sim.sent(first, Signal::SIGTERM));
+}
+
+#[test]
+fn with_ipc_broadcast_a_message_goes_to_the_apps_other_workers_only() {
+    let mut sim = Sim::new(&IPC3.replace("ready = \"message\"", "ready = \"immediate\""));
+    let pids: Vec<Pid> = (0..3).map(|slot| sim.pid("web", slot).unwrap()).collect();
+    let ids: Vec<WorkerId> = pids
+        .iter()
+        .map(|p| sim.core.worker_by_pid(*p).unwrap())
+        .collect();
+    sim.message(pids[0], r#"{"type":"status","pid":1}"#);
+    let mut to: Vec<WorkerId> = sim.delivered.iter().map(|(w, _)| *w).collect();
+    to.sort();
+    assert_eq!(to, vec![ids[1], ids[2]]);
+    assert!(
+        sim.delivered
+            .iter()
+            .all(|(_, t)| t == r#"{"type":"status","pid":1}"#)
+    );
+    // Readiness is the supervisor's: not forwarded.
+    sim.delivered.clear();
+    sim.message(pids[1], "\"ready\"");
+    assert!(sim.delivered.is_empty());
+    // Counted, and the last five kept for status.
+    for n in 0..7 {
+        sim.message(pids[2], &format!("{n}"));
+    }
+    let inbox = &sim.core.workers[&ids[2]].inbox;
+    assert_eq!(inbox.received, 7);
+    assert_eq!(inbox.recent, ["2", "3", "4", "5", "6"]);
+    // Without ipc_broadcast, nothing is forwarded.
+    let mut quiet = Sim::new(
+        &IPC3
+            .replace("ipc_broadcast = true\n", "")
+            .replace("\"message\"", "\"immediate\""),
+    );
+    let pid = quiet.pid("web", 0).unwrap();
+    quiet.message(pid, "{}");
+    assert!(quiet.delivered.is_empty());
+}
+
+#[test]
+fn send_reaches_one_slot_or_every_worker_and_needs_ipc() {
+    let mut sim = Sim::new(&IPC3.replace("ready = \"message\"", "ready = \"immediate\""));
+    let message = serde_json::json!({"hello": 1});
+    let send = |slot| Request::Send {
+        app: "web".into(),
+        slot,
+        message: message.clone(),
+    };
+    sim.control(send(None), 1);
+    assert_eq!(sim.delivered.len(), 3);
+    assert!(sim.delivered.iter().all(|(_, t)| t == r#"{"hello":1}"#));
+    sim.delivered.clear();
+    sim.control(send(Some(2)), 2);
+    let slot2 = sim.core.worker_by_pid(sim.pid("web", 2).unwrap()).unwrap();
+    assert_eq!(sim.delivered, vec![(slot2, r#"{"hello":1}"#.to_owned())]);
+    sim.control(send(Some(7)), 3);
+    assert!(matches!(
+        sim.replies.last(),
+        Some((ReplyTo(3), Reply::Error { .. }))
+    ));
+    let mut plain = Sim::new("[apps.web]\ncommand = [\"x\"]\n");
+    plain.control(send(None), 4);
+    assert!(
+        matches!(plain.replies.last(), Some((ReplyTo(4), Reply::Error { message, .. })) if message.contains("ipc = true"))
+    );
+}
+
+#[test]
+fn stop_signal_disconnect_closes_the_channel_then_signals_after_the_grace() {
+    let mut sim = Sim::new(
+        "[apps.web]\ncommand = [\"node\", \"w.js\"]\nworkers = 2\nstop_signal = \"disconnect\"\n\
+         stop_timeout = \"2s\"\n",
+    );
+    let (a, b) = (sim.pid("web", 0).unwrap(), sim.pid("web", 1).unwrap());
+    let (ida, idb) = (
+        sim.core.worker_by_pid(a).unwrap(),
+        sim.core.worker_by_pid(b).unwrap(),
+    );
+    sim.control(
+        Request::Restart {
+            app: "web".into(),
+            slot: Some(0),
+        },
+        1,
+    );
+    assert_eq!(sim.disconnected, vec![ida]);
+    assert!(!sim.sent(a, Signal::SIGTERM), "disconnect first");
+    // A retiring worker whose channel is closed gets no broadcast.
+    sim.control(
+        Request::Send {
+            app: "web".into(),
+            slot: None,
+            message: serde_json::json!(1),
+        },
+        2,
+    );
+    assert!(sim.delivered.iter().all(|(w, _)| *w != ida));
+    sim.advance(Duration::from_millis(1999));
+    assert!(!sim.sent(a, Signal::SIGTERM));
+    sim.advance(Duration::from_millis(1));
+    assert!(
+        sim.sent(a, Signal::SIGTERM),
+        "the real stop signal after the grace"
+    );
+    sim.advance(Duration::from_secs(2));
+    assert!(sim.sent(a, Signal::SIGKILL));
+    sim.killed(a);
+    // A worker that leaves when its channel closes (as Node's cluster workers do) is never
+    // signalled.
+    sim.signal(SupervisorSignal::Stop(Signal::SIGTERM));
+    assert!(sim.disconnected.contains(&idb));
+    let replacement = sim.pid("web", 0).or_else(|| {
+        let (_, w) = sim.core.workers.iter().find(|(_, w)| w.pid != Some(b))?;
+        w.pid
+    });
+    for pid in [Some(b), replacement].into_iter().flatten() {
+        sim.exit(pid, ExitStatus::Code(0));
+    }
+    assert!(!sim.sent(b, Signal::SIGTERM));
+    assert!(sim.core.finished());
 }

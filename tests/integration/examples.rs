@@ -17,6 +17,7 @@ fn the_bundled_manifests_are_valid() {
     for manifest in [
         "supervisor.toml",
         "examples/node/supervisor.toml",
+        "examples/node/ipc.toml",
         "examples/python/supervisor.toml",
         "examples/kv-http/supervisor.toml",
         "examples/node-kv/supervisor.toml",

@@ -8,6 +8,7 @@ mod examples;
 mod faults;
 mod host;
 mod intercept;
+mod ipc;
 mod kv;
 mod limits;
 mod logs;

@@ -21,6 +21,8 @@ pub const RESERVED_ENV: &[&str] = &[
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
+    "NODE_CHANNEL_FD",
+    "NODE_CHANNEL_SERIALIZATION_MODE",
 ];
 
 /// Prefix of the variables clusterd sets for each worker (`CLUSTERD_WORKER_ID`, ...), which an
@@ -181,6 +183,16 @@ pub struct AppConfig {
     /// `kv_segment`: name prefix of the KV client's shared-memory segment, passed to workers
     /// as `CLUSTERD_KV_SEGMENT`.
     pub kv_segment: Option<String>,
+    /// `ipc` (default: true when `command` runs `node`, else false): a message channel per
+    /// worker, a unix stream socket of newline-delimited JSON at the fd after the sockets
+    /// (`CLUSTERD_IPC_FD`, and `NODE_CHANNEL_FD` so that Node's `process.send` uses it).
+    pub ipc: bool,
+    /// `ipc_broadcast` (default false; needs `ipc`): each worker's messages are forwarded to
+    /// the app's other workers.
+    pub ipc_broadcast: bool,
+    /// `stop_signal = "disconnect"` (needs `ipc`): a worker is stopped by closing its channel
+    /// first; `stop_signal` (then SIGTERM) follows after `stop_timeout`.
+    pub stop_disconnect: bool,
     /// `kv_watchdog`: when set, the worker tending the KV map (it says so on the notify
     /// socket, `X_CLUSTERD_KV_TEND=owner`, every round) is restarted after this long without
     /// a word, so that the tend lock moves to another worker.
@@ -235,6 +247,9 @@ pub enum Readiness {
     /// `ready = "listen"` (default for apps with `intercept = true`, and only valid with it):
     /// it calls `listen()` on a socket it was handed in place of its own `bind()`.
     Listen,
+    /// `ready = "message"` (needs `ipc`): it sends `"ready"` or `{"type":"ready"}` on its
+    /// channel (Node's `process.send('ready')`, PM2's `wait_ready`).
+    Message,
 }
 
 /// `[apps.NAME.reload]`: how a rolling reload proceeds.

@@ -82,6 +82,8 @@ const APP_KEYS: &[&str] = &[
     "restart_limit",
     "intercept",
     "drain",
+    "ipc",
+    "ipc_broadcast",
     "reload",
     "log",
     "log_format",
@@ -387,9 +389,17 @@ fn app(
     let cwd = cx
         .field(&table, "cwd", |v| values::path(v, dir))
         .or(dir.clone());
-    let stop_signal = cx
-        .field(&table, "stop_signal", values::signal)
-        .or(Signal::SIGTERM);
+    // `"disconnect"`: close the channel first, then SIGTERM.
+    let stop = cx
+        .field(&table, "stop_signal", |v| match v.get_ref() {
+            DeValue::String(s) if s.as_ref() == "disconnect" => Ok((Signal::SIGTERM, true)),
+            _ => values::signal(v).map(|signal| (signal, false)),
+        })
+        .or((Signal::SIGTERM, false));
+    let (stop_signal, stop_disconnect) = match stop {
+        Some((signal, disconnect)) => (Some(signal), Some(disconnect)),
+        None => (None, None),
+    };
     let stop_timeout = cx
         .field(&table, "stop_timeout", values::duration)
         .or(defaults.stop_timeout);
@@ -436,7 +446,17 @@ fn app(
         (_, Field::Invalid) => None,
         (_, Field::Absent) => Some(None),
     };
+    let ipc = ipc(cx, &table, command.as_deref(), stop_disconnect);
     let ready = readiness(cx, &table, has_sockets, intercept == Some(true));
+    if ready == Some(Readiness::Message) && ipc.is_some_and(|(ipc, _)| !ipc) {
+        if let Some(value) = table.get("ready") {
+            cx.report(
+                value.span(),
+                &table.key.child("ready"),
+                "ready = \"message\" needs ipc = true: the message comes on the worker's channel",
+            );
+        }
+    }
     let ready_timeout = cx
         .field(&table, "ready_timeout", values::positive_duration)
         .or(READY_TIMEOUT);
@@ -480,6 +500,9 @@ fn app(
         kv_segment: kv_segment?,
         kv_watchdog: kv_watchdog?,
         log: log?,
+        ipc: ipc?.0,
+        ipc_broadcast: ipc?.1,
+        stop_disconnect: stop_disconnect?,
     })
 }
 
@@ -530,6 +553,40 @@ fn log(
         // In 0..=MAX_LOG_KEEP.
         keep: keep?.map_or(inherited.keep, |k| k as usize),
     })
+}
+
+/// `ipc` and `ipc_broadcast`. `ipc` defaults to true when the command runs `node` (its
+/// `process.send` then works as under the cluster module, and a Node worker without message
+/// listeners is not kept alive by the channel), else false. `ipc_broadcast` and
+/// `stop_signal = "disconnect"` need it.
+fn ipc(
+    cx: &mut Checker<'_>,
+    table: &Table<'_, '_>,
+    command: Option<&[String]>,
+    stop_disconnect: Option<bool>,
+) -> Option<(bool, bool)> {
+    let runs_node = command
+        .and_then(|argv| argv.first())
+        .and_then(|program| Path::new(program).file_name())
+        .is_some_and(|name| name == "node" || name == "nodejs");
+    let ipc = cx.field(table, "ipc", values::boolean).or(runs_node);
+    let broadcast = cx.field(table, "ipc_broadcast", values::boolean).or(false);
+    if ipc == Some(false) {
+        let needs = [
+            ("ipc_broadcast", broadcast == Some(true)),
+            ("stop_signal", stop_disconnect == Some(true)),
+        ];
+        for (key, set) in needs {
+            if let (true, Some(value)) = (set, table.get(key)) {
+                cx.report(
+                    value.span(),
+                    &table.key.child(key),
+                    format!("{key} needs ipc = true (the worker's message channel)"),
+                );
+            }
+        }
+    }
+    Some((ipc?, broadcast?))
 }
 
 /// `command`: required, a non-empty array of strings; a relative `argv[0]` with a `/` is made
@@ -715,6 +772,7 @@ enum ReadyKind {
     Delay,
     Notify,
     Listen,
+    Message,
 }
 
 /// `ready` and `ready_delay` (only with `ready = "delay"`). Without `ready`, an app with
@@ -744,6 +802,7 @@ fn readiness(
                     ("delay", ReadyKind::Delay),
                     ("notify", ReadyKind::Notify),
                     ("listen", ReadyKind::Listen),
+                    ("message", ReadyKind::Message),
                 ],
             )
         })
@@ -765,6 +824,7 @@ fn readiness(
         (kind, Field::Valid(_)) => {
             let written = match kind {
                 ReadyKind::Notify => "ready is \"notify\"",
+                ReadyKind::Message => "ready is \"message\"",
                 ReadyKind::Listen if table.get("ready").is_some() => "ready is \"listen\"",
                 ReadyKind::Listen => "ready defaults to \"listen\" with intercept = true",
                 _ if table.get("ready").is_some() => "ready is \"immediate\"",
@@ -782,6 +842,7 @@ fn readiness(
         (ReadyKind::Immediate, Field::Absent) => Some(Readiness::Immediate),
         (ReadyKind::Notify, Field::Absent) => Some(Readiness::Notify),
         (ReadyKind::Listen, Field::Absent) => Some(Readiness::Listen),
+        (ReadyKind::Message, Field::Absent) => Some(Readiness::Message),
     }
 }
 

@@ -313,7 +313,7 @@ fn each_key_rejects_bad_values() {
     );
     assert_eq!(
         app("ready = 1"),
-        "3:9: apps.web.ready: expected one of \"immediate\", \"delay\", \"notify\", \"listen\", found 1"
+        "3:9: apps.web.ready: expected one of \"immediate\", \"delay\", \"notify\", \"listen\", \"message\", found 1"
     );
     assert_eq!(
         app("ready = \"delay\"\nready_delay = \"x\""),
@@ -522,4 +522,28 @@ fn bad_log_settings_are_reported() {
         text[1].contains("expected one of \"text\", \"json\""),
         "{text:#?}"
     );
+}
+
+#[test]
+fn ipc_defaults_on_for_node_and_its_keys_need_it() {
+    let app =
+        |text: &str| parse_srv(&format!("[apps.web]\n{text}\n")).map(|m| m.apps["web"].clone());
+    let node = app("command = [\"node\", \"server.js\"]").unwrap();
+    assert!(node.ipc && !node.ipc_broadcast && !node.stop_disconnect);
+    let node = app("command = [\"/usr/bin/node\", \"s.js\"]\nipc = false").unwrap();
+    assert!(!node.ipc);
+    assert!(!app("command = [\"python3\", \"w.py\"]").unwrap().ipc);
+    let opted = app(
+        "command = [\"w\"]\nipc = true\nipc_broadcast = true\nready = \"message\"\nstop_signal = \"disconnect\"",
+    )
+    .unwrap();
+    assert!(opted.ipc && opted.ipc_broadcast && opted.stop_disconnect);
+    assert_eq!(opted.ready, Readiness::Message);
+    assert_eq!(opted.stop_signal, nix::sys::signal::Signal::SIGTERM);
+    let err = app("command = [\"w\"]\nipc_broadcast = true\nready = \"message\"\nstop_signal = \"disconnect\"")
+        .unwrap_err()
+        .to_string();
+    for key in ["ipc_broadcast", "ready", "stop_signal"] {
+        assert!(err.contains(&format!("apps.web.{key}:")), "{key}: {err}");
+    }
 }

@@ -118,6 +118,16 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         binary: Option<String>,
     },
+    /// Deliver a message on the channel (`ipc`) of one worker or every worker of an app.
+    Send {
+        /// The app.
+        app: String,
+        /// One slot's worker; every worker of the app when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<usize>,
+        /// The message: any JSON value (a worker reads it as one line).
+        message: serde_json::Value,
+    },
 }
 
 fn default_log_lines() -> usize {
@@ -283,7 +293,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, DecodeError> {
         });
     };
     const KNOWN: &[&str] = &[
-        "status", "reload", "restart", "scale", "signal", "stop", "logs", "upgrade",
+        "status", "reload", "restart", "scale", "signal", "stop", "logs", "upgrade", "send",
     ];
     if !KNOWN.contains(&cmd.as_str()) {
         return Err(DecodeError {
@@ -349,6 +359,16 @@ mod tests {
             },
             Request::Upgrade {
                 binary: Some("/usr/local/bin/clusterd".into()),
+            },
+            Request::Send {
+                app: "web".into(),
+                slot: None,
+                message: serde_json::json!({"hello": 1}),
+            },
+            Request::Send {
+                app: "web".into(),
+                slot: Some(1),
+                message: serde_json::json!("ready"),
             },
         ];
         for request in requests {

@@ -184,4 +184,13 @@ pub struct WorkerStatus {
     pub restart_reason: Option<String>,
     /// Whether it holds its app's KV tend lock.
     pub tend_owner: bool,
+    /// Messages it sent on its channel (`ipc`).
+    #[serde(default)]
+    pub messages_received: u64,
+    /// Messages for it that were dropped because it did not read its channel.
+    #[serde(default)]
+    pub messages_dropped: u64,
+    /// Its last few messages (JSON text, each cut to 256 bytes), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub last_messages: Vec<String>,
 }

@@ -10,6 +10,7 @@
 //!   [`notify`] for other states (`STATUS=...`, `STOPPING=1`), and [`spawn_watchdog`] to send
 //!   the `WATCHDOG=1` heartbeat when `WATCHDOG_USEC` asks for one;
 //! - `CLUSTERD_APP`, `CLUSTERD_WORKER_ID` and `CLUSTERD_GENERATION`: see [`worker_info`];
+//! - with `ipc = true`, a message channel (JSON lines) at `CLUSTERD_IPC_FD`: [`ipc::Channel`];
 //! - SIGTERM (or the app's stop signal) when it must stop: [`Shutdown::wait`] resolves, the
 //!   worker stops accepting and drains, then [`Shutdown::close`] runs the close hooks.
 //!
@@ -21,6 +22,7 @@
 //! - `listen`: taking and validating inherited listeners.
 //! - `notify`: `sd_notify` datagrams and the watchdog heartbeat.
 //! - `shutdown`: the stop-signal future and the close hooks.
+//! - [`ipc`]: the message channel to the supervisor.
 //!
 //! # Example
 //!
@@ -73,6 +75,7 @@
 mod env;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod ipc;
 mod listen;
 mod notify;
 mod shutdown;

@@ -1,0 +1,371 @@
+//! Worker messaging (`ipc = true`): a unix stream socket per worker carrying newline-delimited
+//! JSON, which is exactly Node's own IPC channel in its default `json` serialization. The
+//! worker's end sits at the fd after its listening sockets, named by `CLUSTERD_IPC_FD` for any
+//! language and by `NODE_CHANNEL_FD` (with `NODE_CHANNEL_SERIALIZATION_MODE=json`) for Node,
+//! whose `process.send` / `process.on('message')` / `process.on('disconnect')` then work as
+//! under the cluster module. The supervisor's end is created close-on-exec before `fork`
+//! ([`pair`]).
+//!
+//! **Supervisor side** ([`Channels`]): two local tasks per worker, so nothing a worker does
+//! can stall the loop or grow clusterd's memory without bound.
+//!
+//! - The reader reads lines of at most [`MAX_MESSAGE`] bytes. A longer line is refused with a
+//!   log line and skipped up to its newline; a line that is not JSON is dropped; the channel
+//!   stays open either way. Node's internal messages (`{"cmd":"NODE_..."}`) never reach the
+//!   supervisor: a `NODE_HANDLE` (a socket passed with `process.send(msg, handle)`) is
+//!   answered `NODE_HANDLE_ACK`, or the sender would queue every later message behind it
+//!   forever; the descriptor itself is discarded by the kernel, as the reader passes no room
+//!   for it. Every other message goes to the loop through one channel of [`INCOMING`]
+//!   entries shared by all workers: when it is full, readers wait, and so do the workers'
+//!   writes (the kernel's socket buffer is the backpressure).
+//! - The writer sends what the supervisor delivers (broadcasts, `clusterd send`) from a queue
+//!   of at most [`QUEUE_BYTES`] per worker; a worker that does not read gets further messages
+//!   dropped and counted ([`Channels::dropped`]).
+//!
+//! Closing a worker's channel ([`Channels::close`]) ends both tasks and closes the socket:
+//! the worker sees end of file (Node: the `disconnect` event).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::AbortHandle;
+
+use crate::supervisor::WorkerId;
+
+/// The longest message, in bytes, either way (without its newline).
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// The most bytes of messages waiting to be written to one worker.
+pub const QUEUE_BYTES: usize = 256 * 1024;
+
+/// Messages read from workers and not yet taken by the loop, all workers together.
+pub const INCOMING: usize = 64;
+
+/// The answer to a passed handle, so that Node's sender goes on sending.
+const HANDLE_ACK: &str = r#"{"cmd":"NODE_HANDLE_ACK"}"#;
+
+/// A socketpair for one worker: `(supervisor's end, worker's end)`, both close-on-exec (the
+/// spawn places the worker's end at its fd without the flag).
+pub fn pair() -> io::Result<(StdUnixStream, OwnedFd)> {
+    let (mine, theirs) = StdUnixStream::pair()?;
+    Ok((mine, theirs.into()))
+}
+
+/// A message from a worker, for the loop.
+#[derive(Debug)]
+pub struct Message {
+    /// Who sent it.
+    pub worker: WorkerId,
+    /// The JSON text, as sent (one line, no newline).
+    pub text: Arc<str>,
+    /// It is `"ready"` or `{"type":"ready",...}`.
+    pub ready: bool,
+}
+
+/// What a line is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line {
+    /// Not JSON (or blank): dropped.
+    Malformed,
+    /// One of Node's own `{"cmd":"NODE_..."}`; `handle` for `NODE_HANDLE`, which needs an ACK.
+    Internal {
+        /// It is a `NODE_HANDLE`.
+        handle: bool,
+    },
+    /// A message for the supervisor.
+    Message {
+        /// It is a readiness signal.
+        ready: bool,
+    },
+}
+
+/// Classifies one line (without its newline).
+pub fn classify(line: &[u8]) -> Line {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(line) else {
+        return Line::Malformed;
+    };
+    if let Some(cmd) = value.get("cmd").and_then(serde_json::Value::as_str)
+        && cmd.starts_with("NODE_")
+    {
+        return Line::Internal {
+            handle: cmd == "NODE_HANDLE",
+        };
+    }
+    let ready = value.as_str() == Some("ready")
+        || value.get("type").and_then(serde_json::Value::as_str) == Some("ready");
+    Line::Message { ready }
+}
+
+/// One worker's outgoing queue, shared by the loop (which pushes) and its writer task.
+#[derive(Default)]
+struct Outbox {
+    queue: RefCell<VecDeque<Arc<str>>>,
+    bytes: Cell<usize>,
+    dropped: Cell<u64>,
+    wake: Notify,
+}
+
+impl Outbox {
+    /// Queues `text`, or drops and counts it when the queue is full.
+    fn push(&self, text: Arc<str>) -> bool {
+        let bytes = self.bytes.get() + text.len() + 1;
+        if bytes > QUEUE_BYTES {
+            self.dropped.set(self.dropped.get() + 1);
+            return false;
+        }
+        self.bytes.set(bytes);
+        self.queue.borrow_mut().push_back(text);
+        self.wake.notify_one();
+        true
+    }
+
+    fn pop(&self) -> Option<Arc<str>> {
+        let text = self.queue.borrow_mut().pop_front()?;
+        self.bytes.set(self.bytes.get() - text.len() - 1);
+        Some(text)
+    }
+}
+
+struct Link {
+    outbox: Rc<Outbox>,
+    tasks: [AbortHandle; 2],
+}
+
+/// Every worker's channel: the tasks, the outgoing queues, and the messages for the loop.
+pub struct Channels {
+    links: HashMap<WorkerId, Link>,
+    tx: mpsc::Sender<Message>,
+    rx: mpsc::Receiver<Message>,
+}
+
+impl Default for Channels {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(INCOMING);
+        Channels {
+            links: HashMap::new(),
+            tx,
+            rx,
+        }
+    }
+}
+
+impl Channels {
+    /// Starts serving a worker's channel (`stream` is the supervisor's end from [`pair`]).
+    pub fn watch(
+        &mut self,
+        worker: WorkerId,
+        label: String,
+        stream: StdUnixStream,
+    ) -> io::Result<()> {
+        stream.set_nonblocking(true)?;
+        let (read, write) = UnixStream::from_std(stream)?.into_split();
+        let outbox = Rc::new(Outbox::default());
+        let reader = tokio::task::spawn_local(read_lines(
+            worker,
+            label,
+            read,
+            Rc::clone(&outbox),
+            self.tx.clone(),
+        ));
+        let writer = tokio::task::spawn_local(write_lines(write, Rc::clone(&outbox)));
+        self.links.insert(
+            worker,
+            Link {
+                outbox,
+                tasks: [reader.abort_handle(), writer.abort_handle()],
+            },
+        );
+        Ok(())
+    }
+
+    /// Queues a message for a worker. False when it was dropped: its queue is full, or it
+    /// has no channel (any more).
+    pub fn send(&self, worker: WorkerId, text: Arc<str>) -> bool {
+        self.links
+            .get(&worker)
+            .is_some_and(|link| link.outbox.push(text))
+    }
+
+    /// Messages dropped because the worker did not read them.
+    pub fn dropped(&self, worker: WorkerId) -> u64 {
+        self.links
+            .get(&worker)
+            .map_or(0, |link| link.outbox.dropped.get())
+    }
+
+    /// Closes a worker's channel (its `disconnect`), if it has one.
+    pub fn close(&mut self, worker: WorkerId) {
+        if let Some(link) = self.links.remove(&worker) {
+            for task in link.tasks {
+                task.abort();
+            }
+        }
+    }
+
+    /// The next message from any worker.
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+}
+
+/// Reads a worker's lines and hands its messages to the loop.
+async fn read_lines(
+    worker: WorkerId,
+    label: String,
+    mut read: OwnedReadHalf,
+    outbox: Rc<Outbox>,
+    tx: mpsc::Sender<Message>,
+) {
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut line: Vec<u8> = Vec::new();
+    let mut skipping = false;
+    let mut refused = 0u64;
+    loop {
+        let n = match read.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut rest = &chunk[..n];
+        while !rest.is_empty() {
+            let end = rest.iter().position(|b| *b == b'\n');
+            let part = &rest[..end.unwrap_or(rest.len())];
+            rest = end.map_or(&[][..], |at| &rest[at + 1..]);
+            if !skipping && line.len() + part.len() > MAX_MESSAGE {
+                refused += 1;
+                let message = format!(
+                    "{label}: a message over {MAX_MESSAGE} bytes was refused ({refused} so far)"
+                );
+                // One warning per worker; a worker that keeps doing it does not flood the log.
+                if refused == 1 {
+                    tracing::warn!("{message}");
+                } else {
+                    tracing::debug!("{message}");
+                }
+                line = Vec::new();
+                skipping = true;
+            }
+            if !skipping {
+                line.extend_from_slice(part);
+            }
+            if end.is_none() {
+                break;
+            }
+            if skipping {
+                skipping = false;
+                continue;
+            }
+            let taken = std::mem::take(&mut line);
+            match classify(&taken) {
+                Line::Malformed if taken.trim_ascii().is_empty() => {}
+                Line::Malformed => tracing::debug!("{label}: dropped a line that is not JSON"),
+                Line::Internal { handle: true } => {
+                    outbox.push(Arc::from(HANDLE_ACK));
+                    tracing::debug!("{label}: a passed handle was discarded");
+                }
+                Line::Internal { handle: false } => {}
+                Line::Message { ready } => {
+                    // Valid JSON is valid UTF-8; an exact-size copy is what waits in the queue.
+                    let Ok(text) = std::str::from_utf8(&taken) else {
+                        continue;
+                    };
+                    let message = Message {
+                        worker,
+                        text: Arc::from(text),
+                        ready,
+                    };
+                    if tx.send(message).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            // A line buffer grown by a big message is not kept.
+            line = taken;
+            line.clear();
+            if line.capacity() > 4096 {
+                line = Vec::new();
+            }
+        }
+    }
+}
+
+/// Writes the queued messages to a worker, one line each.
+async fn write_lines(write: OwnedWriteHalf, outbox: Rc<Outbox>) {
+    let mut write = BufWriter::with_capacity(16 * 1024, write);
+    loop {
+        match outbox.pop() {
+            Some(text) => {
+                let written = async {
+                    write.write_all(text.as_bytes()).await?;
+                    write.write_all(b"\n").await
+                };
+                if written.await.is_err() {
+                    return;
+                }
+            }
+            None if !write.buffer().is_empty() => {
+                // What the loop delivers in the same turn goes out in one write.
+                tokio::task::yield_now().await;
+                if outbox.queue.borrow().is_empty() && write.flush().await.is_err() {
+                    return;
+                }
+            }
+            None => outbox.wake.notified().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_classified_as_node_and_other_languages_write_them() {
+        assert_eq!(classify(b"\"ready\""), Line::Message { ready: true });
+        assert_eq!(
+            classify(br#"{"type":"ready","pid":4}"#),
+            Line::Message { ready: true }
+        );
+        assert_eq!(
+            classify(br#"{"type":"status","pid":4}"#),
+            Line::Message { ready: false }
+        );
+        assert_eq!(classify(b"42"), Line::Message { ready: false });
+        assert_eq!(
+            classify(br#"{"cmd":"NODE_HANDLE","type":"net.Socket","msg":1}"#),
+            Line::Internal { handle: true }
+        );
+        assert_eq!(
+            classify(br#"{"cmd":"NODE_CLUSTER","act":"online"}"#),
+            Line::Internal { handle: false }
+        );
+        assert_eq!(
+            classify(br#"{"cmd":"deploy"}"#),
+            Line::Message { ready: false }
+        );
+        assert_eq!(classify(b"{not json"), Line::Malformed);
+        assert_eq!(classify(b""), Line::Malformed);
+    }
+
+    #[test]
+    fn a_full_outbox_drops_and_counts() {
+        let outbox = Outbox::default();
+        let big: Arc<str> = Arc::from("x".repeat(MAX_MESSAGE));
+        let mut queued = 0;
+        while outbox.push(Arc::clone(&big)) {
+            queued += 1;
+        }
+        assert_eq!(queued, QUEUE_BYTES / (MAX_MESSAGE + 1));
+        assert_eq!(outbox.dropped.get(), 1);
+        assert!(outbox.pop().is_some());
+        assert!(outbox.push(big), "room again once one was written");
+    }
+}
