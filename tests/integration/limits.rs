@@ -100,3 +100,28 @@ env = { METRICS_PORT = "91{slot}", PLAIN = "x" }
     }
     assert!(clusterd.stop().success());
 }
+
+#[test]
+fn manifest_strings_take_variables_from_clusterds_environment() {
+    let manifest = r#"
+[apps.kv]
+command = ["sleep", "1000"]
+workers = "${CLUSTERD_TEST_WORKERS:-1}"
+env = { SEEDS = "${CLUSTERD_TEST_SEEDS:-127.0.0.1:7000}", PRICE = "$$5", FALLBACK = "${CLUSTERD_TEST_UNSET:-used}" }
+"#;
+    let mut clusterd = Clusterd::start_with(manifest, |command| {
+        command
+            .env("CLUSTERD_TEST_WORKERS", "2")
+            .env("CLUSTERD_TEST_SEEDS", "10.1.2.3:7000,10.1.2.4:7000")
+            .env_remove("CLUSTERD_TEST_UNSET");
+    });
+    clusterd.wait_for_lines("started pid", 2, 10 * SECOND);
+    let pid = clusterd.first_pid("kv[1]");
+    assert_eq!(
+        env_var(pid, "SEEDS").as_deref(),
+        Some("10.1.2.3:7000,10.1.2.4:7000")
+    );
+    assert_eq!(env_var(pid, "PRICE").as_deref(), Some("$5"));
+    assert_eq!(env_var(pid, "FALLBACK").as_deref(), Some("used"));
+    assert!(clusterd.stop().success());
+}
