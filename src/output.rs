@@ -50,8 +50,14 @@ pub enum Push {
 
 /// What a writer thread writes to: clusterd's stdout or stderr, or a log file.
 pub trait Target: Send + 'static {
-    /// Writes one whole line.
+    /// Writes whole lines (one or several, as one chunk).
     fn write_line(&mut self, line: &[u8]) -> io::Result<()>;
+    /// How many bytes of queued lines one write may carry. `PIPE_BUF` by default: a write
+    /// that size or smaller to a pipe is atomic, so lines from clusterd's stdout and stderr
+    /// writers never interleave even when both are the same pipe (journald, docker).
+    fn batch_bytes(&self) -> usize {
+        libc::PIPE_BUF
+    }
     /// Closes and opens the destination again (SIGUSR1); nothing to do for a descriptor.
     fn reopen(&mut self) {}
 }
@@ -111,32 +117,43 @@ impl Sink {
     /// The writer thread: writes each queued line with one write (a line that cannot be
     /// written is dropped and counted).
     fn run(&self, out: &mut impl Target) {
+        let limit = out.batch_bytes();
+        let mut batch = Vec::with_capacity(limit);
         loop {
-            let line = {
+            // Everything queued that fits one write (at least one line): one system call for
+            // many short lines.
+            batch.clear();
+            let mut lines = 0;
+            {
                 let mut queue = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 queue.writing_since = None;
                 loop {
                     if std::mem::take(&mut queue.reopen) {
-                        break None;
+                        break;
                     }
-                    if let Some(line) = queue.lines.pop_front() {
-                        break Some(line);
+                    if !queue.lines.is_empty() {
+                        while let Some(line) = queue.lines.front() {
+                            if lines > 0 && batch.len() + line.len() > limit {
+                                break;
+                            }
+                            let line = queue.lines.pop_front().expect("a front line");
+                            queue.bytes -= line.len();
+                            batch.extend_from_slice(&line);
+                            lines += 1;
+                        }
+                        queue.writing_since = Some(Instant::now());
+                        break;
                     }
                     self.changed.notify_all();
                     queue = self.changed.wait(queue).unwrap_or_else(|e| e.into_inner());
                 }
-            };
-            let Some(line) = line else {
+            }
+            if lines == 0 {
                 out.reopen();
                 continue;
-            };
-            {
-                let mut queue = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                queue.bytes -= line.len();
-                queue.writing_since = Some(Instant::now());
             }
-            if out.write_line(&line).is_err() {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+            if out.write_line(&batch).is_err() {
+                self.dropped.fetch_add(lines, Ordering::Relaxed);
             }
         }
     }

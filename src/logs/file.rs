@@ -94,6 +94,15 @@ impl LogFile {
 }
 
 impl Target for LogFile {
+    /// A file has no `PIPE_BUF` concern (one writer per file): larger writes, but never more
+    /// than the rotation size, so that a file stays within it.
+    fn batch_bytes(&self) -> usize {
+        let max = self
+            .max_size
+            .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
+        (64 * 1024).min(max).max(1)
+    }
+
     fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
         let result = self.write(line);
         match &result {
