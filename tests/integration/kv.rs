@@ -78,13 +78,19 @@ fn status_owner(clusterd: &Clusterd) -> Option<i64> {
 
 /// The owner according to the kernel's lock table, through the crate's inspection API.
 fn lock_holder(segments: &Path) -> Option<i32> {
-    let owners = clusterd_kv::tend_owners(segments, PREFIX).expect("read segments");
+    lock_holder_of(segments, PREFIX)
+}
+
+/// The tend owner of the segments named `prefix` in `segments`, from the kernel's lock table
+/// on the segment's lock file (at most one).
+pub(crate) fn lock_holder_of(segments: &Path, prefix: &str) -> Option<i32> {
+    let owners = clusterd_kv::tend_owners(segments, prefix).expect("read segments");
     assert!(owners.len() <= 1, "{owners:?}");
     owners.first().and_then(|o| o.lock_pid)
 }
 
 /// One request on a fresh connection: (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+pub(crate) fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut stream = TcpStream::connect_timeout(&addr, 5 * SECOND).expect("connect");
     stream.set_read_timeout(Some(10 * SECOND)).expect("timeout");
     write!(

@@ -5,8 +5,7 @@
 //! succeeding, and no segment left after clusterd stops.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use redis_cluster_fixture::RedisCluster;
 
+use crate::kv::http;
 use crate::util::{Clusterd, alive, clusterd_bin, wait_until};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -66,30 +66,7 @@ env = {{ KV_TEND_INTERVAL_MS = "{tend_interval_ms}" }}
 
 /// The tend owner according to the kernel's lock table on the segment's lock file.
 fn lock_holder(segments: &Path) -> Option<i32> {
-    let owners = clusterd_kv::tend_owners(segments, PREFIX).expect("read segments");
-    assert!(owners.len() <= 1, "{owners:?}");
-    owners.first().and_then(|o| o.lock_pid)
-}
-
-/// One request on a fresh connection: (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect_timeout(&addr, 5 * SECOND).expect("connect");
-    stream.set_read_timeout(Some(10 * SECOND)).expect("timeout");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: kv\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).expect("read");
-    let status = raw
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad response {raw:?}"));
-    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-    (status, body)
+    crate::kv::lock_holder_of(segments, PREFIX)
 }
 
 /// `/_kv/stats` of every worker, by pid: asks until each of `WORKERS` pids has answered.
