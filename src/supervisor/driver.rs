@@ -493,7 +493,12 @@ impl Driver {
                             transient: error.is_transient(),
                             message: error.to_string(),
                         });
-                    if result.is_ok() {
+                    if let Ok(pid) = &result {
+                        if let Err(why) = self.containment.check_joined(&key, *pid) {
+                            tracing::warn!(
+                                "{app}[{slot}] is contained by its process group only: {why}"
+                            );
+                        }
                         self.contained.insert(worker, key);
                     } else {
                         self.containment.remove_worker(&key);
@@ -560,9 +565,14 @@ impl Driver {
                 Action::MeasureMemory(workers) => {
                     let pids: Vec<Pid> = workers.iter().map(|(_, pid)| *pid).collect();
                     let usage = procstat::group_usage(&pids);
+                    // Where its cgroup has the memory controller, all that a worker and
+                    // everything it started use (`memory.current`); else its group's RSS.
                     let measured = workers
                         .into_iter()
-                        .filter_map(|(id, pid)| Some((id, usage.get(&pid)?.rss_bytes)))
+                        .filter_map(|(id, pid)| {
+                            let cgroup = self.containment.memory_current(self.key(id));
+                            Some((id, cgroup.or(usage.get(&pid).map(|u| u.rss_bytes))?))
+                        })
                         .collect();
                     Some(Event::Memory(measured))
                 }
