@@ -21,6 +21,21 @@
 //!   ready with `ready = "listen"`.
 //! - anything else continues unchanged (`SECCOMP_USER_NOTIF_FLAG_CONTINUE`).
 //!
+//! - `fcntl`, `ioctl`, `getsockopt` or `getsockname` on one of the fds 3.. the worker
+//!   inherited (the filter traps only those fd numbers) continues unchanged; when the fd is
+//!   still a handed-off socket, the worker has taken it, which counts as its `listen()`.
+//!
+//! **Inherited sockets.** The worker also finds these very sockets at fds 3, 4, ...
+//! (`LISTEN_FDS`), already listening: an app that takes fd 3 when it is there and binds
+//! otherwise works either way, and one that does both gets the same socket twice (under
+//! steering, its own steered socket; never clusterd's address holder). Such an app usually
+//! never calls `listen()` (Go's `net.FileListener`, `listenfd`, `go-systemd/activation`), but
+//! every way of taking an inherited socket looks at it first (Go dups it with `fcntl`,
+//! `listenfd` and Python's `socket(fileno=3)` read `getsockopt`, tokio sets `FIONBIO`): that
+//! first look is the readiness signal of `ready = "listen"`. Connections wait in the socket's
+//! queue until the worker accepts. An app that only ever `accept()`s on fd 3 shows nothing
+//! (trapping `accept` would cost every connection a round trip): give it `ready = "delay"`.
+//!
 //! **Matching rules.** A TCP bind matches a held TCP socket with the same port when its address
 //! is the wildcard (`0.0.0.0`, `::`), the held socket's own address, or a loopback address
 //! while the held socket is on loopback (`127.0.0.1`, `::1`, `::ffff:127.0.0.1`). Port 0 never
@@ -62,12 +77,22 @@ const AUDIT_ARCH: u32 = 0xC000_00B7;
 /// fd the child places (0-2 and 3 + up to 64 sockets), so that no `dup2` can overwrite it.
 const CHILD_FD_MIN: RawFd = 100;
 
-/// Offsets in `struct seccomp_data`.
+/// Offsets in `struct seccomp_data` (the low half of `args[0]`: little-endian targets only).
 const DATA_NR: u32 = 0;
 const DATA_ARCH: u32 = 4;
+const DATA_ARG0_LOW: u32 = 16;
 
-/// The filter: `SECCOMP_RET_USER_NOTIF` for `bind` and `listen` of the native ABI.
-fn filter() -> Vec<libc::sock_filter> {
+/// The calls that take a first look at an inherited socket, trapped on fds 3.. only.
+const LOOKS: [libc::c_long; 4] = [
+    libc::SYS_fcntl,
+    libc::SYS_ioctl,
+    libc::SYS_getsockopt,
+    libc::SYS_getsockname,
+];
+
+/// The filter: `SECCOMP_RET_USER_NOTIF` for `bind` and `listen` of the native ABI, and for
+/// the [`LOOKS`] at fds `3..3 + inherited`.
+fn filter(inherited: usize) -> Vec<libc::sock_filter> {
     let stmt = |code: u32, k: u32| libc::sock_filter {
         code: code as u16,
         jt: 0,
@@ -80,16 +105,35 @@ fn filter() -> Vec<libc::sock_filter> {
         jf,
         k,
     };
+    let jge = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
     let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
     let ret = libc::BPF_RET | libc::BPF_K;
+    let end = 3 + inherited.min(1024) as u32;
+    // Jumps are relative to the next instruction: 10 is `notify` from the bind test, 4 is
+    // the fd test from the first look.
     vec![
         stmt(load, DATA_ARCH),
         jeq(AUDIT_ARCH, 1, 0),
         stmt(ret, libc::SECCOMP_RET_ALLOW),
         stmt(load, DATA_NR),
-        jeq(libc::SYS_bind as u32, 2, 0),
-        jeq(libc::SYS_listen as u32, 1, 0),
+        jeq(libc::SYS_bind as u32, 10, 0),
+        jeq(libc::SYS_listen as u32, 9, 0),
+        jeq(LOOKS[0] as u32, 4, 0),
+        jeq(LOOKS[1] as u32, 3, 0),
+        jeq(LOOKS[2] as u32, 2, 0),
+        jeq(LOOKS[3] as u32, 1, 0),
         stmt(ret, libc::SECCOMP_RET_ALLOW),
+        // The fd test: 3 <= fd < end.
+        stmt(load, DATA_ARG0_LOW),
+        jge(3, 0, 1),
+        jge(end, 0, 1),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+        // notify:
         stmt(ret, libc::SECCOMP_RET_USER_NOTIF),
     ]
 }
@@ -112,7 +156,7 @@ pub struct Unavailable {
 /// filters and `no_new_privs` are per thread, so clusterd itself stays unfiltered.
 pub fn probe() -> Result<(), Unavailable> {
     std::thread::spawn(|| {
-        let program = filter();
+        let program = filter(0);
         let prog = libc::sock_fprog {
             len: program.len() as u16,
             filter: program.as_ptr().cast_mut(),
@@ -180,8 +224,9 @@ pub struct Trap {
 }
 
 impl Trap {
-    /// Builds the filter, the socketpair and the message buffers.
-    pub fn new() -> io::Result<Self> {
+    /// Builds the filter (for a worker that inherits `inherited` sockets at fds 3..), the
+    /// socketpair and the message buffers.
+    pub fn new(inherited: usize) -> io::Result<Self> {
         let mut fds = [0; 2];
         // SAFETY: socketpair writes two fds into `fds`.
         if unsafe {
@@ -206,7 +251,7 @@ impl Trap {
         let child_end = unsafe { OwnedFd::from_raw_fd(child_end) };
         drop(low_child_end);
 
-        let program = filter();
+        let program = filter(inherited);
         let prog = libc::sock_fprog {
             len: program.len() as u16,
             filter: program.as_ptr().cast_mut(),
@@ -331,6 +376,11 @@ pub struct Held {
 }
 
 impl Held {
+    /// The socket's fd, to place at the worker's fd 3.. (open for as long as `self` lives).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
     /// `fd`, a listening socket for `name` (at `listen`), made non-blocking, to hand to a
     /// worker whose bind matches.
     pub fn new(name: &str, listen: &Listen, fd: OwnedFd) -> io::Result<Held> {
@@ -545,8 +595,9 @@ enum Answer {
     Success,
 }
 
-/// Answers one notification; returns true for a `listen()` on a handed-off socket. Every
-/// error from the ioctls (`ENOENT`: the worker died meanwhile) drops the notification.
+/// Answers one notification; returns true for a `listen()` on a handed-off socket or a first
+/// look at one (the driver's core ignores all but the first). Every error from the ioctls
+/// (`ENOENT`: the worker died meanwhile) drops the notification.
 fn answer(fd: &OwnedFd, notification: &libc::seccomp_notif, held: &[Held], label: &str) -> bool {
     let pid = notification.pid as libc::pid_t;
     let nr = i64::from(notification.data.nr);
@@ -555,6 +606,8 @@ fn answer(fd: &OwnedFd, notification: &libc::seccomp_notif, held: &[Held], label
         (bind(fd, notification, held, label), false)
     } else if nr == libc::SYS_listen && handed_off(pid, target, held).is_some() {
         (Answer::Success, true)
+    } else if LOOKS.contains(&nr) {
+        (Answer::Continue, handed_off(pid, target, held).is_some())
     } else {
         (Answer::Continue, false)
     };
@@ -736,6 +789,55 @@ mod tests {
             unsafe { std::slice::from_raw_parts(unix.as_ptr().cast::<u8>(), unix.len() as usize) };
         assert_eq!(decode(bytes), BindAddr::Unix("/run/x.sock".into()));
         assert_eq!(decode(&[]), BindAddr::Other);
+    }
+
+    /// Runs `program` (loads, `jeq`, `jge`, returns: all the filter uses) on a call.
+    fn run(program: &[libc::sock_filter], arch: u32, nr: libc::c_long, arg0: u32) -> u32 {
+        let (mut pc, mut a) = (0, 0u32);
+        loop {
+            let op = program[pc];
+            let next = pc + 1;
+            match u32::from(op.code) {
+                c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => {
+                    a = match op.k {
+                        DATA_NR => nr as u32,
+                        DATA_ARCH => arch,
+                        DATA_ARG0_LOW => arg0,
+                        k => panic!("load of offset {k}"),
+                    };
+                    pc = next;
+                }
+                c if c == libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K => {
+                    pc = next + usize::from(if a == op.k { op.jt } else { op.jf });
+                }
+                c if c == libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K => {
+                    pc = next + usize::from(if a >= op.k { op.jt } else { op.jf });
+                }
+                c if c == libc::BPF_RET | libc::BPF_K => return op.k,
+                c => panic!("instruction {c:#x}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_filter_traps_bind_listen_and_first_looks_at_inherited_fds_only() {
+        let program = filter(2);
+        let notify = libc::SECCOMP_RET_USER_NOTIF;
+        let allow = libc::SECCOMP_RET_ALLOW;
+        assert_eq!(run(&program, AUDIT_ARCH, libc::SYS_bind, 7), notify);
+        assert_eq!(run(&program, AUDIT_ARCH, libc::SYS_listen, 7), notify);
+        for nr in LOOKS {
+            assert_eq!(run(&program, AUDIT_ARCH, nr, 3), notify);
+            assert_eq!(run(&program, AUDIT_ARCH, nr, 4), notify);
+            for fd in [0, 2, 5, 100, u32::MAX] {
+                assert_eq!(run(&program, AUDIT_ARCH, nr, fd), allow, "{nr} on fd {fd}");
+            }
+        }
+        assert_eq!(run(&program, AUDIT_ARCH, libc::SYS_accept4, 3), allow);
+        assert_eq!(run(&program, AUDIT_ARCH, libc::SYS_read, 3), allow);
+        assert_eq!(run(&program, 0x4000_0003, libc::SYS_bind, 3), allow);
+        // Nothing inherited: no fd is looked at.
+        assert_eq!(run(&filter(0), AUDIT_ARCH, libc::SYS_fcntl, 3), allow);
     }
 
     #[test]

@@ -38,7 +38,8 @@ pub struct SpawnSpec<'a> {
     pub stdio: [&'a OwnedFd; 3],
     /// The `cgroup.procs` of the worker's cgroup, open for writing
     /// (`Containment::prepare_worker`): the child writes `0` to it first thing after `fork`,
-    /// so the worker and everything it starts are inside from the beginning.
+    /// so the worker and everything it starts are inside from the beginning. A write that
+    /// fails is ignored (the worker runs in its process group only): check afterwards.
     pub cgroup_procs: Option<&'a OwnedFd>,
     /// For `intercept = true`: the seccomp trap the child installs last before `execve`.
     pub trap: Option<&'a Trap>,
@@ -96,11 +97,6 @@ impl SpawnError {
         match self {
             SpawnError::NotFound { .. } | SpawnError::Nul(_) => false,
             SpawnError::Os { .. } => true,
-            // Not the program's fault: the cgroup file system was busy or short of memory.
-            SpawnError::Child {
-                step: ChildStep::Cgroup,
-                ..
-            } => true,
             SpawnError::Child { cause, .. } => matches!(
                 cause.raw_os_error(),
                 Some(
@@ -126,8 +122,6 @@ pub enum ChildStep {
     Chdir = 2,
     /// `execve` of the program.
     Exec = 3,
-    /// Joining the worker's cgroup.
-    Cgroup = 4,
     /// Installing the seccomp trap of `bind`/`listen` and sending its notification fd.
     Intercept = 5,
 }
@@ -138,7 +132,6 @@ impl fmt::Display for ChildStep {
             ChildStep::Fds => "cannot set up file descriptors for",
             ChildStep::Chdir => "cannot change directory to",
             ChildStep::Exec => "cannot execute",
-            ChildStep::Cgroup => "cannot join the cgroup of",
             ChildStep::Intercept => "cannot trap bind()/listen() (seccomp) for",
         })
     }
@@ -317,7 +310,6 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Pid, SpawnError> {
             let step = match report[0] {
                 1 => ChildStep::Fds,
                 2 => ChildStep::Chdir,
-                4 => ChildStep::Cgroup,
                 5 => ChildStep::Intercept,
                 _ => ChildStep::Exec,
             };
@@ -371,10 +363,10 @@ unsafe fn child_after_fork(
     let ipc = spec.ipc.map(|fd| fd.as_raw_fd());
     unsafe {
         // First of all, before this process can start anything: join the worker's cgroup.
-        if let Some(fd) = cgroup_procs
-            && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
-        {
-            report_failure(err_fd, ChildStep::Cgroup);
+        // A failed join is not fatal: the worker is then contained by its process group, and
+        // the supervisor finds out and says so (`Containment::check_joined`).
+        if let Some(fd) = cgroup_procs {
+            libc::write(fd, b"0".as_ptr().cast(), 1);
         }
 
         let first_free = ipc_fd_number(listen_fds.len()) + ipc.is_some() as libc::c_int;

@@ -211,16 +211,49 @@ pub fn steered(manifest: &Manifest) -> BTreeSet<String> {
 }
 
 /// Lets a closing listener hand its queued connections to the others of its group
-/// (`net.ipv4.tcp_migrate_req`, Linux 5.14). Best effort: false when it cannot be set.
+/// (`net.ipv4.tcp_migrate_req`, Linux 5.14). Best effort: false when it cannot be set. The
+/// setting is the host's (or the network namespace's): when clusterd changes it, it says so
+/// in the log, with the value it had.
 pub fn enable_migration() -> bool {
-    let path = "/proc/sys/net/ipv4/tcp_migrate_req";
-    std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1")
-        || std::fs::write(path, "1").is_ok()
+    enable_migration_at(std::path::Path::new("/proc/sys/net/ipv4/tcp_migrate_req"))
+}
+
+fn enable_migration_at(path: &std::path::Path) -> bool {
+    let before = std::fs::read_to_string(path).map(|v| v.trim().to_owned());
+    match before.as_deref() {
+        Ok("1") => true,
+        Ok(old) if std::fs::write(path, "1").is_ok() => {
+            tracing::info!(
+                "set net.ipv4.tcp_migrate_req = 1 (it was {old}): connections queued on a \
+                 closing worker's own socket move to the others; this is a setting of the \
+                 network namespace, and it stays after clusterd"
+            );
+            true
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_migrate_req_is_written_only_when_it_is_not_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tcp_migrate_req");
+        std::fs::write(&path, "1\n").unwrap();
+        let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+        assert!(enable_migration_at(&path));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().modified().unwrap(),
+            modified
+        );
+        std::fs::write(&path, "0\n").unwrap();
+        assert!(enable_migration_at(&path));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1");
+        assert!(!enable_migration_at(&dir.path().join("missing")));
+    }
 
     #[test]
     fn the_program_picks_only_among_its_targets() {

@@ -493,7 +493,12 @@ impl Driver {
                             transient: error.is_transient(),
                             message: error.to_string(),
                         });
-                    if result.is_ok() {
+                    if let Ok(pid) = &result {
+                        if let Err(why) = self.containment.check_joined(&key, *pid) {
+                            tracing::warn!(
+                                "{app}[{slot}] is contained by its process group only: {why}"
+                            );
+                        }
                         self.contained.insert(worker, key);
                     } else {
                         self.containment.remove_worker(&key);
@@ -560,9 +565,14 @@ impl Driver {
                 Action::MeasureMemory(workers) => {
                     let pids: Vec<Pid> = workers.iter().map(|(_, pid)| *pid).collect();
                     let usage = procstat::group_usage(&pids);
+                    // Where its cgroup has the memory controller, all that a worker and
+                    // everything it started use (`memory.current`); else its group's RSS.
                     let measured = workers
                         .into_iter()
-                        .filter_map(|(id, pid)| Some((id, usage.get(&pid)?.rss_bytes)))
+                        .filter_map(|(id, pid)| {
+                            let cgroup = self.containment.memory_current(self.key(id));
+                            Some((id, cgroup.or(usage.get(&pid).map(|u| u.rss_bytes))?))
+                        })
                         .collect();
                     Some(Event::Memory(measured))
                 }
@@ -774,11 +784,26 @@ impl Driver {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.replace("{slot}", &slot_text))),
         );
-        let listen_fds: Vec<_> = config
-            .sockets
-            .iter()
-            .filter_map(|name| Some(self.sockets.get(name)?.raw_fd()))
-            .collect();
+        // An intercepted worker finds at fd 3.. the very sockets its binds are answered with:
+        // a listening socket of its own where the address is steered, never the holder.
+        let held = match config.intercept {
+            true => Some(
+                self.held(worker, &config.sockets)
+                    .map_err(|cause| SpawnError::Os {
+                        what: "socket",
+                        cause,
+                    })?,
+            ),
+            false => None,
+        };
+        let listen_fds: Vec<_> = match &held {
+            Some(held) => held.iter().map(intercept::Held::raw_fd).collect(),
+            None => config
+                .sockets
+                .iter()
+                .filter_map(|name| Some(self.sockets.get(name)?.raw_fd()))
+                .collect(),
+        };
         if !listen_fds.is_empty() {
             env.insert("LISTEN_FDS".into(), listen_fds.len().to_string());
             env.insert("LISTEN_FDNAMES".into(), config.sockets.join(":"));
@@ -837,7 +862,7 @@ impl Driver {
                 None
             });
         let trap = match config.intercept {
-            true => Some(Trap::new().map_err(|cause| SpawnError::Os {
+            true => Some(Trap::new(listen_fds.len()).map_err(|cause| SpawnError::Os {
                 what: "socketpair",
                 cause,
             })?),
@@ -860,11 +885,10 @@ impl Driver {
         {
             tracing::error!("{label} pid {pid}: cannot serve its message channel: {error}");
         }
-        if let Some(trap) = trap {
+        if let (Some(trap), Some(held)) = (trap, held) {
             // The child sent the fd before it exec'd. Without it, its trapped calls fail with
             // ENOSYS once `trap` is dropped: the worker sees an error, clusterd goes on.
             let watched = trap.receive().and_then(|notify_fd| {
-                let held = self.held(worker, &config.sockets)?;
                 self.intercepts
                     .watch(worker, label.clone(), notify_fd, held)
             });
@@ -900,7 +924,12 @@ impl Driver {
                 Some(address) => self.steering.socket_for(name, worker, address, config)?,
                 None => socket.try_clone_fd()?,
             };
-            held.push(intercept::Held::new(name, &config.listen, fd)?);
+            // Binds match the address bound (a manifest's port 0 is a real port by now).
+            let listen = match socket.local_addr() {
+                Some(address) => clusterd_manifest::Listen::Tcp(address),
+                None => config.listen.clone(),
+            };
+            held.push(intercept::Held::new(name, &listen, fd)?);
         }
         Ok(held)
     }

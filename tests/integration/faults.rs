@@ -484,3 +484,74 @@ workers = 2
     let status = clusterd.wait_exit(10 * SECOND);
     assert!(status.success(), "{status:?}\n{}", clusterd.output());
 }
+
+/// The `0::` cgroup of `pid` (`/proc/PID/cgroup`).
+fn cgroup_of(pid: Pid) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .expect("read cgroup")
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        .expect("a cgroup v2 line")
+}
+
+#[test]
+fn clusterd_moves_into_a_leaf_of_its_tree_beside_its_workers_and_leaves_nothing() {
+    let mut clusterd = Clusterd::start(
+        r#"
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{hello}"]
+workers = 2
+sockets = ["http"]
+ready = "notify"
+"#,
+    );
+    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    let status = clusterd.status();
+    let containment = status["containment"]
+        .as_str()
+        .expect("containment")
+        .to_owned();
+    let Some(described) = containment.strip_prefix("cgroup v2 (") else {
+        // Say why rather than pass: this machine gives clusterd no cgroup v2 it may write.
+        eprintln!("SKIPPED: no cgroup v2 delegation here: {containment}");
+        assert!(clusterd.stop().success());
+        return;
+    };
+    let tree_dir = std::path::PathBuf::from(described.split(',').next().expect("the tree"));
+    let tree = format!("/{}", tree_dir.file_name().expect("name").to_string_lossy());
+    assert!(
+        described.contains("clusterd in supervisor"),
+        "{containment}"
+    );
+    // clusterd is in `<tree>/supervisor`; each worker in a sibling `<tree>/w-...`.
+    let own = cgroup_of(clusterd.pid());
+    assert!(own.ends_with(&format!("{tree}/supervisor")), "{own}");
+    let base = own
+        .trim_end_matches(&format!("{tree}/supervisor"))
+        .to_owned();
+    for (_, pid, _, _) in clusterd.serving("web") {
+        let worker = cgroup_of(pid);
+        let name = worker
+            .strip_prefix(&format!("{base}{tree}/w-"))
+            .unwrap_or_else(|| panic!("worker {pid} is in {worker}, not beside {own}"));
+        assert!(
+            name.starts_with("web.0.") || name.starts_with("web.1."),
+            "{worker}"
+        );
+    }
+    // The memory controller is on for the workers where the base offers it.
+    let offered = std::fs::read_to_string(tree_dir.join("cgroup.controllers")).expect("read");
+    match offered.split_whitespace().any(|c| c == "memory") {
+        true => assert!(described.contains("memory controller on"), "{containment}"),
+        false => eprintln!(
+            "not checked here: the memory controller is not offered to cgroup v2 on this \
+             machine (controllers: {offered:?}; a hybrid hierarchy keeps it on v1)"
+        ),
+    }
+    assert!(clusterd.stop().success());
+    // clusterd moved back out of its leaf and removed its tree.
+    assert!(!tree_dir.exists(), "{} is left", tree_dir.display());
+}

@@ -8,6 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
 use crate::util::{Clusterd, clusterd_bin, http_get, wait_until};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -344,10 +347,11 @@ func main() {
 }
 "#;
 
-#[test]
-fn a_static_go_binary_binding_its_own_port_runs_as_three_workers() {
+/// `source` built as a static Go binary; `None` (the test is skipped, and says so) where `go`
+/// cannot run outside CI.
+fn go_build(source: &str) -> Option<Vec<u8>> {
     let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("main.go"), GO_SERVER).expect("write main.go");
+    std::fs::write(dir.path().join("main.go"), source).expect("write main.go");
     let built = Command::new("go")
         .args(["build", "-o", "server", "main.go"])
         .current_dir(dir.path())
@@ -357,7 +361,7 @@ fn a_static_go_binary_binding_its_own_port_runs_as_three_workers() {
     let built = match built {
         Err(error) if std::env::var_os("CI").is_none() => {
             eprintln!("SKIPPED: cannot run `go` ({error}); CI installs golang-go");
-            return;
+            return None;
         }
         result => result.expect("go build"),
     };
@@ -366,7 +370,14 @@ fn a_static_go_binary_binding_its_own_port_runs_as_three_workers() {
         "go build: {}",
         String::from_utf8_lossy(&built.stderr)
     );
-    let server = std::fs::read(dir.path().join("server")).expect("the built server");
+    Some(std::fs::read(dir.path().join("server")).expect("the built server"))
+}
+
+#[test]
+fn a_static_go_binary_binding_its_own_port_runs_as_three_workers() {
+    let Some(server) = go_build(GO_SERVER) else {
+        return;
+    };
     let port = free_port().to_string();
     let listen = format!("127.0.0.1:{port}");
     let mut clusterd = start_run(
@@ -384,5 +395,266 @@ fn a_static_go_binary_binding_its_own_port_runs_as_three_workers() {
     clusterd.wait_for_lines("ready after", 3, 30 * SECOND);
     let pids = distinct_bodies(listen.parse().expect("addr"), 3, |b| b.trim().to_owned());
     assert_eq!(pids.len(), 3, "{pids:?}");
+    assert!(clusterd.stop().success());
+}
+
+/// The inodes of the TCP sockets in state LISTEN (`/proc/net/tcp`, `tcp6`).
+fn listening_inodes() -> BTreeSet<String> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .flat_map(|path| {
+            let table = std::fs::read_to_string(path).unwrap_or_default();
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    (fields.get(3) == Some(&"0A")).then(|| fields.get(9).map(|i| i.to_string()))?
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The inode of the socket at fd 3 of `pid` (`/proc/PID/fd/3` is `socket:[INODE]`).
+fn fd3_inode(pid: &str) -> String {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/3")).expect("fd 3 of the worker");
+    let link = link.to_string_lossy();
+    link.strip_prefix("socket:[")
+        .and_then(|l| l.strip_suffix(']'))
+        .unwrap_or_else(|| panic!("fd 3 of {pid} is {link}, not a socket"))
+        .to_owned()
+}
+
+/// The address of socket `http`, logged with a note when it is steered.
+fn steered_addr(clusterd: &Clusterd, steered: bool) -> SocketAddr {
+    if !steered {
+        return clusterd.socket_addr("http");
+    }
+    let line = clusterd.wait_for_line("socket http listening on ", 10 * SECOND);
+    let (_, rest) = line.split_once("listening on ").expect("address");
+    assert!(rest.ends_with("(steered: each worker listens on a socket of its own)"));
+    rest.split(' ')
+        .next()
+        .expect("address")
+        .parse()
+        .expect("an address")
+}
+
+/// The pids of `app`'s workers once `n` serve and are ready.
+fn ready_pids(clusterd: &Clusterd, app: &str, n: usize) -> BTreeSet<String> {
+    let mut pids = BTreeSet::new();
+    let ready = wait_until(30 * SECOND, || {
+        let serving = clusterd.serving(app);
+        pids = serving.iter().map(|w| w.1.to_string()).collect();
+        serving.len() == n && serving.iter().all(|w| w.3 == "ready")
+    });
+    assert!(ready, "not {n} ready workers:\n{}", clusterd.output());
+    pids
+}
+
+/// An app whose workers take the socket at fd 3 (`LISTEN_FDS`), intercepted: it serves from
+/// `n` distinct pids with 0 restarts, each worker's fd 3 a listening socket (its own when the
+/// address is `steered`, else the one shared socket); it reloads under load with 0 failed
+/// requests; a worker killed with SIGKILL is replaced and the app serves from `n` pids again.
+/// `pid_of` reads the pid from a response body.
+fn takes_fd3_through_reload_and_kill(
+    mut clusterd: Clusterd,
+    app: &str,
+    n: usize,
+    steered: bool,
+    pid_of: impl Fn(&str) -> String + Copy,
+) {
+    let addr = steered_addr(&clusterd, steered);
+    let pids = ready_pids(&clusterd, app, n);
+    assert_eq!(distinct_bodies(addr, n, pid_of), pids);
+    assert_eq!(restarts(&clusterd, app), 0, "{}", clusterd.output());
+    let listening = listening_inodes();
+    let inodes: BTreeSet<String> = pids.iter().map(|pid| fd3_inode(pid)).collect();
+    assert!(
+        inodes.is_subset(&listening),
+        "fd 3 is not listening in every worker: {inodes:?}"
+    );
+    assert_eq!(inodes.len(), if steered { n } else { 1 }, "{inodes:?}");
+
+    let load = Load::with_clients(addr, 4);
+    let output = clusterd.ctl(&["reload", "--wait"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let (answered, failures) = load.finish();
+    assert!(answered > 0);
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed during the reload: {failures:?}",
+        failures.len(),
+        answered + failures.len()
+    );
+    let reloaded = ready_pids(&clusterd, app, n);
+    assert!(reloaded.is_disjoint(&pids), "{pids:?} -> {reloaded:?}");
+    assert_eq!(distinct_bodies(addr, n, pid_of), reloaded);
+
+    let victim: Pid = Pid::from_raw(reloaded.first().expect("a pid").parse().expect("pid"));
+    nix::sys::signal::kill(victim, Signal::SIGKILL).expect("kill -9 a worker");
+    let replaced = wait_until(30 * SECOND, || {
+        let serving = clusterd.serving(app);
+        serving.len() == n
+            && serving.iter().all(|w| w.3 == "ready")
+            && serving.iter().all(|w| w.1 != victim)
+    });
+    assert!(replaced, "not replaced:\n{}", clusterd.output());
+    let after = ready_pids(&clusterd, app, n);
+    assert_eq!(distinct_bodies(addr, n, pid_of), after);
+    assert_eq!(restarts(&clusterd, app), 1);
+    assert!(clusterd.stop().success());
+}
+
+/// The bundled `hello` (fd 3 when `LISTEN_FDS` is set, else it binds), intercepted.
+fn intercepted_hello(extra: &str) -> Clusterd {
+    Clusterd::start(&format!(
+        r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{{hello}}"]
+workers = 4
+sockets = ["http"]
+intercept = true
+{extra}
+
+[apps.web.reload]
+bake = "0s"
+"#
+    ))
+}
+
+/// The pid in hello's `hello from web[0] pid 123 generation 1`.
+fn hello_pid(body: &str) -> String {
+    body.split_whitespace()
+        .skip_while(|w| *w != "pid")
+        .nth(1)
+        .unwrap_or(body)
+        .to_owned()
+}
+
+#[test]
+fn hello_intercepted_takes_its_own_steered_socket_at_fd_3() {
+    takes_fd3_through_reload_and_kill(intercepted_hello(""), "web", 4, true, hello_pid);
+}
+
+#[test]
+fn hello_intercepted_without_drain_takes_the_shared_socket_at_fd_3() {
+    let clusterd = intercepted_hello("drain = \"0s\"");
+    takes_fd3_through_reload_and_kill(clusterd, "web", 4, false, hello_pid);
+}
+
+/// A Go server that serves the socket it inherited: `net.FileListener(os.NewFile(3, ...))`. It
+/// never calls `listen()` and never says it is ready.
+const GO_FD3_SERVER: &str = r#"package main
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+)
+
+func main() {
+	l, err := net.FileListener(os.NewFile(3, os.Getenv("LISTEN_FDNAMES")))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	pid := os.Getpid()
+	http.Serve(l, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "%d\n", pid)
+	}))
+}
+"#;
+
+#[test]
+fn a_go_server_on_net_file_listener_fd_3_is_intercepted_reloaded_and_killed() {
+    let Some(server) = go_build(GO_FD3_SERVER) else {
+        return;
+    };
+    let clusterd = Clusterd::start_with(
+        r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.go]
+command = ["{dir}/server"]
+workers = 2
+sockets = ["http"]
+intercept = true
+
+[apps.go.reload]
+bake = "0s"
+"#,
+        move |command| {
+            let dir = command.get_current_dir().expect("the temp dir").to_owned();
+            let path = dir.join("server");
+            std::fs::write(&path, &server).expect("write the server");
+            let mode = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+            std::fs::set_permissions(&path, mode).expect("chmod");
+        },
+    );
+    takes_fd3_through_reload_and_kill(clusterd, "go", 2, true, |body| body.trim().to_owned());
+}
+
+#[test]
+fn a_worker_that_inherits_fd_3_and_binds_the_address_gets_the_same_socket() {
+    let mut clusterd = Clusterd::start_with_files(
+        r#"
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.both]
+command = ["python3", "{dir}/both.py"]
+workers = 2
+sockets = ["http"]
+intercept = true
+"#,
+        &[(
+            "both.py",
+            "import os, signal, socket\n\
+             inherited = socket.socket(fileno=3)\n\
+             listens = inherited.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)\n\
+             port = inherited.getsockname()[1]\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n\
+             s.bind(('0.0.0.0', port))\n\
+             same = os.fstat(s.fileno()).st_ino == os.fstat(3).st_ino\n\
+             print('names', os.environ['LISTEN_FDNAMES'], 'listening', listens,\n\
+                   'fd3', inherited.getsockname()[0], 'bound', s.getsockname()[0],\n\
+                   'same' if same else 'different', 'inode', os.fstat(3).st_ino, flush=True)\n\
+             s.listen()\n\
+             signal.pause()\n",
+        )],
+    );
+    let lines = clusterd.wait_for_lines("names http", 2, 20 * SECOND);
+    let mut inodes = BTreeSet::new();
+    for line in &lines {
+        let (_, rest) = line.split_once("names http ").expect("the line");
+        let (what, inode) = rest.split_once(" inode ").expect("inode");
+        assert_eq!(
+            what, "listening 1 fd3 127.0.0.1 bound 127.0.0.1 same",
+            "{line}"
+        );
+        inodes.insert(inode.to_owned());
+    }
+    // Each its own steered socket: the holder is one, and does not listen.
+    assert_eq!(inodes.len(), 2, "{lines:?}");
+    // Its first look at fd 3 (or its listen() on the socket) is the readiness signal.
+    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    assert_eq!(restarts(&clusterd, "both"), 0);
     assert!(clusterd.stop().success());
 }
