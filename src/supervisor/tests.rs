@@ -934,10 +934,10 @@ fn restart_policies() {
     );
     let once = sim.pid("once", 0).unwrap();
     sim.exit(once, ExitStatus::Code(1));
-    assert_eq!(sim.slot_state("once", 0), SlotState::Stopped);
+    assert_eq!(sim.slot_state("once", 0), SlotState::Done { code: Some(1) });
     let fail = sim.pid("fail", 0).unwrap();
     sim.exit(fail, ExitStatus::Code(0));
-    assert_eq!(sim.slot_state("fail", 0), SlotState::Stopped);
+    assert_eq!(sim.slot_state("fail", 0), SlotState::Done { code: Some(0) });
     sim.control(
         Request::Restart {
             app: "fail".into(),
@@ -1668,4 +1668,311 @@ fn stop_signal_disconnect_closes_the_channel_then_signals_after_the_grace() {
     }
     assert!(!sim.sent(b, Signal::SIGTERM));
     assert!(sim.core.finished());
+}
+
+// ----- one-shot tasks: readiness that knows intent -----
+
+const ONE_SHOT: &str = r#"
+[apps.web]
+command = ["srv"]
+workers = 2
+ready = "notify"
+[apps.web.reload]
+bake = "0s"
+[apps.migrate]
+command = ["sh", "-c", "echo migrated; exit 0"]
+restart = "on-failure"
+"#;
+
+fn statuses(sim: &Sim) -> Vec<clusterd_proto::AppStatus> {
+    let none = std::collections::HashMap::new();
+    let measured = super::status::Measured {
+        usage: &none,
+        cpu_percent: &std::collections::HashMap::new(),
+    };
+    sim.core.app_statuses(sim.now, &measured)
+}
+
+#[test]
+fn a_one_shot_that_finished_is_not_missing_and_status_says_done() {
+    use super::host::{HostMessage, HostNotifier};
+    let mut sim = Sim::new(ONE_SHOT);
+    let mut host = HostNotifier::default();
+    ready_all(&mut sim, "web");
+    // Running (ready at once): ready like any worker.
+    assert_eq!(sim.core.readiness(), Ok(()));
+    let migrate = sim.pid("migrate", 0).unwrap();
+    sim.exit(migrate, ExitStatus::Code(0));
+    assert_eq!(
+        sim.slot_state("migrate", 0),
+        SlotState::Done { code: Some(0) }
+    );
+    assert_eq!(sim.core.readiness(), Ok(()));
+    assert!(host.update(&sim.core).contains(&HostMessage::Ready));
+    assert_eq!(
+        sim.core.summary(),
+        "migrate 0/0 ready (1 done), web 2/2 ready"
+    );
+    let apps = statuses(&sim);
+    let app = apps.iter().find(|a| a.name == "migrate").unwrap();
+    assert_eq!((app.desired, app.ready, app.done), (1, 0, 1));
+    let slot = &app.workers[0];
+    assert_eq!(slot.state, clusterd_proto::WorkerState::Exited);
+    assert!(slot.done);
+    assert_eq!(slot.exit_code, Some(0));
+    assert_eq!(sim.spawns, 3, "not restarted");
+
+    // A restart of the slot runs it again.
+    sim.control(
+        Request::Restart {
+            app: "migrate".into(),
+            slot: Some(0),
+        },
+        1,
+    );
+    assert!(sim.pid("migrate", 0).is_some());
+    assert!(!statuses(&sim)[0].workers[0].done);
+}
+
+#[test]
+fn a_one_shot_that_fails_is_retried_and_missing_until_it_succeeds() {
+    let mut sim = Sim::new(ONE_SHOT);
+    ready_all(&mut sim, "web");
+    let migrate = sim.pid("migrate", 0).unwrap();
+    sim.exit(migrate, ExitStatus::Code(1));
+    // on-failure: retried, and missing meanwhile.
+    assert!(sim.pid("migrate", 0).is_some(), "first failure: at once");
+    let again = sim.pid("migrate", 0).unwrap();
+    sim.exit(again, ExitStatus::Code(1));
+    assert!(matches!(
+        sim.slot_state("migrate", 0),
+        SlotState::Backoff { .. }
+    ));
+    let reason = sim.core.readiness().unwrap_err();
+    assert_eq!(reason, "migrate: 0/1 workers ready");
+    sim.advance(Duration::from_secs(1));
+    let third = sim.pid("migrate", 0).unwrap();
+    sim.exit(third, ExitStatus::Code(0));
+    assert_eq!(sim.core.readiness(), Ok(()));
+}
+
+#[test]
+fn restart_never_is_done_whatever_the_exit_but_a_failed_slot_is_missing() {
+    let mut sim = Sim::new(
+        "[apps.once]\ncommand = [\"x\"]\nrestart = \"never\"\n\
+         [apps.web]\ncommand = [\"x\"]\nworkers = 2\nrestart_limit = { burst = 1, interval = \"10s\" }\n",
+    );
+    let once = sim.pid("once", 0).unwrap();
+    sim.exit(once, ExitStatus::Signal(Signal::SIGSEGV));
+    assert_eq!(sim.slot_state("once", 0), SlotState::Done { code: None });
+    assert_eq!(sim.core.readiness(), Ok(()));
+    let status = &statuses(&sim)[0].workers[0];
+    assert!(status.done);
+    assert_eq!(status.exit_code, None);
+    // restart_limit: the slot fails; it should be up, so it is missing, and named.
+    for _ in 0..2 {
+        let pid = sim.pid("web", 1).unwrap();
+        sim.exit(pid, ExitStatus::Code(1));
+        sim.advance(Duration::from_secs(1));
+    }
+    assert!(matches!(sim.slot_state("web", 1), SlotState::Failed { .. }));
+    assert_eq!(
+        sim.core.readiness(),
+        Err("web: 1/2 workers ready (slot 1 failed)".into())
+    );
+}
+
+#[test]
+fn a_reload_reruns_a_finished_one_shot_and_its_exit_0_completes_its_step() {
+    let mut sim = Sim::new(ONE_SHOT);
+    ready_all(&mut sim, "web");
+    let migrate = sim.pid("migrate", 0).unwrap();
+    sim.exit(migrate, ExitStatus::Code(0));
+    sim.signal(SupervisorSignal::Reload);
+    let rerun = sim.candidate("migrate", 0).expect("run again");
+    // Ready at once (immediate); it finishes within its bake: no abort.
+    sim.advance(10 * MS);
+    sim.exit(rerun, ExitStatus::Code(0));
+    assert_eq!(
+        sim.last_reload("migrate"),
+        Some(ReloadOutcome::Completed { generation: 2 })
+    );
+    assert_eq!(
+        sim.slot_state("migrate", 0),
+        SlotState::Done { code: Some(0) }
+    );
+    assert_eq!(sim.core.apps["migrate"].slots[0].generation, 2);
+    roll(&mut sim, "web");
+    assert_eq!(sim.core.readiness(), Ok(()));
+
+    // A run that outlives its bake is promoted, and its exit 0 still completes it.
+    sim.signal(SupervisorSignal::Reload);
+    roll(&mut sim, "web");
+    let long = sim.candidate("migrate", 0).unwrap();
+    sim.advance(Duration::from_secs(2));
+    assert_eq!(sim.pid("migrate", 0), Some(long), "promoted after its bake");
+    sim.exit(long, ExitStatus::Code(0));
+    sim.advance(Duration::from_secs(2));
+    assert_eq!(
+        sim.last_reload("migrate"),
+        Some(ReloadOutcome::Completed { generation: 3 })
+    );
+
+    // A run that fails aborts the rollout; the slot stays done on its generation.
+    sim.signal(SupervisorSignal::Reload);
+    let bad = sim.candidate("migrate", 0).unwrap();
+    sim.exit(bad, ExitStatus::Code(3));
+    assert!(matches!(
+        sim.last_reload("migrate"),
+        Some(ReloadOutcome::Aborted { generation: 4, .. })
+    ));
+    assert_eq!(
+        sim.slot_state("migrate", 0),
+        SlotState::Done { code: Some(0) }
+    );
+    assert_eq!(sim.core.apps["migrate"].slots[0].generation, 3);
+}
+
+// ----- rollout pace: a baked canary, then readiness speed -----
+
+fn web(workers: usize, reload: &str) -> String {
+    format!(
+        "[apps.web]\ncommand = [\"srv\"]\nworkers = {workers}\nready = \"notify\"\n\
+         [apps.web.reload]\n{reload}\n"
+    )
+}
+
+/// Every candidate that is starting says READY=1; returns how many did.
+fn ready_candidates(sim: &mut Sim, app: &str) -> usize {
+    let starting: Vec<Pid> = (0..sim.core.apps[app].slots.len())
+        .filter_map(|slot| sim.candidate(app, slot))
+        .filter(|pid| matches!(sim.phase(*pid), Phase::Starting { .. }))
+        .collect();
+    for pid in &starting {
+        sim.notify(*pid, "READY=1");
+    }
+    starting.len()
+}
+
+fn candidates(sim: &Sim, app: &str) -> usize {
+    (0..sim.core.apps[app].slots.len())
+        .filter(|s| sim.candidate(app, *s).is_some())
+        .count()
+}
+
+#[test]
+fn the_canary_bakes_then_batches_double_at_readiness_speed_and_the_last_one_bakes() {
+    let mut sim = Sim::new(&web(8, "bake = \"1s\""));
+    ready_all(&mut sim, "web");
+    sim.signal(SupervisorSignal::Reload);
+    // The canary: one candidate (surge 1), promoted only after its bake.
+    assert_eq!(candidates(&sim, "web"), 1);
+    ready_candidates(&mut sim, "web");
+    sim.advance(999 * MS);
+    assert_eq!(candidates(&sim, "web"), 1, "still baking");
+    sim.advance(MS);
+    // Then batches as large as what was promoted so far: 1, 2, 4 — each promoted once ready.
+    let mut batches = Vec::new();
+    while candidates(&sim, "web") > 0 {
+        batches.push(candidates(&sim, "web"));
+        assert_eq!(ready_candidates(&mut sim, "web"), *batches.last().unwrap());
+        assert_eq!(sim.ready("web"), 8, "every slot keeps a ready worker");
+    }
+    assert_eq!(batches, [1, 2, 4]);
+    sim.stopped_ones_exit();
+    // Complete only once the last promoted worker has been ready for the bake.
+    sim.advance(999 * MS);
+    assert!(sim.core.apps["web"].rollout.is_some());
+    sim.advance(MS);
+    assert_eq!(
+        sim.last_reload("web"),
+        Some(ReloadOutcome::Completed { generation: 2 })
+    );
+}
+
+#[test]
+fn a_crash_in_the_canary_aborts_and_every_old_worker_keeps_serving() {
+    let mut sim = Sim::new(&web(4, "bake = \"1s\"\nsurge = 2"));
+    ready_all(&mut sim, "web");
+    let old = sim.serving("web");
+    sim.signal(SupervisorSignal::Reload);
+    assert_eq!(candidates(&sim, "web"), 2, "the canary is `surge` workers");
+    ready_candidates(&mut sim, "web");
+    sim.advance(500 * MS);
+    let c1 = sim.candidate("web", 1).unwrap();
+    sim.exit(c1, ExitStatus::Code(1));
+    assert!(matches!(
+        sim.last_reload("web"),
+        Some(ReloadOutcome::Aborted { .. })
+    ));
+    assert_eq!(sim.serving("web"), old);
+    assert!(old.iter().all(|p| !sim.sent(*p, Signal::SIGTERM)));
+}
+
+#[test]
+fn a_crash_in_a_later_batch_or_before_the_last_bake_aborts_and_rolls_back() {
+    // Before ready, in the second batch.
+    let mut sim = Sim::new(&web(6, "bake = \"1s\""));
+    ready_all(&mut sim, "web");
+    let old = sim.serving("web");
+    sim.signal(SupervisorSignal::Reload);
+    ready_candidates(&mut sim, "web");
+    sim.advance(Duration::from_secs(1));
+    ready_candidates(&mut sim, "web"); // slot 1, promoted at once
+    assert_eq!(candidates(&sim, "web"), 2, "slots 2 and 3");
+    let c3 = sim.candidate("web", 3).unwrap();
+    sim.exit(c3, ExitStatus::Code(1));
+    match sim.last_reload("web") {
+        Some(ReloadOutcome::Aborted { reason, .. }) => assert!(reason.contains("slot 3")),
+        other => panic!("{other:?}"),
+    }
+    // Promoted slots keep their live new workers; the others their old ones.
+    assert_eq!(&sim.serving("web")[2..], &old[2..]);
+    assert_eq!(sim.core.apps["web"].slots[1].generation, 2);
+    assert_eq!(candidates(&sim, "web"), 0);
+
+    // After every slot is promoted, during the final bake: the slot goes back.
+    let mut sim = Sim::new(&web(3, "bake = \"1s\""));
+    ready_all(&mut sim, "web");
+    sim.signal(SupervisorSignal::Reload);
+    ready_candidates(&mut sim, "web");
+    sim.advance(Duration::from_secs(1));
+    while candidates(&sim, "web") > 0 {
+        ready_candidates(&mut sim, "web");
+    }
+    sim.stopped_ones_exit();
+    sim.advance(500 * MS);
+    let last = sim.pid("web", 2).unwrap();
+    sim.exit(last, ExitStatus::Code(1));
+    match sim.last_reload("web") {
+        Some(ReloadOutcome::Aborted { reason, .. }) => {
+            assert!(reason.contains("after it replaced"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sim.core.apps["web"].slots[2].generation, 1);
+    let respawned = sim.pid("web", 2).unwrap();
+    let worker = &sim.core.workers[&sim.core.worker_by_pid(respawned).unwrap()];
+    assert_eq!(worker.generation, 1);
+}
+
+#[test]
+fn bake_each_bakes_every_slot_surge_at_a_time() {
+    let mut sim = Sim::new(&web(3, "bake = \"1s\"\nbake_each = true"));
+    ready_all(&mut sim, "web");
+    sim.signal(SupervisorSignal::Reload);
+    for slot in 0..3 {
+        assert_eq!(candidates(&sim, "web"), 1);
+        let old = sim.pid("web", slot).unwrap();
+        ready_candidates(&mut sim, "web");
+        sim.advance(999 * MS);
+        assert_eq!(sim.pid("web", slot), Some(old), "slot {slot} bakes");
+        sim.advance(MS);
+        assert_ne!(sim.pid("web", slot), Some(old));
+        sim.stopped_ones_exit();
+    }
+    assert_eq!(
+        sim.last_reload("web"),
+        Some(ReloadOutcome::Completed { generation: 2 })
+    );
 }
