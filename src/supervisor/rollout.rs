@@ -423,6 +423,16 @@ impl Core {
             .enumerate()
             .map(|(i, s)| format!("{i}:g{}", s.generation))
             .collect();
+        // Promoted slots keep their live new workers, but a slot whose new worker ends later
+        // goes back to the generation it had, as if it had died before the abort: with the
+        // rollout no longer watching, a broken version must not be respawned.
+        for (index, previous) in &rollout.promoted {
+            if let Some(slot) = app.slots.get_mut(*index)
+                && matches!(slot.state, SlotState::Occupied(_))
+            {
+                slot.generation = *previous;
+            }
+        }
         app.last_reload = Some(ReloadOutcome::Aborted {
             generation: rollout.generation,
             reason: reason.clone(),

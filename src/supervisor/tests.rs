@@ -1928,8 +1928,16 @@ fn a_crash_in_a_later_batch_or_before_the_last_bake_aborts_and_rolls_back() {
     }
     // Promoted slots keep their live new workers; the others their old ones.
     assert_eq!(&sim.serving("web")[2..], &old[2..]);
-    assert_eq!(sim.core.apps["web"].slots[1].generation, 2);
+    let promoted = sim.pid("web", 1).unwrap();
+    assert!(!old.contains(&promoted));
     assert_eq!(candidates(&sim, "web"), 0);
+    // Unbaked and no longer watched: when that new worker ends, its slot goes back.
+    sim.exit(promoted, ExitStatus::Code(1));
+    let respawned = sim.pid("web", 1).unwrap();
+    assert_eq!(
+        sim.core.workers[&sim.core.worker_by_pid(respawned).unwrap()].generation,
+        1
+    );
 
     // After every slot is promoted, during the final bake: the slot goes back.
     let mut sim = Sim::new(&web(3, "bake = \"1s\""));
