@@ -331,7 +331,9 @@ impl Core {
                     worker.label()
                 );
                 self.log(Level::INFO, message);
-                self.stop(now, id, StopReason::Leftovers);
+                // Its own process is gone: no drain (it would hide the worker from
+                // `lingering`, and nothing would report its group empty), the signal now.
+                self.signal_stop(now, id, StopReason::Leftovers);
                 if let Some(Phase::Stopping { exited, .. }) =
                     self.workers.get_mut(&id).map(|w| &mut w.phase)
                 {
@@ -515,7 +517,11 @@ impl Core {
                     }
                     // Told to stop before it existed: now it can be.
                     Phase::Stopping { why, .. } => {
-                        worker.phase = Phase::Spawning;
+                        // Running now (not `Spawning`, which `stop` would leave unsignalled).
+                        worker.phase = Phase::Starting {
+                            ready_by: now + worker.config.ready_timeout,
+                            ready_at: None,
+                        };
                         self.log(Level::INFO, message);
                         self.stop(now, id, why);
                     }

@@ -262,6 +262,13 @@ impl Core {
         let mut promoted_lines = Vec::new();
         let workers = &self.workers;
         rollout.active.retain_mut(|step| {
+            // A baking candidate that is no longer ready (killed by its watchdog, its exit
+            // not reaped yet) is never promoted: its exit will abort the rollout.
+            if let Stage::Baking { candidate, .. } = step.stage
+                && !workers.get(&candidate).is_some_and(|w| w.is_ready())
+            {
+                step.stage = Stage::Starting(candidate);
+            }
             if let Stage::Starting(candidate) = step.stage
                 && let Some(Phase::Ready { since, .. }) = workers.get(&candidate).map(|w| w.phase)
             {
