@@ -12,7 +12,8 @@
 //! it — a candidate's (before or after READY=1), and a promoted worker's too. On abort the
 //! candidates are stopped, the old workers not yet replaced keep serving, promoted slots whose
 //! new worker is alive keep it, and a promoted slot whose new worker died goes back to the
-//! generation (and configuration) it had. Requests that arrive during a rollout coalesce into
+//! generation (and configuration) it had (as does, once its new worker ends, a promoted slot
+//! whose new worker outlived the abort). Requests that arrive during a rollout coalesce into
 //! one more rollout after it.
 //!
 //! A slot whose one-shot worker had finished (`SlotState::Done`) runs the new generation
