@@ -5,7 +5,8 @@
 //! stderr on `<run dir>/clusterd.out` (what it prints before its logs are set up, e.g. a socket
 //! that cannot be bound). Its logs go where the manifest says, by default the run
 //! directory's `clusterd.log`. The command then watches the new supervisor through its
-//! control socket until every app has all its workers ready, with no worker exited, for
+//! control socket until it is ready (every slot that should be up has a ready worker: a
+//! one-shot task that finished with exit 0 is not missing), with no worker exited, for
 //! [`SETTLE`] (exit 0), or until a worker exits or fails, the supervisor exits, or the
 //! deadline passes (exit 1 with the reason and the worker's last lines; the supervisor is
 //! stopped, so that a failed start leaves nothing running).
@@ -149,8 +150,8 @@ fn detach(
                 let waiting: Vec<String> = status
                     .apps
                     .iter()
-                    .filter(|a| a.ready < a.desired)
-                    .map(|a| format!("{} ({}/{} ready)", a.name, a.ready, a.desired))
+                    .filter(|a| a.ready + a.done < a.desired)
+                    .map(|a| format!("{} ({}/{} ready)", a.name, a.ready, a.desired - a.done))
                     .collect();
                 eprintln!(
                     "clusterd: failed to start: not ready in time: {}",
@@ -159,7 +160,7 @@ fn detach(
                 let slots: Vec<(String, Option<usize>, String)> = status
                     .apps
                     .iter()
-                    .filter(|a| a.ready < a.desired)
+                    .filter(|a| a.ready + a.done < a.desired)
                     .map(|a| (a.name.clone(), None, String::new()))
                     .collect();
                 report_failures(&socket, &slots);
@@ -194,20 +195,23 @@ fn start_timeout(manifest: &Manifest) -> Duration {
     slowest + SETTLE + Duration::from_secs(10)
 }
 
-/// Whether every app has all its workers ready.
+/// Whether the supervisor says it is ready (what `/readyz` answers).
 fn all_ready(status: &Status) -> bool {
-    status.apps.iter().all(|app| app.ready >= app.desired)
+    status.ready
 }
 
-/// Slots whose worker exited or failed since the start: (app, slot, what happened).
+/// Slots whose worker exited or failed since the start: (app, slot, what happened). A
+/// one-shot task that finished with exit 0 (`done`) did what it should.
 fn failures(status: &Status) -> Vec<(String, Option<usize>, String)> {
     let mut found = Vec::new();
     for app in &status.apps {
         for worker in &app.workers {
+            let finished = worker.done && worker.exit_code == Some(0);
             let exited = matches!(
                 worker.state,
                 WorkerState::Backoff | WorkerState::Failed | WorkerState::Exited
-            ) || worker.restarts > 0;
+            ) && !finished
+                || worker.restarts > 0;
             if worker.role == WorkerRole::Serving && exited {
                 let what = match (&worker.last_exit, &worker.status_text) {
                     (Some(exit), _) => format!("{:?}, last exit: {exit}", worker.state),

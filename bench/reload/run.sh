@@ -13,6 +13,11 @@
 #   broken      clusterd + hello through a wrapper that the bench swaps, before every other
 #               reload, for one that exits 1 at once (odd reloads broken, even ones good)
 #   pm2-broken  the same under PM2: server.js swapped for one that exits 1 at once
+#   speed       how long a reload takes (issue 20): clusterd + hello with each worker count of
+#               BENCH_SPEED_WORKERS ("4 64"), bake 1s, each pace of BENCH_SPEED_PACES ("canary
+#               each": the default, and bake_each = true), BENCH_SPEED_RELOADS (3) reloads each
+#               timed from `clusterd reload --wait` to its return, under the same wrk load; rows
+#               go to a second table (reload seconds, median and max; failed requests)
 #
 # Settings (environment): BENCH_PORT (18080), BENCH_RELOADS (10), BENCH_THREADS (2),
 # BENCH_CONNECTIONS (32), BENCH_WARMUP (1 s of load before the first reload), BENCH_GAP
@@ -39,7 +44,10 @@ TAIL=${BENCH_TAIL:-1}
 MAX_SECONDS=${BENCH_MAX_SECONDS:-90}
 RELOAD_TIMEOUT=${BENCH_RELOAD_TIMEOUT:-30}
 MODES=${BENCH_MODES:-keepalive close}
-SCENARIOS=${BENCH_SCENARIOS:-hello node pm2 broken pm2-broken}
+SCENARIOS=${BENCH_SCENARIOS:-hello node pm2 broken pm2-broken speed}
+SPEED_WORKERS=${BENCH_SPEED_WORKERS:-4 64}
+SPEED_PACES=${BENCH_SPEED_PACES:-canary each}
+SPEED_RELOADS=${BENCH_SPEED_RELOADS:-3}
 WORKERS=4
 URL="http://127.0.0.1:$PORT/"
 
@@ -385,6 +393,41 @@ scenario_pm2_broken() {
     NOTES+=("$SCEN_NAME: fewest workers online after a reload: $online_min/$WORKERS; a request right after a broken reload failed $down/$((RELOADS - RELOADS / 2)) times")
 }
 
+scenario_speed() {
+    local mode=$1 n pace manifest i t0 t1 times ok
+    for n in $SPEED_WORKERS; do
+        for pace in $SPEED_PACES; do
+            SCEN_NAME=speed-$n-$pace-$mode
+            manifest=$TMP/$SCEN_NAME.toml
+            WORKERS=$n write_manifest "$manifest" "$HELLO"
+            printf '[apps.web.reload]\nbake = "1s"\nbake_each = %s\n' \
+                "$([[ $pace == each ]] && echo true || echo false)" >>"$manifest"
+            WORKERS=$n start_clusterd "$manifest" "$RUN_DIR/$SCEN_NAME.clusterd.log"
+            start_load "$mode" "$RUN_DIR/$SCEN_NAME.wrk.out"
+            times=() ok=0
+            for ((i = 1; i <= SPEED_RELOADS; i++)); do
+                t0=$(date +%s%N)
+                if "$CLUSTERD" reload --wait --file "$manifest" >>"$RUN_DIR/$SCEN_NAME.reload.out" 2>&1; then
+                    ok=$((ok + 1))
+                fi
+                t1=$(date +%s%N)
+                times+=("$(awk "BEGIN{printf \"%.2f\", ($t1 - $t0) / 1e9}")")
+                sleep "$GAP"
+            done
+            stop_load
+            stop_clusterd
+            local out=$RUN_DIR/$SCEN_NAME.wrk.out req bad sorted
+            req=$(field "$out" requests)
+            bad=$(( $(field "$out" non2xx) + $(field "$out" connect) + $(field "$out" read) \
+                + $(field "$out" write) + $(field "$out" timeout) ))
+            sorted=$(printf '%s\n' "${times[@]}" | sort -n)
+            printf '%-8s %-8s %-10s %8s %8s %-22s %9s %7s  %s\n' "$n" "$pace" "$mode" \
+                "$(sed -n "$(( (SPEED_RELOADS + 1) / 2 ))p" <<<"$sorted")" "$(tail -1 <<<"$sorted")" \
+                "$(IFS=' '; echo "${times[*]}")" "$req" "$bad" "$ok/$SPEED_RELOADS complete" >>"$SPEED_TABLE"
+        done
+    done
+}
+
 # --- main --------------------------------------------------------------------------------------
 install_tools
 build
@@ -393,7 +436,9 @@ STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RUN_DIR=$ROOT/bench/results/reload-$STAMP
 mkdir -p "$RUN_DIR"
 TABLE=$RUN_DIR/table.txt
+SPEED_TABLE=$RUN_DIR/speed.txt
 NOTES=()
+printf '%-8s %-8s %-10s %8s %8s %-22s %9s %7s  %s\n' workers pace client "median s" "max s" "each reload (s)" requests failed reloads >"$SPEED_TABLE"
 
 {
     echo "# clusterd reload bench, $(date -u '+%Y-%m-%d %H:%M UTC'), nproc $(nproc), kernel $(uname -r), commit $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
@@ -419,6 +464,9 @@ done
 
 if ((${#NOTES[@]})); then
     { echo; printf '%s\n' "${NOTES[@]}"; } >>"$TABLE"
+fi
+if [[ $SCENARIOS == *speed* ]]; then
+    { echo; echo "# reload time (clusterd reload --wait, bake 1s; failed = non-2xx + socket errors)"; cat "$SPEED_TABLE"; } >>"$TABLE"
 fi
 echo
 cat "$TABLE"

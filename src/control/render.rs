@@ -46,7 +46,16 @@ pub fn status_table(status: &Status) -> String {
         let _ = writeln!(out, "socket {} {}", socket.name, socket.address);
     }
     for app in &status.apps {
-        let _ = write!(out, "\n{}: {}/{} ready", app.name, app.ready, app.desired);
+        let _ = write!(
+            out,
+            "\n{}: {}/{} ready",
+            app.name,
+            app.ready,
+            app.desired.saturating_sub(app.done)
+        );
+        if app.done > 0 {
+            let _ = write!(out, ", {} done", app.done);
+        }
         if app.running != app.ready {
             let _ = write!(out, ", {} running", app.running);
         }
@@ -101,6 +110,7 @@ fn worker_row(w: &WorkerStatus) -> String {
         (WorkerState::Stopping, _) => "stopping",
         (WorkerState::Backoff, _) => "backoff",
         (WorkerState::Failed, _) => "FAILED",
+        (WorkerState::Exited, _) if w.done && w.exit_code == Some(0) => "done",
         (WorkerState::Exited, _) => "exited",
     };
     let mut info = Vec::new();
@@ -186,6 +196,8 @@ mod tests {
             restarts: 9999,
             crash_streak: 4,
             last_exit: Some("signal SIGKILL after 12.5s".into()),
+            done: false,
+            exit_code: None,
             cpu_percent: Some(199.9),
             cpu_seconds: Some(1.0),
             rss_bytes: Some(3 * 1024 * 1024 * 1024),
@@ -213,6 +225,7 @@ mod tests {
                 desired: 1,
                 running: 1,
                 ready: 1,
+                done: 0,
                 reloading: None,
                 last_reload: Some(clusterd_proto::AppReload {
                     app: "web".into(),
@@ -245,6 +258,29 @@ mod tests {
         }
         assert!(table.contains("  tend, flapping, servin…"), "{table}");
         assert!(table.contains("ABORTED: slot 2 generation 5"));
+
+        // A finished one-shot: "done", and not wanted by readiness.
+        let mut app = status.apps[0].clone();
+        app.name = "migrate".into();
+        app.done = 1;
+        app.ready = 0;
+        app.running = 0;
+        app.last_reload = None;
+        app.tend_owner = None;
+        let worker = &mut app.workers[0];
+        (worker.pid, worker.state, worker.done, worker.exit_code) =
+            (None, WorkerState::Exited, true, Some(0));
+        (worker.status_text, worker.tend_owner, worker.crash_streak) = (None, false, 0);
+        (worker.uptime_ms, worker.cpu_percent, worker.rss_bytes) = (None, None, None);
+        worker.restarts = 0;
+        worker.last_exit = Some("status 0 after 12ms".into());
+        let table = status_table(&Status {
+            apps: vec![app],
+            ..status
+        });
+        assert!(table.contains("migrate: 0/0 ready, 1 done"), "{table}");
+        assert!(table.contains(" done "), "{table}");
+        assert!(table.contains("last: status 0"), "{table}");
     }
 
     #[test]

@@ -270,8 +270,13 @@ impl Core {
             status,
             failed_check: matches!(worker.phase, Phase::Stopping { why, .. } if why.is_failure()),
         };
+        let rerun_done = role == Role::Candidate && self.finish_rerun(id, &end);
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
         match role {
             Role::Current => self.on_unexpected_exit(now, id, &end),
+            Role::Candidate if rerun_done => {}
             Role::Candidate => {
                 let when = if end.was_ready {
                     "after ready, before it replaced the old worker"
@@ -326,7 +331,9 @@ impl Core {
                     worker.label()
                 );
                 self.log(Level::INFO, message);
-                self.stop(now, id, StopReason::Leftovers);
+                // Its own process is gone: no drain (it would hide the worker from
+                // `lingering`, and nothing would report its group empty), the signal now.
+                self.signal_stop(now, id, StopReason::Leftovers);
                 if let Some(Phase::Stopping { exited, .. }) =
                     self.workers.get_mut(&id).map(|w| &mut w.phase)
                 {
@@ -363,10 +370,14 @@ impl Core {
                 RestartPolicy::OnFailure => !end.status.success(),
                 RestartPolicy::Never => false,
             };
+        // A one-shot run by a rollout (its slot had finished) that finishes again is no
+        // failure of the new version.
+        let finished = !restart && !shutting_down && end.status.success();
         let rolled_back = app
             .rollout
             .as_ref()
             .filter(|r| r.generation == generation)
+            .filter(|r| !(finished && r.reruns(index)))
             .and_then(|r| r.promoted_from(index));
         let hint = binds_itself_hint(&config, end, &self.socket_addresses);
         let slot = &mut app.slots[index];
@@ -390,12 +401,24 @@ impl Core {
         if let Some(old) = rolled_back {
             slot.generation = old;
         }
-        if !restart {
+        if shutting_down {
             slot.state = SlotState::Stopped;
+        } else if !restart {
+            slot.state = SlotState::Done {
+                code: match end.status {
+                    ExitStatus::Code(code) => Some(code),
+                    ExitStatus::Signal(_) => None,
+                },
+            };
+            let (level, what) = if end.status.success() {
+                (Level::INFO, "done")
+            } else {
+                (Level::WARN, "not restarting (restart policy)")
+            };
             self.log(
-                Level::WARN,
+                level,
                 format!(
-                    "{label} {pid} exited with {how} after {}; not restarting",
+                    "{label} {pid} exited with {how} after {}; {what}",
                     human(end.uptime)
                 ),
             );
@@ -494,7 +517,11 @@ impl Core {
                     }
                     // Told to stop before it existed: now it can be.
                     Phase::Stopping { why, .. } => {
-                        worker.phase = Phase::Spawning;
+                        // Running now (not `Spawning`, which `stop` would leave unsignalled).
+                        worker.phase = Phase::Starting {
+                            ready_by: now + worker.config.ready_timeout,
+                            ready_at: None,
+                        };
                         self.log(Level::INFO, message);
                         self.stop(now, id, why);
                     }

@@ -6,7 +6,7 @@
 //! Pure: the driver sends what this decides (through `crate::manager`).
 
 use super::core::Core;
-use super::state::{App, Phase, StopReason};
+use super::state::{App, Phase, SlotState, StopReason};
 
 /// Why the host is not ready, for `/readyz` and `clusterd status --check`.
 pub type NotReady = String;
@@ -21,8 +21,11 @@ impl Core {
             .count()
     }
 
-    /// `Ok` when every app has its desired number of ready workers, no rollout is aborting
-    /// (its new workers still stopping) and clusterd is not shutting down; otherwise why not.
+    /// `Ok` when every slot that should be up has a ready worker, no rollout is aborting (its
+    /// new workers still stopping) and clusterd is not shutting down; otherwise why not. A slot
+    /// that is down by its restart policy (a finished one-shot: [`SlotState::Done`]) should not
+    /// be up; a `failed` slot (`restart_limit`, a command that cannot run) should, and is
+    /// named.
     pub fn readiness(&self) -> Result<(), NotReady> {
         if self.shutting_down {
             return Err("clusterd is shutting down".into());
@@ -30,8 +33,21 @@ impl Core {
         let mut reasons = Vec::new();
         for (name, app) in &self.apps {
             let ready = self.ready_workers(app);
-            if ready < app.slots.len() {
-                reasons.push(format!("{name}: {ready}/{} workers ready", app.slots.len()));
+            let wanted = wanted(app);
+            if ready < wanted {
+                let failed: Vec<String> = app
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| matches!(s.state, SlotState::Failed { .. }))
+                    .map(|(i, _)| i.to_string())
+                    .collect();
+                let failed = match failed.as_slice() {
+                    [] => String::new(),
+                    [one] => format!(" (slot {one} failed)"),
+                    many => format!(" (slots {} failed)", many.join(", ")),
+                };
+                reasons.push(format!("{name}: {ready}/{wanted} workers ready{failed}"));
             }
             let aborting = self.workers.values().any(|w| {
                 w.app == *name
@@ -54,17 +70,18 @@ impl Core {
         }
     }
 
-    /// One line for `STATUS=`: `web 4/4 ready, kv 3/4 ready (reload g2 1/4)`.
+    /// One line for `STATUS=`: `web 4/4 ready, kv 3/4 ready (reload g2 1/4), migrate 0/0
+    /// ready (1 done)`.
     pub fn summary(&self) -> String {
         let apps: Vec<String> = self
             .apps
             .iter()
             .map(|(name, app)| {
-                let mut line = format!(
-                    "{name} {}/{} ready",
-                    self.ready_workers(app),
-                    app.slots.len()
-                );
+                let mut line = format!("{name} {}/{} ready", self.ready_workers(app), wanted(app));
+                let done = app.slots.len() - wanted(app);
+                if done > 0 {
+                    line.push_str(&format!(" ({done} done)"));
+                }
                 if let Some(rollout) = &app.rollout {
                     let (done, total) = rollout.progress();
                     line.push_str(&format!(" (reload g{} {done}/{total})", rollout.generation));
@@ -88,6 +105,14 @@ impl Core {
     fn rolling(&self) -> bool {
         self.apps.values().any(|a| a.rollout.is_some())
     }
+}
+
+/// How many of `app`'s slots should be up: all but those down by their restart policy.
+pub(super) fn wanted(app: &App) -> usize {
+    app.slots
+        .iter()
+        .filter(|s| !matches!(s.state, SlotState::Done { .. }))
+        .count()
 }
 
 /// A message for clusterd's own manager.

@@ -1,24 +1,36 @@
-//! Rolling reload. For each slot in turn: start the next generation's worker (the candidate),
-//! wait until it is ready, let it bake (`reload.bake`: it must stay up that long), promote it,
-//! stop the old worker and wait for it to exit. Up to `reload.surge` slots are in flight.
+//! Rolling reload. For each slot: start the next generation's worker (the candidate), wait
+//! until it is ready, promote it, stop the old worker and wait for it to exit. The pace
+//! ([`Pace`]): by default the first `reload.surge` slots are the canary, whose new workers
+//! must stay up for `reload.bake` before they are promoted; after them a new worker is promoted
+//! as soon as it is ready, with as many candidates in flight as slots promoted so far (at
+//! least `surge`: the batches double), and the rollout completes once its last promoted worker
+//! has been ready for `bake`. With `bake_each = true`, every new worker bakes, `surge` at a
+//! time. Either way a slot's old worker stops only once its new one is ready, so every slot
+//! that was serving keeps a ready worker throughout.
 //!
 //! Fail-safe: **any** exit of a new-generation worker before the rollout has completed aborts
 //! it — a candidate's (before or after READY=1), and a promoted worker's too. On abort the
 //! candidates are stopped, the old workers not yet replaced keep serving, promoted slots whose
 //! new worker is alive keep it, and a promoted slot whose new worker died goes back to the
-//! generation (and configuration) it had. Requests that arrive during a rollout coalesce into
+//! generation (and configuration) it had (as does, once its new worker ends, a promoted slot
+//! whose new worker outlived the abort). Requests that arrive during a rollout coalesce into
 //! one more rollout after it.
+//!
+//! A slot whose one-shot worker had finished (`SlotState::Done`) runs the new generation
+//! again; that run finishing as its restart policy allows (exit 0) completes its step.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use clusterd_manifest::RestartPolicy;
 use serde::{Deserialize, Serialize};
 use tracing::Level;
 
+use super::backoff::End;
 use super::core::Core;
 use super::event::{Action, Observation};
-use super::state::{Phase, ReloadOutcome, SlotState, StopReason, WorkerId};
+use super::state::{Phase, ReloadOutcome, SlotState, StopReason, WorkerId, human};
 
 /// A rollout in progress for one app.
 #[derive(Debug, Serialize, Deserialize)]
@@ -33,6 +45,32 @@ pub struct Rollout {
     promoted: Vec<(usize, u64)>,
     /// Another reload was requested meanwhile.
     pub again: bool,
+    /// How it paces itself.
+    #[serde(default)]
+    pace: Pace,
+    /// Canary slots not promoted yet (with [`Pace::Canary`]).
+    #[serde(default)]
+    canary: Vec<usize>,
+    /// Slots whose one-shot worker had finished when their step began: a run of the new
+    /// generation that finishes too completes the step instead of aborting the rollout.
+    #[serde(default)]
+    reruns: Vec<usize>,
+    /// The latest moment a promoted new worker has been ready for `bake`: the rollout
+    /// completes no earlier.
+    #[serde(default, with = "super::handover::opt_instant")]
+    settle: Option<Instant>,
+}
+
+/// How a rollout paces itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+enum Pace {
+    /// `bake_each = true` (and rollouts handed over by an older clusterd): every new worker
+    /// bakes before its old worker stops, `surge` slots at a time.
+    #[default]
+    Each,
+    /// The canary (the first `surge` slots) bakes; then each new worker is promoted once
+    /// ready, with as many in flight as slots promoted so far (at least `surge`).
+    Canary,
 }
 
 /// One slot in flight.
@@ -57,13 +95,34 @@ enum Stage {
 }
 
 impl Rollout {
-    fn new(generation: u64, slots: usize) -> Self {
+    fn new(generation: u64, slots: usize, surge: usize, bake_each: bool) -> Self {
+        let pace = if bake_each { Pace::Each } else { Pace::Canary };
         Rollout {
             generation,
             pending: (0..slots).collect(),
             active: Vec::new(),
             promoted: Vec::new(),
             again: false,
+            pace,
+            canary: match pace {
+                Pace::Canary => (0..slots.min(surge.max(1))).collect(),
+                Pace::Each => Vec::new(),
+            },
+            reruns: Vec::new(),
+            settle: None,
+        }
+    }
+
+    /// Whether `slot`'s step re-runs a finished one-shot worker.
+    pub fn reruns(&self, slot: usize) -> bool {
+        self.reruns.contains(&slot)
+    }
+
+    /// How many candidates may be in flight.
+    fn window(&self, surge: usize) -> usize {
+        match self.pace {
+            Pace::Canary if self.canary.is_empty() => surge.max(self.promoted.len()),
+            Pace::Canary | Pace::Each => surge,
         }
     }
 
@@ -93,6 +152,8 @@ impl Rollout {
     pub fn forget_slots_from(&mut self, first: usize) -> Vec<WorkerId> {
         self.pending.retain(|s| *s < first);
         self.promoted.retain(|(s, _)| *s < first);
+        self.canary.retain(|s| *s < first);
+        self.reruns.retain(|s| *s < first);
         let (gone, kept) = std::mem::take(&mut self.active)
             .into_iter()
             .partition::<Vec<_>, _>(|s| s.slot >= first);
@@ -111,14 +172,19 @@ impl Rollout {
         (done, done + self.pending.len() + in_flight)
     }
 
-    /// When the next candidate has baked.
+    /// When the next candidate has baked, or, once every slot is done, when the last promoted
+    /// worker has.
     pub fn next_deadline(&self) -> Option<Instant> {
+        let settle = self
+            .settle
+            .filter(|_| self.pending.is_empty() && self.active.is_empty());
         self.active
             .iter()
             .filter_map(|s| match s.stage {
                 Stage::Baking { until, .. } => Some(until),
                 _ => None,
             })
+            .chain(settle)
             .min()
     }
 }
@@ -163,8 +229,14 @@ impl Core {
                 .unwrap_or_else(|| Arc::clone(app.latest()));
             app.generation += 1;
             let generation = app.generation;
+            let reload = config.reload;
             app.configs.insert(generation, config);
-            app.rollout = Some(Rollout::new(generation, app.slots.len()));
+            app.rollout = Some(Rollout::new(
+                generation,
+                app.slots.len(),
+                reload.surge,
+                reload.bake_each,
+            ));
             let message = format!(
                 "reload of {name}: rolling {} workers to generation {generation}",
                 app.slots.len()
@@ -191,12 +263,23 @@ impl Core {
         let mut promoted_lines = Vec::new();
         let workers = &self.workers;
         rollout.active.retain_mut(|step| {
+            // A baking candidate that is no longer ready (killed by its watchdog, its exit
+            // not reaped yet) is never promoted: its exit will abort the rollout.
+            if let Stage::Baking { candidate, .. } = step.stage
+                && !workers.get(&candidate).is_some_and(|w| w.is_ready())
+            {
+                step.stage = Stage::Starting(candidate);
+            }
             if let Stage::Starting(candidate) = step.stage
                 && let Some(Phase::Ready { since, .. }) = workers.get(&candidate).map(|w| w.phase)
             {
+                let baking = match rollout.pace {
+                    Pace::Each => true,
+                    Pace::Canary => rollout.canary.contains(&step.slot),
+                };
                 step.stage = Stage::Baking {
                     candidate,
-                    until: since + bake,
+                    until: since + if baking { bake } else { Duration::ZERO },
                 };
             }
             match step.stage {
@@ -207,6 +290,13 @@ impl Core {
                     let old = slot.worker();
                     slot.state = SlotState::Occupied(candidate);
                     rollout.promoted.push((step.slot, slot.generation));
+                    rollout.canary.retain(|s| *s != step.slot);
+                    // It must stay up for `bake` before the rollout completes.
+                    let since = match workers.get(&candidate).map(|w| w.phase) {
+                        Some(Phase::Ready { since, .. }) => since,
+                        _ => now,
+                    };
+                    rollout.settle = rollout.settle.max(Some(since + bake));
                     slot.generation = rollout.generation;
                     slot.crash_streak = 0;
                     slot.last_restart = Some(format!("reload (generation {})", rollout.generation));
@@ -233,17 +323,24 @@ impl Core {
             self.stop(now, old, StopReason::Retired);
         }
 
-        // Start the next slots, up to the surge.
+        // Start the next slots, up to the window.
         while rollout
             .active
             .iter()
             .filter(|s| s.candidate().is_some())
             .count()
-            < surge
+            < rollout.window(surge)
         {
             let Some(slot) = rollout.pending.pop_front() else {
                 break;
             };
+            if self.apps[name]
+                .slots
+                .get(slot)
+                .is_some_and(|s| matches!(s.state, SlotState::Done { .. }))
+            {
+                rollout.reruns.push(slot);
+            }
             let candidate = self.spawn(now, name, slot, rollout.generation);
             rollout.active.push(Step {
                 slot,
@@ -254,7 +351,10 @@ impl Core {
         let Some(app) = self.apps.get_mut(name) else {
             return;
         };
-        if !rollout.pending.is_empty() || !rollout.active.is_empty() {
+        if !rollout.pending.is_empty()
+            || !rollout.active.is_empty()
+            || rollout.settle.is_some_and(|at| at > now)
+        {
             app.rollout = Some(rollout);
             return;
         }
@@ -277,6 +377,45 @@ impl Core {
         }
     }
 
+    /// A candidate re-running a finished one-shot slot ended as its restart policy allows
+    /// (exit 0, not `restart = "always"`): the slot is done on the new generation. Returns
+    /// whether that was the case (otherwise the exit aborts the rollout).
+    pub(super) fn finish_rerun(&mut self, id: WorkerId, end: &End) -> bool {
+        let Some(worker) = self.workers.get(&id) else {
+            return false;
+        };
+        let (index, label, pid) = (worker.slot, worker.label(), worker.pid_text());
+        let finished = end.status.success() && worker.config.restart != RestartPolicy::Always;
+        let Some(app) = self.apps.get_mut(&worker.app) else {
+            return false;
+        };
+        let Some(rollout) = app.rollout.as_mut() else {
+            return false;
+        };
+        let Some(slot) = app.slots.get_mut(index) else {
+            return false;
+        };
+        if !finished
+            || !rollout.reruns(index)
+            || rollout.candidate(index) != Some(id)
+            || !matches!(slot.state, SlotState::Done { .. })
+        {
+            return false;
+        }
+        rollout.active.retain(|s| s.slot != index);
+        rollout.canary.retain(|s| *s != index);
+        rollout.promoted.push((index, slot.generation));
+        slot.generation = rollout.generation;
+        slot.state = SlotState::Done { code: Some(0) };
+        slot.last_exit = Some(format!("{} after {}", end.status, human(end.uptime)));
+        let generation = rollout.generation;
+        self.log(
+            Level::INFO,
+            format!("{label} {pid} (generation {generation}) exited with status 0: done"),
+        );
+        true
+    }
+
     /// Stops a rollout: its candidates are stopped; old workers keep serving.
     pub(super) fn abort_rollout(&mut self, now: Instant, name: &str, reason: String) {
         let Some(app) = self.apps.get_mut(name) else {
@@ -292,6 +431,16 @@ impl Core {
             .enumerate()
             .map(|(i, s)| format!("{i}:g{}", s.generation))
             .collect();
+        // Promoted slots keep their live new workers, but a slot whose new worker ends later
+        // goes back to the generation it had, as if it had died before the abort: with the
+        // rollout no longer watching, a broken version must not be respawned.
+        for (index, previous) in &rollout.promoted {
+            if let Some(slot) = app.slots.get_mut(*index)
+                && matches!(slot.state, SlotState::Occupied(_))
+            {
+                slot.generation = *previous;
+            }
+        }
         app.last_reload = Some(ReloadOutcome::Aborted {
             generation: rollout.generation,
             reason: reason.clone(),

@@ -176,7 +176,14 @@ pub enum SlotState {
         /// Why, e.g. `cannot find program "srv" in PATH`.
         reason: String,
     },
-    /// Empty: the restart policy did not restart its worker, or clusterd is stopping.
+    /// Empty for good, by intent: its worker ended and the restart policy does not start it
+    /// again (`restart = "never"`, or `"on-failure"` after exit 0): a finished one-shot task.
+    /// Readiness does not count it as missing; a restart of the slot or a reload runs it again.
+    Done {
+        /// The exit code its worker ended with (`None`: killed by a signal).
+        code: Option<i32>,
+    },
+    /// Empty: clusterd is stopping.
     Stopped,
 }
 

@@ -123,6 +123,7 @@ impl Core {
             desired: app.slots.len(),
             running: serving.len(),
             ready: serving.iter().filter(|w| w.is_ready()).count(),
+            done: app.slots.len() - super::host::wanted(app),
             reloading: app.rollout.as_ref().map(|r| {
                 let (done, total) = r.progress();
                 RolloutStatus {
@@ -184,6 +185,8 @@ fn worker_status(
         restarts: slot.restarts,
         crash_streak: slot.crash_streak,
         last_exit: slot.last_exit.clone(),
+        done: false,
+        exit_code: None,
         cpu_percent: worker.pid.and_then(|pid| m.cpu_percent.get(&pid).copied()),
         cpu_seconds: usage.map(|u| u.cpu_seconds),
         rss_bytes: usage.map(|u| u.rss_bytes),
@@ -200,9 +203,13 @@ fn empty_slot(index: usize, slot: &Slot) -> WorkerStatus {
     let (state, last_exit) = match &slot.state {
         SlotState::Failed { reason } => (WorkerState::Failed, Some(reason.clone())),
         SlotState::Backoff { .. } => (WorkerState::Backoff, slot.last_exit.clone()),
-        SlotState::Stopped | SlotState::Occupied(_) => {
+        SlotState::Done { .. } | SlotState::Stopped | SlotState::Occupied(_) => {
             (WorkerState::Exited, slot.last_exit.clone())
         }
+    };
+    let exit_code = match slot.state {
+        SlotState::Done { code } => code,
+        _ => None,
     };
     WorkerStatus {
         slot: index,
@@ -215,6 +222,8 @@ fn empty_slot(index: usize, slot: &Slot) -> WorkerStatus {
         restarts: slot.restarts,
         crash_streak: slot.crash_streak,
         last_exit,
+        done: matches!(slot.state, SlotState::Done { .. }),
+        exit_code,
         cpu_percent: None,
         cpu_seconds: None,
         rss_bytes: None,

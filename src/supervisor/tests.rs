@@ -42,7 +42,13 @@ struct Sim {
     delivered: Vec<(WorkerId, String)>,
     /// Channels closed (`stop_signal = "disconnect"`), in order.
     disconnected: Vec<WorkerId>,
+    /// Each slot's worker and whether it was ready, after the last step.
+    occupants: Occupants,
+    /// An operator's restart is under way: a slot may lose its ready worker at once.
+    restarting: bool,
 }
+
+type Occupants = std::collections::BTreeMap<(String, usize), (WorkerId, bool)>;
 
 fn manifest(text: &str) -> clusterd_manifest::Manifest {
     clusterd_manifest::parse(text, Path::new("/srv/app/clusterd.toml")).expect("valid manifest")
@@ -65,6 +71,8 @@ impl Sim {
             steered: Vec::new(),
             delivered: Vec::new(),
             disconnected: Vec::new(),
+            occupants: Occupants::new(),
+            restarting: false,
         };
         let actions = sim.core.tick(now);
         sim.perform(actions);
@@ -104,6 +112,57 @@ impl Sim {
             }
         }
         self.check_invariants();
+        self.check_replacements();
+    }
+
+    /// Each slot's worker, and whether it is ready.
+    fn occupants(&self) -> Occupants {
+        let mut out = Occupants::new();
+        for (name, app) in &self.core.apps {
+            for (index, slot) in app.slots.iter().enumerate() {
+                if let Some(id) = slot.worker() {
+                    let ready = self.core.workers.get(&id).is_some_and(|w| w.is_ready());
+                    out.insert((name.clone(), index), (id, ready));
+                }
+            }
+        }
+        out
+    }
+
+    /// A slot whose ready worker was retired (by a rollout) in favour of another worker holds
+    /// a ready one: a rollout stops an old worker only once its replacement is ready, so the
+    /// promised serving workers are there throughout. Only an operator's restart of the slot
+    /// replaces a ready worker at once.
+    fn check_replacements(&mut self) {
+        let now = self.occupants();
+        if !self.restarting {
+            for (key, (new, _)) in &now {
+                let Some((old, true)) = self.occupants.get(key).copied() else {
+                    continue;
+                };
+                if old == *new {
+                    continue;
+                }
+                let retired = self.core.workers.get(&old).is_some_and(|w| {
+                    matches!(
+                        w.phase,
+                        Phase::Stopping {
+                            why: super::state::StopReason::Retired,
+                            ..
+                        } | Phase::Draining {
+                            why: super::state::StopReason::Retired,
+                            ..
+                        }
+                    )
+                });
+                let ready = self.core.workers.get(new).is_some_and(|w| w.is_ready());
+                assert!(
+                    !retired || ready,
+                    "{key:?}: a ready worker was retired for one that is not ready"
+                );
+            }
+        }
+        self.occupants = now;
     }
 
     fn on(&mut self, event: Event) {
@@ -168,10 +227,12 @@ impl Sim {
     }
 
     fn control(&mut self, request: Request, reply: u64) {
+        self.restarting = matches!(request, Request::Restart { slot: Some(_), .. });
         self.on(Event::Control {
             request,
             reply: ReplyTo(reply),
         });
+        self.restarting = false;
     }
 
     /// The pid of the worker serving `slot` of `app`.
@@ -258,6 +319,39 @@ impl Sim {
                 }
             }
             assert!(app.configs.contains_key(&app.generation));
+            for slot in 0..app.slots.len() {
+                if let Some(candidate) = app.rollout.as_ref().and_then(|r| r.candidate(slot)) {
+                    assert!(
+                        app.slots.iter().all(|s| s.worker() != Some(candidate)),
+                        "{name}[{slot}]: a candidate also serves a slot"
+                    );
+                }
+            }
+        }
+        let mut held = std::collections::HashSet::new();
+        for app in core.apps.values() {
+            for id in app.slots.iter().filter_map(|s| s.worker()) {
+                assert!(held.insert(id), "{id} serves two slots");
+            }
+        }
+        // Every stop ends in an exit or a kill: a stopping worker either has its SIGKILL
+        // deadline ahead, or was sent SIGKILL.
+        for worker in core.workers.values() {
+            if let (
+                Some(pid),
+                Phase::Stopping {
+                    kill_at: None,
+                    exited: false,
+                    ..
+                },
+            ) = (worker.pid, worker.phase)
+            {
+                assert!(
+                    self.sent(pid, Signal::SIGKILL),
+                    "{} stopping with no kill deadline and no SIGKILL",
+                    worker.label()
+                );
+            }
         }
     }
 }
@@ -934,10 +1028,10 @@ fn restart_policies() {
     );
     let once = sim.pid("once", 0).unwrap();
     sim.exit(once, ExitStatus::Code(1));
-    assert_eq!(sim.slot_state("once", 0), SlotState::Stopped);
+    assert_eq!(sim.slot_state("once", 0), SlotState::Done { code: Some(1) });
     let fail = sim.pid("fail", 0).unwrap();
     sim.exit(fail, ExitStatus::Code(0));
-    assert_eq!(sim.slot_state("fail", 0), SlotState::Stopped);
+    assert_eq!(sim.slot_state("fail", 0), SlotState::Done { code: Some(0) });
     sim.control(
         Request::Restart {
             app: "fail".into(),
@@ -1398,37 +1492,126 @@ mod handover {
 }
 
 mod random {
-    //! Random event sequences against the invariants (checked by `Sim::perform` after every
-    //! step), plus: a rollout is never reported completed while one of its new workers is
-    //! not running.
+    //! Random sequences of every event the core accepts, against the invariants: those
+    //! `Sim::perform` checks after every step (no deadline in the past, no pid in two workers,
+    //! no worker in two slots nor both serving and a candidate, every worker whose stop
+    //! timed out was sent SIGKILL), and, here: a rollout stops an old worker only once its
+    //! slot's new one is ready, a rollout is never reported completed while one of its new
+    //! workers is not running, and after a shutdown every worker is gone (killed if it ignores
+    //! its stop signal).
+
+    use std::collections::BTreeMap;
 
     use proptest::prelude::*;
 
     use super::*;
 
+    /// The manifest: an intercepted app with drain, ipc and a memory limit; a KV app with a
+    /// watchdog, kv_watchdog, restart_limit and `stop_signal = "disconnect"`; a one-shot.
+    const BASE: &str = r#"
+[sockets.http]
+listen = "127.0.0.1:0"
+[apps.web]
+command = ["srv"]
+workers = 3
+sockets = ["http"]
+intercept = true
+drain = "300ms"
+ipc = true
+ipc_broadcast = true
+ready_timeout = "5s"
+stop_timeout = "2s"
+max_memory = "100M"
+[apps.web.reload]
+bake = "500ms"
+[apps.kv]
+command = ["kv"]
+workers = 2
+ready = "notify"
+watchdog = "3s"
+kv_segment = "kv"
+kv_watchdog = "2s"
+restart = "on-failure"
+restart_limit = { burst = 3, interval = "5s" }
+ipc = true
+stop_signal = "disconnect"
+stop_timeout = "1s"
+[apps.kv.reload]
+bake = "300ms"
+surge = 2
+[apps.once]
+command = ["migrate"]
+restart = "never"
+"#;
+
+    /// What a SIGHUP re-read finds: the same, a new command and worker count, an app added
+    /// and one removed, other settings changed.
+    fn variant(n: usize) -> clusterd_manifest::Manifest {
+        let text = match n % 4 {
+            0 => BASE.to_owned(),
+            1 => BASE
+                .replace("command = [\"srv\"]", "command = [\"srv\", \"--v2\"]")
+                .replace("workers = 2", "workers = 3"),
+            2 => {
+                BASE.replace(
+                    "[apps.once]\ncommand = [\"migrate\"]\nrestart = \"never\"\n",
+                    "",
+                ) + "[apps.extra]\ncommand = [\"x\"]\n"
+            }
+            _ => BASE
+                .replace("bake = \"500ms\"", "bake = \"200ms\"\nbake_each = true")
+                .replace("ready_timeout = \"5s\"", "ready_timeout = \"3s\""),
+        };
+        manifest(&text)
+    }
+
     #[derive(Debug, Clone)]
     enum Step {
         Wait(u64),
-        Crash(usize, bool),
-        Ready(usize),
-        Reload,
-        Scale(usize),
-        Restart(usize),
+        Exit(usize, u8),
         Linger(usize),
-        Stop,
+        Ready(usize),
+        Listen(usize),
+        Message(usize, bool),
+        Notify(usize, u8),
+        Memory(usize),
+        SpawnFails(bool),
+        Reload(Option<u8>),
+        Reread(usize),
+        Scale(u8, usize),
+        ScaleBy(bool),
+        Restart(u8, Option<usize>),
+        SignalApp(u8),
+        Send(u8, Option<usize>),
+        Stop(bool),
+        Upgrade,
     }
 
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
-            4 => (1u64..3000).prop_map(Step::Wait),
-            3 => (0usize..8, any::<bool>()).prop_map(|(i, kill)| Step::Crash(i, kill)),
-            4 => (0usize..8).prop_map(Step::Ready),
-            2 => Just(Step::Reload),
-            1 => (0usize..5).prop_map(Step::Scale),
-            1 => (0usize..5).prop_map(Step::Restart),
-            1 => (0usize..8).prop_map(Step::Linger),
-            1 => Just(Step::Stop),
+            6 => (1u64..3000).prop_map(Step::Wait),
+            3 => (0usize..16, 0u8..4).prop_map(|(i, how)| Step::Exit(i, how)),
+            1 => (0usize..16).prop_map(Step::Linger),
+            4 => (0usize..16).prop_map(Step::Ready),
+            2 => (0usize..16).prop_map(Step::Listen),
+            2 => (0usize..16, any::<bool>()).prop_map(|(i, ready)| Step::Message(i, ready)),
+            3 => (0usize..16, 0u8..7).prop_map(|(i, what)| Step::Notify(i, what)),
+            1 => (0usize..16).prop_map(Step::Memory),
+            1 => any::<bool>().prop_map(Step::SpawnFails),
+            2 => proptest::option::of(0u8..3).prop_map(Step::Reload),
+            1 => (0usize..4).prop_map(Step::Reread),
+            1 => (0u8..3, 0usize..5).prop_map(|(a, n)| Step::Scale(a, n)),
+            1 => any::<bool>().prop_map(Step::ScaleBy),
+            1 => (0u8..3, proptest::option::of(0usize..4)).prop_map(|(a, s)| Step::Restart(a, s)),
+            1 => (0u8..3).prop_map(Step::SignalApp),
+            1 => (0u8..3, proptest::option::of(0usize..4)).prop_map(|(a, s)| Step::Send(a, s)),
+            1 => any::<bool>().prop_map(Step::Stop),
+            1 => Just(Step::Upgrade),
         ]
+    }
+
+    fn app(n: u8) -> String {
+        ["web", "kv", "once"][n as usize % 3].to_owned()
     }
 
     /// The pids of running workers, in a stable order.
@@ -1441,63 +1624,184 @@ mod random {
             .collect()
     }
 
+    fn pick(sim: &Sim, i: usize) -> Option<Pid> {
+        let pids = running(sim);
+        (!pids.is_empty()).then(|| pids[i % pids.len()])
+    }
+
+    fn play(sim: &mut Sim, step: &Step) {
+        match *step {
+            Step::Wait(ms) => {
+                sim.advance(Duration::from_millis(ms));
+            }
+            Step::Exit(i, how) => {
+                if let Some(pid) = pick(sim, i) {
+                    let status = match how {
+                        0 => ExitStatus::Code(0),
+                        1 => ExitStatus::Code(1),
+                        2 => ExitStatus::Signal(Signal::SIGKILL),
+                        _ => ExitStatus::Signal(Signal::SIGSEGV),
+                    };
+                    sim.exit(pid, status);
+                }
+            }
+            Step::Linger(i) => {
+                if let Some(pid) = pick(sim, i) {
+                    sim.on(Event::Exited {
+                        pid,
+                        status: ExitStatus::Code(0),
+                        group_empty: false,
+                    });
+                }
+                let lingering: Vec<WorkerId> = sim.core.lingering().map(|(id, _)| id).collect();
+                if let Some(id) = lingering.first() {
+                    sim.on(Event::GroupEmpty(*id));
+                }
+            }
+            Step::Ready(i) => {
+                if let Some(pid) = pick(sim, i) {
+                    sim.notify(pid, "READY=1");
+                }
+            }
+            Step::Listen(i) => {
+                if let Some(pid) = pick(sim, i) {
+                    let worker = sim.core.worker_by_pid(pid).expect("a worker");
+                    sim.on(Event::Listening(worker));
+                }
+            }
+            Step::Message(i, ready) => {
+                if let Some(pid) = pick(sim, i) {
+                    sim.message(pid, if ready { "\"ready\"" } else { "{\"n\":1}" });
+                }
+            }
+            Step::Notify(i, what) => {
+                if let Some(pid) = pick(sim, i) {
+                    let text = match what {
+                        0 => "STATUS=busy",
+                        1 => "WATCHDOG=1",
+                        2 => "WATCHDOG=trigger",
+                        3 => "EXTEND_TIMEOUT_USEC=2000000",
+                        4 => "STOPPING=1",
+                        5 => "X_CLUSTERD_KV_TEND=owner",
+                        _ => "X_CLUSTERD_KV_TEND=released",
+                    };
+                    sim.notify(pid, text);
+                }
+            }
+            Step::Memory(i) => {
+                // Over web's max_memory from its next sample on (every 2 s).
+                if let Some(pid) = pick(sim, i) {
+                    sim.memory.insert(pid, 1 << 30);
+                }
+            }
+            Step::SpawnFails(transient) => sim.spawn_failures.push(SpawnFailure {
+                message: "cannot start".into(),
+                transient,
+            }),
+            Step::Reload(None) => sim.signal(SupervisorSignal::Reload),
+            Step::Reload(Some(a)) => sim.control(
+                Request::Reload {
+                    app: Some(app(a)),
+                    wait: true,
+                },
+                3,
+            ),
+            Step::Reread(n) => {
+                sim.signal(SupervisorSignal::Reread);
+                sim.on(Event::Reconfigure(Box::new(variant(n))));
+            }
+            Step::Scale(a, workers) => sim.control(
+                Request::Scale {
+                    app: app(a),
+                    workers,
+                },
+                1,
+            ),
+            Step::ScaleBy(up) => sim.signal(SupervisorSignal::ScaleBy(if up { 1 } else { -1 })),
+            Step::Restart(a, slot) => sim.control(Request::Restart { app: app(a), slot }, 2),
+            Step::SignalApp(a) => sim.control(
+                Request::Signal {
+                    app: app(a),
+                    signal: "HUP".into(),
+                },
+                4,
+            ),
+            Step::Send(a, slot) => sim.control(
+                Request::Send {
+                    app: app(a),
+                    slot,
+                    message: "{\"hi\":true}".into(),
+                },
+                5,
+            ),
+            Step::Stop(by_control) => {
+                if by_control {
+                    sim.control(Request::Stop {}, 6);
+                } else {
+                    sim.signal(SupervisorSignal::Stop(Signal::SIGTERM));
+                }
+            }
+            Step::Upgrade => sim.signal(SupervisorSignal::Upgrade),
+        }
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(300))]
+        #![proptest_config(ProptestConfig::with_cases(256))]
         #[test]
         fn invariants_hold_under_random_events(steps in proptest::collection::vec(step(), 1..80)) {
-            let mut sim = Sim::new(
-                "[apps.web]\ncommand = [\"srv\"]\nworkers = 3\nready = \"notify\"\nready_timeout = \"5s\"\nstop_timeout = \"2s\"\n[apps.web.reload]\nbake = \"500ms\"\n",
-            );
+            let mut sim = Sim::new(BASE);
             for step in steps {
-                let before = sim.last_reload("web").map(|o| o.generation());
-                match step {
-                    Step::Wait(ms) => { sim.advance(Duration::from_millis(ms)); }
-                    Step::Crash(i, kill) => {
-                        let pids = running(&sim);
-                        if !pids.is_empty() {
-                            let status = if kill { ExitStatus::Signal(Signal::SIGKILL) } else { ExitStatus::Code(1) };
-                            sim.exit(pids[i % pids.len()], status);
-                        }
-                    }
-                    Step::Ready(i) => {
-                        let pids = running(&sim);
-                        if !pids.is_empty() {
-                            sim.notify(pids[i % pids.len()], "READY=1");
-                        }
-                    }
-                    Step::Reload => sim.signal(SupervisorSignal::Reload),
-                    Step::Scale(n) => sim.control(Request::Scale { app: "web".into(), workers: n }, 1),
-                    Step::Restart(slot) => sim.control(Request::Restart { app: "web".into(), slot: Some(slot) }, 2),
-                    Step::Linger(i) => {
-                        let pids = running(&sim);
-                        if !pids.is_empty() {
-                            let pid = pids[i % pids.len()];
-                            sim.on(Event::Exited { pid, status: ExitStatus::Code(0), group_empty: false });
-                        }
-                        let lingering: Vec<WorkerId> = sim.core.lingering().map(|(id, _)| id).collect();
-                        if let Some(id) = lingering.first() {
-                            sim.on(Event::GroupEmpty(*id));
-                        }
-                    }
-                    Step::Stop => sim.signal(SupervisorSignal::Stop(Signal::SIGTERM)),
-                }
+                let before_reload: BTreeMap<String, Option<u64>> = sim
+                    .core
+                    .apps
+                    .iter()
+                    .map(|(name, a)| (name.clone(), a.last_reload.as_ref().map(|o| o.generation())))
+                    .collect();
+                play(&mut sim, &step);
                 if sim.core.shutting_down() {
-                    prop_assert!(sim.core.apps["web"].slots.iter().all(|s| s.state == SlotState::Stopped));
+                    for app in sim.core.apps.values() {
+                        prop_assert!(app.slots.iter().all(|s| s.state == SlotState::Stopped));
+                    }
                 }
-                if let Some(ReloadOutcome::Completed { generation }) = sim.last_reload("web")
-                    && before != Some(generation)
-                {
-                    // Just completed: every slot runs a live worker of that generation.
-                    for slot in &sim.core.apps["web"].slots {
-                        let worker = slot.worker().and_then(|id| sim.core.workers.get(&id));
-                        prop_assert!(worker.is_some_and(|w| w.generation == generation && w.is_running()),
-                            "completed while a slot does not run generation {}", generation);
+                for (name, app) in &sim.core.apps {
+                    if let Some(ReloadOutcome::Completed { generation }) = app.last_reload
+                        && before_reload.get(name).copied().flatten() != Some(generation)
+                    {
+                        // Just completed: every slot that should run does, on that generation
+                        // (or a newer one, if the rollout that followed it is under way).
+                        for slot in &app.slots {
+                            // Not running by intent, or failed to start or waiting to start
+                            // that generation again (an operator's restart of the slot during
+                            // the rollout can end so).
+                            if matches!(slot.state, SlotState::Done { .. } | SlotState::Failed { .. })
+                                || matches!(slot.state, SlotState::Backoff { .. }) && slot.generation >= generation
+                            {
+                                continue;
+                            }
+                            let worker = slot.worker().and_then(|id| sim.core.workers.get(&id));
+                            prop_assert!(worker.is_some_and(|w| w.generation >= generation && w.is_running()),
+                                "{} completed while a slot does not run generation {}: {:?} {:?}",
+                                name, generation, slot.state, worker.map(|w| (w.generation, w.phase)));
+                        }
                     }
                 }
             }
-            // Whatever happened, a shutdown ends once every worker is gone.
+            // Whatever happened, a shutdown ends: workers that ignore their stop signal are
+            // killed after their stop timeout, and it is over once every worker is gone.
             sim.signal(SupervisorSignal::Stop(Signal::SIGTERM));
-            sim.stopped_ones_exit();
+            sim.advance(Duration::from_secs(10));
+            for worker in sim.core.workers.values() {
+                if let (Some(pid), Phase::Stopping { exited: false, .. }) = (worker.pid, worker.phase) {
+                    prop_assert!(sim.sent(pid, Signal::SIGKILL), "{} was never killed", worker.label());
+                }
+            }
+            let alive: Vec<Pid> = sim.core.workers.values()
+                .filter(|w| w.is_running())
+                .filter_map(|w| w.pid)
+                .collect();
+            for pid in alive {
+                sim.killed(pid);
+            }
             let lingering: Vec<WorkerId> = sim.core.lingering().map(|(id, _)| id).collect();
             for id in lingering {
                 sim.on(Event::GroupEmpty(id));
@@ -1668,4 +1972,319 @@ fn stop_signal_disconnect_closes_the_channel_then_signals_after_the_grace() {
     }
     assert!(!sim.sent(b, Signal::SIGTERM));
     assert!(sim.core.finished());
+}
+
+// ----- one-shot tasks: readiness that knows intent -----
+
+const ONE_SHOT: &str = r#"
+[apps.web]
+command = ["srv"]
+workers = 2
+ready = "notify"
+[apps.web.reload]
+bake = "0s"
+[apps.migrate]
+command = ["sh", "-c", "echo migrated; exit 0"]
+restart = "on-failure"
+"#;
+
+fn statuses(sim: &Sim) -> Vec<clusterd_proto::AppStatus> {
+    let none = std::collections::HashMap::new();
+    let measured = super::status::Measured {
+        usage: &none,
+        cpu_percent: &std::collections::HashMap::new(),
+    };
+    sim.core.app_statuses(sim.now, &measured)
+}
+
+#[test]
+fn a_one_shot_that_finished_is_not_missing_and_status_says_done() {
+    use super::host::{HostMessage, HostNotifier};
+    let mut sim = Sim::new(ONE_SHOT);
+    let mut host = HostNotifier::default();
+    ready_all(&mut sim, "web");
+    // Running (ready at once): ready like any worker.
+    assert_eq!(sim.core.readiness(), Ok(()));
+    let migrate = sim.pid("migrate", 0).unwrap();
+    sim.exit(migrate, ExitStatus::Code(0));
+    assert_eq!(
+        sim.slot_state("migrate", 0),
+        SlotState::Done { code: Some(0) }
+    );
+    assert_eq!(sim.core.readiness(), Ok(()));
+    assert!(host.update(&sim.core).contains(&HostMessage::Ready));
+    assert_eq!(
+        sim.core.summary(),
+        "migrate 0/0 ready (1 done), web 2/2 ready"
+    );
+    let apps = statuses(&sim);
+    let app = apps.iter().find(|a| a.name == "migrate").unwrap();
+    assert_eq!((app.desired, app.ready, app.done), (1, 0, 1));
+    let slot = &app.workers[0];
+    assert_eq!(slot.state, clusterd_proto::WorkerState::Exited);
+    assert!(slot.done);
+    assert_eq!(slot.exit_code, Some(0));
+    assert_eq!(sim.spawns, 3, "not restarted");
+
+    // A restart of the slot runs it again.
+    sim.control(
+        Request::Restart {
+            app: "migrate".into(),
+            slot: Some(0),
+        },
+        1,
+    );
+    assert!(sim.pid("migrate", 0).is_some());
+    assert!(!statuses(&sim)[0].workers[0].done);
+}
+
+#[test]
+fn a_one_shot_that_fails_is_retried_and_missing_until_it_succeeds() {
+    let mut sim = Sim::new(ONE_SHOT);
+    ready_all(&mut sim, "web");
+    let migrate = sim.pid("migrate", 0).unwrap();
+    sim.exit(migrate, ExitStatus::Code(1));
+    // on-failure: retried, and missing meanwhile.
+    assert!(sim.pid("migrate", 0).is_some(), "first failure: at once");
+    let again = sim.pid("migrate", 0).unwrap();
+    sim.exit(again, ExitStatus::Code(1));
+    assert!(matches!(
+        sim.slot_state("migrate", 0),
+        SlotState::Backoff { .. }
+    ));
+    let reason = sim.core.readiness().unwrap_err();
+    assert_eq!(reason, "migrate: 0/1 workers ready");
+    sim.advance(Duration::from_secs(1));
+    let third = sim.pid("migrate", 0).unwrap();
+    sim.exit(third, ExitStatus::Code(0));
+    assert_eq!(sim.core.readiness(), Ok(()));
+}
+
+#[test]
+fn restart_never_is_done_whatever_the_exit_but_a_failed_slot_is_missing() {
+    let mut sim = Sim::new(
+        "[apps.once]\ncommand = [\"x\"]\nrestart = \"never\"\n\
+         [apps.web]\ncommand = [\"x\"]\nworkers = 2\nrestart_limit = { burst = 1, interval = \"10s\" }\n",
+    );
+    let once = sim.pid("once", 0).unwrap();
+    sim.exit(once, ExitStatus::Signal(Signal::SIGSEGV));
+    assert_eq!(sim.slot_state("once", 0), SlotState::Done { code: None });
+    assert_eq!(sim.core.readiness(), Ok(()));
+    let status = &statuses(&sim)[0].workers[0];
+    assert!(status.done);
+    assert_eq!(status.exit_code, None);
+    // restart_limit: the slot fails; it should be up, so it is missing, and named.
+    for _ in 0..2 {
+        let pid = sim.pid("web", 1).unwrap();
+        sim.exit(pid, ExitStatus::Code(1));
+        sim.advance(Duration::from_secs(1));
+    }
+    assert!(matches!(sim.slot_state("web", 1), SlotState::Failed { .. }));
+    assert_eq!(
+        sim.core.readiness(),
+        Err("web: 1/2 workers ready (slot 1 failed)".into())
+    );
+}
+
+#[test]
+fn a_reload_reruns_a_finished_one_shot_and_its_exit_0_completes_its_step() {
+    let mut sim = Sim::new(ONE_SHOT);
+    ready_all(&mut sim, "web");
+    let migrate = sim.pid("migrate", 0).unwrap();
+    sim.exit(migrate, ExitStatus::Code(0));
+    sim.signal(SupervisorSignal::Reload);
+    let rerun = sim.candidate("migrate", 0).expect("run again");
+    // Ready at once (immediate); it finishes within its bake: no abort.
+    sim.advance(10 * MS);
+    sim.exit(rerun, ExitStatus::Code(0));
+    assert_eq!(
+        sim.last_reload("migrate"),
+        Some(ReloadOutcome::Completed { generation: 2 })
+    );
+    assert_eq!(
+        sim.slot_state("migrate", 0),
+        SlotState::Done { code: Some(0) }
+    );
+    assert_eq!(sim.core.apps["migrate"].slots[0].generation, 2);
+    roll(&mut sim, "web");
+    assert_eq!(sim.core.readiness(), Ok(()));
+
+    // A run that outlives its bake is promoted, and its exit 0 still completes it.
+    sim.signal(SupervisorSignal::Reload);
+    roll(&mut sim, "web");
+    let long = sim.candidate("migrate", 0).unwrap();
+    sim.advance(Duration::from_secs(2));
+    assert_eq!(sim.pid("migrate", 0), Some(long), "promoted after its bake");
+    sim.exit(long, ExitStatus::Code(0));
+    sim.advance(Duration::from_secs(2));
+    assert_eq!(
+        sim.last_reload("migrate"),
+        Some(ReloadOutcome::Completed { generation: 3 })
+    );
+
+    // A run that fails aborts the rollout; the slot stays done on its generation.
+    sim.signal(SupervisorSignal::Reload);
+    let bad = sim.candidate("migrate", 0).unwrap();
+    sim.exit(bad, ExitStatus::Code(3));
+    assert!(matches!(
+        sim.last_reload("migrate"),
+        Some(ReloadOutcome::Aborted { generation: 4, .. })
+    ));
+    assert_eq!(
+        sim.slot_state("migrate", 0),
+        SlotState::Done { code: Some(0) }
+    );
+    assert_eq!(sim.core.apps["migrate"].slots[0].generation, 3);
+}
+
+// ----- rollout pace: a baked canary, then readiness speed -----
+
+fn web(workers: usize, reload: &str) -> String {
+    format!(
+        "[apps.web]\ncommand = [\"srv\"]\nworkers = {workers}\nready = \"notify\"\n\
+         [apps.web.reload]\n{reload}\n"
+    )
+}
+
+/// Every candidate that is starting says READY=1; returns how many did.
+fn ready_candidates(sim: &mut Sim, app: &str) -> usize {
+    let starting: Vec<Pid> = (0..sim.core.apps[app].slots.len())
+        .filter_map(|slot| sim.candidate(app, slot))
+        .filter(|pid| matches!(sim.phase(*pid), Phase::Starting { .. }))
+        .collect();
+    for pid in &starting {
+        sim.notify(*pid, "READY=1");
+    }
+    starting.len()
+}
+
+fn candidates(sim: &Sim, app: &str) -> usize {
+    (0..sim.core.apps[app].slots.len())
+        .filter(|s| sim.candidate(app, *s).is_some())
+        .count()
+}
+
+#[test]
+fn the_canary_bakes_then_batches_double_at_readiness_speed_and_the_last_one_bakes() {
+    let mut sim = Sim::new(&web(8, "bake = \"1s\""));
+    ready_all(&mut sim, "web");
+    sim.signal(SupervisorSignal::Reload);
+    // The canary: one candidate (surge 1), promoted only after its bake.
+    assert_eq!(candidates(&sim, "web"), 1);
+    ready_candidates(&mut sim, "web");
+    sim.advance(999 * MS);
+    assert_eq!(candidates(&sim, "web"), 1, "still baking");
+    sim.advance(MS);
+    // Then batches as large as what was promoted so far: 1, 2, 4 — each promoted once ready.
+    let mut batches = Vec::new();
+    while candidates(&sim, "web") > 0 {
+        batches.push(candidates(&sim, "web"));
+        assert_eq!(ready_candidates(&mut sim, "web"), *batches.last().unwrap());
+        assert_eq!(sim.ready("web"), 8, "every slot keeps a ready worker");
+    }
+    assert_eq!(batches, [1, 2, 4]);
+    sim.stopped_ones_exit();
+    // Complete only once the last promoted worker has been ready for the bake.
+    sim.advance(999 * MS);
+    assert!(sim.core.apps["web"].rollout.is_some());
+    sim.advance(MS);
+    assert_eq!(
+        sim.last_reload("web"),
+        Some(ReloadOutcome::Completed { generation: 2 })
+    );
+}
+
+#[test]
+fn a_crash_in_the_canary_aborts_and_every_old_worker_keeps_serving() {
+    let mut sim = Sim::new(&web(4, "bake = \"1s\"\nsurge = 2"));
+    ready_all(&mut sim, "web");
+    let old = sim.serving("web");
+    sim.signal(SupervisorSignal::Reload);
+    assert_eq!(candidates(&sim, "web"), 2, "the canary is `surge` workers");
+    ready_candidates(&mut sim, "web");
+    sim.advance(500 * MS);
+    let c1 = sim.candidate("web", 1).unwrap();
+    sim.exit(c1, ExitStatus::Code(1));
+    assert!(matches!(
+        sim.last_reload("web"),
+        Some(ReloadOutcome::Aborted { .. })
+    ));
+    assert_eq!(sim.serving("web"), old);
+    assert!(old.iter().all(|p| !sim.sent(*p, Signal::SIGTERM)));
+}
+
+#[test]
+fn a_crash_in_a_later_batch_or_before_the_last_bake_aborts_and_rolls_back() {
+    // Before ready, in the second batch.
+    let mut sim = Sim::new(&web(6, "bake = \"1s\""));
+    ready_all(&mut sim, "web");
+    let old = sim.serving("web");
+    sim.signal(SupervisorSignal::Reload);
+    ready_candidates(&mut sim, "web");
+    sim.advance(Duration::from_secs(1));
+    ready_candidates(&mut sim, "web"); // slot 1, promoted at once
+    assert_eq!(candidates(&sim, "web"), 2, "slots 2 and 3");
+    let c3 = sim.candidate("web", 3).unwrap();
+    sim.exit(c3, ExitStatus::Code(1));
+    match sim.last_reload("web") {
+        Some(ReloadOutcome::Aborted { reason, .. }) => assert!(reason.contains("slot 3")),
+        other => panic!("{other:?}"),
+    }
+    // Promoted slots keep their live new workers; the others their old ones.
+    assert_eq!(&sim.serving("web")[2..], &old[2..]);
+    let promoted = sim.pid("web", 1).unwrap();
+    assert!(!old.contains(&promoted));
+    assert_eq!(candidates(&sim, "web"), 0);
+    // Unbaked and no longer watched: when that new worker ends, its slot goes back.
+    sim.exit(promoted, ExitStatus::Code(1));
+    let respawned = sim.pid("web", 1).unwrap();
+    assert_eq!(
+        sim.core.workers[&sim.core.worker_by_pid(respawned).unwrap()].generation,
+        1
+    );
+
+    // After every slot is promoted, during the final bake: the slot goes back.
+    let mut sim = Sim::new(&web(3, "bake = \"1s\""));
+    ready_all(&mut sim, "web");
+    sim.signal(SupervisorSignal::Reload);
+    ready_candidates(&mut sim, "web");
+    sim.advance(Duration::from_secs(1));
+    while candidates(&sim, "web") > 0 {
+        ready_candidates(&mut sim, "web");
+    }
+    sim.stopped_ones_exit();
+    sim.advance(500 * MS);
+    let last = sim.pid("web", 2).unwrap();
+    sim.exit(last, ExitStatus::Code(1));
+    match sim.last_reload("web") {
+        Some(ReloadOutcome::Aborted { reason, .. }) => {
+            assert!(reason.contains("after it replaced"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sim.core.apps["web"].slots[2].generation, 1);
+    let respawned = sim.pid("web", 2).unwrap();
+    let worker = &sim.core.workers[&sim.core.worker_by_pid(respawned).unwrap()];
+    assert_eq!(worker.generation, 1);
+}
+
+#[test]
+fn bake_each_bakes_every_slot_surge_at_a_time() {
+    let mut sim = Sim::new(&web(3, "bake = \"1s\"\nbake_each = true"));
+    ready_all(&mut sim, "web");
+    sim.signal(SupervisorSignal::Reload);
+    for slot in 0..3 {
+        assert_eq!(candidates(&sim, "web"), 1);
+        let old = sim.pid("web", slot).unwrap();
+        ready_candidates(&mut sim, "web");
+        sim.advance(999 * MS);
+        assert_eq!(sim.pid("web", slot), Some(old), "slot {slot} bakes");
+        sim.advance(MS);
+        assert_ne!(sim.pid("web", slot), Some(old));
+        sim.stopped_ones_exit();
+    }
+    assert_eq!(
+        sim.last_reload("web"),
+        Some(ReloadOutcome::Completed { generation: 2 })
+    );
 }

@@ -521,3 +521,87 @@ command = ["sh", "-c", "echo 'cannot start: missing config file' >&2; exit 3"]
     // Nothing is left running.
     assert!(wait_until(10 * SECOND, || !detached.pid_file().exists()));
 }
+
+/// A one-shot task (a migration) beside a web app: it finishes, and that is no failure.
+const ONE_SHOT: &str = r#"
+[supervisor]
+stop_timeout = "5s"
+[sockets.http]
+listen = "127.0.0.1:0"
+[metrics]
+listen = "127.0.0.1:0"
+[apps.web]
+command = ["{hello}"]
+workers = 2
+sockets = ["http"]
+ready = "notify"
+[apps.migrate]
+command = ["sh", "-c", "echo migrated; exit 0"]
+restart = "on-failure"
+"#;
+
+#[test]
+fn start_detach_with_a_one_shot_beside_a_web_app_succeeds_and_readyz_counts_what_should_run() {
+    let mut detached = Detached::new(ONE_SHOT);
+    let output = start_detached(&detached);
+    assert!(output.status.success(), "{output:?}");
+    let json = || -> serde_json::Value {
+        let status = cli(&detached.manifest, &["status", "--json"]);
+        serde_json::from_slice(&status.stdout).expect("status")
+    };
+    let status = json();
+    detached.pid = Some(Pid::from_raw(status["pid"].as_i64().expect("pid") as i32));
+    // The migration is done (it may still have been running when start -d returned).
+    let mut status = status;
+    assert!(
+        wait_until(10 * SECOND, || {
+            status = json();
+            status["apps"][0]["done"] == 1
+        }),
+        "{status}"
+    );
+    let migrate = &status["apps"][0];
+    assert_eq!(migrate["name"], "migrate");
+    let slot = &migrate["workers"][0];
+    assert_eq!(
+        (&slot["state"], &slot["done"], &slot["exit_code"]),
+        (&"exited".into(), &true.into(), &0.into()),
+        "{status}"
+    );
+    assert_eq!(status["ready"], true, "{status}");
+    let check = cli(&detached.manifest, &["status", "--check"]);
+    assert_eq!(check.status.code(), Some(0), "{check:?}");
+    let table = cli(&detached.manifest, &["status"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("migrate: 0/0 ready, 1 done"), "{table}");
+    // /readyz says the same.
+    let log = file_lines(&detached.dir.path().join(".clusterd/app/clusterd.log"));
+    let metrics: std::net::SocketAddr = log
+        .iter()
+        .find_map(|l| {
+            l.rsplit("metrics on http://")
+                .next()?
+                .strip_suffix("/metrics")
+        })
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address in {log:#?}"));
+    let readyz = crate::util::http_get(metrics, "/readyz").expect("readyz");
+    assert_eq!(readyz.status, 200, "{}", readyz.body);
+    assert!(cli(&detached.manifest, &["stop"]).status.success());
+}
+
+#[test]
+fn start_detach_fails_when_a_one_shot_fails() {
+    let detached = Detached::new(&ONE_SHOT.replace(
+        r#"["sh", "-c", "echo migrated; exit 0"]
+restart = "on-failure""#,
+        r#"["sh", "-c", "echo 'migration failed' >&2; exit 4"]
+restart = "never""#,
+    ));
+    let output = start_detached(&detached);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("migrate[0]"), "{stderr}");
+    assert!(stderr.contains("status 4"), "{stderr}");
+    assert!(wait_until(10 * SECOND, || !detached.pid_file().exists()));
+}

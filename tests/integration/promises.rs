@@ -83,10 +83,11 @@ fn a_version_that_crashes_after_ready_aborts_the_reload_and_the_old_workers_keep
 
 #[test]
 fn a_promoted_version_that_dies_before_the_rollout_ends_is_rolled_back_and_no_request_fails() {
-    // A bake shorter than the broken version's life: slot 0 is promoted (its old worker
-    // stopped), then its new worker dies while the rollout is still under way.
+    // A bake shorter than the broken version's life (0.4 s after READY=1): slot 0, the
+    // canary, is promoted (its old worker stopped), then its new worker dies while the
+    // rollout is still under way (it completes only a bake after its last promotion).
     let mut clusterd = Clusterd::start_with_files(
-        &broken_manifest("[apps.web.reload]\nbake = \"200ms\""),
+        &broken_manifest("[apps.web.reload]\nbake = \"300ms\""),
         &[("app.sh", BROKEN_AFTER_READY)],
     );
     let addr = clusterd.socket_addr("http");
@@ -248,5 +249,82 @@ env = { PATH = "{dir}/bin:/usr/bin:/bin" }
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
+    assert!(clusterd.stop().success());
+}
+
+/// Generation 1 is the hello server; a later generation crashes at once in a slot marked by
+/// the file `crash-<slot>`.
+const CRASH_IN_SLOT: &str = r#"#!/bin/sh
+if [ "$CLUSTERD_GENERATION" -ge 2 ] && [ -e "{dir}/crash-$CLUSTERD_WORKER_ID" ]; then
+  echo "slot $CLUSTERD_WORKER_ID: bad config" >&2
+  exit 1
+fi
+exec {hello}
+"#;
+
+#[test]
+fn a_crash_in_the_canary_or_in_a_later_batch_aborts_the_rollout_and_no_request_fails() {
+    let mut clusterd = Clusterd::start_with_files(
+        &broken_manifest("workers = 4").replace("workers = 3\n", ""),
+        &[("app.sh", CRASH_IN_SLOT)],
+    );
+    let addr = clusterd.socket_addr("http");
+    let crash = |slot: Option<usize>| {
+        for s in 0..4 {
+            let _ = std::fs::remove_file(clusterd.dir.path().join(format!("crash-{s}")));
+        }
+        if let Some(slot) = slot {
+            std::fs::write(clusterd.dir.path().join(format!("crash-{slot}")), "").expect("mark");
+        }
+    };
+    let reload = |clusterd: &Clusterd| {
+        let load = std::thread::spawn(move || failures(addr, 200));
+        let output = clusterd.ctl(&["reload", "--wait"]);
+        assert_eq!(load.join().expect("load"), 0, "{}", clusterd.output());
+        output
+    };
+    assert!(wait_until(20 * SECOND, || {
+        let serving = clusterd.serving("web");
+        serving.len() == 4 && serving.iter().all(|w| w.3 == "ready")
+    }));
+    let old: Vec<Pid> = clusterd.serving("web").iter().map(|w| w.1).collect();
+
+    // The canary (slot 0) crashes: every old worker keeps serving.
+    crash(Some(0));
+    let output = reload(&clusterd);
+    assert!(!output.status.success(), "{output:?}");
+    let status = clusterd.status();
+    let reason = status["apps"][0]["last_reload"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("slot 0 generation 2"), "{reason}");
+    let now: Vec<Pid> = clusterd.serving("web").iter().map(|w| w.1).collect();
+    assert_eq!(now, old);
+
+    // Slot 3 is in the third batch (after the canary, slot 1, then slots 2 and 3): its crash
+    // aborts; slots 0 and 1, promoted before it started, keep their live new workers, and
+    // slot 3 keeps its old one.
+    crash(Some(3));
+    let output = reload(&clusterd);
+    assert!(!output.status.success(), "{output:?}");
+    let status = clusterd.status();
+    let reason = status["apps"][0]["last_reload"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("slot 3 generation 3"), "{reason}");
+    assert!(
+        wait_until(20 * SECOND, || {
+            let serving = clusterd.serving("web");
+            serving.len() == 4 && serving.iter().all(|w| w.3 == "ready")
+        }),
+        "{}",
+        clusterd.output()
+    );
+    let serving = clusterd.serving("web");
+    assert_eq!((serving[0].2, serving[1].2), (3, 3), "{serving:?}");
+    assert_eq!((serving[3].1, serving[3].2), (old[3], 1), "{serving:?}");
+    assert!(alive(old[3]));
+
+    // Fixed: the next rollout completes, every slot on the new generation.
+    crash(None);
+    let output = reload(&clusterd);
+    assert!(output.status.success(), "{output:?}");
+    assert!(clusterd.serving("web").iter().all(|w| w.2 == 4));
     assert!(clusterd.stop().success());
 }

@@ -257,8 +257,14 @@ pub enum Readiness {
 pub struct ReloadConfig {
     /// `surge` (default 1): new workers started ahead of stopping old ones.
     pub surge: usize,
-    /// `bake` (default 1s): how long a new worker must stay ready before its old one stops.
+    /// `bake` (default 1s): how long the canary's new workers (the first `surge` slots) must
+    /// stay ready before their old ones stop, and how long the last promoted worker must stay
+    /// up before the rollout completes.
     pub bake: Duration,
+    /// `bake_each` (default false): every new worker bakes before its old one stops, `surge`
+    /// slots at a time, instead of the canary alone.
+    #[serde(default)]
+    pub bake_each: bool,
 }
 
 /// `[metrics]`: the optional Prometheus endpoint.

@@ -91,7 +91,7 @@ const APP_KEYS: &[&str] = &[
     "log_keep",
 ];
 const RESTART_LIMIT_KEYS: &[&str] = &["burst", "interval"];
-const RELOAD_KEYS: &[&str] = &["surge", "bake"];
+const RELOAD_KEYS: &[&str] = &["surge", "bake", "bake_each"];
 const METRICS_KEYS: &[&str] = &["listen"];
 
 use crate::model::{RESERVED_ENV, RESERVED_ENV_PREFIX};
@@ -852,6 +852,7 @@ fn reload(cx: &mut Checker<'_>, table: &Table<'_, '_>) -> Option<ReloadConfig> {
         return Some(ReloadConfig {
             surge: 1,
             bake: BAKE,
+            bake_each: false,
         });
     };
     let reload = cx.table(value, table.key.child("reload"), RELOAD_KEYS)?;
@@ -861,10 +862,12 @@ fn reload(cx: &mut Checker<'_>, table: &Table<'_, '_>) -> Option<ReloadConfig> {
         })
         .or(1);
     let bake = cx.field(&reload, "bake", values::duration).or(BAKE);
+    let bake_each = cx.field(&reload, "bake_each", values::boolean).or(false);
     Some(ReloadConfig {
         // In 1..=MAX_WORKERS.
         surge: surge? as usize,
         bake: bake?,
+        bake_each: bake_each?,
     })
 }
 

@@ -68,6 +68,7 @@ fn defaults() {
         ReloadConfig {
             surge: 1,
             bake: Duration::from_secs(1),
+            bake_each: false,
         }
     );
 }
@@ -119,7 +120,7 @@ fn every_key_is_read() {
         ready_timeout = "2m"
         watchdog = "500ms"
         kv_segment = "kv.seg-1"
-        reload = { surge = 3, bake = "1m30s" }
+        reload = { surge = 3, bake = "1m30s", bake_each = true }
 
         [metrics]
         listen = "127.0.0.1:9100"
@@ -160,6 +161,7 @@ fn every_key_is_read() {
         ReloadConfig {
             surge: 3,
             bake: Duration::from_secs(90),
+            bake_each: true,
         }
     );
     assert_eq!(
@@ -338,6 +340,10 @@ fn each_key_rejects_bad_values() {
     assert_eq!(
         app("reload = { bake = 0 }"),
         "3:19: apps.web.reload.bake: expected a duration like \"10s\" or \"250ms\", found 0"
+    );
+    assert_eq!(
+        app("reload = { bake_each = \"yes\" }"),
+        "3:24: apps.web.reload.bake_each: expected true or false, found \"yes\""
     );
     assert_eq!(app("command = [\"y\"]"), "3:1: syntax: duplicate key");
 }

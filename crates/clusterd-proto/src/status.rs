@@ -66,6 +66,10 @@ pub struct AppStatus {
     pub running: usize,
     /// Slots whose worker is ready.
     pub ready: usize,
+    /// Slots down by their restart policy (finished one-shot tasks: `restart = "never"`, or
+    /// `"on-failure"` after exit 0). Readiness wants `desired - done` ready workers.
+    #[serde(default)]
+    pub done: usize,
     /// The rollout in progress.
     pub reloading: Option<RolloutStatus>,
     /// How the last rollout ended.
@@ -129,7 +133,8 @@ pub enum WorkerState {
     Backoff,
     /// No worker: the command cannot be executed; waits for a reload or restart.
     Failed,
-    /// No worker: it exited and the restart policy does not restart it.
+    /// No worker: it exited and the restart policy does not restart it (`done`), or clusterd
+    /// is stopping.
     Exited,
 }
 
@@ -168,6 +173,13 @@ pub struct WorkerStatus {
     pub crash_streak: u32,
     /// How the slot's previous worker ended, e.g. `signal SIGKILL after 12.5s`.
     pub last_exit: Option<String>,
+    /// An empty slot down by its restart policy (state `exited`): a finished one-shot task,
+    /// not missing for readiness.
+    #[serde(default)]
+    pub done: bool,
+    /// With `done`: the exit code its worker ended with (absent: killed by a signal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
     /// CPU use of its process group since the previous status (or since it started), percent
     /// of one core.
     pub cpu_percent: Option<f64>,
