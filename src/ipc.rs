@@ -28,7 +28,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -37,7 +37,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc};
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::supervisor::WorkerId;
 
@@ -112,6 +112,8 @@ struct Outbox {
     bytes: Cell<usize>,
     dropped: Cell<u64>,
     wake: Notify,
+    /// The writer is to stop at the next message boundary (an upgrade suspends the channel).
+    stopping: Cell<bool>,
 }
 
 impl Outbox {
@@ -136,8 +138,50 @@ impl Outbox {
 }
 
 struct Link {
+    label: String,
+    /// A duplicate of the supervisor's end, handed over by an upgrade.
+    kept: OwnedFd,
     outbox: Rc<Outbox>,
-    tasks: [AbortHandle; 2],
+    /// What the reader has read and not yet handed to the loop.
+    unread: Rc<Unread>,
+    reader: AbortHandle,
+    writer: JoinHandle<()>,
+}
+
+/// Bytes read from a worker and not yet handed to the loop: the start of a line, or lines
+/// waiting for room in the loop's channel. A line leaves it only once the loop has it, so
+/// stopping the reader at any of its waits loses nothing.
+#[derive(Default)]
+struct Unread {
+    /// Whole messages to hand to the loop before `bytes` (taken back from the loop's
+    /// channel when an upgrade suspended it).
+    lines: RefCell<VecDeque<String>>,
+    bytes: RefCell<Vec<u8>>,
+    /// Skipping the rest of a line over [`MAX_MESSAGE`].
+    skipping: Cell<bool>,
+}
+
+/// A worker's channel as it crosses an upgrade's exec: the descriptor, what was queued for
+/// the worker and what was read from it but not yet handled.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Suspended {
+    /// The worker.
+    pub worker: WorkerId,
+    /// Its label, `app[slot]`.
+    pub label: String,
+    /// The supervisor's end of the channel.
+    pub fd: RawFd,
+    /// Messages queued for the worker, in order.
+    pub outgoing: Vec<String>,
+    /// Messages dropped so far (its queue was full).
+    pub dropped: u64,
+    /// Messages read from the worker, not yet handled by the supervisor (before `unread`).
+    pub incoming: Vec<String>,
+    /// Bytes read from the worker and not yet handled (the start of its next lines).
+    pub unread: Vec<u8>,
+    /// The reader was skipping the rest of a line over [`MAX_MESSAGE`].
+    pub skipping: bool,
 }
 
 /// Every worker's channel: the tasks, the outgoing queues, and the messages for the loop.
@@ -166,25 +210,136 @@ impl Channels {
         label: String,
         stream: StdUnixStream,
     ) -> io::Result<()> {
+        self.serve(worker, label, stream, Rc::default(), Rc::default())
+    }
+
+    fn serve(
+        &mut self,
+        worker: WorkerId,
+        label: String,
+        stream: StdUnixStream,
+        outbox: Rc<Outbox>,
+        unread: Rc<Unread>,
+    ) -> io::Result<()> {
         stream.set_nonblocking(true)?;
+        let kept = OwnedFd::from(stream.try_clone()?);
         let (read, write) = UnixStream::from_std(stream)?.into_split();
-        let outbox = Rc::new(Outbox::default());
         let reader = tokio::task::spawn_local(read_lines(
             worker,
-            label,
+            label.clone(),
             read,
             Rc::clone(&outbox),
+            Rc::clone(&unread),
             self.tx.clone(),
         ));
         let writer = tokio::task::spawn_local(write_lines(write, Rc::clone(&outbox)));
         self.links.insert(
             worker,
             Link {
+                label,
+                kept,
                 outbox,
-                tasks: [reader.abort_handle(), writer.abort_handle()],
+                unread,
+                reader: reader.abort_handle(),
+                writer,
             },
         );
         Ok(())
+    }
+
+    /// Stops serving every channel, for an upgrade: the readers at once (what they read and
+    /// did not hand over is kept), the writers once the message they are writing is out (or
+    /// after `timeout`, for a worker that does not read). Messages already read but not yet
+    /// taken by the loop go back before what their reader kept, to be read again.
+    /// [`Channels::resume`] serves them again, here (the exec failed) or in the new clusterd.
+    pub async fn suspend(&mut self, timeout: std::time::Duration) -> Vec<(Suspended, OwnedFd)> {
+        for link in self.links.values() {
+            link.reader.abort();
+            link.outbox.stopping.set(true);
+            link.outbox.wake.notify_one();
+        }
+        let mut taken: HashMap<WorkerId, Vec<String>> = HashMap::new();
+        while let Ok(message) = self.rx.try_recv() {
+            let lines = taken.entry(message.worker).or_default();
+            lines.push(message.text.to_string());
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut suspended = Vec::new();
+        for (worker, link) in self.links.drain() {
+            let Link {
+                label,
+                kept,
+                outbox,
+                unread,
+                writer,
+                ..
+            } = link;
+            let abort = writer.abort_handle();
+            if tokio::time::timeout_at(deadline, writer).await.is_err() {
+                abort.abort();
+                tracing::warn!("{label}: its channel was suspended in the middle of a message");
+            }
+            let outgoing = outbox.queue.take().iter().map(|t| t.to_string()).collect();
+            let mut incoming: Vec<String> = unread.lines.take().into();
+            incoming.extend(taken.remove(&worker).unwrap_or_default());
+            let state = Suspended {
+                worker,
+                label,
+                fd: std::os::fd::AsRawFd::as_raw_fd(&kept),
+                outgoing,
+                dropped: outbox.dropped.get(),
+                incoming,
+                unread: unread.bytes.take(),
+                skipping: unread.skipping.get(),
+            };
+            suspended.push((state, kept));
+        }
+        suspended
+    }
+
+    /// The channels as [`Channels::suspend`] would hand them over, without stopping anything
+    /// (what `handover-check` reads).
+    pub fn peek(&self) -> Vec<Suspended> {
+        self.links
+            .iter()
+            .map(|(worker, link)| Suspended {
+                worker: *worker,
+                label: link.label.clone(),
+                fd: std::os::fd::AsRawFd::as_raw_fd(&link.kept),
+                outgoing: link
+                    .outbox
+                    .queue
+                    .borrow()
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect(),
+                dropped: link.outbox.dropped.get(),
+                incoming: link.unread.lines.borrow().iter().cloned().collect(),
+                unread: link.unread.bytes.borrow().clone(),
+                skipping: link.unread.skipping.get(),
+            })
+            .collect()
+    }
+
+    /// Serves a suspended channel again (`fd` is its descriptor, owned from now on).
+    pub fn resume(&mut self, state: Suspended, fd: OwnedFd) -> io::Result<()> {
+        let outbox = Rc::new(Outbox::default());
+        for text in state.outgoing {
+            outbox.push(Arc::from(text));
+        }
+        outbox.dropped.set(state.dropped);
+        let unread = Rc::new(Unread {
+            lines: RefCell::new(state.incoming.into()),
+            bytes: RefCell::new(state.unread),
+            skipping: Cell::new(state.skipping),
+        });
+        self.serve(
+            state.worker,
+            state.label,
+            StdUnixStream::from(fd),
+            outbox,
+            unread,
+        )
     }
 
     /// Queues a message for a worker. False when it was dropped: its queue is full, or it
@@ -205,9 +360,8 @@ impl Channels {
     /// Closes a worker's channel (its `disconnect`), if it has one.
     pub fn close(&mut self, worker: WorkerId) {
         if let Some(link) = self.links.remove(&worker) {
-            for task in link.tasks {
-                task.abort();
-            }
+            link.reader.abort();
+            link.writer.abort();
         }
     }
 
@@ -223,77 +377,110 @@ async fn read_lines(
     label: String,
     mut read: OwnedReadHalf,
     outbox: Rc<Outbox>,
+    unread: Rc<Unread>,
     tx: mpsc::Sender<Message>,
 ) {
-    let mut chunk = vec![0u8; 16 * 1024];
-    let mut line: Vec<u8> = Vec::new();
-    let mut skipping = false;
-    let mut refused = 0u64;
+    // Messages handed back by an upgrade first, each leaving the queue once the loop has it.
     loop {
+        let Some(text) = unread.lines.borrow().front().cloned() else {
+            break;
+        };
+        let ready = classify(text.as_bytes()) == (Line::Message { ready: true });
+        let message = Message {
+            worker,
+            text: Arc::from(text),
+            ready,
+        };
+        if tx.send(message).await.is_err() {
+            return;
+        }
+        unread.lines.borrow_mut().pop_front();
+    }
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut refused = 0u64;
+    let mut refuse = || {
+        refused += 1;
+        let message =
+            format!("{label}: a message over {MAX_MESSAGE} bytes was refused ({refused} so far)");
+        // One warning per worker; a worker that keeps doing it does not flood the log.
+        if refused == 1 {
+            tracing::warn!("{message}");
+        } else {
+            tracing::debug!("{message}");
+        }
+    };
+    loop {
+        // Every complete line first (after an upgrade, some may be waiting already).
+        loop {
+            let line = {
+                let bytes = unread.bytes.borrow();
+                let Some(end) = bytes.iter().position(|b| *b == b'\n') else {
+                    break;
+                };
+                if unread.skipping.get() {
+                    None
+                } else if end > MAX_MESSAGE {
+                    refuse();
+                    None
+                } else {
+                    Some(bytes[..end].to_vec())
+                }
+            };
+            if let Some(line) = line
+                && let Some(message) = message_of(worker, &label, &line, &outbox)
+                && tx.send(message).await.is_err()
+            {
+                return;
+            }
+            // Only now that the loop has it does the line leave `unread`.
+            let mut bytes = unread.bytes.borrow_mut();
+            let end = bytes.iter().position(|b| *b == b'\n').unwrap_or(0);
+            bytes.drain(..=end);
+            unread.skipping.set(false);
+        }
+        {
+            let mut bytes = unread.bytes.borrow_mut();
+            if !unread.skipping.get() && bytes.len() > MAX_MESSAGE {
+                refuse();
+                unread.skipping.set(true);
+            }
+            if unread.skipping.get() {
+                bytes.clear();
+            }
+            // A buffer grown by a big message is not kept.
+            if bytes.is_empty() && bytes.capacity() > 4 * chunk.len() {
+                *bytes = Vec::new();
+            }
+        }
         let n = match read.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        let mut rest = &chunk[..n];
-        while !rest.is_empty() {
-            let end = rest.iter().position(|b| *b == b'\n');
-            let part = &rest[..end.unwrap_or(rest.len())];
-            rest = end.map_or(&[][..], |at| &rest[at + 1..]);
-            if !skipping && line.len() + part.len() > MAX_MESSAGE {
-                refused += 1;
-                let message = format!(
-                    "{label}: a message over {MAX_MESSAGE} bytes was refused ({refused} so far)"
-                );
-                // One warning per worker; a worker that keeps doing it does not flood the log.
-                if refused == 1 {
-                    tracing::warn!("{message}");
-                } else {
-                    tracing::debug!("{message}");
-                }
-                line = Vec::new();
-                skipping = true;
-            }
-            if !skipping {
-                line.extend_from_slice(part);
-            }
-            if end.is_none() {
-                break;
-            }
-            if skipping {
-                skipping = false;
-                continue;
-            }
-            let taken = std::mem::take(&mut line);
-            match classify(&taken) {
-                Line::Malformed if taken.trim_ascii().is_empty() => {}
-                Line::Malformed => tracing::debug!("{label}: dropped a line that is not JSON"),
-                Line::Internal { handle: true } => {
-                    outbox.push(Arc::from(HANDLE_ACK));
-                    tracing::debug!("{label}: a passed handle was discarded");
-                }
-                Line::Internal { handle: false } => {}
-                Line::Message { ready } => {
-                    // Valid JSON is valid UTF-8; an exact-size copy is what waits in the queue.
-                    let Ok(text) = std::str::from_utf8(&taken) else {
-                        continue;
-                    };
-                    let message = Message {
-                        worker,
-                        text: Arc::from(text),
-                        ready,
-                    };
-                    if tx.send(message).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            // A line buffer grown by a big message is not kept.
-            line = taken;
-            line.clear();
-            if line.capacity() > 4096 {
-                line = Vec::new();
-            }
+        unread.bytes.borrow_mut().extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// What one line (without its newline) is for the loop, if anything: Node's internal
+/// messages are answered or ignored here, and what is not JSON is dropped.
+fn message_of(worker: WorkerId, label: &str, line: &[u8], outbox: &Outbox) -> Option<Message> {
+    match classify(line) {
+        Line::Malformed if line.trim_ascii().is_empty() => None,
+        Line::Malformed => {
+            tracing::debug!("{label}: dropped a line that is not JSON");
+            None
         }
+        Line::Internal { handle: true } => {
+            outbox.push(Arc::from(HANDLE_ACK));
+            tracing::debug!("{label}: a passed handle was discarded");
+            None
+        }
+        Line::Internal { handle: false } => None,
+        // Valid JSON is valid UTF-8; an exact-size copy is what waits in the queue.
+        Line::Message { ready } => Some(Message {
+            worker,
+            text: Arc::from(std::str::from_utf8(line).ok()?),
+            ready,
+        }),
     }
 }
 
@@ -301,6 +488,11 @@ async fn read_lines(
 async fn write_lines(write: OwnedWriteHalf, outbox: Rc<Outbox>) {
     let mut write = BufWriter::with_capacity(16 * 1024, write);
     loop {
+        if outbox.stopping.get() {
+            // Suspended for an upgrade: what is buffered goes out, the queue stays.
+            let _ = write.flush().await;
+            return;
+        }
         match outbox.pop() {
             Some(text) => {
                 let written = async {
