@@ -114,6 +114,8 @@ struct Outbox {
     wake: Notify,
     /// The writer is to stop at the next message boundary (an upgrade suspends the channel).
     stopping: Cell<bool>,
+    /// The writer is to stop at once (it did not reach a boundary in time).
+    halt: Notify,
 }
 
 impl Outbox {
@@ -274,9 +276,13 @@ impl Channels {
                 writer,
                 ..
             } = link;
-            let abort = writer.abort_handle();
-            if tokio::time::timeout_at(deadline, writer).await.is_err() {
-                abort.abort();
+            let mut writer = writer;
+            if tokio::time::timeout_at(deadline, &mut writer)
+                .await
+                .is_err()
+            {
+                outbox.halt.notify_one();
+                let _ = writer.await;
                 tracing::warn!("{label}: its channel was suspended in the middle of a message");
             }
             let outgoing = outbox.queue.take().iter().map(|t| t.to_string()).collect();
@@ -487,6 +493,19 @@ fn message_of(worker: WorkerId, label: &str, line: &[u8], outbox: &Outbox) -> Op
 /// Writes the queued messages to a worker, one line each.
 async fn write_lines(write: OwnedWriteHalf, outbox: Rc<Outbox>) {
     let mut write = BufWriter::with_capacity(16 * 1024, write);
+    tokio::select! {
+        () = write_queued(&mut write, &outbox) => {}
+        () = outbox.halt.notified() => {}
+    }
+    if outbox.stopping.get() {
+        // Suspended for an upgrade: the socket stays whole. Dropping the half would shut it
+        // down for writing, and the worker would see its channel end.
+        write.into_inner().forget();
+    }
+}
+
+/// Writes the queue until the channel fails or is suspended.
+async fn write_queued(write: &mut BufWriter<OwnedWriteHalf>, outbox: &Outbox) {
     loop {
         if outbox.stopping.get() {
             // Suspended for an upgrade: what is buffered goes out, the queue stays.
