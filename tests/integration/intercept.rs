@@ -90,13 +90,17 @@ intercept = true
     assert!(clusterd.stop().success());
 }
 
-/// The tutorial's `child.js`, byte for byte (CI has `../shared` beside the clone).
+/// The tutorial's `child.js`, byte for byte (CI has `../shared` beside the clone; a checkout
+/// elsewhere names the file with `CLUSTERD_TUTORIAL_CHILD_JS`).
 pub(crate) fn child_js() -> Option<Vec<u8>> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/mission-examples/child.js"
-    );
-    match std::fs::read(path) {
+    let path = std::env::var("CLUSTERD_TUTORIAL_CHILD_JS").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/mission-examples/child.js"
+        )
+        .to_owned()
+    });
+    match std::fs::read(&path) {
         Ok(bytes) => Some(bytes),
         Err(error) => {
             eprintln!("SKIPPED: {path} is not there ({error}): the tutorial's child.js is needed");
