@@ -564,3 +564,72 @@ pub mod pid_map {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    /// A hand-over as clusterd 0.1.0 wrote it (format 1), taken from a real upgrade of a
+    /// detached supervisor with an intercepted Node app with `drain` (steered sockets) and a
+    /// Node app with `ipc_broadcast`, metrics and log files (paths changed to /srv/app).
+    const GOLDEN: &str = include_str!("testdata/handover-format-1.json");
+
+    /// `value` with every number made 0: what remains is the format itself.
+    fn shape(value: Value) -> Value {
+        match value {
+            Value::Number(_) => Value::from(0),
+            Value::Array(items) => items.into_iter().map(shape).collect(),
+            Value::Object(map) => map.into_iter().map(|(k, v)| (k, shape(v))).collect(),
+            other => other,
+        }
+    }
+
+    #[test]
+    fn the_golden_hand_over_still_parses_and_is_written_in_the_same_format() {
+        let handover = Handover::decode(GOLDEN.as_bytes()).expect("the golden hand-over");
+        assert!(handover.detached);
+        assert_eq!(handover.core.workers.len(), 4);
+        assert_eq!(handover.driver.intercepts.len(), 2);
+        assert_eq!(handover.driver.channels.len(), 4);
+        assert_eq!(handover.driver.steering[0].members.len(), 2);
+        assert_eq!(handover.driver.counters.restarts["chat"], 1);
+        // Written again, it has the same fields: adding, removing or renaming one is a change
+        // of format, made on purpose (a new golden file, and FORMAT if older builds must
+        // refuse it).
+        let again = handover.encode(Instant::now()).expect("encode");
+        let again: Value = serde_json::from_slice(&again).expect("JSON");
+        let golden: Value = serde_json::from_str(GOLDEN).expect("JSON");
+        assert_eq!(shape(again), shape(golden));
+    }
+
+    #[test]
+    fn a_field_this_build_does_not_know_is_refused_wherever_it_is() {
+        let golden: Value = serde_json::from_str(GOLDEN).expect("JSON");
+        let places: [&[&str]; 5] = [
+            &[],
+            &["driver"],
+            &["core", "apps", "web"],
+            &["manifest", "supervisor"],
+            &["driver", "channels", "0"],
+        ];
+        for place in places {
+            let mut value = golden.clone();
+            let mut at = &mut value;
+            for key in place {
+                at = match key.parse::<usize>() {
+                    Ok(i) => &mut at[i],
+                    Err(_) => &mut at[*key],
+                };
+            }
+            at["from_the_future"] = Value::from(1);
+            let bytes = serde_json::to_vec(&value).expect("JSON");
+            let error = Handover::decode(&bytes).err();
+            assert!(
+                matches!(&error, Some(HandoverError::State { cause, .. })
+                    if cause.to_string().contains("from_the_future")),
+                "{place:?}: {error:?}"
+            );
+        }
+    }
+}
