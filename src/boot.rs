@@ -37,7 +37,11 @@ pub enum Start {
 }
 
 /// Boots a supervisor and runs it until it has stopped every worker.
-pub fn boot(start: Start) -> anyhow::Result<()> {
+pub fn boot(mut start: Start) -> anyhow::Result<()> {
+    // What `clusterd logs` showed comes first, before this image logs anything.
+    if let Start::Resumed(handover) = &mut start {
+        logs::hub().restore(handover.take_log_lines());
+    }
     // First, before anything else opens a file: sockets systemd passed to a new supervisor
     // (fds 3..). A resumed one finds its descriptors named in the hand-over instead.
     let inherited = match &start {

@@ -514,6 +514,7 @@ impl Driver {
             steering,
             channels,
             counters: self.metrics.counters(),
+            log_lines: logs::hub().handover(),
             started: self.started,
             upgrades: self.upgrades + 1,
             contained: self

@@ -119,6 +119,8 @@ pub(super) struct DriverState {
     pub channels: Vec<crate::ipc::Suspended>,
     /// The metrics' counters.
     pub counters: crate::metrics::Counters,
+    /// The lines `clusterd logs` shows.
+    pub log_lines: Vec<crate::logs::ring::Handed>,
 }
 
 /// A worker's output pipes (read ends).
@@ -252,6 +254,11 @@ impl Handover {
         });
         drop(anchor);
         handover
+    }
+
+    /// The lines `clusterd logs` showed, for the new clusterd's memory (taken out).
+    pub fn take_log_lines(&mut self) -> Vec<crate::logs::ring::Handed> {
+        std::mem::take(&mut self.driver.log_lines)
     }
 
     /// The pieces the driver needs back.

@@ -1326,6 +1326,7 @@ mod handover {
                 steering: Vec::new(),
                 channels: Vec::new(),
                 counters: Default::default(),
+                log_lines: Vec::new(),
             },
         );
         let deadline = handover.core.next_deadline();

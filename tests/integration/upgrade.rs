@@ -78,6 +78,14 @@ command = ["sh", "-c", "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.05; d
         file_lines(&events)
     );
 
+    // `clusterd logs` still shows what the first clusterd kept.
+    let logs_output = cli(&detached.manifest, &["logs", "clusterd", "-n", "1000"]);
+    let kept = String::from_utf8_lossy(&logs_output.stdout);
+    assert!(
+        kept.contains("web[0] started pid") && kept.contains("upgraded in place"),
+        "{logs_output:?}"
+    );
+
     // logrotate: move the files away, then SIGUSR1.
     std::fs::rename(&events, logs.join("clusterd.log.1")).expect("rotate");
     std::fs::rename(logs.join("tick.log"), logs.join("tick.log.1")).expect("rotate");
