@@ -11,7 +11,7 @@ use nix::unistd::Pid;
 
 use crate::intercept::{Load, child_js, free_port, restarts, start_run};
 use crate::logs::{Detached, cli, file_lines, start_detached};
-use crate::util::{Clusterd, alive, wait_until, whoami};
+use crate::util::{Clusterd, alive, clusterd_bin, wait_until, whoami, write_executable};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -266,4 +266,69 @@ fn a_node_app_with_ipc_is_upgraded_and_its_messages_still_flow() {
             clusterd.output()
         );
     }
+}
+
+/// The new binary's `handover-check` runs beside the loop, not in it: while it takes its
+/// time, clusterd answers status, and a killed worker is reaped and replaced. Then the
+/// upgrade goes on, with the replacement kept.
+#[test]
+fn while_the_new_binary_is_checked_clusterd_reaps_and_replaces_workers() {
+    let mut clusterd = Clusterd::start(
+        r#"
+[sockets.http]
+listen = "127.0.0.1:0"
+[apps.web]
+command = ["{hello}"]
+workers = 2
+sockets = ["http"]
+ready = "notify"
+"#,
+    );
+    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    let dir = clusterd.dir.path().to_owned();
+    // A binary whose check waits until the test says so.
+    let slow = dir.join("slow-clusterd");
+    write_executable(
+        &slow,
+        &format!(
+            "#!/bin/sh\nif [ \"$1\" = handover-check ]; then\n  touch {dir}/checking\n  \
+             while [ ! -e {dir}/go ]; do sleep 0.02; done\nfi\nexec {clusterd} \"$@\"\n",
+            dir = dir.display(),
+            clusterd = clusterd_bin().display()
+        ),
+    );
+    let upgrade = std::process::Command::new(clusterd_bin())
+        .args(["upgrade", "--binary"])
+        .arg(&slow)
+        .arg("-f")
+        .arg(&clusterd.manifest)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("clusterd upgrade");
+    assert!(wait_until(20 * SECOND, || dir.join("checking").exists()));
+
+    let (_, victim, _, _) = clusterd.serving("web")[0].clone();
+    kill(victim, Signal::SIGKILL).expect("kill a worker");
+    assert!(
+        wait_until(8 * SECOND, || {
+            let serving = clusterd.serving("web");
+            serving.len() == 2
+                && serving
+                    .iter()
+                    .all(|(_, pid, _, state)| *pid != victim && state == "ready")
+        }),
+        "the killed worker was not replaced during the check:\n{}",
+        clusterd.output()
+    );
+    assert!(dir.join("checking").exists() && !dir.join("go").exists());
+    let pids = worker_pids(&clusterd.status());
+
+    std::fs::write(dir.join("go"), "").expect("go");
+    let upgrade = upgrade.wait_with_output().expect("upgrade output");
+    assert!(upgrade.status.success(), "{upgrade:?}");
+    let after = clusterd.status();
+    assert_eq!(after["upgrades"], 1);
+    assert_eq!(worker_pids(&after), pids);
+    assert!(clusterd.stop().success());
 }
