@@ -533,6 +533,29 @@ pub mod opt_instant {
     }
 }
 
+/// A `VecDeque<Instant>`, each as [`instant`].
+pub mod instants {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+    use std::collections::VecDeque;
+
+    #[derive(Serialize, Deserialize)]
+    struct Wrapped(#[serde(with = "super::instant")] Instant);
+
+    /// Writes the instants.
+    pub fn serialize<S: Serializer>(at: &VecDeque<Instant>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(at.iter().copied().map(Wrapped))
+    }
+
+    /// Reads the instants.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<VecDeque<Instant>, D::Error> {
+        Ok(Vec::<Wrapped>::deserialize(d)?
+            .into_iter()
+            .map(|w| w.0)
+            .collect())
+    }
+}
+
 /// An `Option<Pid>` as a number or null.
 pub mod opt_pid {
     use super::*;
@@ -601,6 +624,15 @@ mod tests {
         assert_eq!(handover.driver.channels.len(), 4);
         assert_eq!(handover.driver.steering[0].members.len(), 2);
         assert_eq!(handover.driver.counters.restarts["chat"], 1);
+        // The restart_limit window of the slot whose worker was killed.
+        let chat = &handover.core.apps["chat"];
+        assert_eq!(
+            chat.slots
+                .iter()
+                .map(|s| s.recent_restarts.len())
+                .sum::<usize>(),
+            1
+        );
         // Written again, it has the same fields: adding, removing or renaming one is a change
         // of format, made on purpose (a new golden file, and FORMAT if older builds must
         // refuse it).

@@ -135,9 +135,8 @@ pub struct Slot {
     pub last_exit: Option<String>,
     /// Why its worker was last replaced: crash, killed, memory, watchdog, reload, operator...
     pub last_restart: Option<String>,
-    /// When its recent unexpected exits were replaced (for `restart_limit`; not carried
-    /// across an upgrade: the window starts again).
-    #[serde(skip)]
+    /// When its recent unexpected exits were replaced (for `restart_limit`).
+    #[serde(with = "super::handover::instants")]
     pub recent_restarts: VecDeque<Instant>,
 }
 
