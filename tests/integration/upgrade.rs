@@ -120,6 +120,47 @@ command = ["sh", "-c", "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.05; d
     assert!(!alive(pid));
 }
 
+/// A detached supervisor with no `log` set writes to its run directory's `clusterd.log`; the
+/// upgraded one still does (it knows it was started with `-d`), its workers' lines too.
+#[test]
+fn a_detached_supervisor_logs_to_its_run_directory_after_an_upgrade() {
+    let mut detached = Detached::new(
+        r#"
+[apps.tick]
+command = ["sh", "-c", "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.05; done"]
+"#,
+    );
+    let output = start_detached(&detached);
+    assert!(output.status.success(), "{output:?}");
+    let status = json(&cli(&detached.manifest, &["status", "--json"]));
+    let pid = Pid::from_raw(status["pid"].as_i64().expect("pid") as i32);
+    detached.pid = Some(pid);
+    let upgrade = cli(&detached.manifest, &["upgrade"]);
+    assert!(upgrade.status.success(), "{upgrade:?}");
+    let log = detached.dir.path().join(".clusterd/app/clusterd.log");
+    let upgraded = |lines: &[String]| {
+        lines
+            .iter()
+            .position(|l| l.contains("upgraded in place from clusterd"))
+    };
+    assert!(
+        wait_until(10 * SECOND, || {
+            let lines = file_lines(&log);
+            upgraded(&lines).is_some_and(|at| {
+                lines[at..]
+                    .iter()
+                    .filter(|l| l.contains("tick[0] tick"))
+                    .count()
+                    > 3
+            })
+        }),
+        "{:#?}",
+        file_lines(&log)
+    );
+    let output = cli(&detached.manifest, &["stop"]);
+    assert!(output.status.success(), "{output:?}");
+}
+
 /// Issue 17's "done when": `clusterd run --workers 2 --listen ADDR -- node child.js` under
 /// load, `clusterd upgrade` twice, then `kill -USR1`: same clusterd pid, same worker pids,
 /// no failed request, output goes on. Then a rolling reload proves the steering (each
