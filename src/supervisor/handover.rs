@@ -602,7 +602,11 @@ mod tests {
 
     /// A hand-over as clusterd 0.1.0 wrote it (format 1), taken from a real upgrade of a
     /// detached supervisor with an intercepted Node app with `drain` (steered sockets) and a
-    /// Node app with `ipc_broadcast`, metrics and log files (paths changed to /srv/app).
+    /// Node app with `ipc_broadcast`, metrics and log files (paths changed to /srv/app, its
+    /// `clusterd logs` lines cut to 12). To write a new one after a deliberate change of
+    /// format: `clusterd upgrade --binary WRAPPER`, where WRAPPER is a script that runs
+    /// `tee SAMPLE | clusterd handover-check` for `handover-check` and execs clusterd with its
+    /// arguments otherwise.
     const GOLDEN: &str = include_str!("testdata/handover-format-1.json");
 
     /// `value` with every number made 0: what remains is the format itself.
