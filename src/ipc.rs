@@ -33,7 +33,7 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc};
@@ -112,9 +112,11 @@ struct Outbox {
     bytes: Cell<usize>,
     dropped: Cell<u64>,
     wake: Notify,
-    /// The writer is to stop at the next message boundary (an upgrade suspends the channel).
+    /// Bytes taken from the queue and not yet written (whole messages, the first one maybe
+    /// begun): what an upgrade hands over before the queue.
+    sending: RefCell<Vec<u8>>,
+    /// An upgrade suspends the channel: the writer stops where it is.
     stopping: Cell<bool>,
-    /// The writer is to stop at once (it did not reach a boundary in time).
     halt: Notify,
 }
 
@@ -174,7 +176,10 @@ pub struct Suspended {
     pub label: String,
     /// The supervisor's end of the channel.
     pub fd: RawFd,
-    /// Messages queued for the worker, in order.
+    /// Bytes to write to the worker first, as they are (the unsent end of a message, and
+    /// whole messages).
+    pub sending: Vec<u8>,
+    /// Messages queued for the worker, in order, after `sending`.
     pub outgoing: Vec<String>,
     /// Messages dropped so far (its queue was full).
     pub dropped: u64,
@@ -249,23 +254,21 @@ impl Channels {
         Ok(())
     }
 
-    /// Stops serving every channel, for an upgrade: the readers at once (what they read and
-    /// did not hand over is kept), the writers once the message they are writing is out (or
-    /// after `timeout`, for a worker that does not read). Messages already read but not yet
-    /// taken by the loop go back before what their reader kept, to be read again.
-    /// [`Channels::resume`] serves them again, here (the exec failed) or in the new clusterd.
-    pub async fn suspend(&mut self, timeout: std::time::Duration) -> Vec<(Suspended, OwnedFd)> {
+    /// Stops serving every channel, for an upgrade, where each task is: what the readers read
+    /// and did not hand over, what the loop did not take yet, what the writers did not write
+    /// (down to the unsent end of a message) is kept. [`Channels::resume`] serves them again,
+    /// here (the exec failed) or in the new clusterd: nothing is lost or repeated.
+    pub async fn suspend(&mut self) -> Vec<(Suspended, OwnedFd)> {
         for link in self.links.values() {
             link.reader.abort();
             link.outbox.stopping.set(true);
-            link.outbox.wake.notify_one();
+            link.outbox.halt.notify_one();
         }
         let mut taken: HashMap<WorkerId, Vec<String>> = HashMap::new();
         while let Ok(message) = self.rx.try_recv() {
             let lines = taken.entry(message.worker).or_default();
             lines.push(message.text.to_string());
         }
-        let deadline = tokio::time::Instant::now() + timeout;
         let mut suspended = Vec::new();
         for (worker, link) in self.links.drain() {
             let Link {
@@ -276,22 +279,18 @@ impl Channels {
                 writer,
                 ..
             } = link;
-            let mut writer = writer;
-            if tokio::time::timeout_at(deadline, &mut writer)
-                .await
-                .is_err()
-            {
-                outbox.halt.notify_one();
-                let _ = writer.await;
-                tracing::warn!("{label}: its channel was suspended in the middle of a message");
-            }
+            // It stops at its next poll (the halt is already notified).
+            let _ = writer.await;
             let outgoing = outbox.queue.take().iter().map(|t| t.to_string()).collect();
-            let mut incoming: Vec<String> = unread.lines.take().into();
-            incoming.extend(taken.remove(&worker).unwrap_or_default());
+            // The loop's channel holds this worker's oldest messages: the reader hands back
+            // messages in order.
+            let mut incoming = taken.remove(&worker).unwrap_or_default();
+            incoming.extend(unread.lines.take());
             let state = Suspended {
                 worker,
                 label,
                 fd: std::os::fd::AsRawFd::as_raw_fd(&kept),
+                sending: outbox.sending.take(),
                 outgoing,
                 dropped: outbox.dropped.get(),
                 incoming,
@@ -312,6 +311,7 @@ impl Channels {
                 worker: *worker,
                 label: link.label.clone(),
                 fd: std::os::fd::AsRawFd::as_raw_fd(&link.kept),
+                sending: link.outbox.sending.borrow().clone(),
                 outgoing: link
                     .outbox
                     .queue
@@ -330,6 +330,7 @@ impl Channels {
     /// Serves a suspended channel again (`fd` is its descriptor, owned from now on).
     pub fn resume(&mut self, state: Suspended, fd: OwnedFd) -> io::Result<()> {
         let outbox = Rc::new(Outbox::default());
+        *outbox.sending.borrow_mut() = state.sending;
         for text in state.outgoing {
             outbox.push(Arc::from(text));
         }
@@ -492,44 +493,47 @@ fn message_of(worker: WorkerId, label: &str, line: &[u8], outbox: &Outbox) -> Op
 
 /// Writes the queued messages to a worker, one line each.
 async fn write_lines(write: OwnedWriteHalf, outbox: Rc<Outbox>) {
-    let mut write = BufWriter::with_capacity(16 * 1024, write);
     tokio::select! {
-        () = write_queued(&mut write, &outbox) => {}
+        () = write_queued(&write, &outbox) => {}
         () = outbox.halt.notified() => {}
     }
     if outbox.stopping.get() {
         // Suspended for an upgrade: the socket stays whole. Dropping the half would shut it
         // down for writing, and the worker would see its channel end.
-        write.into_inner().forget();
+        write.forget();
     }
 }
 
-/// Writes the queue until the channel fails or is suspended.
-async fn write_queued(write: &mut BufWriter<OwnedWriteHalf>, outbox: &Outbox) {
+/// The most bytes of whole messages taken from the queue for one write.
+const BATCH: usize = 16 * 1024;
+
+/// Writes the queue until the channel fails. Between its waits, [`Outbox::sending`] holds
+/// exactly what was taken from the queue and not yet written, so it can stop at any of them.
+async fn write_queued(write: &OwnedWriteHalf, outbox: &Outbox) {
     loop {
-        if outbox.stopping.get() {
-            // Suspended for an upgrade: what is buffered goes out, the queue stays.
-            let _ = write.flush().await;
+        let idle = {
+            // What the loop delivered in the same turn goes out in one write.
+            let mut sending = outbox.sending.borrow_mut();
+            while sending.len() < BATCH
+                && let Some(text) = outbox.pop()
+            {
+                sending.extend_from_slice(text.as_bytes());
+                sending.push(b'\n');
+            }
+            sending.is_empty()
+        };
+        if idle {
+            outbox.wake.notified().await;
+            continue;
+        }
+        if write.writable().await.is_err() {
             return;
         }
-        match outbox.pop() {
-            Some(text) => {
-                let written = async {
-                    write.write_all(text.as_bytes()).await?;
-                    write.write_all(b"\n").await
-                };
-                if written.await.is_err() {
-                    return;
-                }
-            }
-            None if !write.buffer().is_empty() => {
-                // What the loop delivers in the same turn goes out in one write.
-                tokio::task::yield_now().await;
-                if outbox.queue.borrow().is_empty() && write.flush().await.is_err() {
-                    return;
-                }
-            }
-            None => outbox.wake.notified().await,
+        let mut sending = outbox.sending.borrow_mut();
+        match write.try_write(&sending) {
+            Ok(n) => drop(sending.drain(..n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
         }
     }
 }
@@ -564,6 +568,72 @@ mod tests {
         );
         assert_eq!(classify(b"{not json"), Line::Malformed);
         assert_eq!(classify(b""), Line::Malformed);
+    }
+
+    /// A channel suspended mid-traffic (the worker not reading, half a message from it read)
+    /// and served again from its JSON, as an upgrade does: every message arrives once, whole,
+    /// in order, both ways.
+    #[test]
+    fn a_suspended_channel_loses_and_repeats_nothing() {
+        use std::io::{BufRead, Write};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async {
+            let (mine, theirs) = pair().expect("pair");
+            let mut theirs = StdUnixStream::from(theirs);
+            let worker = WorkerId(7);
+            let mut channels = Channels::default();
+            channels.watch(worker, "w[0]".into(), mine).expect("watch");
+            theirs
+                .write_all(b"{\"n\":1}\n{\"n\":2}\n{\"n\":")
+                .expect("write");
+            // More than the socket holds: the writer is stopped in the middle of something.
+            let sent: Vec<String> = (0..200)
+                .map(|i| format!("{{\"out\":{i},\"pad\":\"{}\"}}", "x".repeat(1000 + i)))
+                .collect();
+            for text in &sent {
+                assert!(channels.send(worker, Arc::from(text.as_str())));
+            }
+            let first = channels.recv().await.expect("a message");
+            assert_eq!(&*first.text, r#"{"n":1}"#);
+            // Let the writer fill the socket and the reader read on.
+            for _ in 0..50 {
+                tokio::task::yield_now().await;
+            }
+
+            let mut suspended = channels.suspend().await;
+            assert_eq!(suspended.len(), 1);
+            let (state, fd) = suspended.pop().expect("one");
+            let json = serde_json::to_string(&state).expect("encode");
+            let state: Suspended = serde_json::from_str(&json).expect("decode");
+            assert!(
+                !state.outgoing.is_empty(),
+                "the socket took everything: {json}"
+            );
+            channels.resume(state, fd).expect("resume");
+
+            theirs.write_all(b"3}\n").expect("write");
+            let second = channels.recv().await.expect("a message");
+            let third = channels.recv().await.expect("a message");
+            assert_eq!(&*second.text, r#"{"n":2}"#);
+            assert_eq!(&*third.text, r#"{"n":3}"#);
+            let reader = std::thread::spawn(move || {
+                let mut lines = std::io::BufReader::new(theirs).lines();
+                (0..200)
+                    .map(|_| lines.next().expect("a line").expect("read"))
+                    .collect::<Vec<String>>()
+            });
+            while !reader.is_finished() {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            assert!(
+                reader.join().expect("reader") == sent,
+                "lost, cut or repeated"
+            );
+        });
     }
 
     #[test]

@@ -427,8 +427,8 @@ impl Driver {
             // Until the connection's task has written it (it ends with the final reply).
             let _ = tokio::time::timeout(Duration::from_secs(1), reply.closed()).await;
         }
-        // The message channels stop at a message boundary; what they hold crosses too.
-        let channels = self.channels.suspend(Duration::from_secs(1)).await;
+        // The message channels stop where they are; what they hold crosses too.
+        let channels = self.channels.suspend().await;
         let states = channels.iter().map(|(state, _)| state.clone()).collect();
         let (handover, mut all) = self.handover(std::mem::take(core), parts, states);
         let encoded = handover.encode(Instant::now());
