@@ -373,3 +373,53 @@ ready = "notify"
     assert_eq!(worker_pids(&after), pids);
     assert!(clusterd.stop().success());
 }
+
+/// A new binary whose check never answers: after 10 s the upgrade is refused, the checker
+/// killed (and reaped: no zombie), and nothing changed.
+#[test]
+fn a_check_that_never_answers_is_given_up_after_ten_seconds() {
+    let mut clusterd = Clusterd::start(
+        r#"
+[apps.web]
+command = ["sleep", "1000"]
+"#,
+    );
+    clusterd.wait_for_lines("ready after", 1, 20 * SECOND);
+    let before = worker_pids(&clusterd.status());
+    let dir = clusterd.dir.path().to_owned();
+    let stuck = dir.join("stuck-clusterd");
+    write_executable(
+        &stuck,
+        &format!(
+            "#!/bin/sh\nif [ \"$1\" = handover-check ]; then echo $$ > {dir}/checker; exec sleep 1000; fi\n\
+             exec {clusterd} \"$@\"\n",
+            dir = dir.display(),
+            clusterd = clusterd_bin().display()
+        ),
+    );
+    let started = std::time::Instant::now();
+    let upgrade = clusterd.ctl(&["upgrade", "--binary", &stuck.display().to_string()]);
+    let stderr = String::from_utf8_lossy(&upgrade.stderr).into_owned();
+    assert!(!upgrade.status.success(), "{upgrade:?}");
+    assert!(
+        stderr.contains("did not finish within 10s") && stderr.contains("nothing changed"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() >= 10 * SECOND);
+    let checker: i32 = std::fs::read_to_string(dir.join("checker"))
+        .expect("the checker ran")
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert!(
+        wait_until(10 * SECOND, || !std::path::Path::new(&format!(
+            "/proc/{checker}"
+        ))
+        .exists()),
+        "the checker was not killed and reaped"
+    );
+    let after = clusterd.status();
+    assert_eq!(after["upgrades"], 0);
+    assert_eq!(worker_pids(&after), before);
+    assert!(clusterd.stop().success());
+}
