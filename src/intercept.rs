@@ -59,6 +59,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use clusterd_manifest::Listen;
 use tokio::io::unix::AsyncFd;
@@ -473,9 +474,44 @@ fn matches(bind: &BindAddr, held: &Listen, cwd: Option<&Path>) -> bool {
 
 /// The interception tasks of all workers, and the channel they report `listen()`s on.
 pub struct Intercepts {
-    tasks: HashMap<WorkerId, AbortHandle>,
+    tasks: HashMap<WorkerId, Watched>,
     listening_tx: UnboundedSender<WorkerId>,
     listening_rx: UnboundedReceiver<WorkerId>,
+}
+
+/// One worker's interception: what its task uses, kept for an upgrade's hand-over.
+struct Watched {
+    label: String,
+    fd: Rc<AsyncFd<OwnedFd>>,
+    held: Rc<[Held]>,
+    task: AbortHandle,
+}
+
+/// A worker's interception as it crosses an upgrade's exec (the descriptors stay open: the
+/// new clusterd answers the calls trapped meanwhile).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Handed {
+    /// The worker.
+    pub worker: WorkerId,
+    /// Its label, `app[slot]`.
+    pub label: String,
+    /// Its seccomp notification fd.
+    pub notify: RawFd,
+    /// The sockets its binds are answered with.
+    pub held: Vec<HandedHeld>,
+}
+
+/// One held socket of [`Handed`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandedHeld {
+    /// Its name in the manifest.
+    pub name: String,
+    /// Its address.
+    pub listen: Listen,
+    /// The socket.
+    pub fd: RawFd,
 }
 
 impl Default for Intercepts {
@@ -503,17 +539,53 @@ impl Intercepts {
         let fd =
             unsafe { AsyncFd::register_with_interest(notify_fd, tokio::io::Interest::READABLE) }
                 .map_err(io::Error::from)?;
+        let (fd, held) = (Rc::new(fd), Rc::<[Held]>::from(held));
         let tx = self.listening_tx.clone();
-        let task = tokio::task::spawn_local(serve(worker, label, fd, held, tx));
-        self.tasks.insert(worker, task.abort_handle());
+        let task = tokio::task::spawn_local(serve(
+            worker,
+            label.clone(),
+            Rc::clone(&fd),
+            Rc::clone(&held),
+            tx,
+        ));
+        let task = task.abort_handle();
+        let watched = Watched {
+            label,
+            fd,
+            held,
+            task,
+        };
+        self.tasks.insert(worker, watched);
         Ok(())
+    }
+
+    /// What an upgrade hands over: every worker's descriptors, which stay open here (and are
+    /// served on if the exec fails).
+    pub fn handover(&self) -> Vec<Handed> {
+        self.tasks
+            .iter()
+            .map(|(worker, watched)| Handed {
+                worker: *worker,
+                label: watched.label.clone(),
+                notify: watched.fd.get_ref().as_raw_fd(),
+                held: watched
+                    .held
+                    .iter()
+                    .map(|held| HandedHeld {
+                        name: held.name.clone(),
+                        listen: held.listen.clone(),
+                        fd: held.fd.as_raw_fd(),
+                    })
+                    .collect(),
+            })
+            .collect()
     }
 
     /// The worker's record is gone: stop its task (dropping the notification fd makes any call
     /// still trapped fail with `ENOSYS`; by now its processes are gone).
     pub fn forget(&mut self, worker: WorkerId) {
-        if let Some(task) = self.tasks.remove(&worker) {
-            task.abort();
+        if let Some(watched) = self.tasks.remove(&worker) {
+            watched.task.abort();
         }
     }
 
@@ -527,8 +599,8 @@ impl Intercepts {
 async fn serve(
     worker: WorkerId,
     label: String,
-    fd: AsyncFd<OwnedFd>,
-    held: Vec<Held>,
+    fd: Rc<AsyncFd<OwnedFd>>,
+    held: Rc<[Held]>,
     listening: UnboundedSender<WorkerId>,
 ) {
     loop {

@@ -28,16 +28,16 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc};
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::supervisor::WorkerId;
 
@@ -112,6 +112,12 @@ struct Outbox {
     bytes: Cell<usize>,
     dropped: Cell<u64>,
     wake: Notify,
+    /// Bytes taken from the queue and not yet written (whole messages, the first one maybe
+    /// begun): what an upgrade hands over before the queue.
+    sending: RefCell<Vec<u8>>,
+    /// An upgrade suspends the channel: the writer stops where it is.
+    stopping: Cell<bool>,
+    halt: Notify,
 }
 
 impl Outbox {
@@ -136,8 +142,53 @@ impl Outbox {
 }
 
 struct Link {
+    label: String,
+    /// A duplicate of the supervisor's end, handed over by an upgrade.
+    kept: OwnedFd,
     outbox: Rc<Outbox>,
-    tasks: [AbortHandle; 2],
+    /// What the reader has read and not yet handed to the loop.
+    unread: Rc<Unread>,
+    reader: AbortHandle,
+    writer: JoinHandle<()>,
+}
+
+/// Bytes read from a worker and not yet handed to the loop: the start of a line, or lines
+/// waiting for room in the loop's channel. A line leaves it only once the loop has it, so
+/// stopping the reader at any of its waits loses nothing.
+#[derive(Default)]
+struct Unread {
+    /// Whole messages to hand to the loop before `bytes` (taken back from the loop's
+    /// channel when an upgrade suspended it).
+    lines: RefCell<VecDeque<String>>,
+    bytes: RefCell<Vec<u8>>,
+    /// Skipping the rest of a line over [`MAX_MESSAGE`].
+    skipping: Cell<bool>,
+}
+
+/// A worker's channel as it crosses an upgrade's exec: the descriptor, what was queued for
+/// the worker and what was read from it but not yet handled.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Suspended {
+    /// The worker.
+    pub worker: WorkerId,
+    /// Its label, `app[slot]`.
+    pub label: String,
+    /// The supervisor's end of the channel.
+    pub fd: RawFd,
+    /// Bytes to write to the worker first, as they are (the unsent end of a message, and
+    /// whole messages).
+    pub sending: Vec<u8>,
+    /// Messages queued for the worker, in order, after `sending`.
+    pub outgoing: Vec<String>,
+    /// Messages dropped so far (its queue was full).
+    pub dropped: u64,
+    /// Messages read from the worker, not yet handled by the supervisor (before `unread`).
+    pub incoming: Vec<String>,
+    /// Bytes read from the worker and not yet handled (the start of its next lines).
+    pub unread: Vec<u8>,
+    /// The reader was skipping the rest of a line over [`MAX_MESSAGE`].
+    pub skipping: bool,
 }
 
 /// Every worker's channel: the tasks, the outgoing queues, and the messages for the loop.
@@ -166,25 +217,136 @@ impl Channels {
         label: String,
         stream: StdUnixStream,
     ) -> io::Result<()> {
+        self.serve(worker, label, stream, Rc::default(), Rc::default())
+    }
+
+    fn serve(
+        &mut self,
+        worker: WorkerId,
+        label: String,
+        stream: StdUnixStream,
+        outbox: Rc<Outbox>,
+        unread: Rc<Unread>,
+    ) -> io::Result<()> {
         stream.set_nonblocking(true)?;
+        let kept = OwnedFd::from(stream.try_clone()?);
         let (read, write) = UnixStream::from_std(stream)?.into_split();
-        let outbox = Rc::new(Outbox::default());
         let reader = tokio::task::spawn_local(read_lines(
             worker,
-            label,
+            label.clone(),
             read,
             Rc::clone(&outbox),
+            Rc::clone(&unread),
             self.tx.clone(),
         ));
         let writer = tokio::task::spawn_local(write_lines(write, Rc::clone(&outbox)));
         self.links.insert(
             worker,
             Link {
+                label,
+                kept,
                 outbox,
-                tasks: [reader.abort_handle(), writer.abort_handle()],
+                unread,
+                reader: reader.abort_handle(),
+                writer,
             },
         );
         Ok(())
+    }
+
+    /// Stops serving every channel, for an upgrade, where each task is: what the readers read
+    /// and did not hand over, what the loop did not take yet, what the writers did not write
+    /// (down to the unsent end of a message) is kept. [`Channels::resume`] serves them again,
+    /// here (the exec failed) or in the new clusterd: nothing is lost or repeated.
+    pub async fn suspend(&mut self) -> Vec<(Suspended, OwnedFd)> {
+        for link in self.links.values() {
+            link.reader.abort();
+            link.outbox.stopping.set(true);
+            link.outbox.halt.notify_one();
+        }
+        let mut taken: HashMap<WorkerId, Vec<String>> = HashMap::new();
+        while let Ok(message) = self.rx.try_recv() {
+            let lines = taken.entry(message.worker).or_default();
+            lines.push(message.text.to_string());
+        }
+        let mut suspended = Vec::new();
+        for (worker, link) in self.links.drain() {
+            let Link {
+                label,
+                kept,
+                outbox,
+                unread,
+                writer,
+                ..
+            } = link;
+            // It stops at its next poll (the halt is already notified).
+            let _ = writer.await;
+            let outgoing = outbox.queue.take().iter().map(|t| t.to_string()).collect();
+            // The loop's channel holds this worker's oldest messages: the reader hands back
+            // messages in order.
+            let mut incoming = taken.remove(&worker).unwrap_or_default();
+            incoming.extend(unread.lines.take());
+            let state = Suspended {
+                worker,
+                label,
+                fd: std::os::fd::AsRawFd::as_raw_fd(&kept),
+                sending: outbox.sending.take(),
+                outgoing,
+                dropped: outbox.dropped.get(),
+                incoming,
+                unread: unread.bytes.take(),
+                skipping: unread.skipping.get(),
+            };
+            suspended.push((state, kept));
+        }
+        suspended
+    }
+
+    /// The channels as [`Channels::suspend`] would hand them over, without stopping anything
+    /// (what `handover-check` reads).
+    pub fn peek(&self) -> Vec<Suspended> {
+        self.links
+            .iter()
+            .map(|(worker, link)| Suspended {
+                worker: *worker,
+                label: link.label.clone(),
+                fd: std::os::fd::AsRawFd::as_raw_fd(&link.kept),
+                sending: link.outbox.sending.borrow().clone(),
+                outgoing: link
+                    .outbox
+                    .queue
+                    .borrow()
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect(),
+                dropped: link.outbox.dropped.get(),
+                incoming: link.unread.lines.borrow().iter().cloned().collect(),
+                unread: link.unread.bytes.borrow().clone(),
+                skipping: link.unread.skipping.get(),
+            })
+            .collect()
+    }
+
+    /// Serves a suspended channel again (`fd` is its descriptor, owned from now on).
+    pub fn resume(&mut self, state: Suspended, fd: OwnedFd) -> io::Result<()> {
+        let outbox = Rc::new(Outbox::default());
+        *outbox.sending.borrow_mut() = state.sending;
+        for text in state.outgoing {
+            outbox.push(Arc::from(text));
+        }
+        outbox.dropped.set(state.dropped);
+        let unread = Rc::new(Unread {
+            lines: RefCell::new(state.incoming.into()),
+            bytes: RefCell::new(state.unread),
+            skipping: Cell::new(state.skipping),
+        });
+        self.serve(
+            state.worker,
+            state.label,
+            StdUnixStream::from(fd),
+            outbox,
+            unread,
+        )
     }
 
     /// Queues a message for a worker. False when it was dropped: its queue is full, or it
@@ -205,9 +367,8 @@ impl Channels {
     /// Closes a worker's channel (its `disconnect`), if it has one.
     pub fn close(&mut self, worker: WorkerId) {
         if let Some(link) = self.links.remove(&worker) {
-            for task in link.tasks {
-                task.abort();
-            }
+            link.reader.abort();
+            link.writer.abort();
         }
     }
 
@@ -223,102 +384,156 @@ async fn read_lines(
     label: String,
     mut read: OwnedReadHalf,
     outbox: Rc<Outbox>,
+    unread: Rc<Unread>,
     tx: mpsc::Sender<Message>,
 ) {
-    let mut chunk = vec![0u8; 16 * 1024];
-    let mut line: Vec<u8> = Vec::new();
-    let mut skipping = false;
-    let mut refused = 0u64;
+    // Messages handed back by an upgrade first, each leaving the queue once the loop has it.
     loop {
+        let Some(text) = unread.lines.borrow().front().cloned() else {
+            break;
+        };
+        let ready = classify(text.as_bytes()) == (Line::Message { ready: true });
+        let message = Message {
+            worker,
+            text: Arc::from(text),
+            ready,
+        };
+        if tx.send(message).await.is_err() {
+            return;
+        }
+        unread.lines.borrow_mut().pop_front();
+    }
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut refused = 0u64;
+    let mut refuse = || {
+        refused += 1;
+        let message =
+            format!("{label}: a message over {MAX_MESSAGE} bytes was refused ({refused} so far)");
+        // One warning per worker; a worker that keeps doing it does not flood the log.
+        if refused == 1 {
+            tracing::warn!("{message}");
+        } else {
+            tracing::debug!("{message}");
+        }
+    };
+    loop {
+        // Every complete line first (after an upgrade, some may be waiting already).
+        loop {
+            let line = {
+                let bytes = unread.bytes.borrow();
+                let Some(end) = bytes.iter().position(|b| *b == b'\n') else {
+                    break;
+                };
+                if unread.skipping.get() {
+                    None
+                } else if end > MAX_MESSAGE {
+                    refuse();
+                    None
+                } else {
+                    Some(bytes[..end].to_vec())
+                }
+            };
+            if let Some(line) = line
+                && let Some(message) = message_of(worker, &label, &line, &outbox)
+                && tx.send(message).await.is_err()
+            {
+                return;
+            }
+            // Only now that the loop has it does the line leave `unread`.
+            let mut bytes = unread.bytes.borrow_mut();
+            let end = bytes.iter().position(|b| *b == b'\n').unwrap_or(0);
+            bytes.drain(..=end);
+            unread.skipping.set(false);
+        }
+        {
+            let mut bytes = unread.bytes.borrow_mut();
+            if !unread.skipping.get() && bytes.len() > MAX_MESSAGE {
+                refuse();
+                unread.skipping.set(true);
+            }
+            if unread.skipping.get() {
+                bytes.clear();
+            }
+            // A buffer grown by a big message is not kept.
+            if bytes.is_empty() && bytes.capacity() > 4 * chunk.len() {
+                *bytes = Vec::new();
+            }
+        }
         let n = match read.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        let mut rest = &chunk[..n];
-        while !rest.is_empty() {
-            let end = rest.iter().position(|b| *b == b'\n');
-            let part = &rest[..end.unwrap_or(rest.len())];
-            rest = end.map_or(&[][..], |at| &rest[at + 1..]);
-            if !skipping && line.len() + part.len() > MAX_MESSAGE {
-                refused += 1;
-                let message = format!(
-                    "{label}: a message over {MAX_MESSAGE} bytes was refused ({refused} so far)"
-                );
-                // One warning per worker; a worker that keeps doing it does not flood the log.
-                if refused == 1 {
-                    tracing::warn!("{message}");
-                } else {
-                    tracing::debug!("{message}");
-                }
-                line = Vec::new();
-                skipping = true;
-            }
-            if !skipping {
-                line.extend_from_slice(part);
-            }
-            if end.is_none() {
-                break;
-            }
-            if skipping {
-                skipping = false;
-                continue;
-            }
-            let taken = std::mem::take(&mut line);
-            match classify(&taken) {
-                Line::Malformed if taken.trim_ascii().is_empty() => {}
-                Line::Malformed => tracing::debug!("{label}: dropped a line that is not JSON"),
-                Line::Internal { handle: true } => {
-                    outbox.push(Arc::from(HANDLE_ACK));
-                    tracing::debug!("{label}: a passed handle was discarded");
-                }
-                Line::Internal { handle: false } => {}
-                Line::Message { ready } => {
-                    // Valid JSON is valid UTF-8; an exact-size copy is what waits in the queue.
-                    let Ok(text) = std::str::from_utf8(&taken) else {
-                        continue;
-                    };
-                    let message = Message {
-                        worker,
-                        text: Arc::from(text),
-                        ready,
-                    };
-                    if tx.send(message).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            // A line buffer grown by a big message is not kept.
-            line = taken;
-            line.clear();
-            if line.capacity() > 4096 {
-                line = Vec::new();
-            }
+        unread.bytes.borrow_mut().extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// What one line (without its newline) is for the loop, if anything: Node's internal
+/// messages are answered or ignored here, and what is not JSON is dropped.
+fn message_of(worker: WorkerId, label: &str, line: &[u8], outbox: &Outbox) -> Option<Message> {
+    match classify(line) {
+        Line::Malformed if line.trim_ascii().is_empty() => None,
+        Line::Malformed => {
+            tracing::debug!("{label}: dropped a line that is not JSON");
+            None
         }
+        Line::Internal { handle: true } => {
+            outbox.push(Arc::from(HANDLE_ACK));
+            tracing::debug!("{label}: a passed handle was discarded");
+            None
+        }
+        Line::Internal { handle: false } => None,
+        // Valid JSON is valid UTF-8; an exact-size copy is what waits in the queue.
+        Line::Message { ready } => Some(Message {
+            worker,
+            text: Arc::from(std::str::from_utf8(line).ok()?),
+            ready,
+        }),
     }
 }
 
 /// Writes the queued messages to a worker, one line each.
 async fn write_lines(write: OwnedWriteHalf, outbox: Rc<Outbox>) {
-    let mut write = BufWriter::with_capacity(16 * 1024, write);
+    tokio::select! {
+        () = write_queued(&write, &outbox) => {}
+        () = outbox.halt.notified() => {}
+    }
+    if outbox.stopping.get() {
+        // Suspended for an upgrade: the socket stays whole. Dropping the half would shut it
+        // down for writing, and the worker would see its channel end.
+        write.forget();
+    }
+}
+
+/// The most bytes of whole messages taken from the queue for one write.
+const BATCH: usize = 16 * 1024;
+
+/// Writes the queue until the channel fails. Between its waits, [`Outbox::sending`] holds
+/// exactly what was taken from the queue and not yet written, so it can stop at any of them.
+async fn write_queued(write: &OwnedWriteHalf, outbox: &Outbox) {
     loop {
-        match outbox.pop() {
-            Some(text) => {
-                let written = async {
-                    write.write_all(text.as_bytes()).await?;
-                    write.write_all(b"\n").await
-                };
-                if written.await.is_err() {
-                    return;
-                }
+        let idle = {
+            // What the loop delivered in the same turn goes out in one write.
+            let mut sending = outbox.sending.borrow_mut();
+            while sending.len() < BATCH
+                && let Some(text) = outbox.pop()
+            {
+                sending.extend_from_slice(text.as_bytes());
+                sending.push(b'\n');
             }
-            None if !write.buffer().is_empty() => {
-                // What the loop delivers in the same turn goes out in one write.
-                tokio::task::yield_now().await;
-                if outbox.queue.borrow().is_empty() && write.flush().await.is_err() {
-                    return;
-                }
-            }
-            None => outbox.wake.notified().await,
+            sending.is_empty()
+        };
+        if idle {
+            outbox.wake.notified().await;
+            continue;
+        }
+        if write.writable().await.is_err() {
+            return;
+        }
+        let mut sending = outbox.sending.borrow_mut();
+        match write.try_write(&sending) {
+            Ok(n) => drop(sending.drain(..n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
         }
     }
 }
@@ -353,6 +568,72 @@ mod tests {
         );
         assert_eq!(classify(b"{not json"), Line::Malformed);
         assert_eq!(classify(b""), Line::Malformed);
+    }
+
+    /// A channel suspended mid-traffic (the worker not reading, half a message from it read)
+    /// and served again from its JSON, as an upgrade does: every message arrives once, whole,
+    /// in order, both ways.
+    #[test]
+    fn a_suspended_channel_loses_and_repeats_nothing() {
+        use std::io::{BufRead, Write};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async {
+            let (mine, theirs) = pair().expect("pair");
+            let mut theirs = StdUnixStream::from(theirs);
+            let worker = WorkerId(7);
+            let mut channels = Channels::default();
+            channels.watch(worker, "w[0]".into(), mine).expect("watch");
+            theirs
+                .write_all(b"{\"n\":1}\n{\"n\":2}\n{\"n\":")
+                .expect("write");
+            // More than the socket holds: the writer is stopped in the middle of something.
+            let sent: Vec<String> = (0..200)
+                .map(|i| format!("{{\"out\":{i},\"pad\":\"{}\"}}", "x".repeat(1000 + i)))
+                .collect();
+            for text in &sent {
+                assert!(channels.send(worker, Arc::from(text.as_str())));
+            }
+            let first = channels.recv().await.expect("a message");
+            assert_eq!(&*first.text, r#"{"n":1}"#);
+            // Let the writer fill the socket and the reader read on.
+            for _ in 0..50 {
+                tokio::task::yield_now().await;
+            }
+
+            let mut suspended = channels.suspend().await;
+            assert_eq!(suspended.len(), 1);
+            let (state, fd) = suspended.pop().expect("one");
+            let json = serde_json::to_string(&state).expect("encode");
+            let state: Suspended = serde_json::from_str(&json).expect("decode");
+            assert!(
+                !state.outgoing.is_empty(),
+                "the socket took everything: {json}"
+            );
+            channels.resume(state, fd).expect("resume");
+
+            theirs.write_all(b"3}\n").expect("write");
+            let second = channels.recv().await.expect("a message");
+            let third = channels.recv().await.expect("a message");
+            assert_eq!(&*second.text, r#"{"n":2}"#);
+            assert_eq!(&*third.text, r#"{"n":3}"#);
+            let reader = std::thread::spawn(move || {
+                let mut lines = std::io::BufReader::new(theirs).lines();
+                (0..200)
+                    .map(|_| lines.next().expect("a line").expect("read"))
+                    .collect::<Vec<String>>()
+            });
+            while !reader.is_finished() {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            assert!(
+                reader.join().expect("reader") == sent,
+                "lost, cut or repeated"
+            );
+        });
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! Exit codes: 0 success, 1 runtime error, 2 invalid manifest or usage.
 
+mod boot;
 mod containment;
 mod control;
 mod intercept;
@@ -32,13 +33,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use clusterd_manifest::Manifest;
 
-use crate::containment::Containment;
 use crate::control::client::{self, LogsTarget, Target};
 use crate::control::render;
-use crate::control::server::ControlServer;
-use crate::notify::NotifySocket;
-use crate::rundir::{PidFile, RunDir};
-use crate::sockets::Sockets;
 use clusterd_proto::{ReloadResult, Reply, Request};
 
 /// A process supervisor: N workers sharing listening sockets, crash restart with backoff,
@@ -235,7 +231,7 @@ fn main() -> ExitCode {
             detached,
             ..
         } => start(&manifest, run_dir.as_deref(), detached),
-        Command::HandoverResume { fd } => report(resume_supervisor(fd)),
+        Command::HandoverResume { fd } => report(resume(fd)),
         Command::HandoverCheck => match supervisor::check_handover(io::stdin().lock()) {
             Ok(line) => match print_out(format_args!("{line}\n")) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -594,7 +590,11 @@ fn run_manifest(manifest: Manifest, run_dir: Option<&Path>, detached: bool) -> E
         eprintln!("clusterd: {problem}");
         return ExitCode::FAILURE;
     }
-    report(run_supervisor(manifest, run_dir, detached))
+    report(boot::boot(boot::Start::Fresh {
+        manifest: Box::new(manifest),
+        run_dir: run_dir.map(Path::to_path_buf),
+        detached,
+    }))
 }
 
 /// For a manifest with an intercepted app: whether this kernel can trap `bind`/`listen`.
@@ -658,104 +658,6 @@ fn missing_programs(manifest: &Manifest) -> Vec<String> {
             )
         })
         .collect()
-}
-
-fn run_supervisor(
-    manifest: Manifest,
-    run_dir: Option<&Path>,
-    detached: bool,
-) -> anyhow::Result<()> {
-    // First, before anything else opens a file: sockets systemd passed to us (fds 3..).
-    let inherited = sockets::take_inherited()?;
-    // clusterd's own manager, if it has one (systemd's NOTIFY_SOCKET): taken once, here.
-    let manager = manager::Manager::from_env(std::time::Instant::now())?;
-    // A supervisor holds a few descriptors per worker: use all the hard limit allows.
-    match spawn::raise_nofile_limit() {
-        Ok((before, after)) => tracing::debug!("descriptor limit raised from {before} to {after}"),
-        Err(e) => tracing::debug!("cannot raise the descriptor limit: {e}"),
-    }
-    // Orphaned grandchildren are re-parented to us, so the reaper collects them too.
-    nix::sys::prctl::set_child_subreaper(true).context("cannot become a child subreaper")?;
-
-    let run_dir = RunDir::for_manifest(&manifest, run_dir);
-    run_dir
-        .create()
-        .with_context(|| format!("cannot create run directory {}", run_dir.path.display()))?;
-    // Where output goes; a detached supervisor writes to its run directory by default.
-    let detached_log = detached.then(|| run_dir.path.join("clusterd.log"));
-    let app_logs: Vec<(&str, &clusterd_manifest::LogConfig)> = manifest
-        .apps
-        .iter()
-        .map(|(name, app)| (name.as_str(), &app.log))
-        .collect();
-    logs::configure(&manifest.supervisor.log, &app_logs, detached_log.as_deref())?;
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the event loop")?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, async {
-        // SIGUSR1 (reopen the log files) would kill us until it is handled.
-        logs::listen_for_reopen().context("cannot handle SIGUSR1")?;
-        // The control socket first: a second `start` of a running manifest fails here, before
-        // it could disturb anything.
-        let control = ControlServer::bind(&run_dir.control_socket())?;
-        // Now that no other clusterd runs this run directory: kill what a previous run that
-        // was itself killed left behind, before it can hold a port we are about to bind.
-        let containment = Containment::detect(&containment::key_for(&run_dir.path));
-        tracing::info!("containment: {}", containment.describe());
-        match containment.sweep_leftovers() {
-            Ok(killed) if killed.is_empty() => {}
-            Ok(killed) => tracing::warn!(
-                "killed {} processes left by a previous run: {}",
-                killed.len(),
-                killed.join(", ")
-            ),
-            Err(e) => tracing::warn!("cannot sweep a previous run's processes: {e}"),
-        }
-        let steered = steering::steered(&manifest);
-        if !steered.is_empty() && !steering::enable_migration() {
-            tracing::warn!(
-                "cannot set net.ipv4.tcp_migrate_req: a worker that dies with connections queued on its own socket loses them"
-            );
-        }
-        let sockets = Sockets::bind_all(&manifest.sockets, inherited, &steered)?;
-        let notify = NotifySocket::bind(&run_dir.notify_socket())
-            .with_context(|| format!("cannot bind {}", run_dir.notify_socket().display()))?;
-        let metrics = match &manifest.metrics {
-            Some(config) => Some(
-                metrics::MetricsServer::bind(config.listen)
-                    .await
-                    .with_context(|| format!("metrics: cannot listen on {}", config.listen))?,
-            ),
-            None => None,
-        };
-        let pid_file = PidFile::write(run_dir.pid_file())?;
-        tracing::info!(
-            "clusterd pid {} running {}; control socket {}",
-            std::process::id(),
-            manifest.path.display(),
-            run_dir.control_socket().display()
-        );
-        let result = supervisor::run(
-            manifest,
-            sockets,
-            notify,
-            control,
-            metrics,
-            containment,
-            manager,
-            None,
-        )
-        .await;
-        drop(pid_file);
-        let dropped = output::dropped_lines();
-        if dropped > 0 {
-            tracing::warn!("{dropped} lines of output were dropped: stdout or stderr was not read");
-        }
-        result
-    })
 }
 
 fn notify_command(assignments: &[String]) -> anyhow::Result<()> {
@@ -823,55 +725,8 @@ fn upgrade_command(binary: Option<PathBuf>, target: &Target) -> anyhow::Result<(
 /// pid handed over and runs its workers on. A state it cannot read starts nothing: clusterd
 /// exits non-zero (and the workers, its children, follow through `PR_SET_PDEATHSIG`) rather
 /// than starting a second set of workers beside them.
-fn resume_supervisor(fd: i32) -> anyhow::Result<()> {
+fn resume(fd: i32) -> anyhow::Result<()> {
     let handover = supervisor::read_handover(fd)
         .context("cannot take over from the previous clusterd; starting no worker")?;
-    nix::sys::prctl::set_child_subreaper(true).context("cannot become a child subreaper")?;
-    if let Some((soft, hard)) = handover.nofile {
-        spawn::set_worker_nofile(soft, hard);
-    }
-    let manager = manager::Manager::from_env(std::time::Instant::now())?;
-    let run_dir = RunDir {
-        path: handover.run_dir.clone(),
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the event loop")?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, async {
-        let adopt = |fd| supervisor::adopt_fd(fd).context("an inherited descriptor");
-        let control = ControlServer::adopt(adopt(handover.control.fd)?, &handover.control.path)?;
-        let notify = NotifySocket::adopt(adopt(handover.notify.fd)?, &handover.notify.path)?;
-        let metrics = match handover.metrics {
-            Some(fd) => Some(metrics::MetricsServer::adopt(adopt(fd)?)?),
-            None => None,
-        };
-        let mut sockets = Vec::new();
-        for s in &handover.sockets {
-            sockets.push((
-                s.name.clone(),
-                adopt(s.fd)?,
-                s.address.clone(),
-                s.unix_path.clone(),
-            ));
-        }
-        let sockets = Sockets::from_parts(sockets);
-        let containment = Containment::detect(&containment::key_for(&run_dir.path));
-        let pid_file = PidFile::write(run_dir.pid_file())?;
-        let manifest = handover.manifest.clone();
-        let result = supervisor::run(
-            manifest,
-            sockets,
-            notify,
-            control,
-            metrics,
-            containment,
-            manager,
-            Some(handover),
-        )
-        .await;
-        drop(pid_file);
-        result
-    })
+    boot::boot(boot::Start::Resumed(Box::new(handover)))
 }

@@ -28,6 +28,12 @@ struct AppLabel {
     app: String,
 }
 
+fn app_label(app: &str) -> AppLabel {
+    AppLabel {
+        app: app.to_owned(),
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AppState {
     app: String,
@@ -61,6 +67,25 @@ pub struct Metrics {
     output_dropped: Gauge,
     ipc_messages: Family<AppLabel, Counter>,
     ipc_dropped: Counter,
+    /// The counters' values, as an upgrade hands them over.
+    counted: std::cell::RefCell<Counters>,
+}
+
+/// The counters' values, carried across `clusterd upgrade` so that they never go back (the
+/// time-to-ready histogram starts again).
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Counters {
+    /// `worker_restarts` by app.
+    pub restarts: std::collections::BTreeMap<String, u64>,
+    /// `reloads` by app: completed, aborted.
+    pub reloads: std::collections::BTreeMap<String, (u64, u64)>,
+    /// `ipc_messages` by app.
+    pub messages: std::collections::BTreeMap<String, u64>,
+    /// `ipc_messages_dropped`.
+    pub messages_dropped: u64,
+    /// `loop_wakeups`.
+    pub wakeups: u64,
 }
 
 impl Default for Metrics {
@@ -150,13 +175,53 @@ impl Default for Metrics {
             time_to_ready,
             uptime,
             rss,
+            counted: Default::default(),
         }
     }
 }
 
 impl Metrics {
+    /// The counters' values, for an upgrade.
+    pub fn counters(&self) -> Counters {
+        Counters {
+            messages_dropped: self.ipc_dropped.get(),
+            wakeups: self.wakeups.get(),
+            ..self.counted.borrow().clone()
+        }
+    }
+
+    /// Counts on from the values a previous clusterd handed over.
+    pub fn restore(&self, counters: Counters) {
+        for (app, n) in &counters.restarts {
+            self.restarts.get_or_create(&app_label(app)).inc_by(*n);
+        }
+        for (app, (completed, aborted)) in &counters.reloads {
+            for (outcome, n) in [("completed", *completed), ("aborted", *aborted)] {
+                let label = AppOutcome {
+                    app: app.clone(),
+                    outcome: outcome.into(),
+                };
+                if n > 0 {
+                    self.reloads.get_or_create(&label).inc_by(n);
+                }
+            }
+        }
+        for (app, n) in &counters.messages {
+            self.ipc_messages.get_or_create(&app_label(app)).inc_by(*n);
+        }
+        self.ipc_dropped.inc_by(counters.messages_dropped);
+        self.wakeups.inc_by(counters.wakeups);
+        *self.counted.borrow_mut() = counters;
+    }
+
     /// A worker of `app` sent a message on its channel.
     pub fn record_message(&self, app: &str) {
+        *self
+            .counted
+            .borrow_mut()
+            .messages
+            .entry(app.to_owned())
+            .or_default() += 1;
         self.ipc_messages
             .get_or_create(&AppLabel {
                 app: app.to_owned(),
@@ -176,6 +241,12 @@ impl Metrics {
 
     /// A worker of `app` was replaced after an unexpected exit.
     pub fn record_restart(&self, app: &str) {
+        *self
+            .counted
+            .borrow_mut()
+            .restarts
+            .entry(app.to_owned())
+            .or_default() += 1;
         self.restarts
             .get_or_create(&AppLabel {
                 app: app.to_owned(),
@@ -186,6 +257,10 @@ impl Metrics {
     /// A rollout of `app` ended.
     pub fn record_reload(&self, app: &str, completed: bool) {
         let outcome = if completed { "completed" } else { "aborted" };
+        let mut counted = self.counted.borrow_mut();
+        let (done, aborted) = counted.reloads.entry(app.to_owned()).or_default();
+        *if completed { done } else { aborted } += 1;
+        drop(counted);
         self.reloads
             .get_or_create(&AppOutcome {
                 app: app.to_owned(),

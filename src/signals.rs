@@ -36,7 +36,7 @@ pub enum SupervisorSignal {
 }
 
 /// Every signal clusterd handles (and SIGCHLD, the reaper's).
-const HANDLED: [Signal; 8] = [
+const HANDLED: [Signal; 9] = [
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGUSR2,
@@ -44,6 +44,7 @@ const HANDLED: [Signal; 8] = [
     Signal::SIGTTIN,
     Signal::SIGTTOU,
     Signal::SIGURG,
+    Signal::SIGUSR1,
     Signal::SIGCHLD,
 ];
 

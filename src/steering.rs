@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use clusterd_manifest::{Listen, Manifest, SocketConfig};
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -112,6 +112,53 @@ impl Steering {
                 tracing::error!("socket {name}: cannot steer connections: {error}");
             }
         }
+    }
+}
+
+/// One steered socket's per-worker sockets as they cross an upgrade's exec, in the kernel's
+/// order (the program attached to the group stays with the sockets).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandedGroup {
+    /// The socket's name.
+    pub name: String,
+    /// Its members: worker, socket, serving.
+    pub members: Vec<(WorkerId, RawFd, bool)>,
+}
+
+impl Steering {
+    /// What an upgrade hands over (the sockets stay open here).
+    pub fn handover(&self) -> Vec<HandedGroup> {
+        self.groups
+            .iter()
+            .map(|(name, group)| HandedGroup {
+                name: name.clone(),
+                members: group
+                    .members
+                    .iter()
+                    .map(|m| (m.worker, m.fd.as_raw_fd(), m.serving))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Takes over a group handed over by an upgrade (`fds`: its members' sockets, adopted, in
+    /// its order) and attaches its program again, as it was.
+    pub fn resume(&mut self, group: HandedGroup, fds: Vec<OwnedFd>) -> io::Result<()> {
+        let members = group
+            .members
+            .into_iter()
+            .zip(fds)
+            .map(|((worker, _, serving), fd)| Member {
+                worker,
+                fd,
+                serving,
+            })
+            .collect();
+        let group_state = Group { members };
+        group_state.attach()?;
+        self.groups.insert(group.name, group_state);
+        Ok(())
     }
 }
 

@@ -66,6 +66,24 @@ impl Source {
         })
     }
 
+    /// The source of a line a previous clusterd handed over.
+    pub fn restored(
+        app: String,
+        slot: Option<usize>,
+        generation: Option<u64>,
+        pid: Option<u32>,
+    ) -> Arc<Self> {
+        if app == EVENTS && slot.is_none() {
+            return Source::events();
+        }
+        Arc::new(Source {
+            app,
+            slot,
+            generation,
+            pid: AtomicU32::new(pid.unwrap_or(0)),
+        })
+    }
+
     /// clusterd's events.
     pub fn events() -> Arc<Self> {
         static EVENTS_SOURCE: OnceLock<Arc<Source>> = OnceLock::new();

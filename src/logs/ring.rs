@@ -28,6 +28,28 @@ pub struct Record {
     pub message: Box<[u8]>,
 }
 
+/// A kept line as it crosses an upgrade's exec.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Handed {
+    /// Its [`Record::seq`].
+    pub seq: u64,
+    /// When it was read.
+    pub time: SystemTime,
+    /// The app, or `clusterd`.
+    pub app: String,
+    /// The worker's slot.
+    pub slot: Option<usize>,
+    /// The worker's generation.
+    pub generation: Option<u64>,
+    /// The worker's pid.
+    pub pid: Option<u32>,
+    /// Which stream.
+    pub stream: LogStream,
+    /// The line (bytes that are not UTF-8 come across replaced).
+    pub message: String,
+}
+
 /// Which lines a reader wants.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
@@ -145,6 +167,53 @@ impl Hub {
             queue: sender,
         });
         (lines, receiver)
+    }
+
+    /// Every kept line, oldest first, for an upgrade.
+    pub fn handover(&self) -> Vec<Handed> {
+        let state = self.state();
+        let mut lines: Vec<Handed> = state
+            .rings
+            .values()
+            .flat_map(|ring| ring.lines.iter())
+            .map(|r| Handed {
+                seq: r.seq,
+                time: r.time,
+                app: r.source.app.clone(),
+                slot: r.source.slot,
+                generation: r.source.generation,
+                pid: r.source.pid(),
+                stream: r.stream,
+                message: String::from_utf8_lossy(&r.message).into_owned(),
+            })
+            .collect();
+        lines.sort_by_key(|l| l.seq);
+        lines
+    }
+
+    /// Keeps the lines a previous clusterd handed over (before any line of this one).
+    pub fn restore(&self, lines: Vec<Handed>) {
+        let mut state = self.state();
+        for line in lines {
+            let source = Source::restored(line.app, line.slot, line.generation, line.pid);
+            state.seq = state.seq.max(line.seq);
+            let record = Arc::new(Record {
+                seq: line.seq,
+                time: line.time,
+                source,
+                stream: line.stream,
+                message: line.message.into_bytes().into(),
+            });
+            let ring = state.rings.entry(record.source.app.clone()).or_default();
+            ring.bytes += record.message.len();
+            ring.lines.push_back(record);
+            while ring.lines.len() > self.bounds.lines
+                || (ring.bytes > self.bounds.bytes && ring.lines.len() > 1)
+            {
+                let old = ring.lines.pop_front().expect("not empty");
+                ring.bytes -= old.message.len();
+            }
+        }
     }
 
     /// The apps of the (re-read) manifest.

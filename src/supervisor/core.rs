@@ -55,6 +55,7 @@ pub enum Role {
 /// All the supervisor's state. It crosses `clusterd upgrade` serialized (see `handover`),
 /// except what belongs to this process's connections: `reload --wait` clients.
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Core {
     /// The apps, by name.
     pub(super) apps: BTreeMap<String, App>,

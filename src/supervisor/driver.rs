@@ -47,30 +47,50 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 /// SIGTERM and SIGKILL.
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 
+/// What a booted supervisor runs with (see `crate::boot`).
+pub struct Parts {
+    /// The manifest in effect.
+    pub manifest: Manifest,
+    /// The listening sockets.
+    pub sockets: Sockets,
+    /// The notify socket.
+    pub notify: NotifySocket,
+    /// The control socket.
+    pub control: ControlServer,
+    /// The metrics listener.
+    pub metrics: Option<MetricsServer>,
+    /// What holds the workers.
+    pub containment: Containment,
+    /// The background process of `start --detach` (handed over as is).
+    pub detached: bool,
+    /// The state a previous clusterd of this pid handed over: then the workers are its own
+    /// children already.
+    pub resumed: Option<Box<Handover>>,
+}
+
 /// Runs the supervisor until a shutdown has stopped every worker.
 ///
 /// The caller has bound the sockets, the notify socket and the control socket (or adopted
-/// them from `resumed`, the state a previous clusterd of this pid handed over: then the
-/// workers are its own children already); signals are handled here. Returns when every
-/// worker has exited.
-#[allow(clippy::too_many_arguments)]
-pub async fn run(
-    manifest: Manifest,
-    sockets: Sockets,
-    notify: NotifySocket,
-    mut control: ControlServer,
-    mut metrics_server: Option<MetricsServer>,
-    containment: Containment,
-    manager: Option<Manager>,
-    resumed: Option<Handover>,
-) -> anyhow::Result<()> {
+/// them from the hand-over); signals are handled here. Returns when every worker has exited.
+pub async fn run(parts: Parts, manager: Option<Manager>) -> anyhow::Result<()> {
+    let Parts {
+        manifest,
+        sockets,
+        notify,
+        mut control,
+        metrics: mut metrics_server,
+        containment,
+        detached,
+        resumed,
+    } = parts;
     // Install the SIGCHLD listener and the other signal handlers before the first fork.
     let mut reaper = Reaper::new()?;
     let mut signals = Signals::new()?;
     let mut driver = Driver::new(manifest, sockets, notify.path().to_path_buf(), containment)?;
     driver.manager = manager;
+    driver.detached = detached;
     let mut core = match resumed {
-        Some(handover) => driver.resume(handover)?,
+        Some(handover) => driver.resume(*handover)?,
         None => Core::new(&driver.manifest, Instant::now()),
     };
     let first = core.tick(Instant::now());
@@ -85,6 +105,7 @@ pub async fn run(
             .next_deadline()
             .into_iter()
             .chain(driver.manager.as_ref().and_then(Manager::watchdog_due))
+            .chain(driver.checking.as_ref().map(|c| c.check.deadline))
             .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
@@ -114,16 +135,20 @@ pub async fn run(
                 let actions = core.tick(Instant::now());
                 driver.perform(&mut core, actions);
                 driver.check_lingering(&mut core);
+                driver.check_overdue(Instant::now());
             }
         }
         driver.tell_manager(&core);
+        let parts = Handed {
+            notify: &notify,
+            control: &control,
+            metrics: metrics_server.as_ref(),
+        };
         if let Some(request) = driver.pending_upgrade.take() {
-            let parts = Handed {
-                notify: &notify,
-                control: &control,
-                metrics: metrics_server.as_ref(),
-            };
-            driver.upgrade(&mut core, request, parts).await;
+            driver.start_upgrade(&mut core, request, &parts);
+        }
+        if let Some((check, status)) = driver.checked.take() {
+            driver.upgrade(&mut core, check, status, &parts).await;
         }
     }
     driver.sockets.remove_files();
@@ -136,6 +161,12 @@ pub async fn run(
     let _ = tokio::time::timeout(OUTPUT_DRAIN, drained).await;
     tracing::info!("all workers stopped; exiting");
     Ok(())
+}
+
+/// An upgrade whose new binary is being checked (`handover-check` runs).
+struct Checking {
+    request: UpgradeRequest,
+    check: handover::Check,
 }
 
 /// An upgrade asked for by a client (and where its answer goes) or by SIGURG.
@@ -200,8 +231,14 @@ struct Driver {
     upgraded_at: Option<Instant>,
     /// An upgrade to carry out once the current event is handled.
     pending_upgrade: Option<UpgradeRequest>,
+    /// The upgrade whose binary is being checked, while the loop goes on.
+    checking: Option<Checking>,
+    /// Its check has exited (reaped by the reaper): the upgrade goes on after this event.
+    checked: Option<(Checking, reaper::ExitStatus)>,
     /// Workers' message channels (`ipc`).
     channels: Channels,
+    /// The background process of `start --detach`.
+    detached: bool,
 }
 
 impl Driver {
@@ -243,7 +280,10 @@ impl Driver {
             upgrades: 0,
             upgraded_at: None,
             pending_upgrade: None,
+            checking: None,
+            checked: None,
             channels: Channels::default(),
+            detached: false,
         })
     }
 
@@ -279,6 +319,29 @@ impl Driver {
             output::resume(out(LogStream::Stderr), stderr, &mut self.output_tasks)?;
             self.outputs.insert(output.worker, kept);
         }
+        for handed in state.intercepts {
+            let notify = handover::adopt(handed.notify)?;
+            let mut held = Vec::new();
+            for h in handed.held {
+                held.push(intercept::Held::new(
+                    &h.name,
+                    &h.listen,
+                    handover::adopt(h.fd)?,
+                )?);
+            }
+            self.intercepts
+                .watch(handed.worker, handed.label, notify, held)?;
+        }
+        for group in state.steering {
+            let fds = group.members.iter().map(|(_, fd, _)| handover::adopt(*fd));
+            let fds = fds.collect::<std::io::Result<Vec<_>>>()?;
+            self.steering.resume(group, fds)?;
+        }
+        for channel in state.channels {
+            let fd = handover::adopt(channel.fd)?;
+            self.channels.resume(channel, fd)?;
+        }
+        self.metrics.restore(state.counters);
         crate::signals::block_handled(false)?;
         tracing::info!(
             "upgraded in place from clusterd {from} to {}: {} workers kept",
@@ -288,62 +351,68 @@ impl Driver {
         Ok(core)
     }
 
-    /// `clusterd upgrade` / SIGURG: checks that `binary` can read this clusterd's state and,
-    /// if it can, execs it with the state and the descriptors (see `handover`). On any
-    /// failure nothing changes, and the client hears why.
-    async fn upgrade(&mut self, core: &mut Core, request: UpgradeRequest, parts: Handed<'_>) {
-        let refuse = |message: String| {
-            tracing::error!("upgrade refused: {message}");
-            if let Some(reply) = &request.reply {
-                let _ = reply.send(Reply::Error {
-                    kind: ErrorKind::BadRequest,
-                    message,
-                });
-            }
-        };
-        // What interception and message channels hold (each worker's seccomp listener, its
-        // own listening sockets when steered, clusterd's end of its channel) does not cross
-        // the exec yet: refuse rather than lose it.
-        let held = core.apps.iter().find_map(|(name, app)| {
-            let config = app.latest();
-            if config.intercept {
-                Some(format!("app {name} is intercepted (intercept = true)"))
-            } else if config.ipc {
-                Some(format!(
-                    "app {name} has message channels (ipc; set ipc = false if unused)"
-                ))
-            } else {
-                None
-            }
-        });
-        if let Some(why) = held {
-            refuse(format!(
-                "{why}: what clusterd holds for its workers cannot be handed over yet; restart \
-                 clusterd instead"
-            ));
-            return;
+    /// `clusterd upgrade` / SIGURG: starts `handover-check` on the binary with this
+    /// clusterd's state; the loop goes on while it runs ([`Driver::upgrade`] follows once the
+    /// reaper has seen it exit). On any failure nothing changes, and the client hears why.
+    fn start_upgrade(&mut self, core: &mut Core, request: UpgradeRequest, parts: &Handed<'_>) {
+        if self.checking.is_some() || self.checked.is_some() {
+            return refuse(&request, "an upgrade is under way already".into());
         }
         if core.shutting_down() {
-            return refuse("clusterd is shutting down".into());
+            return refuse(&request, "clusterd is shutting down".into());
         }
         let Some(binary) = request
             .binary
             .clone()
             .or_else(|| self.exe.clone().map(PathBuf::from))
         else {
-            return refuse("cannot tell which binary clusterd runs: give --binary".into());
+            return refuse(
+                &request,
+                "cannot tell which binary clusterd runs: give --binary".into(),
+            );
         };
-        let (handover, fds) = self.handover(std::mem::take(core), &parts);
+        // What the check reads: this very state, as it is now.
+        let (handover, _) = self.handover(std::mem::take(core), parts, self.channels.peek());
         let encoded = handover.encode(Instant::now());
         *core = handover.into_state().0;
-        let state = match encoded.and_then(|bytes| handover::memfd(&bytes)) {
-            Ok(state) => state,
-            Err(error) => return refuse(error.to_string()),
-        };
-        let line = match handover::check_binary(&binary, &state) {
+        let check = encoded
+            .and_then(|bytes| handover::memfd(&bytes))
+            .and_then(|state| handover::start_check(&binary, &state));
+        match check {
+            Ok(check) => self.checking = Some(Checking { request, check }),
+            Err(error) => refuse(&request, error.to_string()),
+        }
+    }
+
+    /// A `handover-check` that did not answer in time is killed, and the upgrade refused.
+    fn check_overdue(&mut self, now: Instant) {
+        if self
+            .checking
+            .as_ref()
+            .is_some_and(|c| now >= c.check.deadline)
+            && let Some(Checking { request, check }) = self.checking.take()
+        {
+            refuse(&request, check.give_up().to_string());
+        }
+    }
+
+    /// The check has exited with `status`: if it can take over, execs the binary with the
+    /// state and the descriptors (see `handover`). On any failure nothing changes.
+    async fn upgrade(
+        &mut self,
+        core: &mut Core,
+        Checking { request, check }: Checking,
+        status: reaper::ExitStatus,
+        parts: &Handed<'_>,
+    ) {
+        let binary = check.binary.clone();
+        let line = match check.finish(status) {
             Ok(line) => line,
-            Err(error) => return refuse(error.to_string()),
+            Err(error) => return refuse(&request, error.to_string()),
         };
+        if core.shutting_down() {
+            return refuse(&request, "clusterd is shutting down".into());
+        }
         let version = handover::field(&line, "version").unwrap_or("?").to_owned();
         tracing::info!(
             "upgrade: {} (clusterd {version}) can read the state; replacing clusterd {} pid {}",
@@ -358,18 +427,34 @@ impl Driver {
             // Until the connection's task has written it (it ends with the final reply).
             let _ = tokio::time::timeout(Duration::from_secs(1), reply.closed()).await;
         }
-        output::flush(Duration::from_secs(1));
-        let mut all = fds;
-        all.push(state.as_raw_fd());
-        let error = match handover::set_inherit(&all, true)
-            .and_then(|()| crate::signals::block_handled(true))
-        {
-            Ok(()) => handover::exec(&binary, &state),
-            Err(error) => error,
+        // The message channels stop where they are; what they hold crosses too.
+        let channels = self.channels.suspend().await;
+        let states = channels.iter().map(|(state, _)| state.clone()).collect();
+        let (handover, mut all) = self.handover(std::mem::take(core), parts, states);
+        let encoded = handover.encode(Instant::now());
+        *core = handover.into_state().0;
+        let error = match encoded.and_then(|bytes| handover::memfd(&bytes)) {
+            Err(error) => std::io::Error::other(error.to_string()),
+            Ok(state) => {
+                output::flush(Duration::from_secs(1));
+                all.push(state.as_raw_fd());
+                let error = match handover::set_inherit(&all, true)
+                    .and_then(|()| crate::signals::block_handled(true))
+                {
+                    Ok(()) => handover::exec(&binary, &state),
+                    Err(error) => error,
+                };
+                // Still here: the exec failed. Undo, and go on as before.
+                let _ = crate::signals::block_handled(false);
+                let _ = handover::set_inherit(&all, false);
+                error
+            }
         };
-        // Still here: the exec failed. Undo, and go on as before.
-        let _ = crate::signals::block_handled(false);
-        let _ = handover::set_inherit(&all, false);
+        for (state, fd) in channels {
+            if let Err(error) = self.channels.resume(state, fd) {
+                tracing::error!("upgrade: cannot serve a message channel again: {error}");
+            }
+        }
         tracing::error!(
             "upgrade: cannot exec {}: {error}; nothing changed",
             binary.display()
@@ -377,7 +462,12 @@ impl Driver {
     }
 
     /// The hand-over of everything (taking `core`), and the descriptors it names.
-    fn handover(&self, core: Core, parts: &Handed<'_>) -> (Handover, Vec<std::os::fd::RawFd>) {
+    fn handover(
+        &self,
+        core: Core,
+        parts: &Handed<'_>,
+        channels: Vec<ipc::Suspended>,
+    ) -> (Handover, Vec<std::os::fd::RawFd>) {
         let mut fds = Vec::new();
         let sockets: Vec<handover::HandedSocket> = self
             .sockets
@@ -409,7 +499,22 @@ impl Driver {
                 }
             })
             .collect();
+        let intercepts = self.intercepts.handover();
+        for handed in &intercepts {
+            fds.push(handed.notify);
+            fds.extend(handed.held.iter().map(|h| h.fd));
+        }
+        let steering = self.steering.handover();
+        for group in &steering {
+            fds.extend(group.members.iter().map(|(_, fd, _)| *fd));
+        }
+        fds.extend(channels.iter().map(|c| c.fd));
         let driver = handover::DriverState {
+            intercepts,
+            steering,
+            channels,
+            counters: self.metrics.counters(),
+            log_lines: logs::hub().handover(),
             started: self.started,
             upgrades: self.upgrades + 1,
             contained: self
@@ -438,6 +543,7 @@ impl Driver {
                 path: self.notify_path.clone(),
             },
             metrics,
+            self.detached,
             driver,
         );
         (handover, fds)
@@ -585,6 +691,16 @@ impl Driver {
 
     fn on_exits(&mut self, core: &mut Core, exits: Vec<Exit>) {
         for exit in exits {
+            // The upgrade's `handover-check`: its answer, not a worker's exit.
+            if self
+                .checking
+                .as_ref()
+                .is_some_and(|c| c.check.pid == exit.pid)
+                && let Some(checking) = self.checking.take()
+            {
+                self.checked = Some((checking, exit.status));
+                continue;
+            }
             let group_empty = core
                 .worker_by_pid(exit.pid)
                 .is_none_or(|id| self.containment.is_empty(self.key(id), exit.pid));
@@ -954,6 +1070,17 @@ fn sender_worker(core: &Core, sender: Pid) -> Option<WorkerId> {
         }
     }
     None
+}
+
+/// Refuses an upgrade: says why in the log and to the client that asked.
+fn refuse(request: &UpgradeRequest, message: String) {
+    tracing::error!("upgrade refused: {message}");
+    if let Some(reply) = &request.reply {
+        let _ = reply.send(Reply::Error {
+            kind: ErrorKind::BadRequest,
+            message,
+        });
+    }
 }
 
 /// At exit, with every worker gone: what escaped its worker's containment and was re-parented

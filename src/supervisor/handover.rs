@@ -40,8 +40,11 @@ pub const CHECK_OK: &str = "clusterd-handover-ok";
 /// How long the new binary's `handover-check` may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Everything a clusterd hands to the next one.
+/// Everything a clusterd hands to the next one. Every type in it refuses fields it does not
+/// know (`deny_unknown_fields`): an older binary refuses a newer state instead of dropping
+/// part of it, and `handover-check` says so before anything changes.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Handover {
     /// [`FORMAT`] of the writer.
     pub format: u32,
@@ -65,12 +68,15 @@ pub struct Handover {
     pub metrics: Option<RawFd>,
     /// The soft and hard `RLIMIT_NOFILE` clusterd was first started with (workers get it).
     pub nofile: Option<(u64, u64)>,
+    /// The background process of `start --detach` (its logs default to the run directory).
+    pub detached: bool,
     /// What the driver keeps for itself.
     pub(super) driver: DriverState,
 }
 
 /// One listening socket.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HandedSocket {
     /// `[sockets.NAME]`.
     pub name: String,
@@ -84,6 +90,7 @@ pub struct HandedSocket {
 
 /// A unix socket with its path.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HandedPath {
     /// Its descriptor.
     pub fd: RawFd,
@@ -93,6 +100,7 @@ pub struct HandedPath {
 
 /// The driver's own bookkeeping.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct DriverState {
     /// When the first clusterd of this pid started.
     #[serde(with = "instant")]
@@ -103,10 +111,21 @@ pub(super) struct DriverState {
     pub contained: Vec<(WorkerId, String)>,
     /// The read ends of the workers' output pipes.
     pub outputs: Vec<HandedOutput>,
+    /// Intercepted workers' seccomp listeners and the sockets their binds get.
+    pub intercepts: Vec<crate::intercept::Handed>,
+    /// The per-worker sockets of steered sockets, in the kernel's order.
+    pub steering: Vec<crate::steering::HandedGroup>,
+    /// Workers' message channels, with what was queued either way.
+    pub channels: Vec<crate::ipc::Suspended>,
+    /// The metrics' counters.
+    pub counters: crate::metrics::Counters,
+    /// The lines `clusterd logs` shows.
+    pub log_lines: Vec<crate::logs::ring::Handed>,
 }
 
 /// A worker's output pipes (read ends).
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct HandedOutput {
     /// The worker.
     pub worker: WorkerId,
@@ -188,6 +207,7 @@ impl Handover {
         control: HandedPath,
         notify: HandedPath,
         metrics: Option<RawFd>,
+        detached: bool,
         driver: DriverState,
     ) -> Self {
         Handover {
@@ -202,6 +222,7 @@ impl Handover {
             notify,
             metrics,
             nofile: crate::spawn::worker_nofile(),
+            detached,
             driver,
         }
     }
@@ -233,6 +254,11 @@ impl Handover {
         });
         drop(anchor);
         handover
+    }
+
+    /// The lines `clusterd logs` showed, for the new clusterd's memory (taken out).
+    pub fn take_log_lines(&mut self) -> Vec<crate::logs::ring::Handed> {
+        std::mem::take(&mut self.driver.log_lines)
     }
 
     /// The pieces the driver needs back.
@@ -282,9 +308,22 @@ pub fn read_fd(fd: RawFd) -> Result<Handover, HandoverError> {
     Handover::decode(&bytes)
 }
 
-/// Runs `binary handover-check` on the state in `state` and says whether it can take over:
-/// `Ok` with its check line, or why not.
-pub(super) fn check_binary(binary: &Path, state: &std::fs::File) -> Result<String, HandoverError> {
+/// `handover-check` running on a new binary. The loop goes on meanwhile: the reaper reports
+/// its exit like any child's ([`Check::pid`]), and [`Check::finish`] reads its answer.
+pub(super) struct Check {
+    /// The binary.
+    pub binary: PathBuf,
+    /// The checker's pid.
+    pub pid: Pid,
+    /// When it is given up.
+    pub deadline: Instant,
+    stdout: std::process::ChildStdout,
+    stderr: std::process::ChildStderr,
+}
+
+/// Starts `binary handover-check` on the state in `state`; [`Check::finish`] says whether it
+/// can take over.
+pub(super) fn start_check(binary: &Path, state: &std::fs::File) -> Result<Check, HandoverError> {
     let refuse = |why: String| HandoverError::Refused {
         binary: binary.to_path_buf(),
         why,
@@ -297,57 +336,80 @@ pub(super) fn check_binary(binary: &Path, state: &std::fs::File) -> Result<Strin
         return Err(refuse("not executable".into()));
     }
     let input = state.try_clone().map_err(io_error("dup"))?;
-    let mut child = std::process::Command::new(binary)
+    // Never waited for through `Child`: the reaper, the one owner of `waitpid`, reaps it.
+    let child = std::process::Command::new(binary)
         .arg("handover-check")
         .stdin(input)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| refuse(format!("cannot run it: {e}")))?;
-    // Bounded: the loop waits here (clusterd's own child, reaped here by pid, before the
-    // reaper can see it: the reaper only runs between events).
-    let deadline = Instant::now() + CHECK_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(refuse(format!(
-                    "`handover-check` did not finish within {CHECK_TIMEOUT:?}"
-                )));
-            }
-        }
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    let (Some(stdout), Some(stderr)) = (child.stdout, child.stderr) else {
+        return Err(refuse("cannot read its answer".into()));
     };
-    let mut out = String::new();
-    let mut err = String::new();
-    if let Some(mut stdout) = child.stdout.take() {
-        let _ = stdout.read_to_string(&mut out);
-    }
-    if let Some(mut stderr) = child.stderr.take() {
-        let _ = stderr.read_to_string(&mut err);
-    }
-    let line = out.lines().find(|l| l.starts_with(CHECK_OK));
-    match line {
-        Some(line) if status.success() => {
-            let proto = field(line, "proto").and_then(|p| p.parse::<u32>().ok());
-            if proto.is_none_or(|p| p < clusterd_proto::VERSION) {
-                return Err(refuse(format!(
-                    "it speaks control protocol {proto:?}, older than ours ({})",
-                    clusterd_proto::VERSION
-                )));
+    Ok(Check {
+        binary: binary.to_path_buf(),
+        pid,
+        deadline: Instant::now() + CHECK_TIMEOUT,
+        stdout,
+        stderr,
+    })
+}
+
+impl Check {
+    /// The checker exited with `status`: `Ok` with its check line, or why it cannot take over.
+    pub fn finish(self, status: crate::reaper::ExitStatus) -> Result<String, HandoverError> {
+        let refuse = |why: String| HandoverError::Refused {
+            binary: self.binary.clone(),
+            why,
+        };
+        let out = read_exited(self.stdout);
+        let err = read_exited(self.stderr);
+        let line = out.lines().find(|l| l.starts_with(CHECK_OK));
+        match line {
+            Some(line) if status.success() => {
+                let proto = field(line, "proto").and_then(|p| p.parse::<u32>().ok());
+                if proto.is_none_or(|p| p < clusterd_proto::VERSION) {
+                    return Err(refuse(format!(
+                        "it speaks control protocol {proto:?}, older than ours ({})",
+                        clusterd_proto::VERSION
+                    )));
+                }
+                Ok(line.to_owned())
             }
-            Ok(line.to_owned())
-        }
-        _ => {
-            let said = err.trim().lines().last().unwrap_or("").to_owned();
-            Err(refuse(format!(
-                "it cannot read this clusterd's state ({status}{}{said})",
-                if said.is_empty() { "" } else { ": " }
-            )))
+            _ => {
+                let said = err.trim().lines().last().unwrap_or("").to_owned();
+                Err(refuse(format!(
+                    "it cannot read this clusterd's state ({status}{}{said})",
+                    if said.is_empty() { "" } else { ": " }
+                )))
+            }
         }
     }
+
+    /// It did not answer in time: killed (the reaper collects it), and why.
+    pub fn give_up(self) -> HandoverError {
+        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+        HandoverError::Refused {
+            binary: self.binary,
+            why: format!("`handover-check` did not finish within {CHECK_TIMEOUT:?}"),
+        }
+    }
+}
+
+/// What an exited checker wrote to `pipe`, without waiting (a process it left behind may
+/// hold the pipe open: then what is there).
+fn read_exited(pipe: impl Read + std::os::fd::AsFd) -> String {
+    let nonblocking = nix::fcntl::fcntl(
+        pipe.as_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
+    let mut bytes = Vec::new();
+    if nonblocking.is_ok() {
+        let _ = pipe.take(64 * 1024).read_to_end(&mut bytes);
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// `key=value` in a check line.
@@ -471,6 +533,29 @@ pub mod opt_instant {
     }
 }
 
+/// A `VecDeque<Instant>`, each as [`instant`].
+pub mod instants {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+    use std::collections::VecDeque;
+
+    #[derive(Serialize, Deserialize)]
+    struct Wrapped(#[serde(with = "super::instant")] Instant);
+
+    /// Writes the instants.
+    pub fn serialize<S: Serializer>(at: &VecDeque<Instant>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(at.iter().copied().map(Wrapped))
+    }
+
+    /// Reads the instants.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<VecDeque<Instant>, D::Error> {
+        Ok(Vec::<Wrapped>::deserialize(d)?
+            .into_iter()
+            .map(|w| w.0)
+            .collect())
+    }
+}
+
 /// An `Option<Pid>` as a number or null.
 pub mod opt_pid {
     use super::*;
@@ -507,5 +592,87 @@ pub mod pid_map {
             .into_iter()
             .map(|(p, w)| (Pid::from_raw(p), w))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    /// A hand-over as clusterd 0.1.0 wrote it (format 1), taken from a real upgrade of a
+    /// detached supervisor with an intercepted Node app with `drain` (steered sockets) and a
+    /// Node app with `ipc_broadcast`, metrics and log files (paths changed to /srv/app, its
+    /// `clusterd logs` lines cut to 12). To write a new one after a deliberate change of
+    /// format: `clusterd upgrade --binary WRAPPER`, where WRAPPER is a script that runs
+    /// `tee SAMPLE | clusterd handover-check` for `handover-check` and execs clusterd with its
+    /// arguments otherwise.
+    const GOLDEN: &str = include_str!("testdata/handover-format-1.json");
+
+    /// `value` with every number made 0: what remains is the format itself.
+    fn shape(value: Value) -> Value {
+        match value {
+            Value::Number(_) => Value::from(0),
+            Value::Array(items) => items.into_iter().map(shape).collect(),
+            Value::Object(map) => map.into_iter().map(|(k, v)| (k, shape(v))).collect(),
+            other => other,
+        }
+    }
+
+    #[test]
+    fn the_golden_hand_over_still_parses_and_is_written_in_the_same_format() {
+        let handover = Handover::decode(GOLDEN.as_bytes()).expect("the golden hand-over");
+        assert!(handover.detached);
+        assert_eq!(handover.core.workers.len(), 4);
+        assert_eq!(handover.driver.intercepts.len(), 2);
+        assert_eq!(handover.driver.channels.len(), 4);
+        assert_eq!(handover.driver.steering[0].members.len(), 2);
+        assert_eq!(handover.driver.counters.restarts["chat"], 1);
+        // The restart_limit window of the slot whose worker was killed.
+        let chat = &handover.core.apps["chat"];
+        assert_eq!(
+            chat.slots
+                .iter()
+                .map(|s| s.recent_restarts.len())
+                .sum::<usize>(),
+            1
+        );
+        // Written again, it has the same fields: adding, removing or renaming one is a change
+        // of format, made on purpose (a new golden file, and FORMAT if older builds must
+        // refuse it).
+        let again = handover.encode(Instant::now()).expect("encode");
+        let again: Value = serde_json::from_slice(&again).expect("JSON");
+        let golden: Value = serde_json::from_str(GOLDEN).expect("JSON");
+        assert_eq!(shape(again), shape(golden));
+    }
+
+    #[test]
+    fn a_field_this_build_does_not_know_is_refused_wherever_it_is() {
+        let golden: Value = serde_json::from_str(GOLDEN).expect("JSON");
+        let places: [&[&str]; 5] = [
+            &[],
+            &["driver"],
+            &["core", "apps", "web"],
+            &["manifest", "supervisor"],
+            &["driver", "channels", "0"],
+        ];
+        for place in places {
+            let mut value = golden.clone();
+            let mut at = &mut value;
+            for key in place {
+                at = match key.parse::<usize>() {
+                    Ok(i) => &mut at[i],
+                    Err(_) => &mut at[*key],
+                };
+            }
+            at["from_the_future"] = Value::from(1);
+            let bytes = serde_json::to_vec(&value).expect("JSON");
+            let error = Handover::decode(&bytes).err();
+            assert!(
+                matches!(&error, Some(HandoverError::State { cause, .. })
+                    if cause.to_string().contains("from_the_future")),
+                "{place:?}: {error:?}"
+            );
+        }
     }
 }

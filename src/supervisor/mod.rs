@@ -28,6 +28,8 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-pub use driver::run;
-pub use handover::{adopt as adopt_fd, check as check_handover, read_fd as read_handover};
+pub use driver::{Parts, run};
+pub use handover::{
+    Handover, adopt as adopt_fd, check as check_handover, read_fd as read_handover,
+};
 pub use state::WorkerId;

@@ -34,6 +34,7 @@ use super::state::{Phase, ReloadOutcome, SlotState, StopReason, WorkerId, human}
 
 /// A rollout in progress for one app.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Rollout {
     /// The generation being rolled out.
     pub generation: u64,
@@ -75,12 +76,14 @@ enum Pace {
 
 /// One slot in flight.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Step {
     slot: usize,
     stage: Stage,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 enum Stage {
     /// The candidate is starting.
     Starting(WorkerId),

@@ -26,6 +26,7 @@ impl fmt::Display for WorkerId {
 
 /// One `[apps.NAME]` at run time.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct App {
     /// The newest generation: the one a respawn of a new slot runs, and the one the next
     /// rollout follows.
@@ -80,6 +81,7 @@ impl App {
 
 /// The worker tending an app's KV cluster map, and when it last said so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Tend {
     /// The owner.
     pub worker: WorkerId,
@@ -90,6 +92,7 @@ pub struct Tend {
 
 /// How a rolling reload ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum ReloadOutcome {
     /// Every slot runs the new generation.
     Completed {
@@ -118,6 +121,7 @@ impl ReloadOutcome {
 
 /// A worker position that survives restarts.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Slot {
     /// Who or what holds the slot.
     pub state: SlotState,
@@ -131,9 +135,8 @@ pub struct Slot {
     pub last_exit: Option<String>,
     /// Why its worker was last replaced: crash, killed, memory, watchdog, reload, operator...
     pub last_restart: Option<String>,
-    /// When its recent unexpected exits were replaced (for `restart_limit`; not carried
-    /// across an upgrade: the window starts again).
-    #[serde(skip)]
+    /// When its recent unexpected exits were replaced (for `restart_limit`).
+    #[serde(with = "super::handover::instants")]
     pub recent_restarts: VecDeque<Instant>,
 }
 
@@ -162,6 +165,7 @@ impl Slot {
 
 /// What holds a slot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum SlotState {
     /// A worker serves it (or is starting up in it).
     Occupied(WorkerId),
@@ -189,6 +193,7 @@ pub enum SlotState {
 
 /// What a worker is doing. Each phase carries its own deadlines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum Phase {
     /// Asked for; the driver has not reported its pid yet.
     Spawning,
@@ -234,6 +239,7 @@ pub enum Phase {
 
 /// Why a worker was told to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum StopReason {
     /// Replaced by a rollout, restarted, scaled away or its app removed.
     Retired,
@@ -268,6 +274,7 @@ impl StopReason {
 
 /// One worker process, and its process group (whose id is its pid).
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Worker {
     /// Its pid, once spawned.
     #[serde(with = "super::handover::opt_pid")]
@@ -299,6 +306,7 @@ pub const RECENT_MESSAGE_BYTES: usize = 256;
 /// A worker's messages, for status: how many, and the last few (each cut to
 /// [`RECENT_MESSAGE_BYTES`]).
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Inbox {
     /// Messages received.
     pub received: u64,

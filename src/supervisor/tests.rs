@@ -1410,11 +1410,17 @@ mod handover {
                 path: "/run/x/notify.sock".into(),
             },
             None,
+            false,
             DriverState {
                 started: sim.now,
                 upgrades: 1,
                 contained: Vec::new(),
                 outputs: Vec::new(),
+                intercepts: Vec::new(),
+                steering: Vec::new(),
+                channels: Vec::new(),
+                counters: Default::default(),
+                log_lines: Vec::new(),
             },
         );
         let deadline = handover.core.next_deadline();

@@ -43,7 +43,7 @@ fn distinct_bodies(
 }
 
 /// The restarts of every worker of `app`, from `clusterd status`.
-fn restarts(clusterd: &Clusterd, app: &str) -> u64 {
+pub(crate) fn restarts(clusterd: &Clusterd, app: &str) -> u64 {
     let status = clusterd.status();
     status["apps"]
         .as_array()
@@ -93,13 +93,17 @@ intercept = true
     assert!(clusterd.stop().success());
 }
 
-/// The tutorial's `child.js`, byte for byte (CI has `../shared` beside the clone).
-fn child_js() -> Option<Vec<u8>> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/mission-examples/child.js"
-    );
-    match std::fs::read(path) {
+/// The tutorial's `child.js`, byte for byte (CI has `../shared` beside the clone; a checkout
+/// elsewhere names the file with `CLUSTERD_TUTORIAL_CHILD_JS`).
+pub(crate) fn child_js() -> Option<Vec<u8>> {
+    let path = std::env::var("CLUSTERD_TUTORIAL_CHILD_JS").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/mission-examples/child.js"
+        )
+        .to_owned()
+    });
+    match std::fs::read(&path) {
         Ok(bytes) => Some(bytes),
         Err(error) => {
             eprintln!("SKIPPED: {path} is not there ({error}): the tutorial's child.js is needed");
@@ -114,7 +118,7 @@ const CHILD_JS_PORT: u16 = 8001;
 /// Starts `clusterd run ARGS...` in a new temp dir holding `files` (written byte for byte,
 /// executable),
 /// with its run dir where [`Clusterd::ctl`] looks for it (a manifest naming only `run_dir`).
-fn start_run(args: &[&str], files: &[(&str, &[u8])]) -> Clusterd {
+pub(crate) fn start_run(args: &[&str], files: &[(&str, &[u8])]) -> Clusterd {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let files: Vec<(String, Vec<u8>)> = files
         .iter()
@@ -148,13 +152,13 @@ fn start_run(args: &[&str], files: &[(&str, &[u8])]) -> Clusterd {
 
 /// Client threads sending `GET /` over fresh connections (`Connection: close`) until
 /// stopped; count failures.
-struct Load {
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<(usize, Vec<String>)>>,
 }
 
 impl Load {
-    fn with_clients(addr: SocketAddr, clients: usize) -> Load {
+    pub(crate) fn with_clients(addr: SocketAddr, clients: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..clients)
             .map(|_| {
@@ -176,7 +180,7 @@ impl Load {
     }
 
     /// Stops the clients; (requests answered, failures).
-    fn finish(self) -> (usize, Vec<String>) {
+    pub(crate) fn finish(self) -> (usize, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         let (mut ok, mut failures) = (0, Vec::new());
         for thread in self.threads {

@@ -16,7 +16,7 @@ use crate::util::{Clusterd, alive, clusterd_bin, expand, wait_until, whoami};
 const SECOND: Duration = Duration::from_secs(1);
 
 /// The lines of a file (none when it does not exist).
-fn file_lines(path: &Path) -> Vec<String> {
+pub(crate) fn file_lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -25,7 +25,7 @@ fn file_lines(path: &Path) -> Vec<String> {
 }
 
 /// A clusterd CLI command against `manifest` (`--file`, since `-f` is follow for `logs`).
-fn cli(manifest: &Path, args: &[&str]) -> Output {
+pub(crate) fn cli(manifest: &Path, args: &[&str]) -> Output {
     let mut child = Command::new(clusterd_bin())
         .args(args)
         .arg("--file")
@@ -406,14 +406,14 @@ workers = 2
 }
 
 /// A detached supervisor, killed if a test fails before it is stopped.
-struct Detached {
-    dir: tempfile::TempDir,
-    manifest: PathBuf,
-    pid: Option<Pid>,
+pub(crate) struct Detached {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) manifest: PathBuf,
+    pub(crate) pid: Option<Pid>,
 }
 
 impl Detached {
-    fn new(manifest: &str) -> Self {
+    pub(crate) fn new(manifest: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("app.toml");
         std::fs::write(&path, expand(manifest, dir.path())).expect("manifest");
@@ -448,7 +448,7 @@ impl Drop for Detached {
 }
 
 /// `clusterd start -d MANIFEST`, with its output.
-fn start_detached(detached: &Detached) -> Output {
+pub(crate) fn start_detached(detached: &Detached) -> Output {
     Command::new(clusterd_bin())
         .args(["start", "-d"])
         .arg(&detached.manifest)

@@ -15,4 +15,5 @@ mod logs;
 mod node_kv;
 mod promises;
 mod reload;
+mod upgrade;
 mod util;

@@ -31,6 +31,7 @@ pub const RESERVED_ENV_PREFIX: &str = "CLUSTERD_";
 
 /// A whole manifest after parsing and validation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// The manifest file, absolute.
     pub path: PathBuf,
@@ -48,6 +49,7 @@ pub struct Manifest {
 
 /// `[supervisor]`: settings of the clusterd process itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SupervisorConfig {
     /// Default grace period between the stop signal and SIGKILL (`stop_timeout`, default 10s).
     pub stop_timeout: Duration,
@@ -63,6 +65,7 @@ pub struct SupervisorConfig {
 /// `[supervisor]` (the default) and in `[apps.NAME]` (each unset key inherits the
 /// supervisor's).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `log`: `None` when neither the app nor `[supervisor]` sets it, which means stdout in the
     /// foreground and the run directory's `clusterd.log` for `clusterd start --detach`.
@@ -77,6 +80,7 @@ pub struct LogConfig {
 
 /// `log`: where lines go.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum LogTarget {
     /// `"stdout"`: clusterd's stdout (workers' stdout) and stderr (workers' stderr, events).
     Stdout,
@@ -89,6 +93,7 @@ pub enum LogTarget {
 
 /// `log_format`: how a line is written to a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum LogFormat {
     /// `"text"`: `<RFC 3339 time> app[slot] message` (stderr: `app[slot]!`).
     Text,
@@ -98,6 +103,7 @@ pub enum LogFormat {
 
 /// `[sockets.NAME]`: a listening socket clusterd binds once and hands to workers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SocketConfig {
     /// Where to listen.
     pub listen: Listen,
@@ -118,6 +124,7 @@ pub struct SocketConfig {
 
 /// `keepalive` of a TCP socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum Keepalive {
     /// No `SO_KEEPALIVE`.
     Off,
@@ -129,6 +136,7 @@ pub enum Keepalive {
 
 /// The address of a listening socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum Listen {
     /// `"host:port"` or `"[v6]:port"`; the host was resolved at validation time.
     Tcp(SocketAddr),
@@ -138,6 +146,7 @@ pub enum Listen {
 
 /// `[apps.NAME]`: one group of identical workers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AppConfig {
     /// `command`: argv, non-empty. `argv[0]` containing a `/` was made absolute against the
     /// manifest's directory; a bare name is looked up in `PATH` at each spawn.
@@ -204,6 +213,7 @@ pub struct AppConfig {
 
 /// `restart_limit`: the give-up rule for a slot that keeps dying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RestartLimit {
     /// At most this many restarts...
     pub burst: u32,
@@ -213,6 +223,7 @@ pub struct RestartLimit {
 
 /// When a worker that exited is started again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum RestartPolicy {
     /// Whatever the exit status.
     Always,
@@ -224,6 +235,7 @@ pub enum RestartPolicy {
 
 /// Exponential backoff between repeated crashes of a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Backoff {
     /// `backoff_initial` (default 100ms): the delay after the second crash in a row
     /// (the first crash is replaced at once).
@@ -236,6 +248,7 @@ pub struct Backoff {
 
 /// How the supervisor learns that a new worker is ready to serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub enum Readiness {
     /// `ready = "immediate"` (default for apps without sockets): as soon as it has been spawned.
     Immediate,
@@ -254,6 +267,7 @@ pub enum Readiness {
 
 /// `[apps.NAME.reload]`: how a rolling reload proceeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReloadConfig {
     /// `surge` (default 1): new workers started ahead of stopping old ones.
     pub surge: usize,
@@ -269,6 +283,7 @@ pub struct ReloadConfig {
 
 /// `[metrics]`: the optional Prometheus endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// `listen`: a TCP `host:port`.
     pub listen: SocketAddr,
