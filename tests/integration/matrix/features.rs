@@ -22,7 +22,7 @@ const SECOND: Duration = Duration::from_secs(1);
 
 /// The socket address status shows for the first socket.
 fn socket_address(m: &Matrix) -> SocketAddr {
-    m.sup.status()["sockets"][0]["address"]
+    m.sup.wait_status()["sockets"][0]["address"]
         .as_str()
         .and_then(|a| a.parse().ok())
         .expect("a socket address in status")
@@ -519,10 +519,13 @@ fn matrix_one_shot_beside_a_web_app_foreground_under_a_manager() {
             heard.all()
         );
     });
-    if m.started("foreground", |m| {
+    m.started("foreground", |m| {
         m.serve = Some((socket_address(m), "/"));
         find_metrics(m);
-    }) {
+    });
+    // Readiness is what fails here on a clusterd that counts the done task as missing: the
+    // events still run (they settle), to show what each of them does to it.
+    if m.supervisor_alive() {
         m.event(
             Event::Sighup("web", one_shot_manifest(2)),
             Expect::Rolled("web"),

@@ -174,6 +174,24 @@ impl Supervisor {
         }
     }
 
+    /// clusterd's pid, if known (a failed `start -d` has none).
+    pub fn known_pid(&self) -> Option<Pid> {
+        match self {
+            Supervisor::Foreground(c) => Some(c.pid()),
+            Supervisor::Detached(d) => d.pid,
+        }
+    }
+
+    /// `clusterd status --json`, once it answers (bounded).
+    pub fn wait_status(&self) -> serde_json::Value {
+        let mut status = None;
+        wait_until(SETTLE, || {
+            status = self.try_status();
+            status.is_some()
+        });
+        status.expect("clusterd's status does not answer")
+    }
+
     /// `clusterd ARGS... -f MANIFEST`.
     pub fn ctl(&self, args: &[&str]) -> Output {
         ctl_at(self.manifest(), args)
@@ -498,6 +516,7 @@ impl Matrix {
     /// then the apps settle and every invariant holds.
     pub fn started(&mut self, how: &str, first: impl FnOnce(&mut Matrix)) -> bool {
         self.case(&format!("start ({how})"), |m| {
+            m.pid = m.sup.known_pid();
             first(m);
             m.pid = Some(m.sup.pid());
             let before = Workers::new();
@@ -600,12 +619,17 @@ impl Matrix {
                 && expect
                     .is_none_or(|e| self.expectation(before, &self.workers(&status), e).is_ok())
         });
-        assert!(
-            self.supervisor_alive(),
-            "clusterd (pid {}) is gone; its log:\n{}",
-            self.sup.pid(),
-            self.tail()
-        );
+        if !self.supervisor_alive() {
+            let how = match &mut self.sup {
+                Supervisor::Foreground(c) => c.wait_exit(10 * SECOND).to_string(),
+                Supervisor::Detached(_) => "not our child".to_owned(),
+            };
+            panic!(
+                "clusterd (pid {}) is gone ({how}); its log:\n{}",
+                self.sup.pid(),
+                self.tail()
+            );
+        }
         let now = self.workers(&status);
         assert!(
             settled,
