@@ -6,17 +6,18 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use redis_cluster_fixture::RedisCluster;
 
 use super::{Detached, Event, Expect, Kind, Matrix, Supervisor, log_files, metrics_addr};
 use crate::intercept::free_port;
-use crate::util::{Clusterd, clusterd_bin, example_bin, wait_until};
+use crate::util::{Clusterd, clusterd_bin, example_bin, wait_until, write_executable};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -41,7 +42,14 @@ fn find_metrics(m: &mut Matrix) {
 /// The walk every feature takes after its start, on `app` (long-running, `n` workers, a
 /// shared socket or steered ones): the events before the upgrade, the upgrade, then the
 /// events that must work the same after it.
-fn walk(m: &mut Matrix, app: &'static str, n: usize, sighup: Option<Event>, usr1: &[PathBuf]) {
+fn walk(
+    m: &mut Matrix,
+    app: &'static str,
+    n: usize,
+    sighup: Option<Event>,
+    usr1: &[PathBuf],
+    before_upgrade: Vec<(Event, Expect)>,
+) {
     m.event(Event::Reload(app), Expect::Rolled(app));
     match sighup {
         Some(event) => m.event(event, Expect::Rolled(app)),
@@ -52,6 +60,9 @@ fn walk(m: &mut Matrix, app: &'static str, n: usize, sighup: Option<Event>, usr1
     m.event(Event::Scale(app, n), Expect::Scaled(app, n));
     m.event(Event::RestartSlot(app, 0), Expect::Replaced(app, 0));
     m.event(Event::Kill9(app, 1), Expect::Replaced(app, 1));
+    for (event, expect) in before_upgrade {
+        m.event(event, expect);
+    }
     m.event(Event::Upgrade, Expect::AllKept);
     m.event(Event::Usr1(usr1.to_vec()), Expect::AllKept);
     m.event(Event::Reload(app), Expect::Rolled(app));
@@ -138,7 +149,7 @@ fn matrix_intercepted_child_js_under_clusterd_run() {
         );
     });
     if m.started("foreground, clusterd run", |_| {}) {
-        walk(&mut m, "node", 2, None, &[]);
+        walk(&mut m, "node", 2, None, &[], Vec::new());
     }
     m.stop_and_report(|_| {});
 }
@@ -148,9 +159,6 @@ fn matrix_intercepted_child_js_under_clusterd_run() {
 const IPC_WEB: &str = r#"'use strict';
 const http = require('node:http');
 const me = `${process.env.CLUSTERD_APP}[${process.env.CLUSTERD_WORKER_ID}] pid ${process.pid}`;
-for (let i = 0; i < 12; i++) {
-  console.log(`${me} padding line ${i} so that the JSON log rotates: ${'.'.repeat(60)}`);
-}
 const server = http.createServer((req, res) => res.end(`hello from ${me}\n`));
 server.listen({ fd: 3 }, () => process.send('ready'));
 process.on('message', (msg) => {
@@ -164,12 +172,11 @@ process.on('message', (msg) => {
 process.on('SIGTERM', () => server.close(() => process.exit(0)));
 "#;
 
-fn ipc_logs_manifest(version: u32) -> String {
+fn ipc_manifest(version: u32) -> String {
     format!(
         r#"
 [supervisor]
 stop_timeout = "5s"
-log = "logs/"
 
 [sockets.http]
 listen = "127.0.0.1:0"
@@ -180,16 +187,10 @@ workers = 2
 sockets = ["http"]
 ipc_broadcast = true
 ready = "message"
-log_format = "json"
-log_max_size = "4K"
-log_keep = 2
 env = {{ VERSION = "{version}" }}
 
 [apps.web.reload]
 bake = "200ms"
-
-[apps.tick]
-command = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.1; done"]
 "#
     )
 }
@@ -208,21 +209,17 @@ fn pids_of(status: &serde_json::Value, app: &str) -> Vec<Pid> {
         .collect()
 }
 
-/// Node workers with `ipc_broadcast`, and logs to files: JSON for `web` (rotated at 4 KiB,
-/// two kept), text for `tick` and clusterd's events; started with `start -d`.
+/// Node workers with `ipc` and `ipc_broadcast`, in the foreground.
 #[test]
-fn matrix_node_ipc_broadcast_and_log_files_detached() {
-    let (detached, output) = Detached::start(&ipc_logs_manifest(1), &[("web.js", IPC_WEB)]);
-    let logs = detached.dir.path().join("logs");
+fn matrix_node_ipc_broadcast() {
+    let clusterd = Clusterd::start_with_files(&ipc_manifest(1), &[("web.js", IPC_WEB)]);
     let probe = Cell::new(0u64);
     let mut m = Matrix::new(
-        "node ipc_broadcast + log files (start -d)",
-        Supervisor::Detached(detached),
-        &[("web", Kind::Serving(2)), ("tick", Kind::Serving(1))],
+        "node ipc + ipc_broadcast",
+        Supervisor::Foreground(clusterd),
+        &[("web", Kind::Serving(2))],
     )
-    .events_log("logs/clusterd.log")
     .with_check(move |m, _| {
-        let logs = m.sup.dir().join("logs");
         // Messages flow: each worker gets clusterd's probe, and hears every other's echo.
         probe.set(probe.get() + 1);
         let n = probe.get();
@@ -231,49 +228,131 @@ fn matrix_node_ipc_broadcast_and_log_files_detached() {
         let pids = pids_of(&m.sup.status(), "web");
         let mut missing = Vec::new();
         let heard = wait_until(20 * SECOND, || {
-            let text = log_files(&logs.join("web.log"));
+            let log = m.log();
             missing.clear();
             for p in &pids {
-                let got = format!("{p} got probe {n}\"");
-                if !text.contains(&got) {
-                    missing.push(got);
-                }
+                let mut expected = vec![format!(" {p} got probe {n}")];
                 for q in pids.iter().filter(|q| *q != p) {
-                    let echo = format!("{p} heard echo {n} from {q}\"");
-                    if !text.contains(&echo) {
-                        missing.push(echo);
+                    expected.push(format!(" {p} heard echo {n} from {q}"));
+                }
+                for line in expected {
+                    if !log.lines().any(|l| l.ends_with(&line)) {
+                        missing.push(line);
                     }
                 }
             }
             missing.is_empty()
         });
-        assert!(heard, "not in web's log: {missing:?}");
-        // web.log is JSON lines, rotated at 4 KiB, at most two rotated files.
-        let current = std::fs::read_to_string(logs.join("web.log")).unwrap_or_default();
+        assert!(heard, "not in the workers' output: {missing:?}");
+    });
+    if m.started("foreground", |m| {
+        m.serve = Some((socket_address(m), "/"));
+    }) {
+        walk(
+            &mut m,
+            "web",
+            2,
+            Some(Event::Sighup("web", ipc_manifest(2))),
+            &[],
+            Vec::new(),
+        );
+    }
+    m.stop_and_report(|_| {});
+}
+
+fn log_files_manifest(version: u32) -> String {
+    format!(
+        r#"
+[supervisor]
+stop_timeout = "5s"
+log = "logs/"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{{hello}}"]
+workers = 2
+sockets = ["http"]
+ready = "notify"
+env = {{ VERSION = "{version}" }}
+
+[apps.web.reload]
+bake = "200ms"
+
+[apps.tick]
+command = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.1; done"]
+log_format = "json"
+log_max_size = "4K"
+log_keep = 2
+"#
+    )
+}
+
+/// Logs to files, started with `start -d`: text for `web` and clusterd's events
+/// (`logs/`), JSON lines for `tick`, rotated at 4 KiB with two rotated files kept.
+#[test]
+fn matrix_log_files_text_and_json_rotated_detached() {
+    let (detached, output) = Detached::start(&log_files_manifest(1), &[]);
+    let logs = detached.dir.path().join("logs");
+    let mut m = Matrix::new(
+        "log files, text and JSON, rotated (start -d)",
+        Supervisor::Detached(detached),
+        &[("web", Kind::Serving(2)), ("tick", Kind::Serving(1))],
+    )
+    .events_log("logs/clusterd.log")
+    .with_check(|m, _| {
+        let logs = m.sup.dir().join("logs");
+        // Each web worker's own words are in web.log (stderr: `web[N]!`).
+        let status = m.sup.status();
+        let web = status["apps"]
+            .as_array()
+            .expect("apps")
+            .iter()
+            .find(|a| a["name"] == "web")
+            .expect("web")["workers"]
+            .clone();
+        let mut missing = Vec::new();
+        let found = wait_until(10 * SECOND, || {
+            let text = log_files(&logs.join("web.log"));
+            missing = web
+                .as_array()
+                .expect("workers")
+                .iter()
+                .map(|w| {
+                    let slot = &w["slot"];
+                    format!("web[{slot}]! hello web[{slot}] pid {}: listening", w["pid"])
+                })
+                .filter(|line| !text.contains(line.as_str()))
+                .collect();
+            missing.is_empty()
+        });
+        assert!(found, "not in web.log: {missing:?}");
+        // tick.log is JSON lines, rotated at 4 KiB, at most two rotated files, and grows.
+        let current = std::fs::read_to_string(logs.join("tick.log")).unwrap_or_default();
         for line in current.lines() {
             let json: serde_json::Value = serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("web.log: not JSON ({e}): {line:?}"));
-            assert_eq!(json["app"], "web", "{line}");
+                .unwrap_or_else(|e| panic!("tick.log: not JSON ({e}): {line:?}"));
+            assert_eq!(json["app"], "tick", "{line}");
         }
         for i in 1..=2 {
-            if let Ok(meta) = std::fs::metadata(logs.join(format!("web.log.{i}"))) {
-                assert!(meta.len() <= 4096, "web.log.{i}: {} bytes", meta.len());
+            if let Ok(meta) = std::fs::metadata(logs.join(format!("tick.log.{i}"))) {
+                assert!(meta.len() <= 4096, "tick.log.{i}: {} bytes", meta.len());
             }
         }
         assert!(
-            !logs.join("web.log.3").exists(),
+            !logs.join("tick.log.3").exists(),
             "more rotated files than log_keep"
         );
-        // tick's text log goes on.
-        let ticks = |text: String| {
-            text.lines()
-                .filter(|l| l.contains(" tick[0] tick "))
+        let ticks = || {
+            log_files(&logs.join("tick.log"))
+                .lines()
+                .filter(|l| l.contains("\"message\":\"tick "))
                 .count()
         };
-        let before = ticks(log_files(&logs.join("tick.log")));
+        let before = ticks();
         assert!(
-            wait_until(10 * SECOND, || ticks(log_files(&logs.join("tick.log")))
-                > before),
+            wait_until(10 * SECOND, || ticks() > before),
             "tick.log does not grow"
         );
     });
@@ -288,15 +367,16 @@ fn matrix_node_ipc_broadcast_and_log_files_detached() {
             &mut m,
             "web",
             2,
-            Some(Event::Sighup("web", ipc_logs_manifest(2))),
+            Some(Event::Sighup("web", log_files_manifest(2))),
             std::slice::from_ref(&logs),
+            Vec::new(),
         );
     }
     let logs_after = logs.clone();
     m.stop_and_report(move |_| {
         assert!(
-            logs_after.join("web.log.1").exists(),
-            "web.log never rotated"
+            logs_after.join("tick.log.1").exists(),
+            "tick.log never rotated"
         );
     });
 }
@@ -332,6 +412,64 @@ impl Manager {
     fn all(&self) -> Vec<String> {
         self.messages.lock().expect("messages").clone()
     }
+}
+
+/// `clusterd upgrade --binary WRAPPER` where the wrapper's binary check (`handover-check`)
+/// takes 3 s; meanwhile a worker is killed: the event loop must reap it (and answer) while
+/// the check runs, not after it.
+fn slow_binary_check() -> Event {
+    Event::custom(
+        "upgrade with a slow binary check: a worker killed meanwhile is reaped at once",
+        |sup, pids| {
+            let dir = sup.dir().to_owned();
+            let wrapper = dir.join("slow-clusterd");
+            write_executable(
+                &wrapper,
+                &format!(
+                    "#!/bin/sh
+if [ \"$1\" = handover-check ]; then
+  touch '{started}'
+  \
+                     sleep 3
+  touch '{done}'
+fi
+exec '{clusterd}' \"$@\"
+",
+                    started = dir.join("check-started").display(),
+                    done = dir.join("check-done").display(),
+                    clusterd = clusterd_bin().display(),
+                ),
+            );
+            let manifest = sup.manifest().to_owned();
+            let upgrade = std::thread::spawn(move || {
+                let binary = wrapper.display().to_string();
+                super::ctl_at(&manifest, &["upgrade", "--binary", &binary])
+            });
+            let started = wait_until(30 * SECOND, || dir.join("check-started").exists());
+            let victim = pids[&("web".to_owned(), 0)];
+            let mut reaped = false;
+            let mut during_check = false;
+            if started {
+                kill(victim, Signal::SIGKILL).expect("kill -9 the worker");
+                reaped = wait_until(10 * SECOND, || {
+                    !Path::new(&format!("/proc/{victim}")).exists()
+                });
+                during_check = !dir.join("check-done").exists();
+            }
+            let output = upgrade.join().expect("upgrade thread");
+            assert!(started, "the binary check did not start: {output:?}");
+            assert!(
+                output.status.success(),
+                "upgrade: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(
+                reaped && during_check,
+                "the killed worker was reaped only after the binary check ended (or not at \
+                 all): the check blocks the event loop"
+            );
+        },
+    )
 }
 
 fn hello_manifest(version: u32, extra: &str) -> String {
@@ -433,6 +571,7 @@ fn matrix_socket_activation_sd_notify_and_readyz() {
             2,
             Some(Event::Sighup("web", hello_manifest(2, ""))),
             &[],
+            vec![(slow_binary_check(), Expect::Replaced("web", 0))],
         );
     }
     let heard = manager.clone();
@@ -490,6 +629,7 @@ fn matrix_one_shot_beside_a_web_app_detached_with_readyz() {
             2,
             Some(Event::Sighup("web", one_shot_manifest(2))),
             &[],
+            Vec::new(),
         );
     }
     m.stop_and_report(|_| {});
@@ -594,6 +734,7 @@ bake = "200ms"
             2,
             Some(Event::Sighup("web", manifest(2))),
             &[],
+            Vec::new(),
         );
     }
     m.stop_and_report(|_| {});
@@ -764,6 +905,7 @@ fn matrix_kv_segment_with_watchdog_max_memory_and_restart_limit() {
             2,
             Some(Event::Sighup("kv", kv_manifest(cluster_ref, 2))),
             &[],
+            Vec::new(),
         );
         grow_fat(&mut m);
         revive_crash(&mut m);

@@ -299,7 +299,7 @@ impl Event {
 
     /// Whether the event promises that no request fails.
     fn promises_service(&self) -> bool {
-        !matches!(self, Event::Kill9(..))
+        !matches!(self, Event::Kill9(..) | Event::Custom(..))
     }
 }
 
@@ -376,6 +376,8 @@ pub struct Matrix {
     seen: BTreeSet<Pid>,
     /// clusterd's pid as first seen.
     pid: Option<Pid>,
+    /// The cgroup tree clusterd made for its workers, if any.
+    cgroup_tree: Option<PathBuf>,
     results: Vec<(String, Result<(), String>)>,
     /// Whether an upgrade was performed (later cases are named "... after upgrade").
     upgraded: bool,
@@ -434,6 +436,7 @@ impl Matrix {
             fds: BTreeMap::new(),
             seen: BTreeSet::new(),
             pid: None,
+            cgroup_tree: None,
             results: Vec::new(),
             upgraded: false,
             after: "",
@@ -772,6 +775,25 @@ impl Matrix {
             self.tail()
         );
 
+        // Contained beside clusterd: where clusterd made a cgroup tree (status says so), no
+        // worker's cgroup lies inside clusterd's own (a cgroup v2 parent with processes cannot
+        // enable controllers for its children). Vacuous in the root cgroup.
+        if let Some(tree) = status["containment"]
+            .as_str()
+            .and_then(|c| c.strip_prefix("cgroup v2 ("))
+            .and_then(|c| c.strip_suffix(')'))
+        {
+            self.cgroup_tree.get_or_insert_with(|| PathBuf::from(tree));
+            let own = cgroup_of(pid).expect("clusterd's cgroup");
+            for ((app, slot), worker) in now {
+                let theirs = cgroup_of(worker.pid).unwrap_or_default();
+                assert!(
+                    own == "/" || !theirs.starts_with(&format!("{own}/")),
+                    "{app}[{slot}]'s cgroup {theirs} is inside clusterd's own {own}"
+                );
+            }
+        }
+
         // No descriptor leaked: as many as the last time this many workers ran.
         let workers = now.len();
         match self.fds.get(&workers).cloned() {
@@ -870,16 +892,17 @@ impl Matrix {
                 _ => {}
             }
         });
-        if upgrade && !self.upgraded {
+        if !self.upgraded {
             // Later cases run after an upgrade, or after one that was refused.
-            self.upgraded = true;
-            self.after = if self.supervisor_alive()
-                && self.sup.try_status().is_some_and(|s| s["upgrades"] == 0)
-            {
-                "after a refused upgrade"
-            } else {
-                "after upgrade"
+            let upgrades = match self.supervisor_alive() {
+                true => self.sup.try_status().and_then(|s| s["upgrades"].as_u64()),
+                false => None,
             };
+            if upgrades.is_some_and(|u| u > 0) || (upgrade && upgrades.is_none()) {
+                (self.upgraded, self.after) = (true, "after upgrade");
+            } else if upgrade {
+                (self.upgraded, self.after) = (true, "after a refused upgrade");
+            }
         }
         passed
     }
@@ -984,6 +1007,9 @@ impl Matrix {
                 left.is_empty(),
                 "workers still alive after the stop: {left:?}"
             );
+            if let Some(tree) = &m.cgroup_tree {
+                assert!(!tree.exists(), "{} is left after the stop", tree.display());
+            }
             if let Supervisor::Detached(d) = &m.sup {
                 assert!(!d.pid_file().exists(), "the pid file is left");
             }
@@ -1005,6 +1031,15 @@ impl Matrix {
         eprintln!("{table}");
         assert!(self.results.iter().all(|(_, o)| o.is_ok()), "{table}");
     }
+}
+
+/// The cgroup v2 path of `pid` (`0::PATH` in /proc/PID/cgroup).
+fn cgroup_of(pid: Pid) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
 }
 
 /// The logs moved aside in `dir` (`NAME.log.movedN`), by the name each came from.
