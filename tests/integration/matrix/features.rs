@@ -149,7 +149,15 @@ fn matrix_intercepted_child_js_under_clusterd_run() {
         );
     });
     if m.started("foreground, clusterd run", |_| {}) {
-        walk(&mut m, "node", 2, None, &[], Vec::new());
+        // The "done when": two upgrades, then SIGUSR1, every pid kept.
+        walk(
+            &mut m,
+            "node",
+            2,
+            None,
+            &[],
+            vec![(Event::Upgrade, Expect::AllKept)],
+        );
     }
     m.stop_and_report(|_| {});
 }

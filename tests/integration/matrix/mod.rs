@@ -834,6 +834,7 @@ impl Matrix {
             };
             let upgrades = m.sup.status()["upgrades"].as_u64();
             let usr1_before = m.log().matches("SIGUSR1: log files reopened").count();
+            let upgraded_before = m.log().matches("upgraded in place from clusterd").count();
             if let Expect::Scaled(app, n) = expect {
                 m.apps.insert(app, Kind::Serving(n));
             }
@@ -869,6 +870,15 @@ impl Matrix {
                         m.sup.status()["upgrades"].as_u64(),
                         upgrades.map(|u| u + 1),
                         "status does not count the upgrade"
+                    );
+                    // The new clusterd logs where the old one did.
+                    let logged = wait_until(10 * SECOND, || {
+                        m.log().matches("upgraded in place from clusterd").count() > upgraded_before
+                    });
+                    assert!(
+                        logged,
+                        "no `upgraded in place` in clusterd's log (its events go elsewhere):\n{}",
+                        m.tail()
                     );
                 }
                 Event::Usr1(dirs) => {
