@@ -69,12 +69,13 @@ fn walk(
     m.event(Event::Kill9(app, 0), Expect::Replaced(app, 0));
 }
 
-/// The tutorial's `child.js` (CI has `../shared` beside the clone; `MISSION_EXAMPLES` names
-/// another directory holding it) with its hard-coded port 8001 replaced by `port`, so that
-/// parallel tests (and other runs on the machine) do not collide; nothing else changes.
+/// The tutorial's `child.js` (CI has `../shared` beside the clone; elsewhere
+/// `CLUSTERD_TUTORIAL_CHILD_JS` names the file) with its hard-coded port 8001 replaced by
+/// `port`, so that parallel tests (and other runs on the machine) do not collide; nothing else
+/// changes.
 fn child_js(port: u16) -> Option<String> {
-    let path = match std::env::var_os("MISSION_EXAMPLES") {
-        Some(dir) => PathBuf::from(dir).join("child.js"),
+    let path = match std::env::var_os("CLUSTERD_TUTORIAL_CHILD_JS") {
+        Some(file) => PathBuf::from(file),
         None => {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/mission-examples/child.js")
         }
