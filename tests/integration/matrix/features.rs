@@ -290,7 +290,7 @@ env = {{ VERSION = "{version}" }}
 bake = "200ms"
 
 [apps.tick]
-command = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.1; done"]
+command = ["sh", "-c", 'i=0; pad=$(printf "%0200d" 0); while :; do i=$((i+1)); echo "tick $i $pad"; sleep 0.05; done']
 log_format = "json"
 log_max_size = "4K"
 log_keep = 2
@@ -299,7 +299,8 @@ log_keep = 2
 }
 
 /// Logs to files, started with `start -d`: text for `web` and clusterd's events
-/// (`logs/`), JSON lines for `tick`, rotated at 4 KiB with two rotated files kept.
+/// (`logs/`), JSON lines for `tick` (about 6 KiB a second), rotated at 4 KiB with two rotated
+/// files kept.
 #[test]
 fn matrix_log_files_text_and_json_rotated_detached() {
     let (detached, output) = Detached::start(&log_files_manifest(1), &[]);
@@ -353,6 +354,10 @@ fn matrix_log_files_text_and_json_rotated_detached() {
             !logs.join("tick.log.3").exists(),
             "more rotated files than log_keep"
         );
+        assert!(
+            wait_until(10 * SECOND, || logs.join("tick.log.1").exists()),
+            "tick.log never rotated"
+        );
         let ticks = || {
             log_files(&logs.join("tick.log"))
                 .lines()
@@ -381,13 +386,7 @@ fn matrix_log_files_text_and_json_rotated_detached() {
             Vec::new(),
         );
     }
-    let logs_after = logs.clone();
-    m.stop_and_report(move |_| {
-        assert!(
-            logs_after.join("tick.log.1").exists(),
-            "tick.log never rotated"
-        );
-    });
+    m.stop_and_report(|_| {});
 }
 
 /// A datagram receiver standing in for systemd's notify socket.

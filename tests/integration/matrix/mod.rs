@@ -12,8 +12,8 @@
 //! - `status --json` tells the truth (every serving pid is alive and is the app and slot it
 //!   says, by its environment), `status --check` and `/readyz` agree, and the log says
 //!   `started pid` for every worker status shows;
-//! - nothing leaks: clusterd holds no more descriptors than it did with the same number of
-//!   workers, workers' cgroups are not inside clusterd's own, and after the stop every worker
+//! - nothing leaks: clusterd holds no more sockets and pipes than it did with the same number
+//!   of workers (nor a file twice, nor a log file it reopened), workers' cgroups are not inside clusterd's own, and after the stop every worker
 //!   pid ever seen is gone and so is clusterd's cgroup tree.
 //!
 //! A case that fails does not end the walk: each event is one case, its failure is recorded
@@ -396,7 +396,8 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-/// clusterd's open descriptors: (count, their targets).
+/// clusterd's open descriptors: (how many are not files, every target). Files (its log files)
+/// are opened lazily and reopened on SIGUSR1, so they are checked by [`files_problem`].
 fn open_fds(pid: Pid) -> (usize, Vec<String>) {
     let mut targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|dir| {
@@ -411,7 +412,33 @@ fn open_fds(pid: Pid) -> (usize, Vec<String>) {
         })
         .unwrap_or_default();
     targets.sort();
-    (targets.len(), targets)
+    let not_files = targets
+        .iter()
+        .filter(|t| {
+            let target = t.split_once('=').map_or("", |(_, t)| t);
+            !target.starts_with('/') || target == "/dev/null"
+        })
+        .count();
+    (not_files, targets)
+}
+
+/// A file clusterd holds twice (stdin, stdout and stderr aside), or a log file moved aside
+/// (for SIGUSR1) that it still holds.
+fn files_problem(targets: &[String]) -> Option<String> {
+    let files: Vec<&str> = targets
+        .iter()
+        .filter_map(|t| t.split_once('='))
+        .filter(|(fd, t)| !["0", "1", "2"].contains(fd) && t.starts_with('/') && *t != "/dev/null")
+        .map(|(_, t)| t)
+        .collect();
+    let unique: BTreeSet<&str> = files.iter().copied().collect();
+    if unique.len() != files.len() {
+        return Some(format!("a file is open twice: {files:?}"));
+    }
+    files
+        .iter()
+        .find(|f| f.contains(".log.moved"))
+        .map(|f| format!("{f} is still open after the reopen"))
 }
 
 /// The address in a `metrics on http://ADDR/metrics` log line.
@@ -795,24 +822,32 @@ impl Matrix {
             }
         }
 
-        // No descriptor leaked: no more than the last time this many workers ran (fewer is
-        // fine: a descriptor of the start-up may close later).
+        // No descriptor leaked: no more sockets, pipes and other non-files than the last time
+        // this many workers ran (fewer is fine: a descriptor of the start-up may close later),
+        // no file held twice, no log file held once it was moved aside and reopened.
         let workers = now.len();
+        let baseline = self.fds.get(&workers).cloned();
         let mut fds = open_fds(pid);
-        if let Some((count, targets)) = self.fds.get(&workers).cloned() {
-            let same = wait_until(10 * SECOND, || {
-                fds = open_fds(pid);
-                fds.0 <= count
-            });
+        let held = wait_until(10 * SECOND, || {
+            fds = open_fds(pid);
+            baseline.as_ref().is_none_or(|(count, _)| fds.0 <= *count)
+                && files_problem(&fds.1).is_none()
+        });
+        if !held {
+            let (count, targets) = baseline.clone().unwrap_or((fds.0, Vec::new()));
             assert!(
-                same,
-                "clusterd holds {} descriptors, {count} before with {workers} workers; \
-                 before: {targets:?}\nnow: {:?}",
-                fds.0, fds.1
+                fds.0 <= count,
+                "clusterd holds {} descriptors that are not files, {count} before with \
+                 {workers} workers; before: {targets:?}\nnow: {:?}",
+                fds.0,
+                fds.1
             );
-            if fds.0 >= count {
-                fds = (count, targets);
-            }
+            panic!("{}", files_problem(&fds.1).unwrap_or_default());
+        }
+        if let Some((count, targets)) = baseline
+            && fds.0 >= count
+        {
+            fds = (count, targets);
         }
         self.fds.insert(workers, fds);
 
