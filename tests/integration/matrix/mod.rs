@@ -116,11 +116,11 @@ impl Drop for Detached {
     }
 }
 
-/// Runs `clusterd ARGS... -f MANIFEST`, bounded to 60 s, its output read while it runs.
+/// Runs `clusterd ARGS... --file MANIFEST`, bounded to 60 s, its output read while it runs.
 pub fn ctl_at(manifest: &Path, args: &[&str]) -> Output {
     let child = Command::new(clusterd_bin())
         .args(args)
-        .arg("-f")
+        .arg("--file")
         .arg(manifest)
         .env_remove("XDG_RUNTIME_DIR")
         .stdin(Stdio::null())
@@ -193,7 +193,7 @@ impl Supervisor {
         status.expect("clusterd's status does not answer")
     }
 
-    /// `clusterd ARGS... -f MANIFEST`.
+    /// `clusterd ARGS... --file MANIFEST`.
     pub fn ctl(&self, args: &[&str]) -> Output {
         ctl_at(self.manifest(), args)
     }
@@ -801,6 +801,18 @@ impl Matrix {
             logged,
             "not in clusterd's log as started: {missing:?}\n{}",
             self.tail()
+        );
+        // And so does `clusterd logs clusterd`, the ring of clusterd's events it keeps.
+        let ring = self.sup.ctl(&["logs", "clusterd", "-n", "2000"]);
+        let ring = String::from_utf8_lossy(&ring.stdout).into_owned();
+        let missing: Vec<String> = now
+            .iter()
+            .map(|((app, slot), w)| format!("{app}[{slot}] started pid {} ", w.pid))
+            .filter(|line| !ring.contains(line.as_str()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "not in `clusterd logs clusterd`: {missing:?}"
         );
 
         // Contained beside clusterd: where clusterd made a cgroup tree (status says so), no
