@@ -12,6 +12,7 @@ mod ipc;
 mod kv;
 mod limits;
 mod logs;
+mod matrix;
 mod node_kv;
 mod promises;
 mod reload;
