@@ -42,6 +42,8 @@ use crate::steering::{self, Steering};
 
 /// How long, at exit, the workers' last output may take to drain.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+/// How long the exit waits for the connections that still write a final reply.
+const REPLY_FLUSH: Duration = Duration::from_secs(1);
 
 /// How long, at exit, processes that escaped their worker's process group have between
 /// SIGTERM and SIGKILL.
@@ -159,6 +161,13 @@ pub async fn run(parts: Parts, manager: Option<Manager>) -> anyhow::Result<()> {
     let mut output = std::mem::take(&mut driver.output_tasks);
     let drained = async { while output.join_next().await.is_some() {} };
     let _ = tokio::time::timeout(OUTPUT_DRAIN, drained).await;
+    let replies = std::mem::take(&mut driver.last_replies);
+    let written = async {
+        for reply in &replies {
+            reply.closed().await;
+        }
+    };
+    let _ = tokio::time::timeout(REPLY_FLUSH, written).await;
     tracing::info!("all workers stopped; exiting");
     Ok(())
 }
@@ -207,6 +216,10 @@ struct Driver {
     output_tasks: JoinSet<()>,
     /// Control clients still owed a reply.
     replies: HashMap<ReplyTo, UnboundedSender<Reply>>,
+    /// Final replies sent while shutting down, kept until their connection has written them
+    /// (the channel closes): `clusterd stop` hears "stopping" even when no worker was left to
+    /// wait for.
+    last_replies: Vec<UnboundedSender<Reply>>,
     next_reply: u64,
     /// CPU percentages for `clusterd status` (scrapes do not use them).
     status_cpu: CpuSampler,
@@ -267,6 +280,7 @@ impl Driver {
             metrics: Metrics::default(),
             output_tasks: JoinSet::new(),
             replies: HashMap::new(),
+            last_replies: Vec::new(),
             next_reply: 0,
             status_cpu: CpuSampler::default(),
             containment,
@@ -650,8 +664,12 @@ impl Driver {
                     if let Some(sender) = self.replies.get(&to) {
                         let _ = sender.send(reply);
                     }
-                    if last {
-                        self.replies.remove(&to);
+                    if last
+                        && let Some(sender) = self.replies.remove(&to)
+                        && core.shutting_down()
+                    {
+                        // The loop may end before the connection's task has written it.
+                        self.last_replies.push(sender);
                     }
                     None
                 }

@@ -436,3 +436,31 @@ stop_timeout = "2s"
     assert!(output.status.success());
     assert!(clusterd.wait_exit(20 * SECOND).success());
 }
+
+#[test]
+fn stop_with_no_worker_alive_answers_before_clusterd_exits() {
+    // Every slot waits in backoff: nothing is left to stop, so the loop ends at once; the
+    // client must still hear its reply.
+    let mut clusterd = Clusterd::start(
+        r#"
+[apps.crashy]
+command = ["sh", "-c", "exit 3"]
+workers = 2
+backoff_initial = "30s"
+"#,
+    );
+    assert!(wait_until(20 * SECOND, || {
+        let output = clusterd.ctl(&["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        status["apps"][0]["workers"]
+            .as_array()
+            .is_some_and(|w| w.len() == 2 && w.iter().all(|w| w["state"] == "backoff"))
+    }));
+    let output = clusterd.ctl(&["stop"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(clusterd.wait_exit(20 * SECOND).success());
+}
