@@ -26,12 +26,15 @@ ready_timeout = "5s"
 #[test]
 fn status_pids_match_the_live_workers_and_track_a_crash() {
     let mut clusterd = Clusterd::start(HELLO);
-    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+    clusterd.wait_ready("web", 3, 20 * SECOND);
     let serving = clusterd.serving("web");
     assert_eq!(serving.len(), 3);
+    let status = clusterd.status();
     for (slot, pid, generation, state) in &serving {
         assert!(alive(*pid));
-        assert_eq!(clusterd.started_pids(&format!("web[{slot}]")), [*pid]);
+        // The first worker of its slot.
+        let worker = crate::util::worker_in(&status, "web", *slot).expect("worker");
+        assert_eq!(worker["restarts"], 0, "{worker}");
         assert_eq!((*generation, state.as_str()), (1, "ready"));
     }
 

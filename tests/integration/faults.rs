@@ -124,7 +124,7 @@ while True:
 "#,
         )],
     );
-    clusterd.wait_for_line("ready after", 20 * SECOND);
+    clusterd.wait_ready("sender", 1, 20 * SECOND);
     let before = fd_count(clusterd.pid());
     std::fs::write(clusterd.dir.path().join("go"), "").expect("write go");
     assert!(
@@ -405,14 +405,14 @@ ready = "notify"
 "#,
         marker.0[1]
     ));
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("web", 2, 20 * SECOND);
     assert!(
         wait_until(10 * SECOND, || marker.pids().len() == 2),
         "the escaped sleepers did not start"
     );
     clusterd.signal(Signal::SIGKILL);
     let clusterd = clusterd.start_again();
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("web", 2, 20 * SECOND);
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     assert!(
         crate::util::whoami(addr).is_ok(),

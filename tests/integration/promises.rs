@@ -53,7 +53,7 @@ fn a_version_that_crashes_after_ready_aborts_the_reload_and_the_old_workers_keep
     let mut clusterd =
         Clusterd::start_with_files(&broken_manifest(""), &[("app.sh", BROKEN_AFTER_READY)]);
     let addr = clusterd.socket_addr("http");
-    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+    clusterd.wait_ready("web", 3, 20 * SECOND);
     let old: BTreeSet<Pid> = clusterd.serving("web").iter().map(|w| w.1).collect();
 
     let output = clusterd.ctl(&["reload", "--wait"]);
@@ -90,7 +90,7 @@ fn a_promoted_version_that_dies_before_the_rollout_ends_is_rolled_back_and_no_re
         &[("app.sh", BROKEN_AFTER_READY)],
     );
     let addr = clusterd.socket_addr("http");
-    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+    clusterd.wait_ready("web", 3, 20 * SECOND);
 
     let load = std::thread::spawn(move || failures(addr, 400));
     let output = clusterd.ctl(&["reload", "--wait"]);
@@ -140,12 +140,26 @@ sockets = ["http"]
     }));
     let old: Vec<Pid> = clusterd.serving("web").iter().map(|w| w.1).collect();
     clusterd.signal(Signal::SIGUSR2);
-    std::thread::sleep(SECOND);
-    let still = old.iter().filter(|pid| alive(**pid)).count();
+    // While the first new worker starts (1.5 s before it even listens), all three old
+    // workers serve.
+    let mut status = serde_json::Value::Null;
     assert!(
-        still >= 2,
-        "only {still} of 3 old workers serve 1 s into the reload"
+        wait_until(20 * SECOND, || {
+            status = clusterd.status();
+            status["apps"][0]["workers"]
+                .as_array()
+                .expect("workers")
+                .iter()
+                .any(|w| w["generation"] == 2 && w["state"] == "starting")
+        }),
+        "no new worker started"
     );
+    let still = old.iter().filter(|pid| alive(**pid)).count();
+    assert_eq!(
+        still, 3,
+        "old workers stopped before a new one was ready: {status}"
+    );
+    assert_eq!(status["apps"][0]["reloading"]["done"], 0, "{status}");
     assert_eq!(failures(addr, 20), 0);
     assert!(clusterd.stop().success());
 }
@@ -171,7 +185,7 @@ ready = "delay"
 ready_delay = "2s"
 "#;
     let mut clusterd = Clusterd::start(manifest);
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("sleepy", 2, 20 * SECOND);
     let before = cpu_seconds(clusterd.pid());
     let output = clusterd.ctl(&["reload", "--wait"]);
     assert!(output.status.success(), "{}", clusterd.output());
@@ -202,7 +216,7 @@ ready = "notify"
 "#;
     let mut clusterd = Clusterd::start(manifest);
     let addr = clusterd.socket_addr("http");
-    clusterd.wait_for_lines("ready after", 4, 20 * SECOND);
+    clusterd.wait_ready("web", 4, 20 * SECOND);
     for round in 0..8 {
         let serving = clusterd.serving("web");
         let (slot, victim, _, _) = serving[round % serving.len()].clone();
