@@ -349,6 +349,8 @@ fn reload_requests_during_a_rollout_coalesce_into_one_more() {
         assert!(clusterd.ctl(&["reload"]).status.success());
     }
     clusterd.wait_for_line("waiting for go-2", 10 * SECOND);
+    // (The log travels apart from the worker's output: wait for its lines, then count.)
+    clusterd.wait_for_lines("another one will follow", 2, 10 * SECOND);
     assert_eq!(
         clusterd.count("another one will follow"),
         2,
@@ -370,6 +372,8 @@ fn reload_requests_during_a_rollout_coalesce_into_one_more() {
         status["apps"][0]["last_reload"]["outcome"], "completed",
         "{status}"
     );
+    // The log travels apart from status: wait for its lines, then count them.
+    clusterd.wait_for_lines("reload of gated complete", 2, 10 * SECOND);
     assert_eq!(
         clusterd.count("reload of gated complete"),
         2,

@@ -303,15 +303,28 @@ impl Clusterd {
         self.wait_for_lines(needle, 1, timeout).remove(0)
     }
 
-    /// The address clusterd bound for socket `name` (from its log).
+    /// The address clusterd bound for socket `name`, from status (waiting, bounded, for
+    /// clusterd to answer).
     pub fn socket_addr(&self, name: &str) -> SocketAddr {
-        let line = self.wait_for_line(
-            &format!("socket {name} listening on "),
-            Duration::from_secs(10),
+        let mut last = serde_json::Value::Null;
+        let mut address = None;
+        let found = wait_until(Duration::from_secs(20), || {
+            last = self.try_status().unwrap_or_default();
+            address = last["sockets"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["name"] == name))
+                .and_then(|s| s["address"].as_str().map(str::to_owned));
+            address.is_some()
+        });
+        assert!(
+            found,
+            "socket {name} is not in status: {last:#}\noutput:\n{}",
+            self.output()
         );
-        let addr = line.rsplit(' ').next().expect("address");
-        addr.parse()
-            .unwrap_or_else(|_| panic!("not an address in {line:?}"))
+        let address = address.expect("address");
+        address
+            .parse()
+            .unwrap_or_else(|_| panic!("not an address: {address:?}"))
     }
 
     /// Pids of workers started so far, from the log, in order (`web[0] started pid 123`).
