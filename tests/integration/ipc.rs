@@ -238,8 +238,11 @@ fn a_worker_flooding_its_channel_without_reading_costs_clusterd_nothing() {
         peak < rss_before + 8 * 1024 * 1024,
         "RSS grew from {rss_before} to {peak}"
     );
+    // A loop blocked by the flood would not answer at all; a loaded machine makes answers
+    // slow (1.7 s was seen beside two CPU hogs): the bound tells the two apart, it does not
+    // time the loop.
     assert!(
-        slowest < baseline * 4 + SECOND,
+        slowest < baseline + 10 * SECOND,
         "status took {slowest:?} during the flood"
     );
 }
