@@ -56,7 +56,7 @@ ready_timeout = "20s"
         script.display()
     ));
     let addr = clusterd.socket_addr("http");
-    clusterd.wait_for_lines("ready after", 2, 30 * SECOND);
+    clusterd.wait_ready("web", 2, 30 * SECOND);
     let mut slots = std::collections::BTreeSet::new();
     assert!(
         wait_until(20 * SECOND, || {

@@ -112,7 +112,7 @@ fn process_send_ready_gates_a_rolling_reload() {
     );
     let go = clusterd.dir.path().join("go");
     std::fs::write(&go, "").unwrap();
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("web", 2, 20 * SECOND);
     std::fs::remove_file(&go).unwrap();
     let reload = clusterd.ctl(&["reload", "web"]);
     assert!(reload.status.success(), "{reload:?}");
@@ -194,7 +194,7 @@ fn a_worker_flooding_its_channel_without_reading_costs_clusterd_nothing() {
          ipc_broadcast = true\n",
         &[("flood.py", flood)],
     );
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("flood", 2, 20 * SECOND);
     let rss_before = clusterd.status()["rss_bytes"].as_u64().unwrap();
     let timed_status = || {
         let start = Instant::now();

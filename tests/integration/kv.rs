@@ -53,7 +53,7 @@ env = {{ REDIS_CLUSTER = "{seeds}", KV_TEND_INTERVAL_MS = "{tend_interval_ms}" }
     let clusterd = Clusterd::start_with(&manifest, |cmd| {
         cmd.env("CLUSTERD_KV_DIR", segments);
     });
-    clusterd.wait_for_lines("ready after", workers, 30 * SECOND);
+    clusterd.wait_ready("kv", workers as u64, 30 * SECOND);
     clusterd
 }
 

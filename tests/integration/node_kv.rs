@@ -60,7 +60,7 @@ env = {{ KV_TEND_INTERVAL_MS = "{tend_interval_ms}" }}
             .env("CLUSTERD_KV_DIR", segments)
             .env("CLUSTERD_KV_NODE_ADDON", addon());
     });
-    clusterd.wait_for_lines("ready after", WORKERS, 60 * SECOND);
+    clusterd.wait_ready("kv", WORKERS as u64, 60 * SECOND);
     clusterd
 }
 
