@@ -29,22 +29,12 @@ fn fd_count(pid: Pid) -> usize {
 /// `None` if clusterd did not answer within `timeout` (the client is killed then).
 fn status_within(clusterd: &Clusterd, timeout: Duration) -> Option<(serde_json::Value, Duration)> {
     let started = Instant::now();
-    let mut child = Command::new(clusterd_bin())
+    let mut command = Command::new(clusterd_bin());
+    command
         .args(["status", "--json", "-f"])
         .arg(&clusterd.manifest)
-        .env_remove("XDG_RUNTIME_DIR")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn clusterd status");
-    let finished = wait_until(timeout, || child.try_wait().expect("try_wait").is_some());
-    if !finished {
-        let _ = child.kill();
-        let _ = child.wait();
-        return None;
-    }
-    let output = child.wait_with_output().expect("status output");
+        .env_remove("XDG_RUNTIME_DIR");
+    let output = crate::util::output_within(&mut command, timeout)?;
     let elapsed = started.elapsed();
     Some((serde_json::from_slice(&output.stdout).ok()?, elapsed))
 }

@@ -308,8 +308,8 @@ impl Clusterd {
     pub fn socket_addr(&self, name: &str) -> SocketAddr {
         let mut last = serde_json::Value::Null;
         let mut address = None;
-        let found = wait_until(Duration::from_secs(20), || {
-            last = self.try_status().unwrap_or_default();
+        let found = self.status_until(Duration::from_secs(20), |status| {
+            last = status.clone();
             address = last["sockets"]
                 .as_array()
                 .and_then(|s| s.iter().find(|s| s["name"] == name))
@@ -369,8 +369,8 @@ impl Clusterd {
     ) -> serde_json::Value {
         let mut last = serde_json::Value::Null;
         let mut found = None;
-        let held = wait_until(timeout, || {
-            last = self.try_status().unwrap_or_default();
+        let held = self.status_until(timeout, |status| {
+            last = status.clone();
             found = worker_in(&last, app, slot).filter(|w| condition(w));
             found.is_some()
         });
@@ -385,8 +385,8 @@ impl Clusterd {
     /// Waits until status shows `n` ready workers of `app` (`ready` of the app).
     pub fn wait_ready(&self, app: &str, n: u64, timeout: Duration) {
         let mut last = serde_json::Value::Null;
-        let ready = wait_until(timeout, || {
-            last = self.try_status().unwrap_or_default();
+        let ready = self.status_until(timeout, |status| {
+            last = status.clone();
             app_in(&last, app).is_some_and(|a| a["ready"].as_u64() >= Some(n))
         });
         assert!(
@@ -468,6 +468,29 @@ impl Clusterd {
             return None;
         }
         Some(serde_json::from_slice(&output.stdout).expect("status JSON"))
+    }
+
+    /// Asks status (`null` while clusterd does not answer) until `condition` holds of it or
+    /// `timeout` passes; returns whether it held. Each ask is a client process and a request
+    /// to the loop, so the pause between asks grows from 10 ms to 200 ms: quick to notice
+    /// what comes soon, light on a loaded machine for what takes long.
+    pub fn status_until(
+        &self,
+        timeout: Duration,
+        mut condition: impl FnMut(&serde_json::Value) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if condition(&self.try_status().unwrap_or_default()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
     }
 
     /// The serving workers of `app` in a status: (slot, pid, generation, state).
