@@ -411,6 +411,7 @@ ready = "notify"
         wait_until(10 * SECOND, || marker.pids().len() == 2),
         "the escaped sleepers did not start"
     );
+    let leftovers = marker.pids();
     clusterd.signal(Signal::SIGKILL);
     let clusterd = clusterd.start_again();
     clusterd.wait_ready("web", 2, 20 * SECOND);
@@ -419,10 +420,20 @@ ready = "notify"
         crate::util::whoami(addr).is_ok(),
         "the new start does not serve"
     );
-    // The leftovers of the killed run are gone; the new run's own sleepers are 2.
+    // The leftovers of the killed run are gone; the new run's own sleepers are 2 (each
+    // starts beside its worker, maybe after the worker is ready).
     let output = clusterd.output();
     assert!(output.contains("left by a previous run"), "{output}");
-    assert_eq!(marker.pids().len(), 2);
+    assert!(leftovers.iter().all(|p| !crate::util::alive(*p)));
+    let mut sleepers = Vec::new();
+    assert!(
+        wait_until(10 * SECOND, || {
+            sleepers = marker.pids();
+            sleepers.len() == 2
+        }),
+        "sleepers: {sleepers:?}"
+    );
+    assert!(sleepers.iter().all(|p| !leftovers.contains(p)));
 }
 
 /// The children of `pid` (all its threads').
