@@ -689,7 +689,10 @@ mod tests {
     use super::*;
     use crate::spawn::{SpawnSpec, spawn};
 
-    /// A tree of our own for one test, or `None` (and a note) where cgroups are unavailable.
+    /// A tree of our own for one test, or `None` where cgroups are unavailable: then the
+    /// test is skipped, which is printed and counted (appended to the file
+    /// `CLUSTERD_TEST_SKIPS` names, as the integration tests' skips are), and under CI
+    /// (`CI=true`) it fails instead, with the reason.
     fn cgroups(test: &str) -> Option<Containment> {
         let key = format!("test-{}-{test}", std::process::id());
         // Not `detect`: that would move the test process itself.
@@ -699,7 +702,20 @@ mod tests {
         };
         match detected {
             Containment::ProcessGroups { why } => {
-                eprintln!("skipped, no cgroups here: {why}");
+                let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+                assert!(!ci, "cgroup v2 delegation is required under CI: {why}");
+                let thread = std::thread::current();
+                let name = thread.name().unwrap_or(test);
+                eprintln!("SKIPPED: {name}: no cgroups here: {why}");
+                if let Some(path) = std::env::var_os("CLUSTERD_TEST_SKIPS") {
+                    use std::io::Write;
+                    let line = format!("{name}: no cgroups here: {}\n", why.replace('\n', " "));
+                    let _ = fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .and_then(|mut f| f.write_all(line.as_bytes()));
+                }
                 None
             }
             cgroup => Some(cgroup),

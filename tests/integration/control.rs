@@ -26,12 +26,15 @@ ready_timeout = "5s"
 #[test]
 fn status_pids_match_the_live_workers_and_track_a_crash() {
     let mut clusterd = Clusterd::start(HELLO);
-    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+    clusterd.wait_ready("web", 3, 20 * SECOND);
     let serving = clusterd.serving("web");
     assert_eq!(serving.len(), 3);
+    let status = clusterd.status();
     for (slot, pid, generation, state) in &serving {
         assert!(alive(*pid));
-        assert_eq!(clusterd.started_pids(&format!("web[{slot}]")), [*pid]);
+        // The first worker of its slot.
+        let worker = crate::util::worker_in(&status, "web", *slot).expect("worker");
+        assert_eq!(worker["restarts"], 0, "{worker}");
         assert_eq!((*generation, state.as_str()), (1, "ready"));
     }
 
@@ -70,7 +73,7 @@ fn status_pids_match_the_live_workers_and_track_a_crash() {
 #[test]
 fn the_socket_is_private_and_other_uids_are_refused() {
     let mut clusterd = Clusterd::start(HELLO);
-    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+    clusterd.wait_ready("web", 3, 20 * SECOND);
     let socket = clusterd.control_socket();
     let mode = std::fs::metadata(&socket)
         .expect("socket")
@@ -105,7 +108,7 @@ fn the_socket_is_private_and_other_uids_are_refused() {
         assert!(stderr.contains("permission denied"), "{stderr}");
         clusterd.wait_for_line("refused a client with uid 65534", 5 * SECOND);
     } else {
-        eprintln!("not root: the other-uid part of this test needs setpriv as root");
+        crate::util::skip("not root: the other-uid part of this test needs setpriv as root");
     }
     assert!(clusterd.stop().success());
 }
@@ -126,7 +129,7 @@ fn raw_exchange(socket: &std::path::Path, bytes: &[u8], close_write: bool) -> St
 #[test]
 fn bad_clients_get_errors_and_status_keeps_answering() {
     let mut clusterd = Clusterd::start(HELLO);
-    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+    clusterd.wait_ready("web", 3, 20 * SECOND);
     let socket = clusterd.control_socket();
 
     // A client that connects and never writes: it must not block anybody else.
@@ -203,7 +206,7 @@ ready_timeout = "10s"
 "#,
         &[("worker.sh", "#!/bin/sh\nexec {hello}\n")],
     );
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("web", 2, 20 * SECOND);
 
     let ok = clusterd.ctl(&["reload", "--wait"]);
     let stdout = String::from_utf8_lossy(&ok.stdout);
@@ -272,7 +275,7 @@ fn parse_exposition(text: &str) -> Vec<(String, f64)> {
 #[test]
 fn metrics_parse_and_match_status() {
     let mut clusterd = Clusterd::start(&format!("[metrics]\nlisten = \"127.0.0.1:0\"\n{HELLO}"));
-    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+    clusterd.wait_ready("web", 3, 20 * SECOND);
     let line = clusterd.wait_for_line("metrics on http://", 5 * SECOND);
     let addr: std::net::SocketAddr = line
         .split("http://")
@@ -342,7 +345,7 @@ fn metrics_parse_and_match_status() {
 #[test]
 fn a_second_start_is_refused_and_a_stale_socket_is_replaced() {
     let mut first = Clusterd::start(HELLO);
-    first.wait_for_lines("ready after", 3, 20 * SECOND);
+    first.wait_ready("web", 3, 20 * SECOND);
     let second = std::process::Command::new(crate::util::clusterd_bin())
         .arg("start")
         .arg(&first.manifest)

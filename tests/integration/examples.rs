@@ -56,7 +56,7 @@ ready_timeout = "20s"
         script.display()
     ));
     let addr = clusterd.socket_addr("http");
-    clusterd.wait_for_lines("ready after", 2, 30 * SECOND);
+    clusterd.wait_ready("web", 2, 30 * SECOND);
     let mut slots = std::collections::BTreeSet::new();
     assert!(
         wait_until(20 * SECOND, || {
@@ -121,5 +121,62 @@ fn the_python_example_own_tests_pass() {
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `examples/systemd`: the units pass `systemd-analyze verify`, with `ExecStart=` pointing at
+/// the built clusterd (verify checks that it exists and is executable). On systemd older than
+/// 253, which does not know `Type=notify-reload`, the variant the README gives for it
+/// (`Type=notify` with `ExecReload=/bin/kill -HUP $MAINPID`) is verified instead. Any
+/// warning fails the test.
+#[test]
+fn the_systemd_units_pass_systemd_analyze_verify() {
+    let version = match Command::new("systemd-analyze").arg("--version").output() {
+        Ok(output) if output.status.success() => String::from_utf8_lossy(&output.stdout)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u32>().ok())
+            .expect("systemd-analyze --version: `systemd N ...`"),
+        other => {
+            crate::util::require(&format!(
+                "cannot run systemd-analyze ({other:?}); Debian's `systemd` package provides it"
+            ));
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let source = repo().join("examples/systemd");
+    let readme = std::fs::read_to_string(source.join("README.md")).expect("README");
+    let fallback = "Type=notify` with `ExecReload=/bin/kill -HUP $MAINPID`";
+    assert!(readme.contains(fallback), "the README's fallback changed");
+    for unit in ["clusterd.service", "clusterd.socket"] {
+        let mut text = std::fs::read_to_string(source.join(unit)).expect("unit");
+        text = text.replace(
+            "/usr/local/bin/clusterd",
+            &clusterd_bin().display().to_string(),
+        );
+        if version < 253 {
+            text = text.replace(
+                "Type=notify-reload\n",
+                "Type=notify\nExecReload=/bin/kill -HUP $MAINPID\n",
+            );
+        }
+        std::fs::write(dir.path().join(unit), text).expect("write unit");
+    }
+    let output = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.path().join("clusterd.service"))
+        .arg(dir.path().join("clusterd.socket"))
+        .output()
+        .expect("systemd-analyze verify");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify (systemd {version}): {:?}\n{said}",
+        output.status
     );
 }

@@ -166,7 +166,7 @@ fn the_manager_hears_ready_after_the_workers_then_status_reloading_watchdog_and_
     });
 
     // Workers talk to clusterd's own notify socket, never to its manager's.
-    let worker = clusterd.started_pids("web[0]")[0];
+    let worker = clusterd.first_pid("web[0]");
     let theirs = env_var(worker, "NOTIFY_SOCKET").expect("worker NOTIFY_SOCKET");
     assert_ne!(PathBuf::from(&theirs), manager.path);
     assert!(theirs.ends_with("notify.sock"), "{theirs}");

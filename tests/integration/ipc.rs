@@ -112,7 +112,7 @@ fn process_send_ready_gates_a_rolling_reload() {
     );
     let go = clusterd.dir.path().join("go");
     std::fs::write(&go, "").unwrap();
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("web", 2, 20 * SECOND);
     std::fs::remove_file(&go).unwrap();
     let reload = clusterd.ctl(&["reload", "web"]);
     assert!(reload.status.success(), "{reload:?}");
@@ -194,7 +194,7 @@ fn a_worker_flooding_its_channel_without_reading_costs_clusterd_nothing() {
          ipc_broadcast = true\n",
         &[("flood.py", flood)],
     );
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("flood", 2, 20 * SECOND);
     let rss_before = clusterd.status()["rss_bytes"].as_u64().unwrap();
     let timed_status = || {
         let start = Instant::now();
@@ -238,8 +238,11 @@ fn a_worker_flooding_its_channel_without_reading_costs_clusterd_nothing() {
         peak < rss_before + 8 * 1024 * 1024,
         "RSS grew from {rss_before} to {peak}"
     );
+    // A loop blocked by the flood would not answer at all; a loaded machine makes answers
+    // slow (1.7 s was seen beside two CPU hogs): the bound tells the two apart, it does not
+    // time the loop.
     assert!(
-        slowest < baseline * 4 + SECOND,
+        slowest < baseline + 10 * SECOND,
         "status took {slowest:?} during the flood"
     );
 }

@@ -53,7 +53,7 @@ env = {{ REDIS_CLUSTER = "{seeds}", KV_TEND_INTERVAL_MS = "{tend_interval_ms}" }
     let clusterd = Clusterd::start_with(&manifest, |cmd| {
         cmd.env("CLUSTERD_KV_DIR", segments);
     });
-    clusterd.wait_for_lines("ready after", workers, 30 * SECOND);
+    clusterd.wait_ready("kv", workers as u64, 30 * SECOND);
     clusterd
 }
 
@@ -246,8 +246,29 @@ fn kv_http_an_owner_that_stops_tending_is_restarted_by_kv_watchdog() {
     }));
     let owner = Pid::from_raw(owner.expect("owner") as i32);
 
-    // A tending owner is left alone well past the watchdog period.
-    std::thread::sleep(3 * SECOND);
+    // A tending owner is left alone well past the watchdog period: status shows it, the
+    // same process, 3 s old and heard from within the period.
+    let mut status = serde_json::Value::Null;
+    let owner_in = |status: &serde_json::Value| {
+        status["apps"][0]["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .find(|w| w["pid"] == owner.as_raw())
+            .cloned()
+    };
+    assert!(
+        wait_until(20 * SECOND, || {
+            status = clusterd.status();
+            owner_in(&status)
+                .is_some_and(|w| w["uptime_ms"].as_u64() >= Some(3000) && w["role"] == "serving")
+        }),
+        "the owner did not live 3 s: {status}"
+    );
+    assert!(
+        status["apps"][0]["tend_heard_ms"].as_u64() < Some(2000),
+        "{status}"
+    );
     assert!(alive(owner));
     assert_eq!(status_owner(&clusterd), Some(i64::from(owner.as_raw())));
 

@@ -26,25 +26,14 @@ pub(crate) fn file_lines(path: &Path) -> Vec<String> {
 
 /// A clusterd CLI command against `manifest` (`--file`, since `-f` is follow for `logs`).
 pub(crate) fn cli(manifest: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(clusterd_bin())
+    let mut command = Command::new(clusterd_bin());
+    command
         .args(args)
         .arg("--file")
         .arg(manifest)
-        .env_remove("XDG_RUNTIME_DIR")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn clusterd");
-    let deadline = Instant::now() + 90 * SECOND;
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!("`clusterd {}` did not finish", args.join(" "));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().expect("output")
+        .env_remove("XDG_RUNTIME_DIR");
+    crate::util::output_within(&mut command, 90 * SECOND)
+        .unwrap_or_else(|| panic!("`clusterd {}` did not finish", args.join(" ")))
 }
 
 /// Whether `line` is `<RFC 3339 UTC time> <rest>`; returns the rest.

@@ -22,6 +22,17 @@ echo "ImportError: no module named app" >&2
 exit 1
 "#;
 
+/// Like [`BROKEN_AFTER_READY`], but told when to die: slot 0's new worker says READY=1 and
+/// dies once the test creates `die`; the other slots' new workers never get ready.
+const BROKEN_WHEN_TOLD: &str = r#"#!/bin/sh
+if [ "$CLUSTERD_GENERATION" = 1 ]; then exec {hello}; fi
+if [ "$CLUSTERD_WORKER_ID" != 0 ]; then exec sleep 1000; fi
+"$CLUSTERD_EXE" notify READY=1
+while [ ! -e "{dir}/die" ]; do sleep 0.05; done
+echo "ImportError: no module named app" >&2
+exit 1
+"#;
+
 fn broken_manifest(bake: &str) -> String {
     format!(
         r#"
@@ -50,10 +61,15 @@ fn failures(addr: std::net::SocketAddr, count: usize) -> usize {
 
 #[test]
 fn a_version_that_crashes_after_ready_aborts_the_reload_and_the_old_workers_keep_answering() {
-    let mut clusterd =
-        Clusterd::start_with_files(&broken_manifest(""), &[("app.sh", BROKEN_AFTER_READY)]);
+    // A bake far longer than the broken version's life, however slow a loaded machine makes
+    // its `sleep 0.4`: it dies before its slot is promoted (the reload ends then, not after
+    // the bake).
+    let mut clusterd = Clusterd::start_with_files(
+        &broken_manifest("[apps.web.reload]\nbake = \"60s\""),
+        &[("app.sh", BROKEN_AFTER_READY)],
+    );
     let addr = clusterd.socket_addr("http");
-    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+    clusterd.wait_ready("web", 3, 20 * SECOND);
     let old: BTreeSet<Pid> = clusterd.serving("web").iter().map(|w| w.1).collect();
 
     let output = clusterd.ctl(&["reload", "--wait"]);
@@ -83,25 +99,40 @@ fn a_version_that_crashes_after_ready_aborts_the_reload_and_the_old_workers_keep
 
 #[test]
 fn a_promoted_version_that_dies_before_the_rollout_ends_is_rolled_back_and_no_request_fails() {
-    // A bake shorter than the broken version's life (0.4 s after READY=1): slot 0, the
-    // canary, is promoted (its old worker stopped), then its new worker dies while the
-    // rollout is still under way (it completes only a bake after its last promotion).
+    // Slot 0 is promoted (its old worker stopped) while slot 1's new worker is not ready yet;
+    // then the new version dies, with the rollout still under way.
     let mut clusterd = Clusterd::start_with_files(
-        &broken_manifest("[apps.web.reload]\nbake = \"300ms\""),
-        &[("app.sh", BROKEN_AFTER_READY)],
+        &broken_manifest("[apps.web.reload]\nbake = \"200ms\""),
+        &[("app.sh", BROKEN_WHEN_TOLD)],
     );
     let addr = clusterd.socket_addr("http");
-    clusterd.wait_for_lines("ready after", 3, 20 * SECOND);
+    clusterd.wait_ready("web", 3, 20 * SECOND);
 
-    let load = std::thread::spawn(move || failures(addr, 400));
-    let output = clusterd.ctl(&["reload", "--wait"]);
-    assert!(!output.status.success());
-    assert_eq!(
-        load.join().expect("load thread"),
-        0,
-        "{}",
-        clusterd.output()
-    );
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let failed = std::thread::scope(|scope| {
+        let load = scope.spawn(|| {
+            let mut failed = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                failed += failures(addr, 10);
+            }
+            failed
+        });
+        let reload = scope.spawn(|| clusterd.ctl(&["reload", "--wait"]));
+        let promoted = clusterd.wait_worker("web", 0, 30 * SECOND, |w| {
+            w["generation"] == 2 && w["state"] == "ready"
+        });
+        let status = clusterd.status();
+        assert_eq!(
+            status["apps"][0]["reloading"]["done"], 1,
+            "{promoted} {status}"
+        );
+        std::fs::write(clusterd.dir.path().join("die"), "").expect("write die");
+        let output = reload.join().expect("reload thread");
+        assert!(!output.status.success());
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        load.join().expect("load thread")
+    });
+    assert_eq!(failed, 0, "{}", clusterd.output());
 
     // Every slot runs generation 1 again (the broken generation was rolled back), ready.
     assert!(
@@ -141,12 +172,26 @@ sockets = ["http"]
     }));
     let old: Vec<Pid> = clusterd.serving("web").iter().map(|w| w.1).collect();
     clusterd.signal(Signal::SIGUSR2);
-    std::thread::sleep(SECOND);
-    let still = old.iter().filter(|pid| alive(**pid)).count();
+    // While the first new worker starts (1.5 s before it even listens), all three old
+    // workers serve.
+    let mut status = serde_json::Value::Null;
     assert!(
-        still >= 2,
-        "only {still} of 3 old workers serve 1 s into the reload"
+        wait_until(20 * SECOND, || {
+            status = clusterd.status();
+            status["apps"][0]["workers"]
+                .as_array()
+                .expect("workers")
+                .iter()
+                .any(|w| w["generation"] == 2 && w["state"] == "starting")
+        }),
+        "no new worker started"
     );
+    let still = old.iter().filter(|pid| alive(**pid)).count();
+    assert_eq!(
+        still, 3,
+        "old workers stopped before a new one was ready: {status}"
+    );
+    assert_eq!(status["apps"][0]["reloading"]["done"], 0, "{status}");
     assert_eq!(failures(addr, 20), 0);
     assert!(clusterd.stop().success());
 }
@@ -172,7 +217,7 @@ ready = "delay"
 ready_delay = "2s"
 "#;
     let mut clusterd = Clusterd::start(manifest);
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("sleepy", 2, 20 * SECOND);
     let before = cpu_seconds(clusterd.pid());
     let output = clusterd.ctl(&["reload", "--wait"]);
     assert!(output.status.success(), "{}", clusterd.output());
@@ -203,7 +248,7 @@ ready = "notify"
 "#;
     let mut clusterd = Clusterd::start(manifest);
     let addr = clusterd.socket_addr("http");
-    clusterd.wait_for_lines("ready after", 4, 20 * SECOND);
+    clusterd.wait_ready("web", 4, 20 * SECOND);
     for round in 0..8 {
         let serving = clusterd.serving("web");
         let (slot, victim, _, _) = serving[round % serving.len()].clone();

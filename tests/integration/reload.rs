@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::util::{Clusterd, alive, http_get, wait_until};
+use crate::util::{Clusterd, alive, app_in, http_get, wait_until};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -21,6 +21,16 @@ while [ ! -e "{dir}/go-$CLUSTERD_GENERATION" ]; do sleep 0.05; done
 "$CLUSTERD_EXE" notify READY=1 "STATUS=gated generation $CLUSTERD_GENERATION"
 exec sleep 1000
 "#;
+
+/// How many processes of `app` in a status run generation `generation` (any role).
+fn of_generation(status: &serde_json::Value, app: &str, generation: u64) -> usize {
+    app_in(status, app).expect("app")["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter(|w| !w["pid"].is_null() && w["generation"] == generation)
+        .count()
+}
 
 fn gated_manifest(workers: usize, ready_timeout: &str) -> String {
     format!(
@@ -52,7 +62,7 @@ fn readiness_gates_the_rollout_and_a_never_ready_worker_aborts_it() {
             .all(|(_, _, _, state)| state == "starting")
     );
     go(1);
-    clusterd.wait_for_lines("ready after", 2, 10 * SECOND);
+    clusterd.wait_ready("gated", 2, 10 * SECOND);
     let generation_1 = clusterd.serving("gated");
     let status = clusterd.status();
     assert_eq!(
@@ -60,10 +70,10 @@ fn readiness_gates_the_rollout_and_a_never_ready_worker_aborts_it() {
         "gated generation 1"
     );
 
-    // The rollout holds on the first new worker until the test lets it become ready.
+    // The rollout holds on the first new worker until the test lets it become ready: that
+    // worker cannot be ready before go-2 exists, so what status shows now holds until then.
     clusterd.signal(Signal::SIGUSR2);
     clusterd.wait_for_line("waiting for go-2", 10 * SECOND);
-    std::thread::sleep(SECOND);
     let status = clusterd.status();
     assert_eq!(status["apps"][0]["reloading"]["done"], 0, "{status}");
     assert_eq!(
@@ -72,9 +82,9 @@ fn readiness_gates_the_rollout_and_a_never_ready_worker_aborts_it() {
         "old workers must keep serving"
     );
     assert_eq!(
-        clusterd.count("waiting for go-2"),
+        of_generation(&status, "gated", 2),
         1,
-        "surge 1: one new worker at a time"
+        "surge 1: one new worker at a time: {status}"
     );
     go(2);
     clusterd.wait_for_line("reload of gated complete", 20 * SECOND);
@@ -93,7 +103,7 @@ fn readiness_gates_the_rollout_and_a_never_ready_worker_aborts_it() {
     // A new generation that never becomes ready aborts the rollout; the old workers stay.
     let mut clusterd = Clusterd::start_with_files(&gated_manifest(2, "1s"), &[("gated.sh", GATED)]);
     std::fs::write(clusterd.dir.path().join("go-1"), "").expect("go");
-    clusterd.wait_for_lines("ready after", 2, 10 * SECOND);
+    clusterd.wait_ready("gated", 2, 10 * SECOND);
     let old = clusterd.serving("gated");
     clusterd.signal(Signal::SIGUSR2);
     let line = clusterd.wait_for_line("reload of gated aborted", 10 * SECOND);
@@ -177,7 +187,7 @@ ready = "notify"
 "#,
     );
     let addr = clusterd.socket_addr("http");
-    clusterd.wait_for_lines("ready after", 4, 20 * SECOND);
+    clusterd.wait_ready("web", 4, 20 * SECOND);
 
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
@@ -268,22 +278,18 @@ watchdog = "2s"
 env = { HELLO_NO_WATCHDOG = "1" }
 "#,
     );
-    clusterd.wait_for_line("hung[0] pid", 10 * SECOND);
+    let healthy = clusterd.first_pid("healthy[0]");
     let line = clusterd.wait_for_line("no watchdog heartbeat", 10 * SECOND);
     assert!(line.contains("hung[0]"), "{line}");
-    assert!(
-        wait_until(10 * SECOND, || clusterd.started_pids("hung[0]").len() >= 2),
-        "{}",
-        clusterd.output()
-    );
-    // The healthy one heartbeats (WATCHDOG_USEC is set for it) and is never killed.
-    std::thread::sleep(3 * SECOND);
-    assert_eq!(
-        clusterd.started_pids("healthy[0]").len(),
-        1,
-        "{}",
-        clusterd.output()
-    );
+    // The hung one is replaced, and its replacement misses its heartbeat too: two watchdog
+    // periods pass meanwhile, in which the healthy one (WATCHDOG_USEC is set for it too)
+    // heartbeats and is never killed.
+    clusterd.wait_worker("hung", 0, 20 * SECOND, |w| {
+        w["restarts"].as_u64() >= Some(2)
+    });
+    let worker = clusterd.wait_worker("healthy", 0, 10 * SECOND, |w| !w["pid"].is_null());
+    assert_eq!(worker["restarts"], 0, "{worker}");
+    assert_eq!(crate::util::json_pid(&worker), healthy);
     let output = clusterd.output();
     assert!(
         !output
@@ -343,6 +349,8 @@ fn reload_requests_during_a_rollout_coalesce_into_one_more() {
         assert!(clusterd.ctl(&["reload"]).status.success());
     }
     clusterd.wait_for_line("waiting for go-2", 10 * SECOND);
+    // (The log travels apart from the worker's output: wait for its lines, then count.)
+    clusterd.wait_for_lines("another one will follow", 2, 10 * SECOND);
     assert_eq!(
         clusterd.count("another one will follow"),
         2,
@@ -352,8 +360,20 @@ fn reload_requests_during_a_rollout_coalesce_into_one_more() {
     for generation in [2, 3] {
         std::fs::write(clusterd.dir.path().join(format!("go-{generation}")), "").expect("go");
     }
-    clusterd.wait_for_lines("reload of gated complete", 2, 20 * SECOND);
-    std::thread::sleep(SECOND);
+    // Once generation 3 is rolled out and no rollout is under way, nothing more is pending
+    // (a pending request would have started at once).
+    let mut status = serde_json::Value::Null;
+    assert!(wait_until(20 * SECOND, || {
+        status = clusterd.status();
+        status["apps"][0]["last_reload"]["generation"] == 3
+            && status["apps"][0]["reloading"].is_null()
+    }));
+    assert_eq!(
+        status["apps"][0]["last_reload"]["outcome"], "completed",
+        "{status}"
+    );
+    // The log travels apart from status: wait for its lines, then count them.
+    clusterd.wait_for_lines("reload of gated complete", 2, 10 * SECOND);
     assert_eq!(
         clusterd.count("reload of gated complete"),
         2,
@@ -442,7 +462,12 @@ ready_timeout = "1s"
         "{}",
         clusterd.output()
     );
-    assert_eq!(clusterd.started_pids("slow[0]").len(), 1);
+    let status = clusterd.status();
+    assert_eq!(
+        app_in(&status, "slow").expect("slow")["workers"][0]["restarts"],
+        0,
+        "{status}"
+    );
 }
 
 #[test]
@@ -458,12 +483,10 @@ ready_timeout = "10s"
 "#,
     );
     clusterd.wait_for_line("triggered its watchdog", 10 * SECOND);
-    assert!(wait_until(10 * SECOND, || clusterd
-        .started_pids("rogue[0]")
-        .len()
-        >= 2));
-    let status = clusterd.status();
-    assert_eq!(status["apps"][0]["workers"][0]["restarts"], 1, "{status}");
+    let rogue = clusterd.wait_worker("rogue", 0, 10 * SECOND, |w| {
+        w["restarts"].as_u64() >= Some(1) && !w["pid"].is_null()
+    });
+    assert_eq!(rogue["restarts"], 1, "{rogue}");
     assert!(
         !clusterd.output().contains("panicked"),
         "{}",

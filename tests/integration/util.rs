@@ -1,11 +1,22 @@
 //! The test harness: starts the real `clusterd` binary on a manifest in a fresh temp dir,
-//! collects its output, and waits on conditions with deadlines (never fixed sleeps). A watchdog
-//! thread kills a supervisor that outlives its test, so no test can hang.
+//! collects its output, and waits on conditions with deadlines (never fixed sleeps).
+//!
+//! - **Watchdog**: a thread holds a pidfd of the test's own supervisor and SIGKILLs it through
+//!   that pidfd if it outlives [`WATCHDOG`], so no test can hang (and no other test's
+//!   supervisor, nor a reused pid, is ever hit).
+//! - **Leaks**: every supervisor is started with a mark of its own in its environment
+//!   ([`MARK`]), which its workers and their descendants inherit. When a [`Clusterd`] is
+//!   dropped, every process still carrying the mark is killed; if the supervisor had exited
+//!   on its own (a stop, not a SIGKILL), a marked process that outlives it fails the test.
+//! - **Skips**: a test that cannot run here calls [`skip`] or [`require`]: the reason is
+//!   printed and counted (`scripts/test` reports it), and under CI a missing kernel feature
+//!   fails the test instead.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +25,13 @@ use nix::unistd::Pid;
 
 /// The longest any supervisor started by a test may live.
 const WATCHDOG: Duration = Duration::from_secs(180);
+
+/// The environment variable that marks the processes of one [`Clusterd`]: its value is unique
+/// to each start, and everything the supervisor starts inherits it.
+const MARK: &str = "CLUSTERD_TEST_MARK";
+
+/// How long the processes of a supervisor that exited may take to be gone.
+const LEFTOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// The built `clusterd` binary.
 pub fn clusterd_bin() -> PathBuf {
@@ -51,6 +69,9 @@ pub struct Clusterd {
     exit: Option<ExitStatus>,
     /// Whether the harness reads clusterd's stdout and stderr (see [`Clusterd::start_unread`]).
     reading: bool,
+    /// The values of [`MARK`] of this supervisor's environment and of those it took over
+    /// from (see [`Clusterd::start_again`]).
+    marks: Vec<String>,
 }
 
 impl Clusterd {
@@ -174,8 +195,13 @@ impl Clusterd {
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
         let path = self.manifest.clone();
         let reading = self.reading;
+        // What the first run left is the new run's to find (and, in the end, this harness's
+        // to sweep).
+        let marks = std::mem::take(&mut self.marks);
         drop(self);
-        Self::launch(dir, path, |_| {}, reading)
+        let mut again = Self::launch(dir, path, |_| {}, reading);
+        again.marks.extend(marks);
+        again
     }
 
     fn launch(
@@ -195,22 +221,21 @@ impl Clusterd {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         adjust(&mut command);
+        // After `adjust`, which may replace the command (a wrapper).
+        static STARTS: AtomicU64 = AtomicU64::new(0);
+        let mark = format!(
+            "{}-{}",
+            std::process::id(),
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        );
+        command.env(MARK, &mark);
         let mut child = command.spawn().expect("spawn clusterd");
         let lines = Arc::new(Lines::default());
         if reading {
             collect(child.stdout.take().expect("stdout"), lines.clone());
             collect(child.stderr.take().expect("stderr"), lines.clone());
         }
-        let pid = child.id() as i32;
-        std::thread::spawn(move || {
-            std::thread::sleep(WATCHDOG);
-            // Only if it is still our child: the test's Drop waits for it, so after the test
-            // the pid is reaped and this is a no-op on an unused (or, rarely, reused) pid that
-            // we check first.
-            if process_is(pid, "clusterd") {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        });
+        watchdog(Pid::from_raw(child.id() as i32));
         Clusterd {
             child,
             lines,
@@ -218,6 +243,7 @@ impl Clusterd {
             manifest: path,
             exit: None,
             reading,
+            marks: vec![mark],
         }
     }
 
@@ -277,15 +303,28 @@ impl Clusterd {
         self.wait_for_lines(needle, 1, timeout).remove(0)
     }
 
-    /// The address clusterd bound for socket `name` (from its log).
+    /// The address clusterd bound for socket `name`, from status (waiting, bounded, for
+    /// clusterd to answer).
     pub fn socket_addr(&self, name: &str) -> SocketAddr {
-        let line = self.wait_for_line(
-            &format!("socket {name} listening on "),
-            Duration::from_secs(10),
+        let mut last = serde_json::Value::Null;
+        let mut address = None;
+        let found = self.status_until(Duration::from_secs(20), |status| {
+            last = status.clone();
+            address = last["sockets"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["name"] == name))
+                .and_then(|s| s["address"].as_str().map(str::to_owned));
+            address.is_some()
+        });
+        assert!(
+            found,
+            "socket {name} is not in status: {last:#}\noutput:\n{}",
+            self.output()
         );
-        let addr = line.rsplit(' ').next().expect("address");
-        addr.parse()
-            .unwrap_or_else(|_| panic!("not an address in {line:?}"))
+        let address = address.expect("address");
+        address
+            .parse()
+            .unwrap_or_else(|_| panic!("not an address: {address:?}"))
     }
 
     /// Pids of workers started so far, from the log, in order (`web[0] started pid 123`).
@@ -302,12 +341,59 @@ impl Clusterd {
             .collect()
     }
 
-    /// The pid of the first worker started for `label`, waiting (bounded) for its log line:
-    /// clusterd's log and its workers' output travel on different streams, so a worker's
-    /// first words may arrive before the line saying it was started.
+    /// The pid of the first worker started for `label` (`app[slot]`), waiting (bounded) for
+    /// status to show one. If the slot has been restarted since, the first pid is no longer
+    /// in status and comes from the log.
     pub fn first_pid(&self, label: &str) -> Pid {
+        let (app, slot) = label
+            .strip_suffix(']')
+            .and_then(|l| l.split_once('['))
+            .and_then(|(app, slot)| Some((app, slot.parse().ok()?)))
+            .unwrap_or_else(|| panic!("not a worker label (`app[slot]`): {label:?}"));
+        let worker = self.wait_worker(app, slot, Duration::from_secs(10), |w| !w["pid"].is_null());
+        if worker["restarts"] == 0 && worker["generation"] == 1 {
+            return json_pid(&worker);
+        }
         self.wait_for_line(&format!("{label} started pid "), Duration::from_secs(10));
         self.started_pids(label)[0]
+    }
+
+    /// Waits until status (once clusterd answers) shows the serving worker of `app` in `slot` with `condition`
+    /// holding; returns it. Panics with the last status on timeout.
+    pub fn wait_worker(
+        &self,
+        app: &str,
+        slot: u64,
+        timeout: Duration,
+        mut condition: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        let mut found = None;
+        let held = self.status_until(timeout, |status| {
+            last = status.clone();
+            found = worker_in(&last, app, slot).filter(|w| condition(w));
+            found.is_some()
+        });
+        assert!(
+            held,
+            "timed out waiting for {app}[{slot}] in status: {last:#}\noutput:\n{}",
+            self.output()
+        );
+        found.expect("found")
+    }
+
+    /// Waits until status shows `n` ready workers of `app` (`ready` of the app).
+    pub fn wait_ready(&self, app: &str, n: u64, timeout: Duration) {
+        let mut last = serde_json::Value::Null;
+        let ready = self.status_until(timeout, |status| {
+            last = status.clone();
+            app_in(&last, app).is_some_and(|a| a["ready"].as_u64() >= Some(n))
+        });
+        assert!(
+            ready,
+            "timed out waiting for {n} ready workers of {app}: {last:#}\noutput:\n{}",
+            self.output()
+        );
     }
 
     /// Sends `signal` to clusterd.
@@ -350,26 +436,17 @@ impl Clusterd {
     }
 
     /// Runs a control command against this supervisor: `clusterd ARGS... -f MANIFEST`.
+    /// Its stdout and stderr are read while it runs (so a long answer never blocks it);
+    /// panics if it has not finished within 60 s.
     pub fn ctl(&self, args: &[&str]) -> std::process::Output {
-        let mut child = Command::new(clusterd_bin())
+        let mut command = Command::new(clusterd_bin());
+        command
             .args(args)
             .arg("-f")
             .arg(&self.manifest)
-            .env_remove("XDG_RUNTIME_DIR")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn clusterd client");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while child.try_wait().expect("try_wait").is_none() {
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                panic!("`clusterd {}` did not finish within 60s", args.join(" "));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        child.wait_with_output().expect("client output")
+            .env_remove("XDG_RUNTIME_DIR");
+        output_within(&mut command, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("`clusterd {}` did not finish within 60s", args.join(" ")))
     }
 
     /// `clusterd status --json`, parsed.
@@ -381,6 +458,39 @@ impl Clusterd {
             String::from_utf8_lossy(&output.stderr)
         );
         serde_json::from_slice(&output.stdout).expect("status JSON")
+    }
+
+    /// `clusterd status --json`, parsed; `None` while clusterd does not answer (not up yet,
+    /// or gone).
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        let output = self.ctl(&["status", "--json"]);
+        if !output.status.success() {
+            return None;
+        }
+        Some(serde_json::from_slice(&output.stdout).expect("status JSON"))
+    }
+
+    /// Asks status (`null` while clusterd does not answer) until `condition` holds of it or
+    /// `timeout` passes; returns whether it held. Each ask is a client process and a request
+    /// to the loop, so the pause between asks grows from 10 ms to 200 ms: quick to notice
+    /// what comes soon, light on a loaded machine for what takes long.
+    pub fn status_until(
+        &self,
+        timeout: Duration,
+        mut condition: impl FnMut(&serde_json::Value) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if condition(&self.try_status().unwrap_or_default()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
     }
 
     /// The serving workers of `app` in a status: (slot, pid, generation, state).
@@ -407,6 +517,11 @@ impl Clusterd {
             .collect()
     }
 
+    /// The pids of `app`'s serving workers, from status, in slot order.
+    pub fn serving_pids(&self, app: &str) -> Vec<Pid> {
+        self.serving(app).into_iter().map(|w| w.1).collect()
+    }
+
     /// The control socket's path (in the run dir beside the manifest).
     pub fn control_socket(&self) -> PathBuf {
         self.dir.path().join(".clusterd/clusterd/control.sock")
@@ -426,13 +541,201 @@ impl Clusterd {
 }
 
 impl Drop for Clusterd {
+    /// Kills clusterd if it still runs, then every process it left (see [`MARK`]). If
+    /// clusterd had exited on its own, anything it left is a leak and fails the test.
     fn drop(&mut self) {
-        if self.exit.is_none() {
-            // SIGKILL: the workers follow through PR_SET_PDEATHSIG.
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        use std::os::unix::process::ExitStatusExt;
+        let killed = match self.exit {
+            None => {
+                // SIGKILL: the workers follow through PR_SET_PDEATHSIG; what they started
+                // (maybe in sessions of their own) is swept below.
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                true
+            }
+            Some(status) => status.signal() == Some(libc::SIGKILL),
+        };
+        let mut left = Vec::new();
+        let gone = wait_until(LEFTOVER_WAIT, || {
+            left = marked(&self.marks);
+            if killed {
+                for pid in &left {
+                    let _ = kill(*pid, Signal::SIGKILL);
+                }
+            }
+            left.is_empty()
+        });
+        if gone {
+            return;
+        }
+        let described: Vec<String> = left.iter().map(|p| describe(*p)).collect();
+        for pid in &left {
+            let _ = kill(*pid, Signal::SIGKILL);
+        }
+        if !std::thread::panicking() {
+            panic!(
+                "{} after clusterd {}: {}",
+                if killed {
+                    "processes survived SIGKILL"
+                } else {
+                    "processes left running"
+                },
+                if killed { "was killed" } else { "exited" },
+                described.join(", ")
+            );
         }
     }
+}
+
+/// Starts the watchdog of a supervisor: a thread that holds a pidfd of `pid` (our child, not
+/// yet waited for, so the pid is still its own) and SIGKILLs it through that pidfd if it is
+/// still running after [`WATCHDOG`]. The thread ends as soon as the process exits.
+fn watchdog(pid: Pid) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    assert!(
+        fd >= 0,
+        "pidfd_open({pid}): {} (Linux 5.3 or later is needed)",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a descriptor just returned to us and owned by nobody else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    std::thread::spawn(move || {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::{AsFd, AsRawFd};
+        let deadline = Instant::now() + WATCHDOG;
+        loop {
+            // A pidfd is readable once its process has exited.
+            let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+            let left = deadline.saturating_duration_since(Instant::now());
+            let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            match poll(&mut fds, timeout) {
+                Ok(0) if Instant::now() >= deadline => break,
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) | Err(_) => return,
+            }
+        }
+        eprintln!("watchdog: clusterd {pid} outlived its test ({WATCHDOG:?}): killing it");
+        // SAFETY: pidfd_send_signal on our own pidfd, no siginfo, no flags.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    });
+}
+
+/// Runs `command` with its stdout and stderr read by threads while it runs; `None` (after
+/// killing it) if it has not finished within `timeout`.
+pub fn output_within(command: &mut Command, timeout: Duration) -> Option<std::process::Output> {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = Pid::from_raw(child.id() as i32);
+    let (done, finished) = std::sync::mpsc::channel();
+    // wait_with_output reads both pipes while it waits.
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match finished.recv_timeout(timeout) {
+        Ok(output) => Some(output.expect("output")),
+        Err(_) => {
+            // Not reaped yet (the thread still waits for it), so the pid is still its own.
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = finished.recv();
+            None
+        }
+    }
+}
+
+/// Live processes whose environment has [`MARK`] set to one of `marks`.
+fn marked(marks: &[String]) -> Vec<Pid> {
+    if marks.is_empty() {
+        return Vec::new();
+    }
+    let needles: Vec<String> = marks.iter().map(|m| format!("{MARK}={m}")).collect();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .map(Pid::from_raw)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                env.split(|b| *b == 0)
+                    .any(|kv| needles.iter().any(|n| kv == n.as_bytes()))
+            }) && alive(*pid)
+        })
+        .collect()
+}
+
+/// `pid (command line)`, for a message.
+fn describe(pid: Pid) -> String {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let words: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|w| !w.is_empty())
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect();
+    format!("{pid} ({})", words.join(" "))
+}
+
+/// Whether tests run under CI (`CI=true`), where a test that cannot run fails instead of
+/// skipping.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Records that the calling test (named after its thread, as the test harness names them)
+/// skips its checks, and why: printed, and appended to the file `CLUSTERD_TEST_SKIPS` names
+/// (`scripts/test` counts them). For what a machine may
+/// lack in CI too (e.g. root); see [`require`] for what CI must have.
+pub fn skip(reason: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    eprintln!("SKIPPED: {test}: {reason}");
+    if let Some(path) = std::env::var_os("CLUSTERD_TEST_SKIPS") {
+        let line = format!("{test}: {}\n", reason.replace('\n', " "));
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+    }
+}
+
+/// A test that needs something CI must have (a kernel feature, a toolchain): under CI it
+/// fails with `reason`; elsewhere it is a counted [`skip`].
+pub fn require(reason: &str) {
+    assert!(!under_ci(), "cannot run under CI: {reason}");
+    skip(reason);
+}
+
+/// `app` in a status.
+pub fn app_in<'a>(status: &'a serde_json::Value, app: &str) -> Option<&'a serde_json::Value> {
+    status["apps"].as_array()?.iter().find(|a| a["name"] == app)
+}
+
+/// The serving worker (or empty slot) of `app` in `slot` in a status.
+pub fn worker_in(status: &serde_json::Value, app: &str, slot: u64) -> Option<serde_json::Value> {
+    app_in(status, app)?["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["slot"] == slot && w["role"] == "serving")
+        .cloned()
+}
+
+/// The `pid` of a worker in a status.
+pub fn json_pid(worker: &serde_json::Value) -> Pid {
+    Pid::from_raw(worker["pid"].as_i64().expect("a pid") as i32)
 }
 
 /// Writes an executable file atomically (write a temp file, then rename), so that a
@@ -488,11 +791,6 @@ pub fn alive(pid: Pid) -> bool {
         Ok(stat) => stat.rfind(')').and_then(|i| stat[i + 2..].chars().next()) != Some('Z'),
         Err(_) => false,
     }
-}
-
-/// True if `pid` exists and its command name is `name`.
-fn process_is(pid: i32, name: &str) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
 }
 
 /// The environment of a running process.
