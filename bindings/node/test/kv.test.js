@@ -1,8 +1,10 @@
-// get/set/del with strings and Buffers, error codes, stats and roles, in one process.
+// get/set/del with strings and Buffers, error codes, stats and roles, ASK and MOVED (a slot
+// migrated with redis-cli), in one process.
 'use strict';
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
+const { spawnSync } = require('node:child_process');
 const { connect } = require('..');
 const { seeds, freshSegment, waitFor } = require('./helpers');
 
@@ -129,5 +131,60 @@ test('sharedMemory: false tends a private map', async () => {
     assert.equal(await kv.getString('local'), 'x');
   } finally {
     await kv.close();
+  }
+});
+
+// redis-cli against one node of the test cluster.
+function cli(addr, ...args) {
+  const [host, port] = addr.split(':');
+  const out = spawnSync('redis-cli', ['-h', host, '-p', port, ...args], { encoding: 'utf8', timeout: 10_000 });
+  assert.equal(out.status, 0, `redis-cli -p ${port} ${args.join(' ')}: ${out.stderr}`);
+  return out.stdout.trim();
+}
+
+test('ASK and MOVED are followed on the event loop; MOVED wakes the tend owner', async () => {
+  const segment = freshSegment('moved');
+  // A 30 s tend interval: only the follower's wake-up can make the owner re-read the map.
+  const owner = await connect({ seeds, segment, tendInterval: 30_000 });
+  const follower = await connect({ seeds, segment, tendInterval: 30_000 });
+  const key = `moved:${segment}`;
+  try {
+    await follower.set(key, 'before');
+    const from = follower.route(key);
+    const to = seeds.split(',').find((n) => n !== from);
+    const slot = cli(from, 'CLUSTER', 'KEYSLOT', key);
+    const id = (addr) => cli(addr, 'CLUSTER', 'MYID');
+
+    // Mid-migration, with the key already on the target: the source answers ASK.
+    cli(to, 'CLUSTER', 'SETSLOT', slot, 'IMPORTING', id(from));
+    cli(from, 'CLUSTER', 'SETSLOT', slot, 'MIGRATING', id(to));
+    const [toHost, toPort] = to.split(':');
+    assert.equal(cli(from, 'MIGRATE', toHost, toPort, '', '0', '5000', 'KEYS', key), 'OK');
+    assert.equal(await follower.getString(key), 'before');
+    assert.equal(follower.stats().ask, 1);
+    assert.equal(follower.stats().moved, 0);
+    assert.equal(follower.route(key), from, 'ASK does not change the map');
+
+    // The slot now belongs to the target on every node: the source answers MOVED.
+    for (const node of [to, from, ...seeds.split(',').filter((n) => n !== to && n !== from)]) {
+      cli(node, 'CLUSTER', 'SETSLOT', slot, 'NODE', id(to));
+    }
+    const ownerBefore = owner.stats();
+    assert.equal(await follower.getString(key), 'before');
+    const f = follower.stats();
+    assert.equal(f.moved, 1);
+    assert.equal(f.refreshRequests, 1);
+    assert.equal(f.topologyCommands, 0, 'the follower reads no topology');
+    assert.equal(follower.route(key), to, 'the MOVED patched the local map');
+    // The owner tends at once and publishes the new map.
+    await waitFor('the owner to re-read the map', () => owner.route(key) === to, 5_000);
+    assert.ok(owner.stats().topologyCommands > ownerBefore.topologyCommands);
+    await follower.set(key, 'after');
+    assert.equal(await owner.getString(key), 'after');
+    assert.equal(owner.stats().moved, 0, 'the owner routed by the refreshed map');
+  } finally {
+    await follower.del(key).catch(() => {});
+    await owner.close();
+    await follower.close();
   }
 });
