@@ -72,7 +72,10 @@ test('errors are Error objects with a stable code', async () => {
   );
 
   const kv = await connect({ seeds, segment: freshSegment('closed') });
+  // Sent, but its reply cannot arrive before close() settles it.
+  const unanswered = assert.rejects(kv.get('x'), { code: 'ERR_KV_CLOSED' });
   await kv.close();
+  await unanswered;
   await kv.close(); // idempotent
   for (const attempt of [kv.get('x'), kv.set('x', 'y'), kv.del('x'), kv.getString('x')]) {
     await assert.rejects(attempt, (e) => {
@@ -186,5 +189,29 @@ test('ASK and MOVED are followed on the event loop; MOVED wakes the tend owner',
     await follower.del(key).catch(() => {});
     await owner.close();
     await follower.close();
+  }
+});
+
+test('a node that does not answer within commandTimeout: ERR_KV_COMMAND, then a new connection', async () => {
+  const kv = await connect({ seeds, segment: freshSegment('timeout'), commandTimeout: 100 });
+  const key = `timeout:${process.pid}`;
+  const node = kv.route(key);
+  try {
+    // The node holds writes until CLIENT UNPAUSE (which, unlike a pause of ALL, it answers).
+    assert.equal(cli(node, 'CLIENT', 'PAUSE', '30000', 'WRITE'), 'OK');
+    try {
+      await assert.rejects(kv.set(key, 'paused'), (e) => {
+        assert.equal(e.code, 'ERR_KV_COMMAND');
+        assert.match(e.message, /^SET on Redis node .*: no reply within 100 ms$/);
+        return true;
+      });
+    } finally {
+      cli(node, 'CLIENT', 'UNPAUSE');
+    }
+    await kv.set(key, 'v');
+    assert.equal(await kv.getString(key), 'v');
+  } finally {
+    await kv.del(key).catch(() => {});
+    await kv.close();
   }
 });
