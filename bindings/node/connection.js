@@ -214,7 +214,8 @@ class Connection {
     this.queue = [];
     this.head = 0;
     this.out = []; // encoded commands waiting for this tick's flush
-    this.timer = null;
+    this.timer = null; // the command-timeout check
+    this.expiring = null; // its second look, after the loop's reads (see checkTimeout)
     this.parser = new Parser();
     this.flush = () => this.flushOut();
     this.deliver = (reply) => this.onReply(reply);
@@ -280,7 +281,7 @@ class Connection {
       }
       this.queue.push({ resolve, reject, sent, asking: false, answered: false });
       this.out.push(command);
-      if (this.timer === null) {
+      if (this.timer === null && this.expiring === null) {
         this.armTimer(this.commandTimeout);
       }
     });
@@ -330,16 +331,22 @@ class Connection {
   }
 
   /** Drops the connection if its oldest command waited too long; else re-arms. */
-  checkTimeout() {
+  checkTimeout(expired = null) {
     this.timer = null;
+    this.expiring = null;
     if (this.dead !== null || this.pending === 0) {
       return;
     }
-    const waited = performance.now() - this.queue[this.head].sent;
-    if (waited >= this.commandTimeout) {
+    const head = this.queue[this.head];
+    const waited = performance.now() - head.sent;
+    if (waited < this.commandTimeout) {
+      this.armTimer(Math.ceil(this.commandTimeout - waited));
+    } else if (expired === head) {
       this.fail(new ConnectionError('timeout', `no reply within ${this.commandTimeout} ms`));
     } else {
-      this.armTimer(Math.ceil(this.commandTimeout - waited));
+      // Timers run before the loop reads its sockets: after a stall of the whole process the
+      // reply may already be here. Decide after this turn's reads (setImmediate runs then).
+      this.expiring = setImmediate(() => this.checkTimeout(head));
     }
   }
 
@@ -349,10 +356,10 @@ class Connection {
       return;
     }
     this.dead = error;
-    if (this.timer !== null) {
-      clearTimeout(this.timer);
-      this.timer = null;
-    }
+    clearTimeout(this.timer);
+    clearImmediate(this.expiring);
+    this.timer = null;
+    this.expiring = null;
     if (this.socket) {
       this.socket.destroy();
     }

@@ -4,6 +4,7 @@
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
+const fs = require('node:fs');
 const { spawnSync } = require('node:child_process');
 const { connect } = require('..');
 const { seeds, freshSegment, waitFor } = require('./helpers');
@@ -210,6 +211,40 @@ test('a node that does not answer within commandTimeout: ERR_KV_COMMAND, then a 
     }
     await kv.set(key, 'v');
     assert.equal(await kv.getString(key), 'v');
+  } finally {
+    await kv.del(key).catch(() => {});
+    await kv.close();
+  }
+});
+
+/** Bytes the kernel holds unread for the TCP socket from local port `port` (/proc/net/tcp). */
+function unreadBytes(port) {
+  const hex = port.toString(16).toUpperCase().padStart(4, '0');
+  for (const line of fs.readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1)) {
+    const fields = line.trim().split(/\s+/);
+    if (fields.length > 4 && fields[1].endsWith(`:${hex}`)) {
+      return Number.parseInt(fields[4].split(':')[1], 16);
+    }
+  }
+  return 0;
+}
+
+test('a reply that arrived while the process was too busy to read it is not a timeout', async () => {
+  const kv = await connect({ seeds, segment: freshSegment('stall'), commandTimeout: 100 });
+  const key = `stall:${process.pid}`;
+  try {
+    await kv.set(key, 'v');
+    const socket = kv._pool.connections.get(kv.route(key)).socket;
+    const got = kv.getString(key);
+    // After the GET is written (the flush is the tick's first callback), block the event loop
+    // past the command timeout, until the reply waits in the socket.
+    process.nextTick(() => {
+      const started = performance.now();
+      while (performance.now() - started < 200 || unreadBytes(socket.localPort) === 0) {
+        assert.ok(performance.now() - started < 10_000, 'no reply within 10 s');
+      }
+    });
+    assert.equal(await got, 'v');
   } finally {
     await kv.del(key).catch(() => {});
     await kv.close();
