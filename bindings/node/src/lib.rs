@@ -94,7 +94,8 @@ pub struct KvStats {
     pub owner_epoch: f64,
     /// The segment's map generation (0 without shared memory).
     pub map_generation: u32,
-    /// Key commands issued (GET/SET/DEL), not counting redirections.
+    /// Key commands issued (GET/SET/DEL), not counting redirections. This and `moved` and
+    /// `ask` count the crate's own data path; `index.js` adds those of its own.
     pub commands: f64,
     /// `MOVED` replies followed.
     pub moved: f64,
