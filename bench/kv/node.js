@@ -9,9 +9,12 @@
 //             owner's lock time (stamped in the segment by the thread woken from flock) minus
 //             the time just before the kill, same clock (CLOCK_MONOTONIC)
 //   latency   sequential GETs in one process: the binding vs the npm `redis` client's cluster
-//             mode (createCluster), interleaved rounds after a warm-up
+//             mode (createCluster), interleaved rounds after a warm-up; with
+//             KV_BENCH_OLD_ADDON=<libclusterd_kv_node.so built before the event-loop data
+//             path> also that addon's own GET (each call hops to napi's tokio runtime)
 //
-// Usage: node bench/kv/node.js [topology|takeover|latency ...]; KV_BENCH_TRIALS (default 20).
+// Usage: node bench/kv/node.js [topology|takeover|latency ...]; KV_BENCH_TRIALS (default 20),
+// KV_BENCH_ROUNDS (latency rounds, default 10).
 'use strict';
 
 const fs = require('node:fs');
@@ -24,8 +27,8 @@ const kvNode = require('../../bindings/node');
 const WORKERS = 8;
 const TRIALS = Number(process.env.KV_BENCH_TRIALS || 20);
 const KEYS = 1000;
-const GETS_PER_ROUND = 4000;
-const ROUNDS = 5;
+const GETS_PER_ROUND = 2000;
+const ROUNDS = Number(process.env.KV_BENCH_ROUNDS || 10);
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -261,6 +264,14 @@ async function latency(cluster) {
     ['clusterd-kv binding, tend owner', (k) => binding.get(k)],
     ['clusterd-kv binding, follower (shared map)', (k) => follower.get(k)],
   ];
+  let old = null;
+  if (process.env.KV_BENCH_OLD_ADDON) {
+    // The addon of before the event-loop data path: its native client's own `get`.
+    const module = { exports: {} };
+    process.dlopen(module, path.resolve(process.env.KV_BENCH_OLD_ADDON));
+    old = await module.exports.connectNative({ seeds: cluster.ports.map((p) => `127.0.0.1:${p}`), segmentDir: segDir, segment: 'bench-lat-old' });
+    clients.push(['old binding (tokio hop per call), tend owner', (k) => old.get(k)]);
+  }
   const samples = clients.map(() => []);
   for (let round = 0; round <= ROUNDS; round += 1) {
     for (const [index, [, get]] of clients.entries()) {
@@ -274,6 +285,7 @@ async function latency(cluster) {
     }
   }
   await npm.quit();
+  if (old) await old.close();
   await binding.close();
   await follower.close();
   fs.rmSync(segDir, { recursive: true, force: true });
@@ -281,7 +293,7 @@ async function latency(cluster) {
   const base = quantile(samples[0], 0.5);
   const us = (v) => `${v.toFixed(1)} µs`;
   return [
-    `| client (sequential GETs, ${GETS_PER_ROUND * ROUNDS} each) | median | p95 | median vs baseline |`,
+    `| client (sequential GETs, ${GETS_PER_ROUND * ROUNDS} each in ${ROUNDS} interleaved rounds) | median | p95 | median vs baseline |`,
     '| --- | ---: | ---: | ---: |',
     ...clients.map(([name], i) => {
       const median = quantile(samples[i], 0.5);

@@ -9,7 +9,10 @@
 #   bench/kv/run.sh node [SECTION...]   # the Node binding only (bench/kv/node.js): topology,
 #                                       # takeover, latency vs the npm `redis` client
 #
-# KV_BENCH_TRIALS (default 20) sets the takeover trials. Tables go to stdout and to
+# KV_BENCH_TRIALS (default 20) sets the takeover trials, KV_BENCH_ROUNDS (default 10) the Node
+# latency rounds; KV_BENCH_OLD_ADDON=<an older libclusterd_kv_node.so> adds that addon's own
+# GET (the binding before its data path moved to the event loop) to the Node latency table.
+# Tables go to stdout and to
 # bench/results/kv.md (Rust) and bench/results/kv-node.md (Node). Needs redis-server and
 # redis-cli (apt-get install redis-server redis-tools); the Node section also node and npm,
 # and installs the npm `redis` package into a temp dir (removed afterwards). Bounded: each

@@ -1,13 +1,17 @@
 //! Node.js binding of `clusterd-kv`: the Redis Cluster client whose cluster map is tended by
 //! one process per host and shared through shared memory, for Node workers.
 //!
-//! A thin layer: everything that matters — the segment, the seqlock, the tend lock and its
-//! hand-over, `MOVED`/`ASK` — is the Rust crate's. This file only converts arguments, runs the
-//! crate's futures on napi's tokio runtime (`tokio_rt`) and turns results into promises.
+//! The map side of the client: the segment, the seqlock, the tend lock and its hand-over, the
+//! tend owner's topology reads and the futex wake-up of the owner after a `MOVED` are the
+//! Rust crate's, running on napi's tokio runtime (`tokio_rt`) and the crate's helper threads.
+//! The data path is not here: `index.js` sends the commands over `net` sockets on Node's
+//! event loop (`connection.js`), asks [`KvClient::route`] for each key's node (a lookup in
+//! the current map, synchronous) and reports redirections through
+//! [`KvClient::note_moved`], so a GET never crosses to another thread.
 //!
-//! Errors reject with a JavaScript `Error` whose `code` is one of the stable strings of
-//! [`error_code`] (`ERR_KV_CONNECT`, `ERR_KV_CLOSED`, ...), built on the JavaScript thread
-//! when the promise settles.
+//! Errors of `connect` and `close` reject with a JavaScript `Error` whose `code` is one of
+//! the stable strings of [`error_code`] (`ERR_KV_CONNECT`, `ERR_KV_CLOSED`, ...), built on
+//! the JavaScript thread when the promise settles; `index.js` uses the same codes.
 //!
 //! Lifetime: the runtime's threads and the crate's helper threads hold no libuv handle, so
 //! they never keep Node alive; a pending promise does until it settles. `close()` releases the
@@ -15,16 +19,17 @@
 //! a `flock` with its last descriptor), and a client that is garbage-collected is closed by
 //! its `Drop`.
 //!
-//! `index.js` beside this crate finds and loads the built library and wraps [`connect`] to
-//! check its options in JavaScript.
+//! `index.js` beside this crate finds and loads the built library, wraps [`connect`] to
+//! check its options in JavaScript and wraps the handle it resolves with in its own
+//! `KvClient` class.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clusterd_kv::{Error as KvError, KvOptions};
-use napi::bindgen_prelude::{Buffer, JsObjectValue, PromiseRaw, ToNapiValue};
-use napi::{Either, Env, JsValue, Status};
+use napi::bindgen_prelude::{BufferSlice, JsObjectValue, PromiseRaw, ToNapiValue};
+use napi::{Env, JsValue, Status};
 use napi_derive::napi;
 
 /// Options of [`connect`], as JavaScript passes them (`index.js` normalizes `seeds`).
@@ -89,7 +94,8 @@ pub struct KvStats {
     pub owner_epoch: f64,
     /// The segment's map generation (0 without shared memory).
     pub map_generation: u32,
-    /// Key commands issued (GET/SET/DEL), not counting redirections.
+    /// Key commands issued (GET/SET/DEL), not counting redirections. This and `moved` and
+    /// `ask` count the crate's own data path; `index.js` adds those of its own.
     pub commands: f64,
     /// `MOVED` replies followed.
     pub moved: f64,
@@ -126,8 +132,8 @@ pub fn connect<'env>(
     })
 }
 
-/// A connected client. Obtained from `connect()`; every method but `stats` and `route`
-/// returns a promise.
+/// The addon's half of a connected client, obtained from `connect()` and wrapped by
+/// `index.js`: the map, the tend lock and the counters of the map side.
 #[napi]
 pub struct KvClient {
     inner: Arc<clusterd_kv::KvClient>,
@@ -135,62 +141,30 @@ pub struct KvClient {
 
 #[napi]
 impl KvClient {
-    /// The value at `key` as a Buffer, or `null`.
+    /// The node (`host:port`) the client's map routes `key` (bytes) to, or `null`: the data
+    /// path's lookup, once per command (a follower copies the segment's map first when its
+    /// generation changed).
     #[napi]
-    pub fn get<'env>(
-        &self,
-        env: &'env Env,
-        key: Either<String, Buffer>,
-    ) -> napi::Result<PromiseRaw<'env, Option<Buffer>>> {
-        let (kv, key) = (self.inner.clone(), bytes(key));
-        settle(env, async move { kv.get(key).await }, |_, value| {
-            Ok(value.map(Into::into))
-        })
+    pub fn route(&self, key: BufferSlice) -> Option<String> {
+        self.inner.route(&*key)
     }
 
-    /// The value at `key` decoded as UTF-8 (invalid sequences become U+FFFD, as with
-    /// `buffer.toString()`), or `null`.
+    /// Reports a `MOVED` for `slot` to `to` received by the data path: patches the local map
+    /// and asks for a refresh (a follower wakes the tend owner through the segment).
     #[napi]
-    pub fn get_string<'env>(
-        &self,
-        env: &'env Env,
-        key: Either<String, Buffer>,
-    ) -> napi::Result<PromiseRaw<'env, Option<String>>> {
-        let (kv, key) = (self.inner.clone(), bytes(key));
-        settle(env, async move { kv.get(key).await }, |_, value| {
-            Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
-        })
+    pub fn note_moved(&self, slot: u32, to: String) -> napi::Result<()> {
+        let slot = u16::try_from(slot)
+            .ok()
+            .filter(|&s| s < 16384)
+            .ok_or_else(|| napi::Error::new(Status::InvalidArg, format!("no hash slot {slot}")))?;
+        self.inner.note_moved(slot, &to);
+        Ok(())
     }
 
-    /// Stores `value` (a string, stored as UTF-8, or a Buffer) at `key`.
+    /// Asks for a topology refresh, as the data path does after a dropped connection.
     #[napi]
-    pub fn set<'env>(
-        &self,
-        env: &'env Env,
-        key: Either<String, Buffer>,
-        value: Either<String, Buffer>,
-    ) -> napi::Result<PromiseRaw<'env, ()>> {
-        let (kv, key, value) = (self.inner.clone(), bytes(key), bytes(value));
-        settle(env, async move { kv.set(key, value).await }, |_, ()| Ok(()))
-    }
-
-    /// Deletes `key`; resolves `true` if it existed.
-    #[napi]
-    pub fn del<'env>(
-        &self,
-        env: &'env Env,
-        key: Either<String, Buffer>,
-    ) -> napi::Result<PromiseRaw<'env, bool>> {
-        let (kv, key) = (self.inner.clone(), bytes(key));
-        settle(env, async move { kv.del(key).await }, |_, existed| {
-            Ok(existed)
-        })
-    }
-
-    /// The node (`host:port`) the client's map routes `key` to, or `null`.
-    #[napi]
-    pub fn route(&self, key: Either<String, Buffer>) -> Option<String> {
-        self.inner.route(bytes(key))
+    pub fn request_refresh(&self) {
+        self.inner.request_refresh();
     }
 
     /// The client's role and counters, with the segment's owner facts.
@@ -226,13 +200,10 @@ impl KvClient {
     }
 }
 
-/// A key or value as bytes: strings as UTF-8, Buffers as they are. Copied
-/// on the JavaScript thread, so the future owns its data.
-fn bytes(value: Either<String, Buffer>) -> Vec<u8> {
-    match value {
-        Either::A(s) => s.into_bytes(),
-        Either::B(b) => b.to_vec(),
-    }
+/// The hash slot (0..16384) of `key` (bytes), as Redis Cluster computes it.
+#[napi]
+pub fn key_slot(key: BufferSlice) -> u32 {
+    u32::from(clusterd_kv::key_slot(&key))
 }
 
 /// One segment's tend owner, as [`tend_owners`] reports it (`clusterd_kv::OwnerInfo`).

@@ -1,8 +1,11 @@
-// get/set/del with strings and Buffers, error codes, stats and roles, in one process.
+// get/set/del with strings and Buffers, error codes, stats and roles, ASK and MOVED (a slot
+// migrated with redis-cli), in one process.
 'use strict';
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const { spawnSync } = require('node:child_process');
 const { connect } = require('..');
 const { seeds, freshSegment, waitFor } = require('./helpers');
 
@@ -70,7 +73,10 @@ test('errors are Error objects with a stable code', async () => {
   );
 
   const kv = await connect({ seeds, segment: freshSegment('closed') });
+  // Sent, but its reply cannot arrive before close() settles it.
+  const unanswered = assert.rejects(kv.get('x'), { code: 'ERR_KV_CLOSED' });
   await kv.close();
+  await unanswered;
   await kv.close(); // idempotent
   for (const attempt of [kv.get('x'), kv.set('x', 'y'), kv.del('x'), kv.getString('x')]) {
     await assert.rejects(attempt, (e) => {
@@ -128,6 +134,119 @@ test('sharedMemory: false tends a private map', async () => {
     await kv.set('local', Buffer.from('x'));
     assert.equal(await kv.getString('local'), 'x');
   } finally {
+    await kv.close();
+  }
+});
+
+// redis-cli against one node of the test cluster.
+function cli(addr, ...args) {
+  const [host, port] = addr.split(':');
+  const out = spawnSync('redis-cli', ['-h', host, '-p', port, ...args], { encoding: 'utf8', timeout: 10_000 });
+  assert.equal(out.status, 0, `redis-cli -p ${port} ${args.join(' ')}: ${out.stderr}`);
+  return out.stdout.trim();
+}
+
+test('ASK and MOVED are followed on the event loop; MOVED wakes the tend owner', async () => {
+  const segment = freshSegment('moved');
+  // A 30 s tend interval: only the follower's wake-up can make the owner re-read the map.
+  const owner = await connect({ seeds, segment, tendInterval: 30_000 });
+  const follower = await connect({ seeds, segment, tendInterval: 30_000 });
+  const key = `moved:${segment}`;
+  try {
+    await follower.set(key, 'before');
+    const from = follower.route(key);
+    const to = seeds.split(',').find((n) => n !== from);
+    const slot = cli(from, 'CLUSTER', 'KEYSLOT', key);
+    const id = (addr) => cli(addr, 'CLUSTER', 'MYID');
+
+    // Mid-migration, with the key already on the target: the source answers ASK.
+    cli(to, 'CLUSTER', 'SETSLOT', slot, 'IMPORTING', id(from));
+    cli(from, 'CLUSTER', 'SETSLOT', slot, 'MIGRATING', id(to));
+    const [toHost, toPort] = to.split(':');
+    assert.equal(cli(from, 'MIGRATE', toHost, toPort, '', '0', '5000', 'KEYS', key), 'OK');
+    assert.equal(await follower.getString(key), 'before');
+    assert.equal(follower.stats().ask, 1);
+    assert.equal(follower.stats().moved, 0);
+    assert.equal(follower.route(key), from, 'ASK does not change the map');
+
+    // The slot now belongs to the target on every node: the source answers MOVED.
+    for (const node of [to, from, ...seeds.split(',').filter((n) => n !== to && n !== from)]) {
+      cli(node, 'CLUSTER', 'SETSLOT', slot, 'NODE', id(to));
+    }
+    const ownerBefore = owner.stats();
+    assert.equal(await follower.getString(key), 'before');
+    const f = follower.stats();
+    assert.equal(f.moved, 1);
+    assert.equal(f.refreshRequests, 1);
+    assert.equal(f.topologyCommands, 0, 'the follower reads no topology');
+    assert.equal(follower.route(key), to, 'the MOVED patched the local map');
+    // The owner tends at once and publishes the new map.
+    await waitFor('the owner to re-read the map', () => owner.route(key) === to, 5_000);
+    assert.ok(owner.stats().topologyCommands > ownerBefore.topologyCommands);
+    await follower.set(key, 'after');
+    assert.equal(await owner.getString(key), 'after');
+    assert.equal(owner.stats().moved, 0, 'the owner routed by the refreshed map');
+  } finally {
+    await follower.del(key).catch(() => {});
+    await owner.close();
+    await follower.close();
+  }
+});
+
+test('a node that does not answer within commandTimeout: ERR_KV_COMMAND, then a new connection', async () => {
+  const kv = await connect({ seeds, segment: freshSegment('timeout'), commandTimeout: 100 });
+  const key = `timeout:${process.pid}`;
+  const node = kv.route(key);
+  try {
+    // The node holds writes until CLIENT UNPAUSE (which, unlike a pause of ALL, it answers).
+    assert.equal(cli(node, 'CLIENT', 'PAUSE', '30000', 'WRITE'), 'OK');
+    try {
+      await assert.rejects(kv.set(key, 'paused'), (e) => {
+        assert.equal(e.code, 'ERR_KV_COMMAND');
+        assert.match(e.message, /^SET on Redis node .*: no reply within 100 ms$/);
+        return true;
+      });
+    } finally {
+      cli(node, 'CLIENT', 'UNPAUSE');
+    }
+    await kv.set(key, 'v');
+    assert.equal(await kv.getString(key), 'v');
+  } finally {
+    await kv.del(key).catch(() => {});
+    await kv.close();
+  }
+});
+
+/** Bytes the kernel holds unread for the TCP socket from local port `port` (/proc/net/tcp). */
+function unreadBytes(port) {
+  const hex = port.toString(16).toUpperCase().padStart(4, '0');
+  for (const line of fs.readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1)) {
+    const fields = line.trim().split(/\s+/);
+    if (fields.length > 4 && fields[1].endsWith(`:${hex}`)) {
+      return Number.parseInt(fields[4].split(':')[1], 16);
+    }
+  }
+  return 0;
+}
+
+test('a reply that arrived while the process was too busy to read it is not a timeout', async () => {
+  const kv = await connect({ seeds, segment: freshSegment('stall'), commandTimeout: 100 });
+  const key = `stall:${process.pid}`;
+  try {
+    await kv.set(key, 'v');
+    const socket = kv._pool.connections.get(kv.route(key)).socket;
+    const got = kv.getString(key);
+    // After the GET is written (the flush is the tick's first callback), block the event loop
+    // past the command timeout, until the reply waits in the socket.
+    process.nextTick(() => {
+      const started = performance.now();
+      while (performance.now() - started < 200 || unreadBytes(socket.localPort) === 0) {
+        assert.ok(performance.now() - started < 10_000, 'no reply within 10 s');
+      }
+    });
+    assert.equal(await got, 'v');
+  } finally {
+    await kv.del(key).catch(() => {});
     await kv.close();
   }
 });

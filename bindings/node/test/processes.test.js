@@ -1,7 +1,7 @@
 // Several Node processes on one segment: exactly one tend owner; close(), process.exit()
 // without close and kill -9 each hand the lock to another process at once (the tend
 // interval is 30 s, so no polling can be what notices); nothing keeps a closed client's
-// process alive.
+// process alive, nor an idle open one's.
 'use strict';
 
 const test = require('node:test');
@@ -140,11 +140,13 @@ for (const [how, end] of [
   });
 }
 
-test('a process whose client is closed exits by itself', async () => {
-  const agent = new Agent(freshSegment('once'), 'once');
-  assert.deepEqual(await agent.next(), { done: true });
-  const timeout = setTimeout(() => agent.kill(), 10_000);
-  const exit = await agent.exited;
-  clearTimeout(timeout);
-  assert.deepEqual(exit, { code: 0, signal: null }, 'the process should exit on its own');
-});
+for (const [how, mode] of [['closed', 'once'], ['idle and open', 'idle']]) {
+  test(`a process whose client is ${how} exits by itself`, async () => {
+    const agent = new Agent(freshSegment(mode), mode);
+    assert.deepEqual(await agent.next(), { done: true });
+    const timeout = setTimeout(() => agent.kill(), 10_000);
+    const exit = await agent.exited;
+    clearTimeout(timeout);
+    assert.deepEqual(exit, { code: 0, signal: null }, 'the process should exit on its own');
+  });
+}

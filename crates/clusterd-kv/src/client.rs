@@ -148,6 +148,20 @@ impl KvClient {
             .map(str::to_owned)
     }
 
+    /// Reports a `MOVED` to `to` for `slot` that arrived on a connection of the caller's own
+    /// (the Node binding's data path runs on Node's event loop): patches the local map so
+    /// the slot routes to `to`, and asks for a refresh exactly as a redirection of
+    /// [`get`](Self::get) does (a follower wakes the tend owner through the segment).
+    pub fn note_moved(&self, slot: u16, to: &str) {
+        self.inner.note_moved(slot, to);
+    }
+
+    /// Asks for a topology refresh, as after a dropped connection: the owner (or a client
+    /// without shared memory) tends at once, a follower wakes the owner through the segment.
+    pub fn request_refresh(&self) {
+        self.inner.request_refresh();
+    }
+
     /// This client's role.
     pub fn role(&self) -> Role {
         self.inner.role()
