@@ -207,7 +207,14 @@ fn the_kubernetes_pod_spec_runs_under_podman_kube_play() {
     let context = podman.path("context");
     let containerfile = scratch_context(&dockerfile, Path::new(&context));
     std::fs::write(Path::new(&context).join("Containerfile"), containerfile).expect("write");
-    podman.ok(&["build", "--quiet", "--tag", &podman.image, &context]);
+    podman.ok(&[
+        "build",
+        "--quiet",
+        "--layers=false",
+        "--tag",
+        &podman.image,
+        &context,
+    ]);
     let built = started.elapsed();
 
     let (spec, host_ports) = podman.for_this_run(&spec);
@@ -527,9 +534,18 @@ fn scratch_context(dockerfile: &str, context: &Path) -> String {
                         "clusterd" => clusterd_bin(),
                         other => example_bin(other),
                     };
-                    std::fs::hard_link(&binary, context.join(name))
-                        .or_else(|_| std::fs::copy(&binary, context.join(name)).map(drop))
-                        .expect("a binary into the build context");
+                    // Without its debug info: a quarter of the size, so a quicker build.
+                    let stripped = Command::new("objcopy")
+                        .arg("--strip-debug")
+                        .arg(&binary)
+                        .arg(context.join(name))
+                        .status()
+                        .expect("objcopy (binutils)");
+                    assert!(
+                        stripped.success(),
+                        "objcopy --strip-debug {}",
+                        binary.display()
+                    );
                     for library in ldd(&binary) {
                         let to = rootfs.join(library.strip_prefix("/").expect("absolute"));
                         std::fs::create_dir_all(to.parent().expect("a dir")).expect("mkdir");
