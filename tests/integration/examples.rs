@@ -332,7 +332,9 @@ impl Podman {
             return None;
         }
         if !nix::unistd::geteuid().is_root() {
-            require("podman runs rootful here (rootless podman needs subuids and a user session)");
+            require(
+                "the test runs podman as root (rootless podman needs subuids and a user session)",
+            );
             return None;
         }
         let dir = tempfile::tempdir().expect("temp dir");
@@ -380,8 +382,18 @@ tmp_dir = "{root}/tmp"
         };
         match podman.run(&["info", "--format", "{{.Host.OCIRuntime.Path}}"]) {
             Some(output) if output.status.success() => Some(podman),
-            other => {
-                require(&format!("podman cannot run here: {other:?}"));
+            Some(output) => {
+                require(&format!(
+                    "podman cannot run here ({}): {}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ));
+                None
+            }
+            None => {
+                require(&format!(
+                    "`podman info` did not answer in {PODMAN_TIMEOUT:?}"
+                ));
                 None
             }
         }
