@@ -66,7 +66,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::task::AbortHandle;
 
-use crate::supervisor::WorkerId;
+use clusterd_core::WorkerId;
 
 /// `AUDIT_ARCH_*` of the architecture clusterd is built for: syscall numbers are per ABI.
 #[cfg(target_arch = "x86_64")]

@@ -39,7 +39,8 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::{AbortHandle, JoinHandle};
 
-use crate::supervisor::WorkerId;
+use clusterd_core::WorkerId;
+use clusterd_core::messages::{Line, classify};
 
 /// The longest message, in bytes, either way (without its newline).
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -69,40 +70,6 @@ pub struct Message {
     pub text: Arc<str>,
     /// It is `"ready"` or `{"type":"ready",...}`.
     pub ready: bool,
-}
-
-/// What a line is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Line {
-    /// Not JSON (or blank): dropped.
-    Malformed,
-    /// One of Node's own `{"cmd":"NODE_..."}`; `handle` for `NODE_HANDLE`, which needs an ACK.
-    Internal {
-        /// It is a `NODE_HANDLE`.
-        handle: bool,
-    },
-    /// A message for the supervisor.
-    Message {
-        /// It is a readiness signal.
-        ready: bool,
-    },
-}
-
-/// Classifies one line (without its newline).
-pub fn classify(line: &[u8]) -> Line {
-    let Ok(value) = serde_json::from_slice::<serde_json::Value>(line) else {
-        return Line::Malformed;
-    };
-    if let Some(cmd) = value.get("cmd").and_then(serde_json::Value::as_str)
-        && cmd.starts_with("NODE_")
-    {
-        return Line::Internal {
-            handle: cmd == "NODE_HANDLE",
-        };
-    }
-    let ready = value.as_str() == Some("ready")
-        || value.get("type").and_then(serde_json::Value::as_str) == Some("ready");
-    Line::Message { ready }
 }
 
 /// One worker's outgoing queue, shared by the loop (which pushes) and its writer task.

@@ -13,6 +13,7 @@ mod logs;
 mod manager;
 mod metrics;
 mod notify;
+mod os;
 mod output;
 mod procstat;
 mod reaper;

@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
+use clusterd_core::messages::parse_notify;
 use nix::sys::socket::{MsgFlags, setsockopt, sockopt};
 use nix::unistd::Pid;
 use tokio::io::Interest;
@@ -142,7 +143,7 @@ fn receive_with(fd: RawFd, cmsg: &mut [u64]) -> io::Result<Option<Notification>>
     };
     Ok(Some(Notification {
         pid,
-        assignments: parse(text),
+        assignments: parse_notify(text),
         fds,
     }))
 }
@@ -182,14 +183,6 @@ fn take_control(msg: &libc::msghdr) -> (Option<Pid>, Vec<OwnedFd>) {
         }
     }
     (pid, fds)
-}
-
-/// Parses newline-separated `KEY=value` assignments; lines without `=` are ignored.
-pub fn parse(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .filter_map(|line| line.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
 }
 
 /// Sends `state` to `NOTIFY_SOCKET` and waits until the supervisor has handled it (the
@@ -317,7 +310,7 @@ mod tests {
     #[test]
     fn parses_assignments_and_skips_junk() {
         assert_eq!(
-            parse("READY=1\nSTATUS=serving 3 clients\ngarbage\nEXTEND_TIMEOUT_USEC=5000000"),
+            parse_notify("READY=1\nSTATUS=serving 3 clients\ngarbage\nEXTEND_TIMEOUT_USEC=5000000"),
             vec![
                 ("READY".into(), "1".into()),
                 ("STATUS".into(), "serving 3 clients".into()),

@@ -5,18 +5,12 @@ use std::collections::HashMap;
 
 use nix::unistd::{Pid, SysconfVar, sysconf};
 
-/// CPU seconds and resident bytes of one process group.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Usage {
-    /// User plus system CPU time, seconds.
-    pub cpu_seconds: f64,
-    /// Resident memory, bytes.
-    pub rss_bytes: u64,
-}
+use clusterd_core::Usage;
 
 /// Usage of every process group in `groups`, by group id, from one pass over `/proc`.
-pub fn group_usage(groups: &[Pid]) -> HashMap<Pid, Usage> {
-    let mut usage: HashMap<Pid, Usage> = groups.iter().map(|g| (*g, Usage::default())).collect();
+pub fn group_usage(groups: &[clusterd_core::Pid]) -> HashMap<clusterd_core::Pid, Usage> {
+    let mut usage: HashMap<clusterd_core::Pid, Usage> =
+        groups.iter().map(|g| (*g, Usage::default())).collect();
     if groups.is_empty() {
         return usage;
     }
@@ -40,7 +34,7 @@ pub fn group_usage(groups: &[Pid]) -> HashMap<Pid, Usage> {
         let Some(fields) = parse_stat(&stat) else {
             continue;
         };
-        if let Some(total) = usage.get_mut(&Pid::from_raw(fields.pgrp)) {
+        if let Some(total) = usage.get_mut(&clusterd_core::Pid::from_raw(fields.pgrp)) {
             total.cpu_seconds += (fields.utime + fields.stime) as f64 / ticks;
             total.rss_bytes += fields.rss_pages * page;
         }
@@ -123,7 +117,7 @@ mod tests {
 
     #[test]
     fn measures_our_own_group() {
-        let me = nix::unistd::getpgrp();
+        let me = crate::os::core_pid(nix::unistd::getpgrp());
         let usage = group_usage(&[me]);
         assert!(usage[&me].rss_bytes > 0);
         assert!(self_rss() > 0);

@@ -2,38 +2,14 @@
 //! the grandchildren adopted by this child subreaper alike — with `waitpid(-1, WNOHANG)`.
 //! Nothing else in clusterd reaps (no `tokio::process`, no `Child::wait`).
 
-use std::fmt;
 use std::io;
 
-use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::Pid;
 use tokio::signal::unix::{SignalKind, signal};
 
-/// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitStatus {
-    /// It called `exit` with this code.
-    Code(i32),
-    /// It was killed by this signal.
-    Signal(Signal),
-}
+use clusterd_core::{ExitStatus, Pid};
 
-impl ExitStatus {
-    /// True for a clean `exit(0)`.
-    pub fn success(self) -> bool {
-        self == ExitStatus::Code(0)
-    }
-}
-
-impl fmt::Display for ExitStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExitStatus::Code(code) => write!(f, "status {code}"),
-            ExitStatus::Signal(sig) => write!(f, "signal {}", sig.as_str()),
-        }
-    }
-}
+use crate::os::{core_pid, core_signal};
 
 /// One reaped process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,14 +48,17 @@ impl Reaper {
 pub fn reap_all() -> Vec<Exit> {
     let mut exits = Vec::new();
     loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        match waitpid(nix::unistd::Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) => exits.push(Exit {
-                pid,
+                pid: core_pid(pid),
                 status: ExitStatus::Code(code),
             }),
             Ok(WaitStatus::Signaled(pid, sig, _core)) => exits.push(Exit {
-                pid,
-                status: ExitStatus::Signal(sig),
+                pid: core_pid(pid),
+                // Every signal nix knows on Linux is one the core names; the shell's
+                // convention otherwise.
+                status: core_signal(sig)
+                    .map_or(ExitStatus::Code(128 + sig as i32), ExitStatus::Signal),
             }),
             Ok(WaitStatus::StillAlive) => break,
             Ok(_) => {} // stopped/continued: not reported without WUNTRACED/WCONTINUED

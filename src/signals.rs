@@ -17,23 +17,9 @@
 
 use std::io;
 
+use clusterd_core::SupervisorSignal;
 use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
-
-/// A signal, as what it asks the supervisor to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SupervisorSignal {
-    /// SIGTERM or SIGINT.
-    Stop(Signal),
-    /// SIGUSR2.
-    Reload,
-    /// SIGHUP.
-    Reread,
-    /// SIGTTIN (+1) or SIGTTOU (-1).
-    ScaleBy(i64),
-    /// SIGURG: `clusterd upgrade` with clusterd's own binary.
-    Upgrade,
-}
 
 /// Every signal clusterd handles (and SIGCHLD, the reaper's).
 const HANDLED: [Signal; 9] = [
@@ -73,11 +59,11 @@ impl Signals {
         let table = [
             (
                 SignalKind::terminate(),
-                SupervisorSignal::Stop(Signal::SIGTERM),
+                SupervisorSignal::Stop(clusterd_manifest::Signal::SIGTERM),
             ),
             (
                 SignalKind::interrupt(),
-                SupervisorSignal::Stop(Signal::SIGINT),
+                SupervisorSignal::Stop(clusterd_manifest::Signal::SIGINT),
             ),
             (SignalKind::user_defined2(), SupervisorSignal::Reload),
             (SignalKind::hangup(), SupervisorSignal::Reread),

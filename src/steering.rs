@@ -23,7 +23,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use clusterd_manifest::{Listen, Manifest, SocketConfig};
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::supervisor::WorkerId;
+use clusterd_core::WorkerId;
 
 /// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h; the libc crate has it for Android only).
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;

@@ -141,7 +141,7 @@ async fn serve(mut stream: UnixStream, our_uid: u32, requests: mpsc::Sender<Cont
             tracing::warn!("control socket: refused a client with uid {uid}");
             let _ = send(
                 &mut stream,
-                &error(ErrorKind::Forbidden, "permission denied"),
+                &Reply::error(ErrorKind::Forbidden, "permission denied"),
             )
             .await;
             return;
@@ -156,7 +156,7 @@ async fn serve(mut stream: UnixStream, our_uid: u32, requests: mpsc::Sender<Cont
         Ok(Ok(request)) => request,
         Ok(Err((kind, message))) => {
             tracing::warn!("control socket: bad request: {message}");
-            let _ = send(&mut stream, &error(kind, &message)).await;
+            let _ = send(&mut stream, &Reply::error(kind, &message)).await;
             return;
         }
         Err(_) => {
@@ -165,7 +165,7 @@ async fn serve(mut stream: UnixStream, our_uid: u32, requests: mpsc::Sender<Cont
             );
             let _ = send(
                 &mut stream,
-                &error(ErrorKind::Timeout, "no complete request received in time"),
+                &Reply::error(ErrorKind::Timeout, "no complete request received in time"),
             )
             .await;
             return;
@@ -211,7 +211,7 @@ async fn serve_logs(stream: UnixStream, filter: Filter, lines: usize, follow: bo
         && !hub.knows(app)
     {
         let message = format!("unknown app {app:?}");
-        let _ = send(&mut writer, &error(ErrorKind::BadRequest, &message)).await;
+        let _ = send(&mut writer, &Reply::error(ErrorKind::BadRequest, &message)).await;
         return;
     }
     if !follow {
@@ -247,7 +247,7 @@ async fn serve_logs(stream: UnixStream, filter: Filter, lines: usize, follow: bo
                     let message = format!(
                         "dropped: this follower fell {FOLLOWER_QUEUE} lines behind"
                     );
-                    let _ = send(&mut writer, &error(ErrorKind::TooSlow, &message)).await;
+                    let _ = send(&mut writer, &Reply::error(ErrorKind::TooSlow, &message)).await;
                     return;
                 };
                 if send(&mut writer, &Reply::Log(Box::new(format::log_line(&record)))).await.is_err() {
@@ -290,12 +290,4 @@ async fn send(stream: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> io::R
     tokio::time::timeout(CLIENT_TIMEOUT, stream.write_all(&encode_line(reply)))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client not reading"))?
-}
-
-/// An error reply.
-pub fn error(kind: ErrorKind, message: &str) -> Reply {
-    Reply::Error {
-        kind,
-        message: message.to_owned(),
-    }
 }

@@ -13,17 +13,16 @@ use std::time::{Duration, Instant};
 use clusterd_manifest::Manifest;
 use clusterd_proto::{ErrorKind, LogStream, Reply, Request, SocketStatus, Status};
 use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinSet;
-use tracing::Level;
 
-use super::core::Core;
-use super::event::{Action, Event, Observation, ReplyTo, SpawnFailure};
+use clusterd_core::host::{HostMessage, HostNotifier};
+use clusterd_core::status::{CpuSampler, Measured};
+use clusterd_core::{
+    Action, Core, Event, Observation, Pid, ReplyTo, SpawnFailure, SupervisorSignal, WorkerId,
+};
+
 use super::handover::{self, Handover};
-use super::host::{HostMessage, HostNotifier};
-use super::state::WorkerId;
-use super::status::{CpuSampler, Measured};
 use crate::containment::{self, Containment};
 use crate::control::server::{ControlRequest, ControlServer};
 use crate::intercept::{self, Intercepts, Trap};
@@ -32,10 +31,11 @@ use crate::logs::{self, Forwarder, Source};
 use crate::manager::{self, Manager};
 use crate::metrics::{Metrics, MetricsServer, Query};
 use crate::notify::{Notification, NotifySocket};
+use crate::os;
 use crate::output;
 use crate::procstat;
 use crate::reaper::{self, Exit, Reaper};
-use crate::signals::{Signals, SupervisorSignal};
+use crate::signals::Signals;
 use crate::sockets::Sockets;
 use crate::spawn::{self, SpawnError, SpawnSpec};
 use crate::steering::{self, Steering};
@@ -247,7 +247,7 @@ struct Driver {
     /// The upgrade whose binary is being checked, while the loop goes on.
     checking: Option<Checking>,
     /// Its check has exited (reaped by the reaper): the upgrade goes on after this event.
-    checked: Option<(Checking, reaper::ExitStatus)>,
+    checked: Option<(Checking, clusterd_core::ExitStatus)>,
     /// Workers' message channels (`ipc`).
     channels: Channels,
     /// The background process of `start --detach`.
@@ -320,7 +320,7 @@ impl Driver {
                 stdout: keep(&stdout)?,
                 stderr: keep(&stderr)?,
             };
-            let Some(worker) = core.workers.get(&output.worker) else {
+            let Some(worker) = core.worker(output.worker) else {
                 continue;
             };
             let source = Source::worker(&worker.app, worker.slot, worker.generation);
@@ -416,7 +416,7 @@ impl Driver {
         &mut self,
         core: &mut Core,
         Checking { request, check }: Checking,
-        status: reaper::ExitStatus,
+        status: clusterd_core::ExitStatus,
         parts: &Handed<'_>,
     ) {
         let binary = check.binary.clone();
@@ -614,7 +614,7 @@ impl Driver {
                             message: error.to_string(),
                         });
                     if let Ok(pid) = &result {
-                        if let Err(why) = self.containment.check_joined(&key, *pid) {
+                        if let Err(why) = self.containment.check_joined(&key, os::pid(*pid)) {
                             tracing::warn!(
                                 "{app}[{slot}] is contained by its process group only: {why}"
                             );
@@ -632,10 +632,11 @@ impl Driver {
                 } => {
                     // Errors (gone already) are ignored: the exit is on its way.
                     let key = self.key(worker);
-                    if signal == Signal::SIGKILL {
-                        self.containment.kill(key, pid);
+                    if signal == clusterd_manifest::Signal::SIGKILL {
+                        self.containment.kill(key, os::pid(pid));
                     } else {
-                        self.containment.signal(key, pid, signal);
+                        self.containment
+                            .signal(key, os::pid(pid), os::signal(signal));
                     }
                     None
                 }
@@ -721,7 +722,7 @@ impl Driver {
             }
             let group_empty = core
                 .worker_by_pid(exit.pid)
-                .is_none_or(|id| self.containment.is_empty(self.key(id), exit.pid));
+                .is_none_or(|id| self.containment.is_empty(self.key(id), os::pid(exit.pid)));
             self.feed(
                 core,
                 Event::Exited {
@@ -738,7 +739,7 @@ impl Driver {
     fn check_lingering(&mut self, core: &mut Core) {
         let empty: Vec<WorkerId> = core
             .lingering()
-            .filter(|(id, pid)| self.containment.is_empty(self.key(*id), *pid))
+            .filter(|(id, pid)| self.containment.is_empty(self.key(*id), os::pid(*pid)))
             .map(|(id, _)| id)
             .collect();
         for id in empty {
@@ -747,7 +748,7 @@ impl Driver {
     }
 
     fn on_notify(&mut self, core: &mut Core, notification: Notification) {
-        match sender_worker(core, notification.pid) {
+        match sender_worker(core, os::core_pid(notification.pid)) {
             Some(worker) => self.feed(
                 core,
                 Event::Notify {
@@ -1035,7 +1036,7 @@ impl Driver {
             stdout: kept_stdout,
             stderr: kept_stderr,
         };
-        Ok((pid, kept))
+        Ok((os::core_pid(pid), kept))
     }
 }
 
@@ -1075,14 +1076,14 @@ fn sender_worker(core: &Core, sender: Pid) -> Option<WorkerId> {
     if let Some(worker) = core.worker_by_pid(sender) {
         return Some(worker);
     }
-    if let Ok(group) = nix::unistd::getpgid(Some(sender))
-        && let Some(worker) = core.worker_by_pid(group)
+    if let Ok(group) = nix::unistd::getpgid(Some(os::pid(sender)))
+        && let Some(worker) = core.worker_by_pid(os::core_pid(group))
     {
         return Some(worker);
     }
     let mut pid = sender;
     for _ in 0..32 {
-        pid = procstat::parent_of(pid)?;
+        pid = os::core_pid(procstat::parent_of(os::pid(pid))?);
         if let Some(worker) = core.worker_by_pid(pid) {
             return Some(worker);
         }
@@ -1130,12 +1131,12 @@ fn stop_adopted_orphans() {
     reaper::reap_all();
 }
 
-fn log(level: Level, message: &str) {
+fn log(level: clusterd_core::Level, message: &str) {
+    use clusterd_core::Level;
     match level {
-        Level::ERROR => tracing::error!("{message}"),
-        Level::WARN => tracing::warn!("{message}"),
-        Level::INFO => tracing::info!("{message}"),
-        Level::DEBUG => tracing::debug!("{message}"),
-        Level::TRACE => tracing::trace!("{message}"),
+        Level::Error => tracing::error!("{message}"),
+        Level::Warn => tracing::warn!("{message}"),
+        Level::Info => tracing::info!("{message}"),
+        Level::Debug => tracing::debug!("{message}"),
     }
 }

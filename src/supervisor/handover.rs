@@ -17,19 +17,16 @@
 //! Signals clusterd handles are blocked across the exec (the mask and pending signals
 //! survive it) and unblocked by the new side once its handlers are installed.
 
-use std::cell::Cell;
-use std::collections::HashMap;
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clusterd_manifest::Manifest;
-use nix::unistd::Pid;
+
 use serde::{Deserialize, Serialize};
 
-use super::core::Core;
-use super::state::WorkerId;
+use clusterd_core::{Core, WorkerId};
 
 /// The version of the state format this build writes, and the newest it reads.
 pub const FORMAT: u32 = 1;
@@ -103,7 +100,7 @@ pub struct HandedPath {
 #[serde(deny_unknown_fields)]
 pub(super) struct DriverState {
     /// When the first clusterd of this pid started.
-    #[serde(with = "instant")]
+    #[serde(with = "clusterd_core::time::instant")]
     pub started: Instant,
     /// Upgrades so far, this one included.
     pub upgrades: u32,
@@ -229,10 +226,7 @@ impl Handover {
 
     /// The JSON, with instants relative to `now`.
     pub(super) fn encode(&self, now: Instant) -> Result<Vec<u8>, HandoverError> {
-        let anchor = Anchor::set(now);
-        let bytes = serde_json::to_vec(self).map_err(HandoverError::Malformed);
-        drop(anchor);
-        bytes
+        clusterd_core::time::at(now, || serde_json::to_vec(self)).map_err(HandoverError::Malformed)
     }
 
     /// Reads a hand-over; instants come out shifted by the time since it was written.
@@ -247,13 +241,13 @@ impl Handover {
         }
         let elapsed = Duration::from_nanos(monotonic_ns().saturating_sub(header.monotonic_ns));
         let now = Instant::now();
-        let anchor = Anchor::set(now.checked_sub(elapsed).unwrap_or(now));
-        let handover = serde_json::from_slice(bytes).map_err(|cause| HandoverError::State {
-            version: header.version,
-            cause,
-        });
-        drop(anchor);
-        handover
+        let anchor = now.checked_sub(elapsed).unwrap_or(now);
+        clusterd_core::time::at(anchor, || serde_json::from_slice(bytes)).map_err(|cause| {
+            HandoverError::State {
+                version: header.version,
+                cause,
+            }
+        })
     }
 
     /// The lines `clusterd logs` showed, for the new clusterd's memory (taken out).
@@ -278,7 +272,7 @@ pub fn check(mut input: impl Read) -> Result<String, HandoverError> {
     Ok(format!(
         "{CHECK_OK} format={FORMAT} proto={} version={VERSION} workers={}",
         clusterd_proto::VERSION,
-        handover.core.workers.len()
+        handover.core.worker_count()
     ))
 }
 
@@ -314,7 +308,7 @@ pub(super) struct Check {
     /// The binary.
     pub binary: PathBuf,
     /// The checker's pid.
-    pub pid: Pid,
+    pub pid: clusterd_core::Pid,
     /// When it is given up.
     pub deadline: Instant,
     stdout: std::process::ChildStdout,
@@ -344,7 +338,7 @@ pub(super) fn start_check(binary: &Path, state: &std::fs::File) -> Result<Check,
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| refuse(format!("cannot run it: {e}")))?;
-    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    let pid = clusterd_core::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
     let (Some(stdout), Some(stderr)) = (child.stdout, child.stderr) else {
         return Err(refuse("cannot read its answer".into()));
     };
@@ -359,7 +353,7 @@ pub(super) fn start_check(binary: &Path, state: &std::fs::File) -> Result<Check,
 
 impl Check {
     /// The checker exited with `status`: `Ok` with its check line, or why it cannot take over.
-    pub fn finish(self, status: crate::reaper::ExitStatus) -> Result<String, HandoverError> {
+    pub fn finish(self, status: clusterd_core::ExitStatus) -> Result<String, HandoverError> {
         let refuse = |why: String| HandoverError::Refused {
             binary: self.binary.clone(),
             why,
@@ -390,7 +384,7 @@ impl Check {
 
     /// It did not answer in time: killed (the reaper collects it), and why.
     pub fn give_up(self) -> HandoverError {
-        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(crate::os::pid(self.pid), nix::sys::signal::Signal::SIGKILL);
         HandoverError::Refused {
             binary: self.binary,
             why: format!("`handover-check` did not finish within {CHECK_TIMEOUT:?}"),
@@ -457,144 +451,6 @@ fn monotonic_ns() -> u64 {
     crate::manager::monotonic_usec().saturating_mul(1000)
 }
 
-thread_local! {
-    /// The instant that serialized offsets are relative to, while (de)serializing.
-    static ANCHOR: Cell<Option<Instant>> = const { Cell::new(None) };
-}
-
-/// Sets [`ANCHOR`] for as long as it lives.
-struct Anchor;
-
-impl Anchor {
-    fn set(at: Instant) -> Anchor {
-        ANCHOR.with(|a| a.set(Some(at)));
-        Anchor
-    }
-}
-
-impl Drop for Anchor {
-    fn drop(&mut self) {
-        ANCHOR.with(|a| a.set(None));
-    }
-}
-
-/// An [`Instant`] as signed nanoseconds from the anchor.
-pub mod instant {
-    use super::*;
-    use serde::{Deserializer, Serializer};
-
-    const NO_ANCHOR: &str = "an instant outside of a hand-over";
-
-    fn anchor() -> Option<Instant> {
-        ANCHOR.with(Cell::get)
-    }
-
-    /// Writes `at`.
-    pub fn serialize<S: Serializer>(at: &Instant, s: S) -> Result<S::Ok, S::Error> {
-        let anchor = anchor().ok_or_else(|| serde::ser::Error::custom(NO_ANCHOR))?;
-        let nanos = if *at >= anchor {
-            i64::try_from((*at - anchor).as_nanos()).unwrap_or(i64::MAX)
-        } else {
-            -i64::try_from((anchor - *at).as_nanos()).unwrap_or(i64::MAX)
-        };
-        s.serialize_i64(nanos)
-    }
-
-    /// Reads an instant.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Instant, D::Error> {
-        let anchor = anchor().ok_or_else(|| serde::de::Error::custom(NO_ANCHOR))?;
-        let nanos = i64::deserialize(d)?;
-        let offset = Duration::from_nanos(nanos.unsigned_abs());
-        let at = if nanos >= 0 {
-            anchor.checked_add(offset)
-        } else {
-            anchor.checked_sub(offset)
-        };
-        at.ok_or_else(|| serde::de::Error::custom("an instant out of range"))
-    }
-}
-
-/// An `Option<Instant>`, as [`instant`] or null.
-pub mod opt_instant {
-    use super::*;
-    use serde::{Deserializer, Serializer};
-
-    #[derive(Serialize, Deserialize)]
-    struct Wrapped(#[serde(with = "super::instant")] Instant);
-
-    /// Writes `at`.
-    pub fn serialize<S: Serializer>(at: &Option<Instant>, s: S) -> Result<S::Ok, S::Error> {
-        at.map(Wrapped).serialize(s)
-    }
-
-    /// Reads an optional instant.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Instant>, D::Error> {
-        Ok(Option::<Wrapped>::deserialize(d)?.map(|w| w.0))
-    }
-}
-
-/// A `VecDeque<Instant>`, each as [`instant`].
-pub mod instants {
-    use super::*;
-    use serde::{Deserializer, Serializer};
-    use std::collections::VecDeque;
-
-    #[derive(Serialize, Deserialize)]
-    struct Wrapped(#[serde(with = "super::instant")] Instant);
-
-    /// Writes the instants.
-    pub fn serialize<S: Serializer>(at: &VecDeque<Instant>, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(at.iter().copied().map(Wrapped))
-    }
-
-    /// Reads the instants.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<VecDeque<Instant>, D::Error> {
-        Ok(Vec::<Wrapped>::deserialize(d)?
-            .into_iter()
-            .map(|w| w.0)
-            .collect())
-    }
-}
-
-/// An `Option<Pid>` as a number or null.
-pub mod opt_pid {
-    use super::*;
-    use serde::{Deserializer, Serializer};
-
-    /// Writes `pid`.
-    pub fn serialize<S: Serializer>(pid: &Option<Pid>, s: S) -> Result<S::Ok, S::Error> {
-        pid.map(Pid::as_raw).serialize(s)
-    }
-
-    /// Reads an optional pid.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Pid>, D::Error> {
-        Ok(Option::<i32>::deserialize(d)?.map(Pid::from_raw))
-    }
-}
-
-/// The core's pid index, as `[pid, worker]` pairs.
-pub mod pid_map {
-    use super::*;
-    use serde::{Deserializer, Serializer};
-
-    /// Writes the map.
-    pub fn serialize<S: Serializer>(map: &HashMap<Pid, WorkerId>, s: S) -> Result<S::Ok, S::Error> {
-        let pairs: Vec<(i32, WorkerId)> = map.iter().map(|(p, w)| (p.as_raw(), *w)).collect();
-        pairs.serialize(s)
-    }
-
-    /// Reads the map.
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<HashMap<Pid, WorkerId>, D::Error> {
-        let pairs = Vec::<(i32, WorkerId)>::deserialize(d)?;
-        Ok(pairs
-            .into_iter()
-            .map(|(p, w)| (Pid::from_raw(p), w))
-            .collect())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -623,13 +479,13 @@ mod tests {
     fn the_golden_hand_over_still_parses_and_is_written_in_the_same_format() {
         let handover = Handover::decode(GOLDEN.as_bytes()).expect("the golden hand-over");
         assert!(handover.detached);
-        assert_eq!(handover.core.workers.len(), 4);
+        assert_eq!(handover.core.worker_count(), 4);
         assert_eq!(handover.driver.intercepts.len(), 2);
         assert_eq!(handover.driver.channels.len(), 4);
         assert_eq!(handover.driver.steering[0].members.len(), 2);
         assert_eq!(handover.driver.counters.restarts["chat"], 1);
         // The restart_limit window of the slot whose worker was killed.
-        let chat = &handover.core.apps["chat"];
+        let chat = handover.core.app("chat").expect("chat");
         assert_eq!(
             chat.slots
                 .iter()
@@ -644,6 +500,14 @@ mod tests {
         let again: Value = serde_json::from_slice(&again).expect("JSON");
         let golden: Value = serde_json::from_str(GOLDEN).expect("JSON");
         assert_eq!(shape(again), shape(golden));
+    }
+
+    #[test]
+    fn a_state_from_a_newer_format_or_garbage_is_refused() {
+        assert!(Handover::decode(b"not json").is_err());
+        let newer = br#"{"format":99,"version":"9.9.9","monotonic_ns":1}"#;
+        let error = Handover::decode(newer).err().expect("refused").to_string();
+        assert!(error.contains("format 99 of clusterd 9.9.9"), "{error}");
     }
 
     #[test]

@@ -40,7 +40,7 @@ mod values;
 
 pub use error::{ManifestError, Problem};
 pub use model::*;
-pub use signal::parse_signal;
+pub use signal::{Signal, parse_signal};
 
 use std::io::{self, Read};
 use std::path::Path;

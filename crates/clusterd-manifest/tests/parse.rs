@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clusterd_manifest::Signal;
 use clusterd_manifest::{
     Backoff, Listen, ManifestError, Problem, Readiness, ReloadConfig, RestartPolicy, load, parse,
 };
-use nix::sys::signal::Signal;
 
 /// Parses `text` as if it were `/srv/app/supervisor.toml`.
 fn parse_srv(text: &str) -> Result<clusterd_manifest::Manifest, ManifestError> {
@@ -545,7 +545,7 @@ fn ipc_defaults_on_for_node_and_its_keys_need_it() {
     .unwrap();
     assert!(opted.ipc && opted.ipc_broadcast && opted.stop_disconnect);
     assert_eq!(opted.ready, Readiness::Message);
-    assert_eq!(opted.stop_signal, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(opted.stop_signal, Signal::SIGTERM);
     let err = app("command = [\"w\"]\nipc_broadcast = true\nready = \"message\"\nstop_signal = \"disconnect\"")
         .unwrap_err()
         .to_string();

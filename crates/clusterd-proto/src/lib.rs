@@ -167,6 +167,14 @@ pub enum Reply {
 }
 
 impl Reply {
+    /// An error reply.
+    pub fn error(kind: ErrorKind, message: &str) -> Reply {
+        Reply::Error {
+            kind,
+            message: message.to_owned(),
+        }
+    }
+
     /// Whether this is the last reply of a request (everything but progress and log lines).
     pub fn is_final(&self) -> bool {
         !matches!(self, Reply::Progress { .. } | Reply::Log(_))

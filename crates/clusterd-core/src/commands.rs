@@ -11,7 +11,6 @@ use super::core::Core;
 use super::event::{Action, ReplyTo};
 use super::state::{SlotState, StopReason};
 use super::status::app_reload;
-use crate::control::server::error;
 
 /// The most workers `scale` accepts for one app.
 const MAX_WORKERS: usize = 4096;
@@ -28,10 +27,12 @@ impl Core {
     /// Carries out one control request and replies.
     pub(super) fn on_control(&mut self, now: Instant, request: Request, reply: ReplyTo) {
         let answer = match request {
-            Request::Status {} | Request::Logs { .. } | Request::Upgrade { .. } => Err(error(
-                ErrorKind::BadRequest,
-                "status, logs and upgrade are answered outside the core",
-            )),
+            Request::Status {} | Request::Logs { .. } | Request::Upgrade { .. } => {
+                Err(Reply::error(
+                    ErrorKind::BadRequest,
+                    "status, logs and upgrade are answered outside the core",
+                ))
+            }
             Request::Reload { app, wait } => self.reload_command(now, app, wait, reply),
             Request::Restart { app, slot } => self.restart_command(now, &app, slot),
             Request::Scale { app, workers } => self.scale_command(now, &app, workers),
@@ -60,7 +61,7 @@ impl Core {
             Ok(())
         } else {
             let known: Vec<&str> = self.apps.keys().map(String::as_str).collect();
-            Err(error(
+            Err(Reply::error(
                 ErrorKind::BadRequest,
                 &format!("no app {app:?} (apps: {})", known.join(", ")),
             ))
@@ -78,7 +79,10 @@ impl Core {
             self.check_app(app)?;
         }
         if self.shutting_down {
-            return Err(error(ErrorKind::BadRequest, "clusterd is shutting down"));
+            return Err(Reply::error(
+                ErrorKind::BadRequest,
+                "clusterd is shutting down",
+            ));
         }
         self.request_reload(now, app.as_deref());
         let names: Vec<String> = match app {
@@ -114,7 +118,10 @@ impl Core {
     ) -> Result<Option<Reply>, Reply> {
         self.check_app(app)?;
         if self.shutting_down {
-            return Err(error(ErrorKind::BadRequest, "clusterd is shutting down"));
+            return Err(Reply::error(
+                ErrorKind::BadRequest,
+                "clusterd is shutting down",
+            ));
         }
         let Some(index) = slot else {
             self.request_reload(now, Some(app));
@@ -123,11 +130,14 @@ impl Core {
             }));
         };
         let Some(state) = self.apps.get_mut(app) else {
-            return Err(error(ErrorKind::BadRequest, &format!("no app {app:?}")));
+            return Err(Reply::error(
+                ErrorKind::BadRequest,
+                &format!("no app {app:?}"),
+            ));
         };
         let count = state.slots.len();
         let Some(slot) = state.slots.get_mut(index) else {
-            return Err(error(
+            return Err(Reply::error(
                 ErrorKind::BadRequest,
                 &format!("{app} has no slot {index} (it has {count})"),
             ));
@@ -153,13 +163,16 @@ impl Core {
     ) -> Result<Option<Reply>, Reply> {
         self.check_app(app)?;
         if workers > MAX_WORKERS {
-            return Err(error(
+            return Err(Reply::error(
                 ErrorKind::BadRequest,
                 &format!("at most {MAX_WORKERS} workers"),
             ));
         }
         if self.shutting_down {
-            return Err(error(ErrorKind::BadRequest, "clusterd is shutting down"));
+            return Err(Reply::error(
+                ErrorKind::BadRequest,
+                "clusterd is shutting down",
+            ));
         }
         self.scale(now, app, workers);
         Ok(Some(Reply::Done {
@@ -170,7 +183,7 @@ impl Core {
     fn signal_command(&mut self, app: &str, signal: &str) -> Result<Option<Reply>, Reply> {
         self.check_app(app)?;
         let Some(signal) = clusterd_manifest::parse_signal(signal) else {
-            return Err(error(
+            return Err(Reply::error(
                 ErrorKind::BadRequest,
                 &format!("unknown signal {signal:?}"),
             ));

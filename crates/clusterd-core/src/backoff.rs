@@ -13,9 +13,9 @@
 use std::time::Duration;
 
 use clusterd_manifest::Backoff;
-use nix::sys::signal::Signal;
+use clusterd_manifest::Signal;
 
-use crate::reaper::ExitStatus;
+use crate::process::ExitStatus;
 
 /// How a worker that exited unexpectedly had lived and ended.
 #[derive(Debug, Clone, Copy)]

@@ -10,7 +10,6 @@ use clusterd_proto::{ErrorKind, Reply};
 use super::core::Core;
 use super::event::{Action, Observation};
 use super::state::{Phase, WorkerId};
-use crate::control::server::error;
 
 impl Core {
     /// A message from a worker: counted and kept for status; `"ready"` makes a starting
@@ -69,9 +68,9 @@ impl Core {
         let state = self
             .apps
             .get(app)
-            .ok_or_else(|| error(ErrorKind::BadRequest, &format!("no app {app:?}")))?;
+            .ok_or_else(|| Reply::error(ErrorKind::BadRequest, &format!("no app {app:?}")))?;
         if !state.latest().ipc {
-            return Err(error(
+            return Err(Reply::error(
                 ErrorKind::BadRequest,
                 &format!("{app} has no message channel (set ipc = true)"),
             ));
@@ -80,7 +79,7 @@ impl Core {
             None => self.listeners(app).collect(),
             Some(index) => {
                 let Some(slot) = state.slots.get(index) else {
-                    return Err(error(
+                    return Err(Reply::error(
                         ErrorKind::BadRequest,
                         &format!("{app} has no slot {index} (it has {})", state.slots.len()),
                     ));
@@ -102,7 +101,7 @@ impl Core {
             None => format!("{sent} workers of {app}"),
         };
         if sent == 0 {
-            return Err(error(
+            return Err(Reply::error(
                 ErrorKind::BadRequest,
                 &format!("{whom}: no worker with an open channel"),
             ));
@@ -111,4 +110,46 @@ impl Core {
             message: format!("sent to {whom}"),
         }))
     }
+}
+
+/// What a line on a worker's channel (`ipc`) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line {
+    /// Not JSON (or blank): dropped.
+    Malformed,
+    /// One of Node's own `{"cmd":"NODE_..."}`; `handle` for `NODE_HANDLE`, which needs an ACK.
+    Internal {
+        /// It is a `NODE_HANDLE`.
+        handle: bool,
+    },
+    /// A message for the supervisor.
+    Message {
+        /// It is a readiness signal.
+        ready: bool,
+    },
+}
+
+/// Classifies one line (without its newline).
+pub fn classify(line: &[u8]) -> Line {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(line) else {
+        return Line::Malformed;
+    };
+    if let Some(cmd) = value.get("cmd").and_then(serde_json::Value::as_str)
+        && cmd.starts_with("NODE_")
+    {
+        return Line::Internal {
+            handle: cmd == "NODE_HANDLE",
+        };
+    }
+    let ready = value.as_str() == Some("ready")
+        || value.get("type").and_then(serde_json::Value::as_str) == Some("ready");
+    Line::Message { ready }
+}
+
+/// Parses an sd_notify datagram's newline-separated `KEY=value` assignments; lines without `=` are ignored.
+pub fn parse_notify(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::event::Level;
 use clusterd_manifest::{AppConfig, Manifest};
-use tracing::Level;
 
 use super::core::Core;
 use super::state::{App, StopReason};
@@ -85,7 +85,7 @@ impl Core {
         } else {
             format!("manifest re-read: {}", changes.join(", "))
         };
-        self.log(Level::INFO, message);
+        self.log(Level::Info, message);
     }
 }
 

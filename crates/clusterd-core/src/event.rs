@@ -1,16 +1,16 @@
 //! What goes into the core ([`Event`]) and what comes out of it ([`Action`]). The core never
-//! touches the OS: the driver turns the world into events and carries out the actions.
+//! touches the OS: the daemon turns the world into events and carries out the actions.
 
 use std::sync::Arc;
 
+use crate::process::Pid;
+use clusterd_manifest::Signal;
 use clusterd_manifest::{AppConfig, Manifest};
 use clusterd_proto::{Reply, Request};
-use nix::sys::signal::Signal;
-use nix::unistd::Pid;
 
 use super::state::WorkerId;
-use crate::reaper::ExitStatus;
-use crate::signals::SupervisorSignal;
+use crate::process::ExitStatus;
+use crate::process::SupervisorSignal;
 
 /// Where a control reply goes: a handle the driver maps to a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -122,7 +122,7 @@ pub enum Action {
     /// Write a log line.
     Log {
         /// Its level.
-        level: tracing::Level,
+        level: Level,
         /// The line.
         message: String,
     },
@@ -153,6 +153,19 @@ pub enum Action {
         /// The worker.
         worker: WorkerId,
     },
+}
+
+/// How much a log line matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Something failed.
+    Error,
+    /// Something is wrong, or about to be.
+    Warn,
+    /// What happened.
+    Info,
+    /// Details.
+    Debug,
 }
 
 /// A fact for the metrics.

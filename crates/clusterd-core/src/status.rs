@@ -4,14 +4,14 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::process::Pid;
 use clusterd_proto::{
     AppReload, AppStatus, ReloadResult, RolloutStatus, WorkerRole, WorkerState, WorkerStatus,
 };
-use nix::unistd::Pid;
 
 use super::core::{Core, Role};
 use super::state::{App, Phase, ReloadOutcome, Slot, SlotState, Worker, WorkerId};
-use crate::procstat::Usage;
+use crate::process::Usage;
 
 /// CPU percentages between two looks. Each view keeps its own, so that one view's
 /// sampling (a status every second) does not change what the other (a scrape) sees.

@@ -8,8 +8,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::process::Pid;
 use clusterd_manifest::AppConfig;
-use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use super::rollout::Rollout;
@@ -86,7 +86,7 @@ pub struct Tend {
     /// The owner.
     pub worker: WorkerId,
     /// Its last `X_CLUSTERD_KV_TEND=owner` (sent every tend round).
-    #[serde(with = "super::handover::instant")]
+    #[serde(with = "crate::time::instant")]
     pub seen: Instant,
 }
 
@@ -136,7 +136,7 @@ pub struct Slot {
     /// Why its worker was last replaced: crash, killed, memory, watchdog, reload, operator...
     pub last_restart: Option<String>,
     /// When its recent unexpected exits were replaced (for `restart_limit`).
-    #[serde(with = "super::handover::instants")]
+    #[serde(with = "crate::time::instants")]
     pub recent_restarts: VecDeque<Instant>,
 }
 
@@ -172,7 +172,7 @@ pub enum SlotState {
     /// Empty, and due to start a worker at `until` (now, for a first crash or a new slot).
     Backoff {
         /// When the replacement starts.
-        #[serde(with = "super::handover::instant")]
+        #[serde(with = "crate::time::instant")]
         until: Instant,
     },
     /// Empty until a reload or restart: its worker cannot be started.
@@ -200,19 +200,19 @@ pub enum Phase {
     /// Running, not ready yet.
     Starting {
         /// Killed (and replaced, or its rollout aborted) if still starting then.
-        #[serde(with = "super::handover::instant")]
+        #[serde(with = "crate::time::instant")]
         ready_by: Instant,
         /// With `ready = "delay"`: ready at this moment if still alive.
-        #[serde(with = "super::handover::opt_instant")]
+        #[serde(with = "crate::time::opt_instant")]
         ready_at: Option<Instant>,
     },
     /// Ready to serve.
     Ready {
         /// When it became ready.
-        #[serde(with = "super::handover::instant")]
+        #[serde(with = "crate::time::instant")]
         since: Instant,
         /// With a watchdog: killed if no `WATCHDOG=1` arrives by then.
-        #[serde(with = "super::handover::opt_instant")]
+        #[serde(with = "crate::time::opt_instant")]
         watchdog_by: Option<Instant>,
     },
     /// Being retired without new connections (`drain`) or with its channel closed
@@ -222,7 +222,7 @@ pub enum Phase {
         /// Why it is stopping.
         why: StopReason,
         /// When its stop signal is due.
-        #[serde(with = "super::handover::instant")]
+        #[serde(with = "crate::time::instant")]
         until: Instant,
     },
     /// Told to stop (or its process exited while others of its group live on).
@@ -230,7 +230,7 @@ pub enum Phase {
         /// Why it is stopping.
         why: StopReason,
         /// When its group gets SIGKILL; `None` once it has.
-        #[serde(with = "super::handover::opt_instant")]
+        #[serde(with = "crate::time::opt_instant")]
         kill_at: Option<Instant>,
         /// Whether the worker's own process has been reaped (its group may linger).
         exited: bool,
@@ -277,7 +277,7 @@ impl StopReason {
 #[serde(deny_unknown_fields)]
 pub struct Worker {
     /// Its pid, once spawned.
-    #[serde(with = "super::handover::opt_pid")]
+    #[serde(with = "crate::process::opt_pid")]
     pub pid: Option<Pid>,
     /// Its app's name.
     pub app: String,
@@ -288,7 +288,7 @@ pub struct Worker {
     /// The configuration it was started with.
     pub config: Arc<AppConfig>,
     /// When it was spawned.
-    #[serde(with = "super::handover::instant")]
+    #[serde(with = "crate::time::instant")]
     pub started: Instant,
     /// What it is doing.
     pub phase: Phase,

@@ -23,9 +23,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::event::Level;
 use clusterd_manifest::RestartPolicy;
 use serde::{Deserialize, Serialize};
-use tracing::Level;
 
 use super::backoff::End;
 use super::core::Core;
@@ -58,7 +58,7 @@ pub struct Rollout {
     reruns: Vec<usize>,
     /// The latest moment a promoted new worker has been ready for `bake`: the rollout
     /// completes no earlier.
-    #[serde(default, with = "super::handover::opt_instant")]
+    #[serde(default, with = "crate::time::opt_instant")]
     settle: Option<Instant>,
 }
 
@@ -90,7 +90,7 @@ enum Stage {
     /// The candidate is ready and must stay up until `until`.
     Baking {
         candidate: WorkerId,
-        #[serde(with = "super::handover::instant")]
+        #[serde(with = "crate::time::instant")]
         until: Instant,
     },
     /// The candidate was promoted; the old worker is stopping.
@@ -219,7 +219,7 @@ impl Core {
             if let Some(rollout) = &mut app.rollout {
                 rollout.again = true;
                 self.log(
-                    Level::INFO,
+                    Level::Info,
                     format!(
                         "reload of {name} requested during a rollout; another one will follow it"
                     ),
@@ -244,7 +244,7 @@ impl Core {
                 "reload of {name}: rolling {} workers to generation {generation}",
                 app.slots.len()
             );
-            self.log(Level::INFO, message);
+            self.log(Level::Info, message);
             self.advance_rollout(&name, now);
         }
     }
@@ -369,7 +369,7 @@ impl Core {
             app.slots.len(),
             rollout.generation
         );
-        self.log(Level::INFO, message);
+        self.log(Level::Info, message);
         self.push(Action::Observe(Observation::Reload {
             app: name.to_owned(),
             completed: true,
@@ -413,7 +413,7 @@ impl Core {
         slot.last_exit = Some(format!("{} after {}", end.status, human(end.uptime)));
         let generation = rollout.generation;
         self.log(
-            Level::INFO,
+            Level::Info,
             format!("{label} {pid} (generation {generation}) exited with status 0: done"),
         );
         true
@@ -449,7 +449,7 @@ impl Core {
             reason: reason.clone(),
         });
         self.log(
-            Level::ERROR,
+            Level::Error,
             format!(
                 "reload of {name} aborted: {reason}; old workers keep serving (slot:generation {})",
                 kept.join(" ")
@@ -465,7 +465,7 @@ impl Core {
         self.prune_configs(name);
         if rollout.again {
             self.log(
-                Level::INFO,
+                Level::Info,
                 "running the reload requested during the aborted rollout".into(),
             );
             self.request_reload(now, Some(name));

@@ -14,18 +14,18 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::event::Level;
+use crate::process::Pid;
+use clusterd_manifest::Signal;
 use clusterd_manifest::{AppConfig, Manifest, Readiness, RestartPolicy};
-use nix::sys::signal::Signal;
-use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use tracing::Level;
 
 use super::backoff::{self, End};
 use super::commands::Waiter;
 use super::event::{Action, Event, Observation, SpawnFailure};
 use super::state::{App, Phase, SlotState, StopReason, Tend, Worker, WorkerId, human};
-use crate::reaper::ExitStatus;
-use crate::signals::SupervisorSignal;
+use crate::process::ExitStatus;
+use crate::process::SupervisorSignal;
 
 /// The longest extension of a deadline a worker may ask for with `EXTEND_TIMEOUT_USEC`.
 const MAX_EXTEND: Duration = Duration::from_secs(24 * 3600);
@@ -64,7 +64,7 @@ pub struct Core {
     /// Every worker whose record is alive (its process, or what is left of its group).
     pub(super) workers: BTreeMap<WorkerId, Worker>,
     /// Running workers by pid.
-    #[serde(with = "super::handover::pid_map")]
+    #[serde(with = "crate::process::pid_map")]
     pids: HashMap<Pid, WorkerId>,
     next_id: u64,
     /// Set once shutdown has begun.
@@ -73,7 +73,7 @@ pub struct Core {
     #[serde(skip)]
     pub(super) waiters: Vec<Waiter>,
     /// When workers' memory is sampled next (only while an app sets `max_memory`).
-    #[serde(with = "super::handover::opt_instant")]
+    #[serde(with = "crate::time::opt_instant")]
     memory_check: Option<Instant>,
     /// Actions decided so far, returned by `on`/`tick`.
     #[serde(skip)]
@@ -215,6 +215,21 @@ impl Core {
         self.shutting_down && self.workers.is_empty()
     }
 
+    /// The worker `id`, if it is known.
+    pub fn worker(&self, id: WorkerId) -> Option<&Worker> {
+        self.workers.get(&id)
+    }
+
+    /// How many workers are known (running, stopping, or exited with a group left).
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// The app `name`, if the manifest has it.
+    pub fn app(&self, name: &str) -> Option<&App> {
+        self.apps.get(name)
+    }
+
     /// True once shutdown has begun.
     pub fn shutting_down(&self) -> bool {
         self.shutting_down
@@ -256,7 +271,7 @@ impl Core {
     fn on_exited(&mut self, now: Instant, pid: Pid, status: ExitStatus, group_empty: bool) {
         let Some(id) = self.pids.remove(&pid) else {
             self.log(
-                Level::DEBUG,
+                Level::Debug,
                 format!("reaped adopted process {pid} ({status})"),
             );
             return;
@@ -294,7 +309,7 @@ impl Core {
                     worker.generation
                 );
                 let app = worker.app.clone();
-                self.log(Level::WARN, message);
+                self.log(Level::Warn, message);
                 self.abort_rollout(now, &app, reason);
             }
             Role::Retired => {
@@ -304,7 +319,7 @@ impl Core {
                     worker.generation,
                     human(end.uptime)
                 );
-                self.log(Level::INFO, message);
+                self.log(Level::Info, message);
             }
         }
         if group_empty {
@@ -331,7 +346,7 @@ impl Core {
                     "{} pid {pid} left processes in its group; stopping them",
                     worker.label()
                 );
-                self.log(Level::INFO, message);
+                self.log(Level::Info, message);
                 // Its own process is gone: no drain (it would hide the worker from
                 // `lingering`, and nothing would report its group empty), the signal now.
                 self.signal_stop(now, id, StopReason::Leftovers);
@@ -391,7 +406,7 @@ impl Core {
                 .is_none_or(|last| !last.contains(&hint))
             {
                 self.out.push(Action::Log {
-                    level: Level::WARN,
+                    level: Level::Warn,
                     message: format!("{label}: {hint}"),
                 });
             }
@@ -412,9 +427,9 @@ impl Core {
                 },
             };
             let (level, what) = if end.status.success() {
-                (Level::INFO, "done")
+                (Level::Info, "done")
             } else {
-                (Level::WARN, "not restarting (restart policy)")
+                (Level::Warn, "not restarting (restart policy)")
             };
             self.log(
                 level,
@@ -436,7 +451,7 @@ impl Core {
                 reason: reason.clone(),
             };
             self.log(
-                Level::ERROR,
+                Level::Error,
                 format!("{label} {pid} exited with {how}; {reason}"),
             );
         } else {
@@ -460,7 +475,7 @@ impl Core {
                 app: app_name.clone(),
             }));
             self.log(
-                Level::WARN,
+                Level::Warn,
                 format!(
                     "{label} {pid} exited with {how} after {}; restarting in {}{why}",
                     human(end.uptime),
@@ -514,7 +529,7 @@ impl Core {
                                 }
                             }
                         };
-                        self.log(Level::INFO, message);
+                        self.log(Level::Info, message);
                     }
                     // Told to stop before it existed: now it can be.
                     Phase::Stopping { why, .. } => {
@@ -523,7 +538,7 @@ impl Core {
                             ready_by: now + worker.config.ready_timeout,
                             ready_at: None,
                         };
-                        self.log(Level::INFO, message);
+                        self.log(Level::Info, message);
                         self.stop(now, id, why);
                     }
                     _ => {}
@@ -554,7 +569,7 @@ impl Core {
                         .max(MIN_SPAWN_RETRY);
                     slot.state = SlotState::Backoff { until: now + delay };
                     self.log(
-                        Level::ERROR,
+                        Level::Error,
                         format!("{label}: {}; retrying in {}", failure.message, human(delay)),
                     );
                 } else {
@@ -562,7 +577,7 @@ impl Core {
                         reason: failure.message.clone(),
                     };
                     self.log(
-                        Level::ERROR,
+                        Level::Error,
                         format!(
                             "{label}: {}; the slot stays down until the next reload or restart",
                             failure.message
@@ -649,7 +664,7 @@ impl Core {
                         worker.label(),
                         worker.pid_text()
                     );
-                    self.log(Level::DEBUG, message);
+                    self.log(Level::Debug, message);
                 }
                 (KV_TEND_KEY, state) => self.on_tend(now, id, state),
                 _ => {}
@@ -661,7 +676,7 @@ impl Core {
                 worker.label(),
                 worker.pid_text()
             );
-            self.log(Level::WARN, message);
+            self.log(Level::Warn, message);
             self.kill(id, StopReason::Triggered);
         }
     }
@@ -684,7 +699,7 @@ impl Core {
                     seen: now,
                 });
                 if new {
-                    self.log(Level::INFO, format!("{label} tends the KV cluster map"));
+                    self.log(Level::Info, format!("{label} tends the KV cluster map"));
                 }
             }
             "released" if app.tend.is_some_and(|t| t.worker == id) => app.tend = None,
@@ -719,7 +734,7 @@ impl Core {
                 s.last_restart = Some("KV tend owner stopped tending (kv_watchdog)".into());
             }
             self.log(
-                Level::WARN,
+                Level::Warn,
                 format!(
                     "{label} {pid} holds the KV tend lock but has not tended for {}; restarting it",
                     human(now.saturating_duration_since(tend.seen))
@@ -792,7 +807,7 @@ impl Core {
                 s.last_restart = Some(reason.clone());
             }
             self.log(
-                Level::WARN,
+                Level::Warn,
                 format!("{label} {pid}: {reason}; restarting it"),
             );
             self.stop(now, *id, StopReason::Memory);
@@ -830,7 +845,7 @@ impl Core {
                 Phase::Ready { .. } => {
                     let period = worker.config.watchdog.unwrap_or_default();
                     self.log(
-                        Level::WARN,
+                        Level::Warn,
                         format!(
                             "{label} {pid}: no watchdog heartbeat for {}; killing it",
                             human(period)
@@ -841,7 +856,7 @@ impl Core {
                 Phase::Stopping { why, .. } => {
                     let timeout = worker.config.stop_timeout;
                     self.log(
-                        Level::WARN,
+                        Level::Warn,
                         format!(
                             "{label} {pid} still running {} after its stop signal; sending SIGKILL",
                             human(timeout)
@@ -881,7 +896,7 @@ impl Core {
                 serving: true,
             });
         }
-        self.log(Level::INFO, message);
+        self.log(Level::Info, message);
     }
 
     /// A worker missed its `ready_timeout`: it is killed; a rollout's candidate aborts the
@@ -899,7 +914,7 @@ impl Core {
             worker.pid_text(),
             human(timeout)
         );
-        self.log(Level::WARN, message);
+        self.log(Level::Warn, message);
         self.kill(id, StopReason::NotReady);
         if role == Role::Candidate {
             self.abort_rollout(
@@ -1093,7 +1108,7 @@ impl Core {
     /// Stops every worker gracefully; clusterd exits once all are gone.
     pub(super) fn begin_shutdown(&mut self, now: Instant, why: &str) {
         self.log(
-            Level::INFO,
+            Level::Info,
             format!(
                 "{why}: stopping {} workers (again to kill them at once)",
                 self.workers.len()
@@ -1115,7 +1130,7 @@ impl Core {
     /// A second stop signal: SIGKILL to everything left.
     fn force_shutdown(&mut self, why: &str) {
         self.log(
-            Level::WARN,
+            Level::Warn,
             format!("{why} again: killing {} workers", self.workers.len()),
         );
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
@@ -1128,7 +1143,7 @@ impl Core {
     fn scale_single_app(&mut self, now: Instant, delta: i64) {
         if self.apps.len() != 1 {
             self.log(
-                Level::WARN,
+                Level::Warn,
                 "scaling by signal needs a manifest with exactly one app; use `clusterd scale APP N`".into(),
             );
             return;
@@ -1166,7 +1181,7 @@ impl Core {
             }
         }
         self.log(
-            Level::INFO,
+            Level::Info,
             format!("scaling {name} from {before} to {target} workers"),
         );
         for id in to_stop {
