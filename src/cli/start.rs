@@ -1,4 +1,8 @@
-//! Background runs: `clusterd start --detach` and the `clusterd stop` that waits.
+//! `clusterd start` (in the foreground, or `--detach`ed), `run`, `check` and `stop`.
+//!
+//! **Start** and **run** check the manifest (every program found, interception available
+//! where asked for) and boot a supervisor in this process (`daemon::boot`).
+//!
 //!
 //! **Detach** re-executes clusterd itself (`clusterd start --detached ...`; no fork of a
 //! running process) as the leader of a new session, with stdin on `/dev/null` and stdout and
@@ -26,9 +30,12 @@ use anyhow::Context;
 use clusterd_manifest::{LogTarget, Manifest, Readiness};
 use clusterd_proto::{Reply, Request, Status, WorkerRole, WorkerState};
 
-use crate::control::client::{self, Target};
-use crate::logs::format;
-use crate::rundir::RunDir;
+use crate::cli::client::{self, Target};
+use crate::daemon::logs::format;
+use crate::daemon::rundir::RunDir;
+use crate::daemon::{boot, intercept, spawn};
+
+use super::{EXIT_USAGE, load_manifest, print_out, report};
 
 /// How long every worker must have been ready, with no exit, for a detached start to count
 /// as up (a worker that is "ready" at once and crashes a moment later is a failed start).
@@ -384,4 +391,141 @@ fn process_alive(pid: u32) -> bool {
             .is_some_and(|state| state != 'Z' && state != 'X'),
         Err(_) => false,
     }
+}
+
+/// `clusterd start --detach`: checks the manifest here (problems are reported to the caller),
+/// then hands over to [`start_detached`].
+pub fn start_detached_checked(
+    path: &Path,
+    run_dir: Option<&Path>,
+    timeout: Option<Duration>,
+) -> ExitCode {
+    let manifest = match load_manifest(path) {
+        Ok(manifest) => manifest,
+        Err(code) => return code,
+    };
+    let missing = missing_programs(&manifest);
+    if !missing.is_empty() {
+        for problem in missing {
+            eprintln!("{problem}");
+        }
+        return ExitCode::from(EXIT_USAGE);
+    }
+    start_detached(&manifest, run_dir, timeout)
+}
+
+pub fn check(path: &Path) -> ExitCode {
+    match load_manifest(path) {
+        Ok(manifest) => {
+            // A manifest is often checked where it will not run (a build machine): a program
+            // missing here is worth a warning, by the rule `start` enforces.
+            for problem in missing_programs(&manifest) {
+                eprintln!("warning: {problem} (`clusterd start` refuses this)");
+            }
+            if let Err(problem) = interception_available(&manifest) {
+                eprintln!("warning: {problem} (`clusterd start` refuses this)");
+            }
+            let workers: usize = manifest.apps.values().map(|a| a.workers).sum();
+            // A closed stdout is no reason to fail a valid manifest.
+            let _ = print_out(format_args!(
+                "{}: ok ({} apps, {} workers, {} sockets)\n",
+                path.display(),
+                manifest.apps.len(),
+                workers,
+                manifest.sockets.len()
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+pub fn start(path: &Path, run_dir: Option<&Path>, detached: bool) -> ExitCode {
+    match load_manifest(path) {
+        Ok(manifest) => run_manifest(manifest, run_dir, detached),
+        Err(code) => code,
+    }
+}
+
+/// `start` and `run` once the manifest is valid: refuse what cannot run here, then supervise.
+fn run_manifest(manifest: Manifest, run_dir: Option<&Path>, detached: bool) -> ExitCode {
+    let missing = missing_programs(&manifest);
+    if !missing.is_empty() {
+        for problem in missing {
+            eprintln!("{problem}");
+        }
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if let Err(problem) = interception_available(&manifest) {
+        eprintln!("clusterd: {problem}");
+        return ExitCode::FAILURE;
+    }
+    report(boot::boot(boot::Start::Fresh {
+        manifest: Box::new(manifest),
+        run_dir: run_dir.map(Path::to_path_buf),
+        detached,
+    }))
+}
+
+/// For a manifest with an intercepted app: whether this kernel can trap `bind`/`listen`.
+fn interception_available(manifest: &Manifest) -> Result<(), String> {
+    let apps: Vec<&str> = manifest
+        .apps
+        .iter()
+        .filter(|(_, app)| app.intercept)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if apps.is_empty() {
+        return Ok(());
+    }
+    intercept::probe().map_err(|e| {
+        format!(
+            "{}: apps {} set intercept = true, but {e}",
+            manifest.path.display(),
+            apps.join(", ")
+        )
+    })
+}
+
+pub fn run(args: &super::run::RunArgs) -> ExitCode {
+    if args.print_manifest {
+        return match args.manifest_text() {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => report(Err(error.into())),
+        };
+    }
+    let manifest = match args.manifest() {
+        Ok(manifest) => manifest,
+        Err(error) => {
+            eprintln!(
+                "{error}
+(the manifest these options make: clusterd run --print-manifest ...)"
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    run_manifest(manifest, None, false)
+}
+
+/// Apps whose command cannot be found: a mistake to report before starting, not a crash loop
+/// later. The same rule as every spawn ([`spawn::find_program`]): the app's `env.PATH`, else
+/// clusterd's.
+fn missing_programs(manifest: &Manifest) -> Vec<String> {
+    let path = std::env::var_os("PATH");
+    manifest
+        .apps
+        .iter()
+        .filter(|(_, app)| spawn::find_program(app, path.as_deref()).is_none())
+        .map(|(name, app)| {
+            format!(
+                "{}: apps.{name}.command: cannot find an executable {:?} (working directory {})",
+                manifest.path.display(),
+                app.command[0],
+                app.cwd.display()
+            )
+        })
+        .collect()
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clusterd_proto::{Envelope, MAX_FRAME, Reply, Request, encode_line};
 
-use crate::rundir::RunDir;
+use crate::daemon::rundir::RunDir;
 
 /// How to find a running supervisor: its control socket, or the manifest it runs.
 ///

@@ -20,7 +20,9 @@ use clusterd_manifest::AppConfig;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::unistd::Pid;
 
-use crate::intercept::Trap;
+use crate::daemon::intercept::Trap;
+
+pub mod env;
 
 /// What to start: a fully resolved program, its arguments and environment, and its fds.
 pub struct SpawnSpec<'a> {

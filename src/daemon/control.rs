@@ -4,7 +4,7 @@
 //! the decoded request to the supervisor's loop, and writes back the reply lines the
 //! supervisor sends. A slow, silent or malicious client only ever occupies its own task.
 //!
-//! `logs` is answered here, from the supervisor's memory of recent lines ([`crate::logs`]),
+//! `logs` is answered here, from the supervisor's memory of recent lines ([`crate::daemon::logs`]),
 //! without a trip through the loop: the last lines, then for `--follow` every new line from a
 //! queue of the follower's own, bounded ([`FOLLOWER_QUEUE`]); a follower that falls that far
 //! behind is dropped and told so. The connection ends when the client closes it.
@@ -20,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
-use crate::logs::{self, Filter, format};
+use crate::daemon::logs::{self, Filter, format};
 
 /// How long a client may take to send its request, and to read each reply line.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);

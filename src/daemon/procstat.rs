@@ -117,7 +117,7 @@ mod tests {
 
     #[test]
     fn measures_our_own_group() {
-        let me = crate::os::core_pid(nix::unistd::getpgrp());
+        let me = crate::daemon::os::core_pid(nix::unistd::getpgrp());
         let usage = group_usage(&[me]);
         assert!(usage[&me].rss_bytes > 0);
         assert!(self_rss() > 0);

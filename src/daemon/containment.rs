@@ -571,7 +571,7 @@ pub fn adopted_orphans(workers: &[Pid]) -> Vec<Pid> {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .map(Pid::from_raw)
         .filter(|pid| !workers.contains(pid))
-        .filter(|pid| crate::procstat::ppid(*pid) == Some(me))
+        .filter(|pid| crate::daemon::procstat::ppid(*pid) == Some(me))
         .collect()
 }
 
@@ -687,7 +687,7 @@ fn sanitize(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spawn::{SpawnSpec, spawn};
+    use crate::daemon::spawn::{SpawnSpec, spawn};
 
     /// A tree of our own for one test, or `None` where cgroups are unavailable: then the
     /// test is skipped, which is printed and counted (appended to the file

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use clusterd_core::messages::parse_notify;
-use nix::sys::socket::{MsgFlags, setsockopt, sockopt};
+use nix::sys::socket::{setsockopt, sockopt};
 use nix::unistd::Pid;
 use tokio::io::Interest;
 use tokio::net::UnixDatagram;
@@ -185,52 +185,6 @@ fn take_control(msg: &libc::msghdr) -> (Option<Pid>, Vec<OwnedFd>) {
     (pid, fds)
 }
 
-/// Sends `state` to `NOTIFY_SOCKET` and waits until the supervisor has handled it (the
-/// `BARRIER=1` protocol): a pipe's write end goes along with the datagram, and the receiver
-/// closing it is the acknowledgement. This is `clusterd notify`, for workers that cannot send
-/// datagrams themselves; waiting matters because the supervisor identifies the sender by its
-/// pid, which must still exist when the message is read.
-pub fn send_with_barrier(
-    socket: &str,
-    state: &str,
-    timeout: std::time::Duration,
-) -> io::Result<()> {
-    use nix::sys::socket::{ControlMessage, UnixAddr, sendmsg};
-    let addr = match socket.strip_prefix('@') {
-        Some(name) => UnixAddr::new_abstract(name.as_bytes())?,
-        None => UnixAddr::new(socket)?,
-    };
-    let sock = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Unix,
-        nix::sys::socket::SockType::Datagram,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let iov = [io::IoSlice::new(state.as_bytes())];
-    let fds = [write.as_raw_fd()];
-    sendmsg(
-        sock.as_raw_fd(),
-        &iov,
-        &[ControlMessage::ScmRights(&fds)],
-        MsgFlags::empty(),
-        Some(&addr),
-    )?;
-    drop(write);
-    let mut poll = [nix::poll::PollFd::new(
-        std::os::fd::AsFd::as_fd(&read),
-        nix::poll::PollFlags::POLLIN,
-    )];
-    let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-    match nix::poll::poll(&mut poll, millis)? {
-        0 => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the supervisor did not acknowledge the notification",
-        )),
-        _ => Ok(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,7 +217,7 @@ mod tests {
             tx.as_raw_fd(),
             &iov,
             &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
+            nix::sys::socket::MsgFlags::empty(),
             None,
         )
         .unwrap();

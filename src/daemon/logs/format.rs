@@ -140,7 +140,7 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::logs::Source;
+    use crate::daemon::logs::Source;
 
     fn record(source: Arc<Source>, stream: LogStream, message: &[u8]) -> Record {
         Record {

@@ -1,5 +1,5 @@
-//! clusterd's output: each worker's stdout and stderr forwarded one line at a time (what a
-//! line becomes, and where it goes, is [`crate::logs`]'s business), and the writer threads of
+//! The pipes of the log pipeline: each worker's stdout and stderr forwarded one line at a time (what a
+//! line becomes, and where it goes, is [`super`]'s business), and the writer threads of
 //! clusterd's stdout, stderr and log files. Nothing here ever blocks the event loop.
 //!
 //! - **Reading**: a worker's pipes are read by a small tokio task that ends at EOF, which comes
@@ -286,7 +286,7 @@ impl Write for RawWriter {
     }
 }
 
-/// Where [`copy_lines`] puts each line ([`crate::logs::Forwarder`]; a collector in tests).
+/// Where [`copy_lines`] puts each line ([`crate::daemon::logs::Forwarder`]; a collector in tests).
 pub trait Lines {
     /// Takes note of a line (without its newline) and returns it formatted for the output.
     fn record(&self, message: &[u8]) -> Vec<u8>;

@@ -1,11 +1,11 @@
 //! Where output goes: workers' lines and clusterd's own events, to clusterd's stdout/stderr or
 //! to log files, in text or JSON, and into the memory `clusterd logs` reads.
 //!
-//! Every line takes the same path: [`crate::output`] reads it from a worker's pipe (or
+//! Every line takes the same path: [`pipes`] reads it from a worker's pipe (or
 //! [`EventWriter`] gets it from the log), the [`Hub`] keeps it and hands it to followers
 //! ([`ring`]), it is formatted ([`format`]) for its destination, and a writer thread writes it
-//! ([`crate::output`]'s byte-bounded queues: backpressure on the worker while the writer keeps
-//! up, drop and count when a write blocks for a second; a failed write is dropped and counted
+//! ([`pipes`]' byte-bounded queues: backpressure on the worker while the writer keeps up,
+//! drop and count when a write blocks for a second; a failed write is dropped and counted
 //! too). The event loop never writes, opens or renames a file: each log file has a writer
 //! thread ([`file::LogFile`]), which opens it on its first line, rotates it by size and reopens
 //! it on SIGUSR1.
@@ -18,6 +18,7 @@
 
 mod file;
 pub mod format;
+pub mod pipes;
 pub mod ring;
 
 use std::collections::HashMap;
@@ -32,7 +33,7 @@ use clusterd_proto::LogStream;
 
 pub use ring::{Filter, Hub, Record};
 
-use crate::output::{self, Push, Sink};
+use self::pipes::{Push, Sink};
 
 /// Lines kept in memory per app for `clusterd logs`.
 const RING_LINES: usize = 2000;
@@ -149,8 +150,8 @@ impl Destination {
     /// The writer of `stream`'s lines.
     fn sink(self, stream: LogStream) -> &'static Sink {
         match self {
-            Destination::Std(_) if stream == LogStream::Stdout => output::stdout(),
-            Destination::Std(_) => output::stderr(),
+            Destination::Std(_) if stream == LogStream::Stdout => pipes::stdout(),
+            Destination::Std(_) => pipes::stderr(),
             Destination::File(sink, _) => sink,
         }
     }
@@ -270,7 +271,7 @@ fn file_sink(path: &Path, config: &LogConfig) -> io::Result<&'static Sink> {
         return Ok(sink);
     }
     let target = file::LogFile::new(path.to_path_buf(), config.max_size, config.keep);
-    let sink = output::spawn_writer("clusterd-logfile", target)?;
+    let sink = pipes::spawn_writer("clusterd-logfile", target)?;
     files.insert(path.to_path_buf(), sink);
     Ok(sink)
 }
@@ -314,7 +315,7 @@ impl Forwarder {
     }
 }
 
-impl output::Lines for Forwarder {
+impl pipes::Lines for Forwarder {
     fn record(&self, message: &[u8]) -> Vec<u8> {
         let record = hub().publish(&self.source, self.stream, message);
         self.destination.format(&record)
@@ -346,8 +347,8 @@ impl Write for EventWriter {
             Some(destination @ Destination::File(sink, _)) => {
                 sink.push(destination.format(&record))
             }
-            Some(Destination::Std(LogFormat::Json)) => output::stderr().push(format::json(&record)),
-            _ => output::stderr().push(buf.to_vec()),
+            Some(Destination::Std(LogFormat::Json)) => pipes::stderr().push(format::json(&record)),
+            _ => pipes::stderr().push(buf.to_vec()),
         };
         Ok(buf.len())
     }

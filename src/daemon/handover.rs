@@ -109,15 +109,15 @@ pub(super) struct DriverState {
     /// The read ends of the workers' output pipes.
     pub outputs: Vec<HandedOutput>,
     /// Intercepted workers' seccomp listeners and the sockets their binds get.
-    pub intercepts: Vec<crate::intercept::Handed>,
+    pub intercepts: Vec<crate::daemon::intercept::Handed>,
     /// The per-worker sockets of steered sockets, in the kernel's order.
-    pub steering: Vec<crate::steering::HandedGroup>,
+    pub steering: Vec<crate::daemon::steering::HandedGroup>,
     /// Workers' message channels, with what was queued either way.
-    pub channels: Vec<crate::ipc::Suspended>,
+    pub channels: Vec<crate::daemon::ipc::Suspended>,
     /// The metrics' counters.
-    pub counters: crate::metrics::Counters,
+    pub counters: crate::daemon::metrics::Counters,
     /// The lines `clusterd logs` shows.
-    pub log_lines: Vec<crate::logs::ring::Handed>,
+    pub log_lines: Vec<crate::daemon::logs::ring::Handed>,
 }
 
 /// A worker's output pipes (read ends).
@@ -218,7 +218,7 @@ impl Handover {
             control,
             notify,
             metrics,
-            nofile: crate::spawn::worker_nofile(),
+            nofile: crate::daemon::spawn::worker_nofile(),
             detached,
             driver,
         }
@@ -251,7 +251,7 @@ impl Handover {
     }
 
     /// The lines `clusterd logs` showed, for the new clusterd's memory (taken out).
-    pub fn take_log_lines(&mut self) -> Vec<crate::logs::ring::Handed> {
+    pub fn take_log_lines(&mut self) -> Vec<crate::daemon::logs::ring::Handed> {
         std::mem::take(&mut self.driver.log_lines)
     }
 
@@ -384,7 +384,10 @@ impl Check {
 
     /// It did not answer in time: killed (the reaper collects it), and why.
     pub fn give_up(self) -> HandoverError {
-        let _ = nix::sys::signal::kill(crate::os::pid(self.pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            crate::daemon::os::pid(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         HandoverError::Refused {
             binary: self.binary,
             why: format!("`handover-check` did not finish within {CHECK_TIMEOUT:?}"),
@@ -448,7 +451,7 @@ pub(super) fn exec(binary: &Path, state: &std::fs::File) -> io::Error {
 }
 
 fn monotonic_ns() -> u64 {
-    crate::manager::monotonic_usec().saturating_mul(1000)
+    crate::daemon::manager::monotonic_usec().saturating_mul(1000)
 }
 
 #[cfg(test)]

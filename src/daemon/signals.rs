@@ -4,7 +4,7 @@
 //! |-----------------|----------------------------------------------------------|
 //! | SIGTERM, SIGINT | graceful shutdown; a second one kills at once            |
 //! | SIGUSR2         | rolling reload of every app                              |
-//! | SIGUSR1         | reopen the log files (handled by `crate::logs`)          |
+//! | SIGUSR1         | reopen the log files (handled by `crate::daemon::logs`)          |
 //! | SIGHUP          | re-read the manifest and apply the difference            |
 //! | SIGTTIN/SIGTTOU | one worker more / fewer (manifests with a single app)    |
 //! | SIGURG          | upgrade in place: exec clusterd's own binary again       |

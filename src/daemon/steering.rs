@@ -69,7 +69,7 @@ impl Steering {
         let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
-        crate::sockets::apply_tcp_options(&socket, config)?;
+        crate::daemon::sockets::apply_tcp_options(&socket, config)?;
         socket.bind(&SockAddr::from(address))?;
         socket.listen(i32::try_from(config.backlog).unwrap_or(i32::MAX))?;
         socket.set_nonblocking(true)?;

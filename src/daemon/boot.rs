@@ -12,13 +12,14 @@ use std::time::Instant;
 use anyhow::Context;
 use clusterd_manifest::Manifest;
 
-use crate::containment::{self, Containment};
-use crate::control::server::ControlServer;
-use crate::notify::NotifySocket;
-use crate::rundir::{PidFile, RunDir};
-use crate::sockets::Sockets;
-use crate::supervisor::{self, Handover};
-use crate::{logs, manager, metrics, output, spawn, steering};
+use crate::daemon::containment::{self, Containment};
+use crate::daemon::control::ControlServer;
+use crate::daemon::logs::{self, pipes as output};
+use crate::daemon::notify::NotifySocket;
+use crate::daemon::rundir::{PidFile, RunDir};
+use crate::daemon::sockets::Sockets;
+use crate::daemon::{self, Handover};
+use crate::daemon::{manager, metrics, spawn, steering};
 
 /// How a supervisor comes to be.
 pub enum Start {
@@ -45,7 +46,7 @@ pub fn boot(mut start: Start) -> anyhow::Result<()> {
     // First, before anything else opens a file: sockets systemd passed to a new supervisor
     // (fds 3..). A resumed one finds its descriptors named in the hand-over instead.
     let inherited = match &start {
-        Start::Fresh { .. } => Some(crate::sockets::take_inherited()?),
+        Start::Fresh { .. } => Some(crate::daemon::sockets::take_inherited()?),
         Start::Resumed(_) => None,
     };
     // clusterd's own manager, if it has one (systemd's NOTIFY_SOCKET): taken once, here.
@@ -121,7 +122,7 @@ pub fn boot(mut start: Start) -> anyhow::Result<()> {
             parts.manifest.path.display(),
             run_dir.control_socket().display()
         );
-        let result = supervisor::run(parts, manager).await;
+        let result = daemon::run(parts, manager).await;
         drop(pid_file);
         let dropped = output::dropped_lines();
         if dropped > 0 {
@@ -137,7 +138,7 @@ async fn fresh(
     run_dir: &RunDir,
     inherited: std::collections::BTreeMap<String, std::os::fd::OwnedFd>,
     detached: bool,
-) -> anyhow::Result<supervisor::Parts> {
+) -> anyhow::Result<daemon::Parts> {
     // The control socket first: a second `start` of a running manifest fails here, before
     // it could disturb anything.
     let control = ControlServer::bind(&run_dir.control_socket())?;
@@ -171,7 +172,7 @@ async fn fresh(
         ),
         None => None,
     };
-    Ok(supervisor::Parts {
+    Ok(daemon::Parts {
         manifest,
         sockets,
         notify,
@@ -184,8 +185,8 @@ async fn fresh(
 }
 
 /// Adopts what the previous image of this supervisor handed over.
-fn resumed(handover: Handover, run_dir: &RunDir) -> anyhow::Result<supervisor::Parts> {
-    let adopt = |fd| supervisor::adopt_fd(fd).context("an inherited descriptor");
+fn resumed(handover: Handover, run_dir: &RunDir) -> anyhow::Result<daemon::Parts> {
+    let adopt = |fd| daemon::adopt_fd(fd).context("an inherited descriptor");
     let control = ControlServer::adopt(adopt(handover.control.fd)?, &handover.control.path)?;
     let notify = NotifySocket::adopt(adopt(handover.notify.fd)?, &handover.notify.path)?;
     let metrics = match handover.metrics {
@@ -202,7 +203,7 @@ fn resumed(handover: Handover, run_dir: &RunDir) -> anyhow::Result<supervisor::P
         ));
     }
     let containment = Containment::detect(&containment::key_for(&run_dir.path));
-    Ok(supervisor::Parts {
+    Ok(daemon::Parts {
         manifest: handover.manifest.clone(),
         sockets: Sockets::from_parts(sockets),
         notify,

@@ -9,7 +9,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use clusterd_core::{ExitStatus, Pid};
 
-use crate::os::{core_pid, core_signal};
+use crate::daemon::os::{core_pid, core_signal};
 
 /// One reaped process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! A log file written by one writer thread (see [`crate::output`]): opened lazily (append,
+//! A log file written by one writer thread (see [`crate::daemon::logs::pipes`]): opened lazily (append,
 //! created mode 0640 with its directory), rotated by size, reopened on request (SIGUSR1, for an
 //! external logrotate that moved it).
 //!
@@ -14,7 +14,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::output::Target;
+use super::pipes::Target;
 
 /// One log file and its rotation settings.
 #[derive(Debug)]
