@@ -1,9 +1,10 @@
-//! The driver: the one place where the supervisor touches the OS. A single task on a
-//! single-threaded runtime `select!`s over child exits (the reaper), signals, sd_notify
-//! datagrams, control requests, metrics scrapes and the core's next deadline; it turns each
-//! into an [`Event`] for the [`Core`] and carries out the [`Action`]s that come back (fork and
-//! exec, signals to process groups, replies, log lines, metrics). Nothing polls: with nothing
-//! due, the loop sleeps until the next event.
+//! The driver: the event loop of the supervisor. A single task on a single-threaded runtime
+//! `select!`s over child exits (the reaper), signals, sd_notify datagrams, control requests,
+//! metrics scrapes and the core's next deadline; it turns each into an [`Event`] for the
+//! [`Core`] and carries out the [`Action`]s that come back ([`Driver::perform`]: fork and
+//! exec through [`launch`], signals to process groups, replies, log lines, metrics). The loop
+//! never polls: with nothing due, it sleeps until the next event (at exit, the orphans that
+//! escaped their worker get a bounded poll).
 
 mod launch;
 mod queries;
