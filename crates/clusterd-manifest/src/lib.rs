@@ -25,6 +25,7 @@
 //! span (a syntax error stops there, as nothing after it can be trusted), then `schema` walks
 //! it by hand so that every unknown key, wrong type and bad value is reported in one go.
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod doc;

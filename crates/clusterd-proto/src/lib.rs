@@ -20,6 +20,7 @@
 //!
 //! Replies that are not final: [`Reply::Progress`] and [`Reply::Log`] ([`Reply::is_final`]).
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod status;

@@ -227,6 +227,8 @@ impl Trap {
     /// Only for the child between `fork` and `execve`: it makes async-signal-safe syscalls on
     /// memory prepared before the fork and writes into `self`'s control buffer.
     pub unsafe fn install_in_child(&self) -> libc::c_int {
+        // SAFETY: the caller's contract (the child between fork and exec); prctl, seccomp and
+        // sendmsg are async-signal-safe and use memory prepared before the fork.
         unsafe {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
                 return -1;

@@ -363,6 +363,8 @@ unsafe fn child_after_fork(
     // Field reads only: nothing here allocates.
     let (listen_fds, trap) = (spec.listen_fds, spec.trap);
     let ipc = spec.ipc.map(|fd| fd.as_raw_fd());
+    // SAFETY: this is the child between fork and exec (the caller's contract): only raw async-
+    // signal-safe syscalls on descriptors and memory prepared before the fork.
     unsafe {
         // First of all, before this process can start anything: join the worker's cgroup.
         // A failed join is not fatal: the worker is then contained by its process group, and
@@ -496,6 +498,8 @@ unsafe fn child_after_fork(
 /// Reports `step` and the current errno through the error pipe and exits with status 127.
 /// Async-signal-safe.
 unsafe fn report_failure(err_fd: RawFd, step: ChildStep) -> ! {
+    // SAFETY: the caller is the child between fork and exec; only async-signal-safe calls (errno,
+    // write, _exit) on the pipe it owns.
     unsafe {
         let errno = *libc::__errno_location();
         let mut report = [step as u8, 0, 0, 0, 0];
