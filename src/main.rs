@@ -6,6 +6,7 @@
 
 mod cli;
 mod daemon;
+mod error;
 
 use std::process::ExitCode;
 use std::time::Duration;

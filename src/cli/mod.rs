@@ -293,7 +293,7 @@ pub fn report(result: anyhow::Result<()>) -> ExitCode {
 
 pub fn load_manifest(path: &Path) -> Result<Manifest, ExitCode> {
     clusterd_manifest::load(path).map_err(|error| {
-        eprintln!("{error}");
+        eprintln!("{}", crate::error::Chain(&error));
         ExitCode::from(EXIT_USAGE)
     })
 }

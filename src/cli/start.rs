@@ -501,8 +501,9 @@ pub fn run(args: &super::run::RunArgs) -> ExitCode {
         Ok(manifest) => manifest,
         Err(error) => {
             eprintln!(
-                "{error}
-(the manifest these options make: clusterd run --print-manifest ...)"
+                "{}
+(the manifest these options make: clusterd run --print-manifest ...)",
+                crate::error::Chain(&error)
             );
             return ExitCode::from(EXIT_USAGE);
         }

@@ -12,6 +12,7 @@ use clusterd_proto::{Reply, Request};
 use super::client::{self, Target};
 use super::print_out;
 use crate::daemon::{self, boot};
+use crate::error::Chain;
 
 /// `clusterd upgrade`: asks the supervisor to exec `binary` (it checks it first), then waits
 /// until the new one answers status, and says how long that took.
@@ -76,7 +77,7 @@ pub fn check() -> ExitCode {
             Err(_) => ExitCode::FAILURE,
         },
         Err(error) => {
-            eprintln!("clusterd: {error}");
+            eprintln!("clusterd: {}", Chain(&error));
             ExitCode::FAILURE
         }
     }

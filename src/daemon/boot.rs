@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
+
+use crate::error::Chain;
 use clusterd_manifest::Manifest;
 
 use crate::daemon::containment::{self, Containment};
@@ -153,7 +155,7 @@ async fn fresh(
             killed.len(),
             killed.join(", ")
         ),
-        Err(e) => tracing::warn!("cannot sweep a previous run's processes: {e}"),
+        Err(e) => tracing::warn!("cannot sweep a previous run's processes: {}", Chain(&e)),
     }
     let steered = steering::steered(&manifest);
     if !steered.is_empty() && !steering::enable_migration() {

@@ -44,13 +44,14 @@ const SWEEP_WAIT: Duration = Duration::from_secs(5);
 
 /// A cgroup operation that failed.
 #[derive(Debug, thiserror::Error)]
-#[error("{what} {}: {cause}", path.display())]
+#[error("{what} {}", path.display())]
 pub struct ContainmentError {
     /// What was being done.
     pub what: &'static str,
     /// The cgroup file or directory.
     pub path: PathBuf,
     /// The error.
+    #[source]
     pub cause: io::Error,
 }
 

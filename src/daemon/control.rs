@@ -52,11 +52,12 @@ pub enum ControlError {
     #[error("another clusterd is already running for this manifest (control socket {0} answers)")]
     AlreadyRunning(PathBuf),
     /// Binding or setting the mode failed.
-    #[error("cannot create control socket {path}: {cause}")]
+    #[error("cannot create control socket {path}")]
     Bind {
         /// The socket path.
         path: PathBuf,
         /// What failed.
+        #[source]
         cause: io::Error,
     },
 }

@@ -146,8 +146,8 @@ struct Header {
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
     /// Not the JSON of a hand-over at all.
-    #[error("not a clusterd hand-over: {0}")]
-    Malformed(serde_json::Error),
+    #[error("not a clusterd hand-over")]
+    Malformed(#[source] serde_json::Error),
     /// Written in a format this build does not read.
     #[error(
         "the state is in hand-over format {found} of clusterd {version}; this clusterd {ours} reads format {FORMAT} and older"
@@ -161,19 +161,21 @@ pub enum HandoverError {
         ours: &'static str,
     },
     /// The header was fine, the rest not.
-    #[error("cannot read the state of clusterd {version}: {cause}")]
+    #[error("cannot read the state of clusterd {version}")]
     State {
         /// The writer's version.
         version: String,
         /// What failed.
+        #[source]
         cause: serde_json::Error,
     },
     /// A system call failed.
-    #[error("{what}: {cause}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: &'static str,
         /// The error.
+        #[source]
         cause: io::Error,
     },
     /// The new binary is not fit.

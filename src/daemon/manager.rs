@@ -31,11 +31,12 @@ struct Watchdog {
 
 /// Why `NOTIFY_SOCKET` cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("NOTIFY_SOCKET={path:?}: {cause}")]
+#[error("NOTIFY_SOCKET={path:?}")]
 pub struct ManagerError {
     /// The value of `NOTIFY_SOCKET`.
     pub path: String,
     /// What went wrong.
+    #[source]
     pub cause: io::Error,
 }
 

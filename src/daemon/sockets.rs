@@ -49,13 +49,14 @@ impl BoundSocket {
 
 /// Why a socket could not be bound.
 #[derive(Debug, thiserror::Error)]
-#[error("socket {name}: cannot listen on {address}: {cause}")]
+#[error("socket {name}: cannot listen on {address}")]
 pub struct BindError {
     /// The socket's name in the manifest.
     pub name: String,
     /// The address it was to listen on.
     pub address: String,
     /// What went wrong.
+    #[source]
     pub cause: io::Error,
 }
 

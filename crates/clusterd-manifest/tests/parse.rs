@@ -434,10 +434,13 @@ fn load_reports_unreadable_files() {
     let missing = dir.path().join("missing.toml");
     let err = load(&missing).unwrap_err();
     assert!(matches!(err, ManifestError::Read { ref path, .. } if *path == missing));
+    assert_eq!(
+        err.to_string(),
+        format!("cannot read manifest {}", missing.display())
+    );
     assert!(
-        err.to_string()
-            .starts_with(&format!("cannot read manifest {}: ", missing.display())),
-        "{err}"
+        std::error::Error::source(&err).is_some(),
+        "the cause is its source"
     );
 
     let err = load(dir.path()).unwrap_err();
@@ -446,7 +449,13 @@ fn load_reports_unreadable_files() {
     let huge = dir.path().join("huge.toml");
     std::fs::write(&huge, "#".repeat(2 << 20)).unwrap();
     let err = load(&huge).unwrap_err();
-    assert!(err.to_string().contains("larger than 1024 KiB"), "{err}");
+    let cause = std::error::Error::source(&err).map(ToString::to_string);
+    assert!(
+        cause
+            .as_deref()
+            .is_some_and(|c| c.contains("larger than 1024 KiB")),
+        "{err}: {cause:?}"
+    );
 }
 
 #[test]

@@ -83,7 +83,7 @@ impl Driver {
             .containment
             .prepare_worker(key)
             .unwrap_or_else(|error| {
-                tracing::warn!("{error}; {label} runs in its process group only");
+                tracing::warn!("{}; {label} runs in its process group only", Chain(&error));
                 None
             });
         let trap = match config.intercept {

@@ -47,6 +47,7 @@ use crate::daemon::sockets::Sockets;
 use crate::daemon::spawn::env::WorkerEnv;
 use crate::daemon::spawn::{self, SpawnError, SpawnSpec};
 use crate::daemon::steering::{self, Steering};
+use crate::error::Chain;
 
 /// How long, at exit, the workers' last output may take to drain.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
@@ -329,7 +330,7 @@ impl Driver {
                         })
                         .map_err(|error| SpawnFailure {
                             transient: error.is_transient(),
-                            message: error.to_string(),
+                            message: Chain(&error).to_string(),
                         });
                     if let Ok(pid) = &result {
                         if let Err(why) = self.containment.check_joined(&key, os::pid(*pid)) {
@@ -522,7 +523,10 @@ impl Driver {
         let manifest = match clusterd_manifest::load(&self.manifest.path) {
             Ok(manifest) => manifest,
             Err(error) => {
-                tracing::error!("manifest re-read rejected, nothing changed:\n{error}");
+                tracing::error!(
+                    "manifest re-read rejected, nothing changed:\n{}",
+                    Chain(&error)
+                );
                 return None;
             }
         };
@@ -532,7 +536,10 @@ impl Driver {
         {
             Ok(changed) => changed,
             Err(error) => {
-                tracing::error!("manifest re-read rejected, nothing changed: {error}");
+                tracing::error!(
+                    "manifest re-read rejected, nothing changed: {}",
+                    Chain(&error)
+                );
                 return None;
             }
         };

@@ -2,6 +2,7 @@
 //! state and descriptors over and exec'ing it, and, on the new side, adopting them.
 
 use super::*;
+use crate::error::Chain;
 
 /// An upgrade whose new binary is being checked (`handover-check` runs).
 pub(super) struct Checking {
@@ -123,7 +124,7 @@ impl Driver {
             .and_then(|state| handover::start_check(&binary, &state));
         match check {
             Ok(check) => self.checking = Some(Checking { request, check }),
-            Err(error) => refuse(&request, error.to_string()),
+            Err(error) => refuse(&request, Chain(&error).to_string()),
         }
     }
 
@@ -151,7 +152,7 @@ impl Driver {
         let binary = check.binary.clone();
         let line = match check.finish(status) {
             Ok(line) => line,
-            Err(error) => return refuse(&request, error.to_string()),
+            Err(error) => return refuse(&request, Chain(&error).to_string()),
         };
         if core.shutting_down() {
             return refuse(&request, "clusterd is shutting down".into());
@@ -177,7 +178,7 @@ impl Driver {
         let encoded = handover.encode(Instant::now());
         *core = handover.into_state().0;
         let error = match encoded.and_then(|bytes| handover::memfd(&bytes)) {
-            Err(error) => std::io::Error::other(error.to_string()),
+            Err(error) => std::io::Error::other(Chain(&error).to_string()),
             Ok(state) => {
                 pipes::flush(Duration::from_secs(1));
                 all.push(state.as_raw_fd());

@@ -175,11 +175,12 @@ fn files() -> &'static Mutex<HashMap<PathBuf, &'static Sink>> {
 
 /// Why a log destination cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot open log file {path}: {cause}")]
+#[error("cannot open log file {path}")]
 pub struct LogError {
     /// The file.
     pub path: PathBuf,
     /// What failed.
+    #[source]
     pub cause: io::Error,
 }
 

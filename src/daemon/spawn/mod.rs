@@ -68,15 +68,16 @@ pub enum SpawnError {
     #[error("argument or environment entry contains a NUL byte: {0:?}")]
     Nul(String),
     /// `pipe2` or `fork` failed in the parent.
-    #[error("{what} failed: {cause}")]
+    #[error("{what} failed")]
     Os {
         /// The call that failed.
         what: &'static str,
         /// The error.
+        #[source]
         cause: io::Error,
     },
     /// A step in the child before `execve`, or `execve` itself, failed.
-    #[error("{step} {path}: {cause}")]
+    #[error("{step} {path}")]
     Child {
         /// The child process, which exits at once with status 127.
         pid: Pid,
@@ -85,6 +86,7 @@ pub enum SpawnError {
         /// The path involved (program or working directory).
         path: String,
         /// The errno, as an error.
+        #[source]
         cause: io::Error,
     },
 }
