@@ -85,6 +85,8 @@ command = ["sleep", "60"]
 workers = 1
 sockets = ["a", "b"]
 "#,
+        // SAFETY: the closure runs in the child between fork and exec and makes only async-signal-
+        // safe calls (dup2) on a descriptor number copied in before the fork.
         move |command| unsafe {
             command.pre_exec(move || {
                 if libc::dup2(leaked_fd, 20) < 0 {
@@ -423,6 +425,8 @@ fn sockets_from_socket_activation_are_passed_through_by_name() {
     let mut clusterd = Clusterd::start_activated(
         // The manifest's address would fail to bind (port 1): the inherited socket is used.
         &hello_manifest(2).replace("127.0.0.1:0", "127.0.0.1:1"),
+        // SAFETY: the closure runs in the child between fork and exec and makes only async-signal-
+        // safe calls (dup2, fcntl) on a descriptor number copied in before the fork.
         move |command| unsafe {
             command.env("LISTEN_FDS", "1").env("LISTEN_FDNAMES", "http");
             command.pre_exec(move || {

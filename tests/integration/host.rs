@@ -116,6 +116,8 @@ fn start_activated(
     let fd = listener.as_raw_fd();
     let (name, notify) = (name.to_owned(), manager.path.clone());
     let files = [("gate.sh", GATED)];
+    // SAFETY: the closure runs in the child between fork and exec and makes only async-signal-safe
+    // calls (dup2, fcntl) on a descriptor number copied in before the fork.
     Clusterd::start_activated_with_files(manifest, &files, move |command| unsafe {
         command
             .env("LISTEN_FDS", "1")

@@ -25,6 +25,7 @@
 //! span (a syntax error stops there, as nothing after it can be trusted), then `schema` walks
 //! it by hand so that every unknown key, wrong type and bad value is reported in one go.
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod doc;
@@ -40,7 +41,7 @@ mod values;
 
 pub use error::{ManifestError, Problem};
 pub use model::*;
-pub use signal::parse_signal;
+pub use signal::{Signal, parse_signal};
 
 use std::io::{self, Read};
 use std::path::Path;

@@ -9,8 +9,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
+
+use crate::signal::Signal;
 
 /// Environment variables clusterd sets for each worker itself (or withholds): an app's `env`
 /// may not set them, and clusterd's own values never reach a worker.
@@ -292,15 +293,17 @@ pub struct MetricsConfig {
 /// A signal as its number, for the serialized form of an [`AppConfig`] (the state clusterd
 /// hands to its next version across `clusterd upgrade`).
 mod signal_number {
-    use nix::sys::signal::Signal;
     use serde::{Deserialize, Deserializer, Serializer};
 
+    use crate::Signal;
+
     pub fn serialize<S: Serializer>(signal: &Signal, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_i32(*signal as i32)
+        s.serialize_i32(signal.number())
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Signal, D::Error> {
         let number = i32::deserialize(d)?;
-        Signal::try_from(number).map_err(serde::de::Error::custom)
+        Signal::from_number(number)
+            .ok_or_else(|| serde::de::Error::custom(format!("no signal numbered {number}")))
     }
 }

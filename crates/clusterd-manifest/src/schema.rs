@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
+use crate::signal::Signal;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 

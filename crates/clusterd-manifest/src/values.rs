@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
+use crate::signal::Signal;
 use toml::de::{DeInteger, DeValue};
 
 use crate::doc::{Bad, Value};
@@ -139,7 +139,7 @@ pub(crate) fn signal(value: &Value<'_>) -> Result<Signal, Bad> {
         DeValue::String(s) => parse_signal(s),
         DeValue::Integer(integer) => integer_value(integer)
             .and_then(|n| i32::try_from(n).ok())
-            .and_then(|n| Signal::try_from(n).ok()),
+            .and_then(Signal::from_number),
         _ => None,
     };
     parsed.ok_or_else(|| Bad::expected("a signal name like \"SIGTERM\" or \"TERM\", or a number"))

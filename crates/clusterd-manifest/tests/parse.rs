@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clusterd_manifest::Signal;
 use clusterd_manifest::{
     Backoff, Listen, ManifestError, Problem, Readiness, ReloadConfig, RestartPolicy, load, parse,
 };
-use nix::sys::signal::Signal;
 
 /// Parses `text` as if it were `/srv/app/supervisor.toml`.
 fn parse_srv(text: &str) -> Result<clusterd_manifest::Manifest, ManifestError> {
@@ -434,10 +434,13 @@ fn load_reports_unreadable_files() {
     let missing = dir.path().join("missing.toml");
     let err = load(&missing).unwrap_err();
     assert!(matches!(err, ManifestError::Read { ref path, .. } if *path == missing));
+    assert_eq!(
+        err.to_string(),
+        format!("cannot read manifest {}", missing.display())
+    );
     assert!(
-        err.to_string()
-            .starts_with(&format!("cannot read manifest {}: ", missing.display())),
-        "{err}"
+        std::error::Error::source(&err).is_some(),
+        "the cause is its source"
     );
 
     let err = load(dir.path()).unwrap_err();
@@ -446,7 +449,13 @@ fn load_reports_unreadable_files() {
     let huge = dir.path().join("huge.toml");
     std::fs::write(&huge, "#".repeat(2 << 20)).unwrap();
     let err = load(&huge).unwrap_err();
-    assert!(err.to_string().contains("larger than 1024 KiB"), "{err}");
+    let cause = std::error::Error::source(&err).map(ToString::to_string);
+    assert!(
+        cause
+            .as_deref()
+            .is_some_and(|c| c.contains("larger than 1024 KiB")),
+        "{err}: {cause:?}"
+    );
 }
 
 #[test]
@@ -545,7 +554,7 @@ fn ipc_defaults_on_for_node_and_its_keys_need_it() {
     .unwrap();
     assert!(opted.ipc && opted.ipc_broadcast && opted.stop_disconnect);
     assert_eq!(opted.ready, Readiness::Message);
-    assert_eq!(opted.stop_signal, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(opted.stop_signal, Signal::SIGTERM);
     let err = app("command = [\"w\"]\nipc_broadcast = true\nready = \"message\"\nstop_signal = \"disconnect\"")
         .unwrap_err()
         .to_string();

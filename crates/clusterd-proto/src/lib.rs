@@ -20,6 +20,7 @@
 //!
 //! Replies that are not final: [`Reply::Progress`] and [`Reply::Log`] ([`Reply::is_final`]).
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod status;
@@ -167,6 +168,14 @@ pub enum Reply {
 }
 
 impl Reply {
+    /// An error reply.
+    pub fn error(kind: ErrorKind, message: &str) -> Reply {
+        Reply::Error {
+            kind,
+            message: message.to_owned(),
+        }
+    }
+
     /// Whether this is the last reply of a request (everything but progress and log lines).
     pub fn is_final(&self) -> bool {
         !matches!(self, Reply::Progress { .. } | Reply::Log(_))

@@ -523,6 +523,8 @@ fn matrix_socket_activation_sd_notify_and_readyz() {
     let addr = listener.local_addr().expect("addr");
     let fd = listener.as_raw_fd();
     let notify = manager.path.clone();
+    // SAFETY: the closure runs in the child between fork and exec and makes only async-signal-safe
+    // calls (dup2, fcntl) on a descriptor number copied in before the fork.
     let clusterd = Clusterd::start_activated(&hello_manifest(1, ""), move |command| unsafe {
         command
             .env("LISTEN_FDS", "1")

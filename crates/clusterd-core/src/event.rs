@@ -1,0 +1,198 @@
+//! What goes into the core ([`Event`]) and what comes out of it ([`Action`]). The core never
+//! touches the OS: the daemon turns the world into events and carries out the actions.
+
+use std::sync::Arc;
+
+use crate::process::Pid;
+use clusterd_manifest::Signal;
+use clusterd_manifest::{AppConfig, Manifest};
+use clusterd_proto::{Reply, Request};
+
+use super::state::WorkerId;
+use crate::process::ExitStatus;
+use crate::process::SupervisorSignal;
+
+/// Where a control reply goes: a handle the driver maps to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReplyTo(pub u64);
+
+/// Something that happened.
+#[derive(Debug)]
+pub enum Event {
+    /// A child process was reaped. `group_empty` says whether its process group (or cgroup)
+    /// has no member left.
+    Exited {
+        /// The reaped pid.
+        pid: Pid,
+        /// How it ended.
+        status: ExitStatus,
+        /// Nothing else of its group is alive.
+        group_empty: bool,
+    },
+    /// What was left of an exited worker's group is gone.
+    GroupEmpty(WorkerId),
+    /// The driver carried out [`Action::Spawn`].
+    Spawned {
+        /// The worker asked for.
+        worker: WorkerId,
+        /// Its pid, or why it could not be started.
+        result: Result<Pid, SpawnFailure>,
+    },
+    /// A signal to clusterd.
+    Signal(SupervisorSignal),
+    /// An sd_notify datagram from a worker (or one of its processes).
+    Notify {
+        /// The worker it came from.
+        worker: WorkerId,
+        /// Its `KEY=value` assignments.
+        assignments: Vec<(String, String)>,
+    },
+    /// An intercepted worker (or one of its processes) called `listen()` on a socket clusterd
+    /// handed it in place of its own `bind()`.
+    Listening(WorkerId),
+    /// A control request other than `status` (which is a read-only view).
+    Control {
+        /// The request.
+        request: Request,
+        /// Where replies go.
+        reply: ReplyTo,
+    },
+    /// A re-read manifest whose new sockets are bound: apply it.
+    Reconfigure(Box<Manifest>),
+    /// The resident memory of workers' process groups, asked for by
+    /// [`Action::MeasureMemory`].
+    Memory(Vec<(WorkerId, u64)>),
+    /// A message on a worker's channel (`ipc`).
+    Message {
+        /// The worker it came from.
+        worker: WorkerId,
+        /// Its JSON text.
+        text: Arc<str>,
+        /// It is `"ready"` or `{"type":"ready"}`.
+        ready: bool,
+    },
+}
+
+/// Why a spawn failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnFailure {
+    /// What went wrong, for logs and status.
+    pub message: String,
+    /// Whether trying again later may work (EMFILE, EAGAIN...) rather than never (ENOENT...).
+    pub transient: bool,
+}
+
+/// Something for the driver to do.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Fork and exec a worker; report back with [`Event::Spawned`].
+    Spawn {
+        /// The worker's id.
+        worker: WorkerId,
+        /// Its app.
+        app: String,
+        /// Its slot.
+        slot: usize,
+        /// Its generation.
+        generation: u64,
+        /// What to run.
+        config: Arc<AppConfig>,
+    },
+    /// Send `signal` to a worker's process group (and everything contained with it).
+    Signal {
+        /// The worker.
+        worker: WorkerId,
+        /// Its pid (= process group id).
+        pid: Pid,
+        /// The signal.
+        signal: Signal,
+    },
+    /// The worker's record is gone: release what the driver holds for it.
+    Forget {
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// Answer a control client.
+    Reply {
+        /// The client.
+        to: ReplyTo,
+        /// The answer.
+        reply: Reply,
+    },
+    /// Write a log line.
+    Log {
+        /// Its level.
+        level: Level,
+        /// The line.
+        message: String,
+    },
+    /// Count something in the metrics.
+    Observe(Observation),
+    /// SIGHUP: re-read the manifest, bind its new sockets, and come back with
+    /// [`Event::Reconfigure`] (or log why not).
+    Reread,
+    /// Put a worker's own listening sockets in (`serving`) or out of the connection steering
+    /// (apps with `drain`).
+    Steer {
+        /// The worker.
+        worker: WorkerId,
+        /// Whether it gets new connections.
+        serving: bool,
+    },
+    /// Measure these workers' memory and come back with [`Event::Memory`].
+    MeasureMemory(Vec<(WorkerId, Pid)>),
+    /// Queue a message (JSON text) on a worker's channel.
+    Deliver {
+        /// The worker.
+        worker: WorkerId,
+        /// The message.
+        text: Arc<str>,
+    },
+    /// Close a worker's channel (`stop_signal = "disconnect"`).
+    Disconnect {
+        /// The worker.
+        worker: WorkerId,
+    },
+}
+
+/// How much a log line matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Something failed.
+    Error,
+    /// Something is wrong, or about to be.
+    Warn,
+    /// What happened.
+    Info,
+    /// Details.
+    Debug,
+}
+
+/// A fact for the metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observation {
+    /// A worker of `app` became ready `seconds` after its spawn.
+    Ready {
+        /// The app.
+        app: String,
+        /// Time from spawn to ready.
+        seconds: f64,
+    },
+    /// A worker of `app` was replaced after an unexpected exit.
+    Restart {
+        /// The app.
+        app: String,
+    },
+    /// A worker of `app` sent a message on its channel.
+    Message {
+        /// The app.
+        app: String,
+    },
+    /// A rollout of `app` ended.
+    Reload {
+        /// The app.
+        app: String,
+        /// Completed (true) or aborted.
+        completed: bool,
+    },
+}
