@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::backoff::{self, End};
 use super::commands::Waiter;
-use super::event::{Action, Event, Observation, SpawnFailure};
+use super::event::{Action, Event, Exit, Notice, Observation, SpawnFailure, What};
 use super::state::{App, Phase, SlotState, StopReason, Tend, Worker, WorkerId, human};
 use crate::process::ExitStatus;
 use crate::process::SupervisorSignal;
@@ -313,13 +313,12 @@ impl Core {
                 self.abort_rollout(now, &app, reason);
             }
             Role::Retired => {
-                let message = format!(
-                    "{} pid {pid} (generation {}) stopped: {status} after {}",
-                    worker.label(),
-                    worker.generation,
-                    human(end.uptime)
-                );
-                self.log(Level::Info, message);
+                let exit = Exit {
+                    status,
+                    killed: None,
+                    uptime: end.uptime,
+                };
+                self.notice(Level::Info, id, What::Stopped { exit });
             }
         }
         if group_empty {
@@ -369,11 +368,18 @@ impl Core {
         let (app_name, index, generation) = (worker.app.clone(), worker.slot, worker.generation);
         let label = worker.label();
         let pid = worker.pid_text();
-        let how = match worker.phase {
-            Phase::Stopping { why, .. } if why.is_failure() => {
-                format!("{} (killed: {})", end.status, stop_reason_text(why))
-            }
-            _ => end.status.to_string(),
+        let killed = match worker.phase {
+            Phase::Stopping { why, .. } if why.is_failure() => Some(stop_reason_text(why)),
+            _ => None,
+        };
+        let how = match killed {
+            Some(killed) => format!("{} (killed: {killed})", end.status),
+            None => end.status.to_string(),
+        };
+        let ended = Exit {
+            status: end.status,
+            killed,
+            uptime: end.uptime,
         };
         let shutting_down = self.shutting_down;
         let Some(app) = self.apps.get_mut(&app_name) else {
@@ -419,6 +425,7 @@ impl Core {
         }
         if shutting_down {
             slot.state = SlotState::Stopped;
+            self.notice(Level::Info, id, What::Stopped { exit: ended });
         } else if !restart {
             slot.state = SlotState::Done {
                 code: match end.status {
@@ -426,18 +433,9 @@ impl Core {
                     ExitStatus::Signal(_) => None,
                 },
             };
-            let (level, what) = if end.status.success() {
-                (Level::Info, "done")
-            } else {
-                (Level::Warn, "not restarting (restart policy)")
-            };
-            self.log(
-                level,
-                format!(
-                    "{label} {pid} exited with {how} after {}; {what}",
-                    human(end.uptime)
-                ),
-            );
+            let done = end.status.success();
+            let level = if done { Level::Info } else { Level::Warn };
+            self.notice(level, id, What::Exited { exit: ended, done });
         } else if let Some(limit) = config
             .restart_limit
             .filter(|limit| over_limit(&mut slot.recent_restarts, now, limit))
@@ -464,24 +462,17 @@ impl Core {
             });
             let delay = backoff::delay(&config.backoff, slot.crash_streak);
             slot.state = SlotState::Backoff { until: now + delay };
-            let why = if slot.crash_streak == 0 {
-                " (killed from outside after serving: no crash)".to_owned()
-            } else if slot.crash_streak >= backoff::FLAPPING_STREAK {
-                format!(" (flapping: {} crashes in a row)", slot.crash_streak)
-            } else {
-                String::new()
-            };
+            let streak = slot.crash_streak;
             self.out.push(Action::Observe(Observation::Restart {
                 app: app_name.clone(),
             }));
-            self.log(
-                Level::Warn,
-                format!(
-                    "{label} {pid} exited with {how} after {}; restarting in {}{why}",
-                    human(end.uptime),
-                    human(delay)
-                ),
-            );
+            let what = What::Restarting {
+                exit: ended,
+                delay,
+                streak,
+                flapping: streak >= backoff::FLAPPING_STREAK,
+            };
+            self.notice(Level::Warn, id, what);
         }
         if let Some(old) = rolled_back {
             self.abort_rollout(
@@ -504,12 +495,9 @@ impl Core {
             Ok(pid) => {
                 worker.pid = Some(pid);
                 self.pids.insert(pid, id);
-                let message = format!(
-                    "{} started pid {pid} (generation {}): {}",
-                    worker.label(),
-                    worker.generation,
-                    worker.config.command.join(" ")
-                );
+                let started = What::Started {
+                    command: worker.config.command.join(" "),
+                };
                 match worker.phase {
                     Phase::Spawning => {
                         let config = &worker.config;
@@ -529,7 +517,7 @@ impl Core {
                                 }
                             }
                         };
-                        self.log(Level::Info, message);
+                        self.notice(Level::Info, id, started);
                     }
                     // Told to stop before it existed: now it can be.
                     Phase::Stopping { why, .. } => {
@@ -538,7 +526,7 @@ impl Core {
                             ready_by: now + worker.config.ready_timeout,
                             ready_at: None,
                         };
-                        self.log(Level::Info, message);
+                        self.notice(Level::Info, id, started);
                         self.stop(now, id, why);
                     }
                     _ => {}
@@ -879,13 +867,6 @@ impl Core {
             since: now,
             watchdog_by: worker.config.watchdog.map(|period| now + period),
         };
-        let message = format!(
-            "{} {} (generation {}) ready after {}",
-            worker.label(),
-            worker.pid_text(),
-            worker.generation,
-            human(waited)
-        );
         self.out.push(Action::Observe(Observation::Ready {
             app: worker.app.clone(),
             seconds: waited.as_secs_f64(),
@@ -896,7 +877,7 @@ impl Core {
                 serving: true,
             });
         }
-        self.log(Level::Info, message);
+        self.notice(Level::Info, id, What::Ready { after: waited });
     }
 
     /// A worker missed its `ready_timeout`: it is killed; a rollout's candidate aborts the
@@ -1107,13 +1088,18 @@ impl Core {
 
     /// Stops every worker gracefully; clusterd exits once all are gone.
     pub(super) fn begin_shutdown(&mut self, now: Instant, why: &str) {
-        self.log(
-            Level::Info,
-            format!(
-                "{why}: stopping {} workers (again to kill them at once)",
-                self.workers.len()
-            ),
-        );
+        let workers = self.workers.len();
+        self.push_notice(Notice {
+            level: Level::Info,
+            app: None,
+            slot: None,
+            pid: None,
+            generation: None,
+            what: What::Stopping {
+                why: why.to_owned(),
+                workers,
+            },
+        });
         self.shutting_down = true;
         for app in self.apps.values_mut() {
             app.rollout = None;
@@ -1187,6 +1173,27 @@ impl Core {
         for id in to_stop {
             self.stop(now, id, StopReason::Retired);
         }
+    }
+
+    /// Queues a typed event about worker `id` (its app, slot, pid and generation).
+    pub(super) fn notice(&mut self, level: Level, id: WorkerId, what: What) {
+        let Some(worker) = self.workers.get(&id) else {
+            return;
+        };
+        let notice = Notice {
+            level,
+            app: Some(worker.app.clone()),
+            slot: Some(worker.slot),
+            pid: worker.pid,
+            generation: Some(worker.generation),
+            what,
+        };
+        self.push_notice(notice);
+    }
+
+    /// Queues a typed event.
+    pub(super) fn push_notice(&mut self, notice: Notice) {
+        self.out.push(Action::Event(notice));
     }
 
     /// Queues a log line.

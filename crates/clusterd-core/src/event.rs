@@ -2,6 +2,7 @@
 //! touches the OS: the daemon turns the world into events and carries out the actions.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::process::Pid;
 use clusterd_manifest::Signal;
@@ -119,7 +120,9 @@ pub enum Action {
         /// The answer.
         reply: Reply,
     },
-    /// Write a log line.
+    /// One of clusterd's events, typed: the daemon renders its text (or JSON fields).
+    Event(Notice),
+    /// Write a log line (what has no typed event).
     Log {
         /// Its level.
         level: Level,
@@ -153,6 +156,114 @@ pub enum Action {
         /// The worker.
         worker: WorkerId,
     },
+}
+
+/// One of clusterd's events for the log: who it is about and what happened. The core says
+/// what; the daemon's logs room renders it (the text, or JSON fields).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    /// How much it matters.
+    pub level: Level,
+    /// The app it is about, if any.
+    pub app: Option<String>,
+    /// The worker's slot.
+    pub slot: Option<usize>,
+    /// The worker's pid.
+    pub pid: Option<Pid>,
+    /// The worker's (or the rollout's) generation.
+    pub generation: Option<u64>,
+    /// What happened, with its own fields.
+    pub what: What,
+}
+
+/// The events clusterd logs, by name (`Notice::what`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum What {
+    /// A worker was spawned.
+    Started {
+        /// Its command line.
+        command: String,
+    },
+    /// A worker became ready.
+    Ready {
+        /// Time from spawn to ready.
+        after: Duration,
+    },
+    /// A current worker exited and its slot restarts it after a delay.
+    Restarting {
+        /// How it ended.
+        exit: Exit,
+        /// The delay before the restart.
+        delay: Duration,
+        /// The crash streak (0: killed from outside after serving, no crash).
+        streak: u32,
+        /// Whether the streak counts as flapping.
+        flapping: bool,
+    },
+    /// A current worker exited and its slot stays down (restart policy, or shutdown).
+    Exited {
+        /// How it ended.
+        exit: Exit,
+        /// Exit status 0: a finished one-shot, else not restarted by policy.
+        done: bool,
+    },
+    /// A retired worker (replaced, scaled away, aborted candidate) ended as asked.
+    Stopped {
+        /// How it ended.
+        exit: Exit,
+    },
+    /// A rollout started (`generation` is the new one).
+    RolloutStarted {
+        /// Workers to roll.
+        workers: usize,
+    },
+    /// A rollout completed: every slot runs `generation`.
+    RolloutDone {
+        /// Workers on the new generation.
+        workers: usize,
+    },
+    /// A rollout aborted: its candidates stop, old workers keep serving.
+    Aborted {
+        /// Why.
+        reason: String,
+        /// Each slot's generation now.
+        kept: Vec<u64>,
+    },
+    /// clusterd stops every worker (shutdown).
+    Stopping {
+        /// What asked for it (`SIGTERM`, ...).
+        why: String,
+        /// Workers being stopped.
+        workers: usize,
+    },
+}
+
+/// How a worker ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exit {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Why clusterd killed it, when it did for a failure (`watchdog`, `ready_timeout`, ...).
+    pub killed: Option<&'static str>,
+    /// How long it ran.
+    pub uptime: Duration,
+}
+
+impl What {
+    /// The event's name in JSON logs (`event`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            What::Started { .. } => "started",
+            What::Ready { .. } => "ready",
+            What::Restarting { .. } => "restarting",
+            What::Exited { .. } => "exited",
+            What::Stopped { .. } => "stopped",
+            What::RolloutStarted { .. } => "rollout_started",
+            What::RolloutDone { .. } => "rollout_done",
+            What::Aborted { .. } => "aborted",
+            What::Stopping { .. } => "stopping",
+        }
+    }
 }
 
 /// How much a log line matters.
