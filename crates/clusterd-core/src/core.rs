@@ -303,13 +303,14 @@ impl Core {
                     "slot {} generation {} exited with {status} {when}",
                     worker.slot, worker.generation
                 );
-                let message = format!(
-                    "{} {pid} (generation {}) exited with {status} {when}",
-                    worker.label(),
-                    worker.generation
-                );
                 let app = worker.app.clone();
-                self.log(Level::Warn, message);
+                let exit = Exit {
+                    status,
+                    killed: None,
+                    uptime: end.uptime,
+                };
+                let after_ready = end.was_ready;
+                self.notice(Level::Warn, id, What::CandidateExited { exit, after_ready });
                 self.abort_rollout(now, &app, reason);
             }
             Role::Retired => {
@@ -341,11 +342,7 @@ impl Core {
                 }
             }
             _ => {
-                let message = format!(
-                    "{} pid {pid} left processes in its group; stopping them",
-                    worker.label()
-                );
-                self.log(Level::Info, message);
+                self.notice(Level::Info, id, What::Leftovers);
                 // Its own process is gone: no drain (it would hide the worker from
                 // `lingering`, and nothing would report its group empty), the signal now.
                 self.signal_stop(now, id, StopReason::Leftovers);
@@ -367,7 +364,6 @@ impl Core {
         };
         let (app_name, index, generation) = (worker.app.clone(), worker.slot, worker.generation);
         let label = worker.label();
-        let pid = worker.pid_text();
         let killed = match worker.phase {
             Phase::Stopping { why, .. } if why.is_failure() => Some(stop_reason_text(why)),
             _ => None,
@@ -448,9 +444,13 @@ impl Core {
             slot.state = SlotState::Failed {
                 reason: reason.clone(),
             };
-            self.log(
+            self.notice(
                 Level::Error,
-                format!("{label} {pid} exited with {how}; {reason}"),
+                id,
+                What::Failed {
+                    exit: ended,
+                    reason,
+                },
             );
         } else {
             slot.crash_streak = backoff::next_streak(&config.backoff, slot.crash_streak, end);
@@ -544,7 +544,6 @@ impl Core {
             return;
         };
         self.out.push(Action::Forget { worker: id });
-        let label = worker.label();
         let Some(app) = self.apps.get_mut(&worker.app) else {
             return;
         };
@@ -556,21 +555,20 @@ impl Core {
                     let delay = backoff::delay(&worker.config.backoff, slot.crash_streak.max(2))
                         .max(MIN_SPAWN_RETRY);
                     slot.state = SlotState::Backoff { until: now + delay };
-                    self.log(
-                        Level::Error,
-                        format!("{label}: {}; retrying in {}", failure.message, human(delay)),
-                    );
+                    let what = What::SpawnFailed {
+                        message: failure.message,
+                        retry_in: Some(delay),
+                    };
+                    self.notice(Level::Error, id, what);
                 } else {
                     slot.state = SlotState::Failed {
                         reason: failure.message.clone(),
                     };
-                    self.log(
-                        Level::Error,
-                        format!(
-                            "{label}: {}; the slot stays down until the next reload or restart",
-                            failure.message
-                        ),
-                    );
+                    let what = What::SpawnFailed {
+                        message: failure.message,
+                        retry_in: None,
+                    };
+                    self.notice(Level::Error, id, what);
                 }
             }
             Role::Candidate => {
@@ -658,13 +656,8 @@ impl Core {
                 _ => {}
             }
         }
-        if triggered && let Some(worker) = self.workers.get(&id) {
-            let message = format!(
-                "{} {} triggered its watchdog; killing it",
-                worker.label(),
-                worker.pid_text()
-            );
-            self.log(Level::Warn, message);
+        if triggered && self.workers.contains_key(&id) {
+            self.notice(Level::Warn, id, What::WatchdogTriggered);
             self.kill(id, StopReason::Triggered);
         }
     }
@@ -675,7 +668,6 @@ impl Core {
         let Some(worker) = self.workers.get(&id) else {
             return;
         };
-        let label = worker.label();
         let Some(app) = self.apps.get_mut(&worker.app) else {
             return;
         };
@@ -687,7 +679,7 @@ impl Core {
                     seen: now,
                 });
                 if new {
-                    self.log(Level::Info, format!("{label} tends the KV cluster map"));
+                    self.notice(Level::Info, id, What::KvTending);
                 }
             }
             "released" if app.tend.is_some_and(|t| t.worker == id) => app.tend = None,
@@ -714,20 +706,15 @@ impl Core {
             let Some(worker) = self.workers.get(&tend.worker) else {
                 continue;
             };
-            let (slot, label, pid) = (worker.slot, worker.label(), worker.pid_text());
+            let slot = worker.slot;
             if let Some(s) = app.slots.get_mut(slot)
                 && s.worker() == Some(tend.worker)
             {
                 s.state = SlotState::Backoff { until: now };
                 s.last_restart = Some("KV tend owner stopped tending (kv_watchdog)".into());
             }
-            self.log(
-                Level::Warn,
-                format!(
-                    "{label} {pid} holds the KV tend lock but has not tended for {}; restarting it",
-                    human(now.saturating_duration_since(tend.seen))
-                ),
-            );
+            let stale = now.saturating_duration_since(tend.seen);
+            self.notice(Level::Warn, tend.worker, What::KvStale { stale });
             self.stop(now, tend.worker, StopReason::TendHung);
             // A stopped (SIGSTOP) owner must run to handle its stop signal and close its
             // client: wake it.
@@ -782,7 +769,7 @@ impl Core {
             if !matches!(worker.phase, Phase::Starting { .. } | Phase::Ready { .. }) {
                 continue;
             }
-            let (label, pid, slot) = (worker.label(), worker.pid_text(), worker.slot);
+            let slot = worker.slot;
             let reason = format!("memory: {} MiB > max_memory {} MiB", rss >> 20, limit >> 20);
             if self.role(*id) == Role::Current
                 && let Some(s) = self
@@ -794,10 +781,8 @@ impl Core {
                 s.restarts += 1;
                 s.last_restart = Some(reason.clone());
             }
-            self.log(
-                Level::Warn,
-                format!("{label} {pid}: {reason}; restarting it"),
-            );
+            let what = What::OverMemory { bytes: *rss, limit };
+            self.notice(Level::Warn, *id, what);
             self.stop(now, *id, StopReason::Memory);
         }
     }
@@ -824,7 +809,6 @@ impl Core {
             let Some(worker) = self.workers.get(&id) else {
                 continue;
             };
-            let (label, pid) = (worker.label(), worker.pid_text());
             match phase {
                 Phase::Starting { ready_at, .. } if ready_at.is_some_and(|at| at <= now) => {
                     self.become_ready(now, id)
@@ -832,24 +816,12 @@ impl Core {
                 Phase::Starting { .. } => self.not_ready(now, id),
                 Phase::Ready { .. } => {
                     let period = worker.config.watchdog.unwrap_or_default();
-                    self.log(
-                        Level::Warn,
-                        format!(
-                            "{label} {pid}: no watchdog heartbeat for {}; killing it",
-                            human(period)
-                        ),
-                    );
+                    self.notice(Level::Warn, id, What::WatchdogMissed { period });
                     self.kill(id, StopReason::Watchdog);
                 }
                 Phase::Stopping { why, .. } => {
                     let timeout = worker.config.stop_timeout;
-                    self.log(
-                        Level::Warn,
-                        format!(
-                            "{label} {pid} still running {} after its stop signal; sending SIGKILL",
-                            human(timeout)
-                        ),
-                    );
+                    self.notice(Level::Warn, id, What::StopTimeout { timeout });
                     self.kill(id, why);
                 }
                 Phase::Draining { why, .. } => self.signal_stop(now, id, why),
@@ -889,13 +861,7 @@ impl Core {
         };
         let timeout = worker.config.ready_timeout;
         let (app, slot, generation) = (worker.app.clone(), worker.slot, worker.generation);
-        let message = format!(
-            "{} {} (generation {generation}) not ready within {}; killing it",
-            worker.label(),
-            worker.pid_text(),
-            human(timeout)
-        );
-        self.log(Level::Warn, message);
+        self.notice(Level::Warn, id, What::NotReady { timeout });
         self.kill(id, StopReason::NotReady);
         if role == Role::Candidate {
             self.abort_rollout(
@@ -1115,10 +1081,18 @@ impl Core {
 
     /// A second stop signal: SIGKILL to everything left.
     fn force_shutdown(&mut self, why: &str) {
-        self.log(
-            Level::Warn,
-            format!("{why} again: killing {} workers", self.workers.len()),
-        );
+        let workers = self.workers.len();
+        self.push_notice(Notice {
+            level: Level::Warn,
+            app: None,
+            slot: None,
+            pid: None,
+            generation: None,
+            what: What::Killing {
+                why: why.to_owned(),
+                workers,
+            },
+        });
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         for id in ids {
             self.kill(id, StopReason::Shutdown);
@@ -1166,10 +1140,17 @@ impl Core {
                 to_stop.extend(rollout.forget_slots_from(target));
             }
         }
-        self.log(
-            Level::Info,
-            format!("scaling {name} from {before} to {target} workers"),
-        );
+        self.push_notice(Notice {
+            level: Level::Info,
+            app: Some(name.to_owned()),
+            slot: None,
+            pid: None,
+            generation: None,
+            what: What::Scaled {
+                from: before,
+                to: target,
+            },
+        });
         for id in to_stop {
             self.stop(now, id, StopReason::Retired);
         }

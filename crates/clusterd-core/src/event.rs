@@ -229,6 +229,81 @@ pub enum What {
         /// Each slot's generation now.
         kept: Vec<u64>,
     },
+    /// A rollout's new worker exited before it replaced the old one (the rollout aborts).
+    CandidateExited {
+        /// How it ended.
+        exit: Exit,
+        /// Whether it had been ready.
+        after_ready: bool,
+    },
+    /// A current worker exited once too often (`restart_limit`): its slot stays down.
+    Failed {
+        /// How it ended.
+        exit: Exit,
+        /// Why the slot stays down.
+        reason: String,
+    },
+    /// A worker could not be spawned.
+    SpawnFailed {
+        /// What failed.
+        message: String,
+        /// When the slot tries again (`None`: it stays down until a reload or restart).
+        retry_in: Option<Duration>,
+    },
+    /// A worker's process ended but left others in its group; they are stopped.
+    Leftovers,
+    /// A worker missed its `ready_timeout` and is killed.
+    NotReady {
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// A ready worker missed its watchdog heartbeat and is killed.
+    WatchdogMissed {
+        /// The watchdog period.
+        period: Duration,
+    },
+    /// A worker sent `WATCHDOG=trigger` and is killed.
+    WatchdogTriggered,
+    /// A worker still runs `stop_timeout` after its stop signal: SIGKILL.
+    StopTimeout {
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// A worker uses more memory than `max_memory` and is restarted.
+    OverMemory {
+        /// What it uses, in bytes.
+        bytes: u64,
+        /// The limit, in bytes.
+        limit: u64,
+    },
+    /// A worker took over tending the KV cluster map.
+    KvTending,
+    /// The KV tend owner has not tended for `stale`: it is restarted.
+    KvStale {
+        /// Time since its last tend round.
+        stale: Duration,
+    },
+    /// An app's number of workers changes.
+    Scaled {
+        /// Workers before.
+        from: usize,
+        /// Workers after.
+        to: usize,
+    },
+    /// A reload asked for during a rollout: it follows that one.
+    ReloadQueued,
+    /// The manifest was re-read (SIGHUP).
+    Reconfigured {
+        /// What changed (empty: nothing).
+        changes: Vec<String>,
+    },
+    /// A second stop signal: every worker left is killed.
+    Killing {
+        /// The signal (`SIGTERM`, ...).
+        why: String,
+        /// Workers killed.
+        workers: usize,
+    },
     /// clusterd stops every worker (shutdown).
     Stopping {
         /// What asked for it (`SIGTERM`, ...).
@@ -262,6 +337,21 @@ impl What {
             What::RolloutDone { .. } => "rollout_done",
             What::Aborted { .. } => "aborted",
             What::Stopping { .. } => "stopping",
+            What::CandidateExited { .. } => "candidate_exited",
+            What::Failed { .. } => "failed",
+            What::SpawnFailed { .. } => "spawn_failed",
+            What::Leftovers => "leftovers",
+            What::NotReady { .. } => "not_ready",
+            What::WatchdogMissed { .. } => "watchdog_missed",
+            What::WatchdogTriggered => "watchdog_triggered",
+            What::StopTimeout { .. } => "stop_timeout",
+            What::OverMemory { .. } => "over_memory",
+            What::KvTending => "kv_tending",
+            What::KvStale { .. } => "kv_stale",
+            What::Scaled { .. } => "scaled",
+            What::ReloadQueued => "reload_queued",
+            What::Reconfigured { .. } => "reconfigured",
+            What::Killing { .. } => "killing",
         }
     }
 }

@@ -218,12 +218,15 @@ impl Core {
             };
             if let Some(rollout) = &mut app.rollout {
                 rollout.again = true;
-                self.log(
-                    Level::Info,
-                    format!(
-                        "reload of {name} requested during a rollout; another one will follow it"
-                    ),
-                );
+                let generation = rollout.generation;
+                self.push_notice(Notice {
+                    level: Level::Info,
+                    app: Some(name.clone()),
+                    slot: None,
+                    pid: None,
+                    generation: Some(generation),
+                    what: What::ReloadQueued,
+                });
                 continue;
             }
             let config = app

@@ -99,6 +99,62 @@ pub fn text(notice: &Notice) -> String {
         What::Stopping { why, workers } => {
             format!("{why}: stopping {workers} workers (again to kill them at once)")
         }
+        What::CandidateExited { exit, after_ready } => {
+            let raw = notice.pid.map(|p| p.to_string()).unwrap_or_default();
+            let when = if *after_ready {
+                "after ready, before it replaced the old worker"
+            } else {
+                "before ready"
+            };
+            format!(
+                "{label} {raw} (generation {generation}) exited with {} {when}",
+                exit.status
+            )
+        }
+        What::Failed { exit, reason } => {
+            format!("{label} {pid} exited with {}; {reason}", how(exit))
+        }
+        What::SpawnFailed {
+            message,
+            retry_in: Some(delay),
+        } => format!("{label}: {message}; retrying in {}", human(*delay)),
+        What::SpawnFailed {
+            message,
+            retry_in: None,
+        } => format!("{label}: {message}; the slot stays down until the next reload or restart"),
+        What::Leftovers => format!("{label} {pid} left processes in its group; stopping them"),
+        What::NotReady { timeout } => format!(
+            "{label} {pid} (generation {generation}) not ready within {}; killing it",
+            human(*timeout)
+        ),
+        What::WatchdogMissed { period } => format!(
+            "{label} {pid}: no watchdog heartbeat for {}; killing it",
+            human(*period)
+        ),
+        What::WatchdogTriggered => format!("{label} {pid} triggered its watchdog; killing it"),
+        What::StopTimeout { timeout } => format!(
+            "{label} {pid} still running {} after its stop signal; sending SIGKILL",
+            human(*timeout)
+        ),
+        What::OverMemory { bytes, limit } => format!(
+            "{label} {pid}: memory: {} MiB > max_memory {} MiB; restarting it",
+            bytes >> 20,
+            limit >> 20
+        ),
+        What::KvTending => format!("{label} tends the KV cluster map"),
+        What::KvStale { stale } => format!(
+            "{label} {pid} holds the KV tend lock but has not tended for {}; restarting it",
+            human(*stale)
+        ),
+        What::Scaled { from, to } => format!("scaling {app} from {from} to {to} workers"),
+        What::ReloadQueued => {
+            format!("reload of {app} requested during a rollout; another one will follow it")
+        }
+        What::Reconfigured { changes } if changes.is_empty() => {
+            "manifest re-read: no changes".to_owned()
+        }
+        What::Reconfigured { changes } => format!("manifest re-read: {}", changes.join(", ")),
+        What::Killing { why, workers } => format!("{why} again: killing {workers} workers"),
     }
 }
 
@@ -144,7 +200,34 @@ fn fields(what: &What) -> Map<String, Value> {
             json!({ "workers": workers })
         }
         What::Aborted { reason, kept } => json!({ "reason": reason, "kept_generations": kept }),
-        What::Stopping { why, workers } => json!({ "why": why, "workers": workers }),
+        What::Stopping { why, workers } | What::Killing { why, workers } => {
+            json!({ "why": why, "workers": workers })
+        }
+        What::CandidateExited { exit, after_ready } => {
+            let mut value = exit_fields(exit);
+            value["after_ready"] = json!(after_ready);
+            value
+        }
+        What::Failed { exit, reason } => {
+            let mut value = exit_fields(exit);
+            value["reason"] = json!(reason);
+            value
+        }
+        What::SpawnFailed { message, retry_in } => json!({
+            "reason": message,
+            "retry_in_ms": retry_in.map(|d| d.as_millis() as u64),
+        }),
+        What::Leftovers | What::WatchdogTriggered | What::KvTending | What::ReloadQueued => {
+            json!({})
+        }
+        What::NotReady { timeout } | What::StopTimeout { timeout } => {
+            json!({ "timeout_ms": timeout.as_millis() as u64 })
+        }
+        What::WatchdogMissed { period } => json!({ "period_ms": period.as_millis() as u64 }),
+        What::OverMemory { bytes, limit } => json!({ "bytes": bytes, "limit_bytes": limit }),
+        What::KvStale { stale } => json!({ "stale_ms": stale.as_millis() as u64 }),
+        What::Scaled { from, to } => json!({ "from": from, "to": to }),
+        What::Reconfigured { changes } => json!({ "changes": changes }),
     };
     match value {
         Value::Object(mut map) => {

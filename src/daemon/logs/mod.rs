@@ -365,6 +365,15 @@ impl Write for EventWriter {
 /// as text it takes `tracing`'s path like every other line of clusterd's.
 pub fn event(notice: &clusterd_core::Notice) {
     use clusterd_core::Level;
+    let enabled = match notice.level {
+        Level::Error => tracing::enabled!(tracing::Level::ERROR),
+        Level::Warn => tracing::enabled!(tracing::Level::WARN),
+        Level::Info => tracing::enabled!(tracing::Level::INFO),
+        Level::Debug => tracing::enabled!(tracing::Level::DEBUG),
+    };
+    if !enabled {
+        return;
+    }
     let text = event::text(notice);
     let json_sink = match SETTINGS.get().map(|s| s.events) {
         Some(Destination::File(sink, LogFormat::Json)) => Some(sink),
