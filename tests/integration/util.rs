@@ -298,6 +298,19 @@ impl Clusterd {
         }
     }
 
+    /// clusterd's typed events named `event` so far (`log_format = "json"` for the
+    /// supervisor), in order.
+    pub fn events(&self, event: &str) -> Vec<serde_json::Value> {
+        self.lines
+            .lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+            .filter(|v| v["event"] == event)
+            .collect()
+    }
+
     /// Waits for an event named `event` for which `condition` holds; returns it. Panics with
     /// the output on timeout.
     pub fn wait_event(

@@ -559,7 +559,7 @@ impl Core {
                         message: failure.message,
                         retry_in: Some(delay),
                     };
-                    self.notice(Level::Error, id, what);
+                    self.push_notice(about(&worker, Level::Error, what));
                 } else {
                     slot.state = SlotState::Failed {
                         reason: failure.message.clone(),
@@ -568,7 +568,7 @@ impl Core {
                         message: failure.message,
                         retry_in: None,
                     };
-                    self.notice(Level::Error, id, what);
+                    self.push_notice(about(&worker, Level::Error, what));
                 }
             }
             Role::Candidate => {
@@ -1158,18 +1158,10 @@ impl Core {
 
     /// Queues a typed event about worker `id` (its app, slot, pid and generation).
     pub(super) fn notice(&mut self, level: Level, id: WorkerId, what: What) {
-        let Some(worker) = self.workers.get(&id) else {
-            return;
-        };
-        let notice = Notice {
-            level,
-            app: Some(worker.app.clone()),
-            slot: Some(worker.slot),
-            pid: worker.pid,
-            generation: Some(worker.generation),
-            what,
-        };
-        self.push_notice(notice);
+        if let Some(worker) = self.workers.get(&id) {
+            let notice = about(worker, level, what);
+            self.push_notice(notice);
+        }
     }
 
     /// Queues a typed event.
@@ -1185,6 +1177,18 @@ impl Core {
     /// Queues an action.
     pub(super) fn push(&mut self, action: Action) {
         self.out.push(action);
+    }
+}
+
+/// A typed event about `worker`.
+fn about(worker: &Worker, level: Level, what: What) -> Notice {
+    Notice {
+        level,
+        app: Some(worker.app.clone()),
+        slot: Some(worker.slot),
+        pid: worker.pid,
+        generation: Some(worker.generation),
+        what,
     }
 }
 

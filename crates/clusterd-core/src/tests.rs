@@ -1091,6 +1091,20 @@ fn a_program_that_cannot_run_fails_its_slot_until_a_restart() {
     });
     sim.exit(pid, ExitStatus::Code(1));
     assert!(matches!(sim.slot_state("web", 0), SlotState::Failed { .. }));
+    let failed: Vec<_> = sim
+        .events
+        .iter()
+        .filter(|n| n.what.name() == "spawn_failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "one event: {:?}", sim.events);
+    assert_eq!(
+        (failed[0].app.as_deref(), failed[0].slot),
+        (Some("web"), Some(0))
+    );
+    assert!(
+        matches!(&failed[0].what, What::SpawnFailed { retry_in: None, message }
+        if message.contains("srv"))
+    );
     sim.advance(Duration::from_secs(60));
     assert_eq!(sim.pid("web", 0), None, "no crash storm");
     sim.control(
@@ -1116,6 +1130,13 @@ fn a_transient_spawn_failure_is_retried() {
         sim.slot_state("web", 0),
         SlotState::Backoff { .. }
     ));
+    assert!(sim.events.iter().any(|n| matches!(
+        n.what,
+        What::SpawnFailed {
+            retry_in: Some(_),
+            ..
+        }
+    ) && n.slot == Some(0)));
     sim.advance(Duration::from_secs(1));
     assert!(sim.pid("web", 0).is_some());
 }
