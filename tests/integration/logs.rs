@@ -270,6 +270,68 @@ impl Drop for Follower {
     }
 }
 
+/// A start, a crash, a reload and a stop, found by the JSON events' fields alone.
+#[test]
+fn json_events_carry_event_app_slot_pid_and_generation() {
+    let mut clusterd = Clusterd::start(
+        r#"
+[supervisor]
+log_format = "json"
+
+[apps.web]
+command = ["sh", "-c", "if [ -e '{dir}/crashed' ]; then exec sleep 1000; fi; touch '{dir}/crashed'; exit 3"]
+"#,
+    );
+    let timeout = 20 * SECOND;
+    let first = clusterd.wait_event("started", timeout, |e| {
+        e["app"] == "web" && e["slot"] == 0 && e["generation"] == 1
+    });
+    assert_eq!(first["stream"], "log");
+    assert_eq!(first["level"], "INFO");
+    assert!(first["pid"].as_u64().is_some(), "{first}");
+    assert!(
+        first["command"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("sh -c"))
+    );
+
+    // The crash: its pid, status and crash streak, then a new worker in the same slot.
+    let crash = clusterd.wait_event("restarting", timeout, |e| e["pid"] == first["pid"]);
+    assert_eq!((&crash["app"], &crash["slot"]), (&"web".into(), &0.into()));
+    assert_eq!(crash["status"], "status 3");
+    assert_eq!(crash["crash_streak"], 1);
+    assert_eq!(crash["level"], "WARN");
+    let second = clusterd.wait_event("started", timeout, |e| {
+        e["slot"] == 0 && e["generation"] == 1 && e["pid"] != first["pid"]
+    });
+    let serving = clusterd.wait_worker("web", 0, timeout, |w| w["state"] == "ready");
+    assert_eq!(serving["pid"], second["pid"]);
+
+    // The reload: a rollout to generation 2, the new worker, the old one stopped, done.
+    assert!(clusterd.ctl(&["reload", "web"]).status.success());
+    clusterd.wait_event("rollout_started", timeout, |e| {
+        e["app"] == "web" && e["generation"] == 2 && e["workers"] == 1
+    });
+    let third = clusterd.wait_event("started", timeout, |e| e["generation"] == 2);
+    clusterd.wait_event("ready", timeout, |e| e["pid"] == third["pid"]);
+    clusterd.wait_event("stopped", timeout, |e| {
+        e["pid"] == second["pid"] && e["generation"] == 1 && e["slot"] == 0
+    });
+    clusterd.wait_event("rollout_done", timeout, |e| e["generation"] == 2);
+
+    // The stop: clusterd says it stops its workers, then the worker's own exit.
+    assert!(clusterd.stop().success());
+    let stopping = clusterd.wait_event("stopping", timeout, |_| true);
+    assert_eq!(stopping["workers"], 1);
+    let last = clusterd.wait_event("stopped", timeout, |e| e["pid"] == third["pid"]);
+    assert_eq!((&last["slot"], &last["generation"]), (&0.into(), &2.into()));
+    assert!(
+        last["status"]
+            .as_str()
+            .is_some_and(|s| s.contains("SIGTERM"))
+    );
+}
+
 #[test]
 fn logs_prints_the_last_lines_and_follow_shows_new_ones() {
     let mut clusterd = Clusterd::start(

@@ -37,6 +37,7 @@ fn gated_manifest(workers: usize, ready_timeout: &str) -> String {
         r#"
 [supervisor]
 stop_timeout = "2s"
+log_format = "json"
 
 [apps.gated]
 command = ["{{dir}}/gated.sh"]
@@ -87,7 +88,9 @@ fn readiness_gates_the_rollout_and_a_never_ready_worker_aborts_it() {
         "surge 1: one new worker at a time: {status}"
     );
     go(2);
-    clusterd.wait_for_line("reload of gated complete", 20 * SECOND);
+    clusterd.wait_event("rollout_done", 20 * SECOND, |e| {
+        e["app"] == "gated" && e["generation"] == 2 && e["workers"] == 2
+    });
     let generation_2 = clusterd.serving("gated");
     assert!(
         generation_2
@@ -106,11 +109,16 @@ fn readiness_gates_the_rollout_and_a_never_ready_worker_aborts_it() {
     clusterd.wait_ready("gated", 2, 10 * SECOND);
     let old = clusterd.serving("gated");
     clusterd.signal(Signal::SIGUSR2);
-    let line = clusterd.wait_for_line("reload of gated aborted", 10 * SECOND);
+    let aborted = clusterd.wait_event("aborted", 10 * SECOND, |e| {
+        e["app"] == "gated" && e["generation"] == 2
+    });
     assert!(
-        line.contains("slot 0 generation 2 was not ready within 1.0s"),
-        "{line}"
+        aborted["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("slot 0 generation 2 was not ready within 1.0s")),
+        "{aborted}"
     );
+    assert_eq!(aborted["kept_generations"], serde_json::json!([1, 1]));
     assert_eq!(clusterd.serving("gated"), old);
     assert!(old.iter().all(|(_, pid, _, _)| alive(*pid)));
     let status = clusterd.status();
@@ -343,16 +351,18 @@ fn sighup_rejects_a_broken_manifest_and_applies_a_scale_down() {
 fn reload_requests_during_a_rollout_coalesce_into_one_more() {
     let clusterd = Clusterd::start_with_files(&gated_manifest(1, "30s"), &[("gated.sh", GATED)]);
     std::fs::write(clusterd.dir.path().join("go-1"), "").expect("go");
-    clusterd.wait_for_line("ready after", 10 * SECOND);
+    clusterd.wait_ready("gated", 1, 10 * SECOND);
     // The first request starts generation 2, which waits for go-2; the next two coalesce.
     for _ in 0..3 {
         assert!(clusterd.ctl(&["reload"]).status.success());
     }
     clusterd.wait_for_line("waiting for go-2", 10 * SECOND);
-    // (The log travels apart from the worker's output: wait for its lines, then count.)
-    clusterd.wait_for_lines("another one will follow", 2, 10 * SECOND);
+    // (The log travels apart from the worker's output: wait for its events, then count.)
+    assert!(wait_until(10 * SECOND, || {
+        clusterd.events("reload_queued").len() >= 2
+    }));
     assert_eq!(
-        clusterd.count("another one will follow"),
+        clusterd.events("reload_queued").len(),
         2,
         "{}",
         clusterd.output()
@@ -373,12 +383,15 @@ fn reload_requests_during_a_rollout_coalesce_into_one_more() {
         "{status}"
     );
     // The log travels apart from status: wait for its lines, then count them.
-    clusterd.wait_for_lines("reload of gated complete", 2, 10 * SECOND);
-    assert_eq!(
-        clusterd.count("reload of gated complete"),
-        2,
-        "exactly one more rollout"
-    );
+    assert!(wait_until(10 * SECOND, || {
+        clusterd.events("rollout_done").len() >= 2
+    }));
+    let done: Vec<_> = clusterd
+        .events("rollout_done")
+        .iter()
+        .map(|e| e["generation"].clone())
+        .collect();
+    assert_eq!(done, [2, 3], "exactly one more rollout");
     assert_eq!(clusterd.serving("gated")[0].2, 3);
     assert_eq!(clusterd.count("waiting for go-4"), 0);
 }

@@ -298,6 +298,54 @@ impl Clusterd {
         }
     }
 
+    /// clusterd's typed events named `event` so far (`log_format = "json"` for the
+    /// supervisor), in order.
+    pub fn events(&self, event: &str) -> Vec<serde_json::Value> {
+        self.lines
+            .lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+            .filter(|v| v["event"] == event)
+            .collect()
+    }
+
+    /// Waits for an event named `event` for which `condition` holds; returns it. Panics with
+    /// the output on timeout.
+    pub fn wait_event(
+        &self,
+        event: &str,
+        timeout: Duration,
+        condition: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.lines.lines.lock().expect("lines");
+        loop {
+            let found = lines
+                .iter()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+                .find(|v| v["event"] == event && condition(v));
+            if let Some(found) = found {
+                return found;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(lines);
+                panic!(
+                    "timed out waiting for event {event:?}; output:\n{}",
+                    self.output()
+                );
+            }
+            lines = self
+                .lines
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .expect("lines")
+                .0;
+        }
+    }
+
     /// Waits for one line containing `needle`.
     pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
         self.wait_for_lines(needle, 1, timeout).remove(0)

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::backoff::{self, End};
 use super::commands::Waiter;
-use super::event::{Action, Event, Observation, SpawnFailure};
+use super::event::{Action, Event, Exit, Notice, Observation, SpawnFailure, What};
 use super::state::{App, Phase, SlotState, StopReason, Tend, Worker, WorkerId, human};
 use crate::process::ExitStatus;
 use crate::process::SupervisorSignal;
@@ -303,23 +303,23 @@ impl Core {
                     "slot {} generation {} exited with {status} {when}",
                     worker.slot, worker.generation
                 );
-                let message = format!(
-                    "{} {pid} (generation {}) exited with {status} {when}",
-                    worker.label(),
-                    worker.generation
-                );
                 let app = worker.app.clone();
-                self.log(Level::Warn, message);
+                let exit = Exit {
+                    status,
+                    killed: None,
+                    uptime: end.uptime,
+                };
+                let after_ready = end.was_ready;
+                self.notice(Level::Warn, id, What::CandidateExited { exit, after_ready });
                 self.abort_rollout(now, &app, reason);
             }
             Role::Retired => {
-                let message = format!(
-                    "{} pid {pid} (generation {}) stopped: {status} after {}",
-                    worker.label(),
-                    worker.generation,
-                    human(end.uptime)
-                );
-                self.log(Level::Info, message);
+                let exit = Exit {
+                    status,
+                    killed: None,
+                    uptime: end.uptime,
+                };
+                self.notice(Level::Info, id, What::Stopped { exit });
             }
         }
         if group_empty {
@@ -342,11 +342,7 @@ impl Core {
                 }
             }
             _ => {
-                let message = format!(
-                    "{} pid {pid} left processes in its group; stopping them",
-                    worker.label()
-                );
-                self.log(Level::Info, message);
+                self.notice(Level::Info, id, What::Leftovers);
                 // Its own process is gone: no drain (it would hide the worker from
                 // `lingering`, and nothing would report its group empty), the signal now.
                 self.signal_stop(now, id, StopReason::Leftovers);
@@ -368,12 +364,18 @@ impl Core {
         };
         let (app_name, index, generation) = (worker.app.clone(), worker.slot, worker.generation);
         let label = worker.label();
-        let pid = worker.pid_text();
-        let how = match worker.phase {
-            Phase::Stopping { why, .. } if why.is_failure() => {
-                format!("{} (killed: {})", end.status, stop_reason_text(why))
-            }
-            _ => end.status.to_string(),
+        let killed = match worker.phase {
+            Phase::Stopping { why, .. } if why.is_failure() => Some(stop_reason_text(why)),
+            _ => None,
+        };
+        let how = match killed {
+            Some(killed) => format!("{} (killed: {killed})", end.status),
+            None => end.status.to_string(),
+        };
+        let ended = Exit {
+            status: end.status,
+            killed,
+            uptime: end.uptime,
         };
         let shutting_down = self.shutting_down;
         let Some(app) = self.apps.get_mut(&app_name) else {
@@ -419,6 +421,7 @@ impl Core {
         }
         if shutting_down {
             slot.state = SlotState::Stopped;
+            self.notice(Level::Info, id, What::Stopped { exit: ended });
         } else if !restart {
             slot.state = SlotState::Done {
                 code: match end.status {
@@ -426,18 +429,9 @@ impl Core {
                     ExitStatus::Signal(_) => None,
                 },
             };
-            let (level, what) = if end.status.success() {
-                (Level::Info, "done")
-            } else {
-                (Level::Warn, "not restarting (restart policy)")
-            };
-            self.log(
-                level,
-                format!(
-                    "{label} {pid} exited with {how} after {}; {what}",
-                    human(end.uptime)
-                ),
-            );
+            let done = end.status.success();
+            let level = if done { Level::Info } else { Level::Warn };
+            self.notice(level, id, What::Exited { exit: ended, done });
         } else if let Some(limit) = config
             .restart_limit
             .filter(|limit| over_limit(&mut slot.recent_restarts, now, limit))
@@ -450,9 +444,13 @@ impl Core {
             slot.state = SlotState::Failed {
                 reason: reason.clone(),
             };
-            self.log(
+            self.notice(
                 Level::Error,
-                format!("{label} {pid} exited with {how}; {reason}"),
+                id,
+                What::Failed {
+                    exit: ended,
+                    reason,
+                },
             );
         } else {
             slot.crash_streak = backoff::next_streak(&config.backoff, slot.crash_streak, end);
@@ -464,24 +462,17 @@ impl Core {
             });
             let delay = backoff::delay(&config.backoff, slot.crash_streak);
             slot.state = SlotState::Backoff { until: now + delay };
-            let why = if slot.crash_streak == 0 {
-                " (killed from outside after serving: no crash)".to_owned()
-            } else if slot.crash_streak >= backoff::FLAPPING_STREAK {
-                format!(" (flapping: {} crashes in a row)", slot.crash_streak)
-            } else {
-                String::new()
-            };
+            let streak = slot.crash_streak;
             self.out.push(Action::Observe(Observation::Restart {
                 app: app_name.clone(),
             }));
-            self.log(
-                Level::Warn,
-                format!(
-                    "{label} {pid} exited with {how} after {}; restarting in {}{why}",
-                    human(end.uptime),
-                    human(delay)
-                ),
-            );
+            let what = What::Restarting {
+                exit: ended,
+                delay,
+                streak,
+                flapping: streak >= backoff::FLAPPING_STREAK,
+            };
+            self.notice(Level::Warn, id, what);
         }
         if let Some(old) = rolled_back {
             self.abort_rollout(
@@ -504,12 +495,9 @@ impl Core {
             Ok(pid) => {
                 worker.pid = Some(pid);
                 self.pids.insert(pid, id);
-                let message = format!(
-                    "{} started pid {pid} (generation {}): {}",
-                    worker.label(),
-                    worker.generation,
-                    worker.config.command.join(" ")
-                );
+                let started = What::Started {
+                    command: worker.config.command.join(" "),
+                };
                 match worker.phase {
                     Phase::Spawning => {
                         let config = &worker.config;
@@ -529,7 +517,7 @@ impl Core {
                                 }
                             }
                         };
-                        self.log(Level::Info, message);
+                        self.notice(Level::Info, id, started);
                     }
                     // Told to stop before it existed: now it can be.
                     Phase::Stopping { why, .. } => {
@@ -538,7 +526,7 @@ impl Core {
                             ready_by: now + worker.config.ready_timeout,
                             ready_at: None,
                         };
-                        self.log(Level::Info, message);
+                        self.notice(Level::Info, id, started);
                         self.stop(now, id, why);
                     }
                     _ => {}
@@ -556,7 +544,6 @@ impl Core {
             return;
         };
         self.out.push(Action::Forget { worker: id });
-        let label = worker.label();
         let Some(app) = self.apps.get_mut(&worker.app) else {
             return;
         };
@@ -568,21 +555,20 @@ impl Core {
                     let delay = backoff::delay(&worker.config.backoff, slot.crash_streak.max(2))
                         .max(MIN_SPAWN_RETRY);
                     slot.state = SlotState::Backoff { until: now + delay };
-                    self.log(
-                        Level::Error,
-                        format!("{label}: {}; retrying in {}", failure.message, human(delay)),
-                    );
+                    let what = What::SpawnFailed {
+                        message: failure.message,
+                        retry_in: Some(delay),
+                    };
+                    self.push_notice(about(&worker, Level::Error, what));
                 } else {
                     slot.state = SlotState::Failed {
                         reason: failure.message.clone(),
                     };
-                    self.log(
-                        Level::Error,
-                        format!(
-                            "{label}: {}; the slot stays down until the next reload or restart",
-                            failure.message
-                        ),
-                    );
+                    let what = What::SpawnFailed {
+                        message: failure.message,
+                        retry_in: None,
+                    };
+                    self.push_notice(about(&worker, Level::Error, what));
                 }
             }
             Role::Candidate => {
@@ -670,13 +656,8 @@ impl Core {
                 _ => {}
             }
         }
-        if triggered && let Some(worker) = self.workers.get(&id) {
-            let message = format!(
-                "{} {} triggered its watchdog; killing it",
-                worker.label(),
-                worker.pid_text()
-            );
-            self.log(Level::Warn, message);
+        if triggered && self.workers.contains_key(&id) {
+            self.notice(Level::Warn, id, What::WatchdogTriggered);
             self.kill(id, StopReason::Triggered);
         }
     }
@@ -687,7 +668,6 @@ impl Core {
         let Some(worker) = self.workers.get(&id) else {
             return;
         };
-        let label = worker.label();
         let Some(app) = self.apps.get_mut(&worker.app) else {
             return;
         };
@@ -699,7 +679,7 @@ impl Core {
                     seen: now,
                 });
                 if new {
-                    self.log(Level::Info, format!("{label} tends the KV cluster map"));
+                    self.notice(Level::Info, id, What::KvTending);
                 }
             }
             "released" if app.tend.is_some_and(|t| t.worker == id) => app.tend = None,
@@ -726,20 +706,15 @@ impl Core {
             let Some(worker) = self.workers.get(&tend.worker) else {
                 continue;
             };
-            let (slot, label, pid) = (worker.slot, worker.label(), worker.pid_text());
+            let slot = worker.slot;
             if let Some(s) = app.slots.get_mut(slot)
                 && s.worker() == Some(tend.worker)
             {
                 s.state = SlotState::Backoff { until: now };
                 s.last_restart = Some("KV tend owner stopped tending (kv_watchdog)".into());
             }
-            self.log(
-                Level::Warn,
-                format!(
-                    "{label} {pid} holds the KV tend lock but has not tended for {}; restarting it",
-                    human(now.saturating_duration_since(tend.seen))
-                ),
-            );
+            let stale = now.saturating_duration_since(tend.seen);
+            self.notice(Level::Warn, tend.worker, What::KvStale { stale });
             self.stop(now, tend.worker, StopReason::TendHung);
             // A stopped (SIGSTOP) owner must run to handle its stop signal and close its
             // client: wake it.
@@ -794,7 +769,7 @@ impl Core {
             if !matches!(worker.phase, Phase::Starting { .. } | Phase::Ready { .. }) {
                 continue;
             }
-            let (label, pid, slot) = (worker.label(), worker.pid_text(), worker.slot);
+            let slot = worker.slot;
             let reason = format!("memory: {} MiB > max_memory {} MiB", rss >> 20, limit >> 20);
             if self.role(*id) == Role::Current
                 && let Some(s) = self
@@ -806,10 +781,8 @@ impl Core {
                 s.restarts += 1;
                 s.last_restart = Some(reason.clone());
             }
-            self.log(
-                Level::Warn,
-                format!("{label} {pid}: {reason}; restarting it"),
-            );
+            let what = What::OverMemory { bytes: *rss, limit };
+            self.notice(Level::Warn, *id, what);
             self.stop(now, *id, StopReason::Memory);
         }
     }
@@ -836,7 +809,6 @@ impl Core {
             let Some(worker) = self.workers.get(&id) else {
                 continue;
             };
-            let (label, pid) = (worker.label(), worker.pid_text());
             match phase {
                 Phase::Starting { ready_at, .. } if ready_at.is_some_and(|at| at <= now) => {
                     self.become_ready(now, id)
@@ -844,24 +816,12 @@ impl Core {
                 Phase::Starting { .. } => self.not_ready(now, id),
                 Phase::Ready { .. } => {
                     let period = worker.config.watchdog.unwrap_or_default();
-                    self.log(
-                        Level::Warn,
-                        format!(
-                            "{label} {pid}: no watchdog heartbeat for {}; killing it",
-                            human(period)
-                        ),
-                    );
+                    self.notice(Level::Warn, id, What::WatchdogMissed { period });
                     self.kill(id, StopReason::Watchdog);
                 }
                 Phase::Stopping { why, .. } => {
                     let timeout = worker.config.stop_timeout;
-                    self.log(
-                        Level::Warn,
-                        format!(
-                            "{label} {pid} still running {} after its stop signal; sending SIGKILL",
-                            human(timeout)
-                        ),
-                    );
+                    self.notice(Level::Warn, id, What::StopTimeout { timeout });
                     self.kill(id, why);
                 }
                 Phase::Draining { why, .. } => self.signal_stop(now, id, why),
@@ -879,13 +839,6 @@ impl Core {
             since: now,
             watchdog_by: worker.config.watchdog.map(|period| now + period),
         };
-        let message = format!(
-            "{} {} (generation {}) ready after {}",
-            worker.label(),
-            worker.pid_text(),
-            worker.generation,
-            human(waited)
-        );
         self.out.push(Action::Observe(Observation::Ready {
             app: worker.app.clone(),
             seconds: waited.as_secs_f64(),
@@ -896,7 +849,7 @@ impl Core {
                 serving: true,
             });
         }
-        self.log(Level::Info, message);
+        self.notice(Level::Info, id, What::Ready { after: waited });
     }
 
     /// A worker missed its `ready_timeout`: it is killed; a rollout's candidate aborts the
@@ -908,13 +861,7 @@ impl Core {
         };
         let timeout = worker.config.ready_timeout;
         let (app, slot, generation) = (worker.app.clone(), worker.slot, worker.generation);
-        let message = format!(
-            "{} {} (generation {generation}) not ready within {}; killing it",
-            worker.label(),
-            worker.pid_text(),
-            human(timeout)
-        );
-        self.log(Level::Warn, message);
+        self.notice(Level::Warn, id, What::NotReady { timeout });
         self.kill(id, StopReason::NotReady);
         if role == Role::Candidate {
             self.abort_rollout(
@@ -1107,13 +1054,18 @@ impl Core {
 
     /// Stops every worker gracefully; clusterd exits once all are gone.
     pub(super) fn begin_shutdown(&mut self, now: Instant, why: &str) {
-        self.log(
-            Level::Info,
-            format!(
-                "{why}: stopping {} workers (again to kill them at once)",
-                self.workers.len()
-            ),
-        );
+        let workers = self.workers.len();
+        self.push_notice(Notice {
+            level: Level::Info,
+            app: None,
+            slot: None,
+            pid: None,
+            generation: None,
+            what: What::Stopping {
+                why: why.to_owned(),
+                workers,
+            },
+        });
         self.shutting_down = true;
         for app in self.apps.values_mut() {
             app.rollout = None;
@@ -1129,10 +1081,18 @@ impl Core {
 
     /// A second stop signal: SIGKILL to everything left.
     fn force_shutdown(&mut self, why: &str) {
-        self.log(
-            Level::Warn,
-            format!("{why} again: killing {} workers", self.workers.len()),
-        );
+        let workers = self.workers.len();
+        self.push_notice(Notice {
+            level: Level::Warn,
+            app: None,
+            slot: None,
+            pid: None,
+            generation: None,
+            what: What::Killing {
+                why: why.to_owned(),
+                workers,
+            },
+        });
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         for id in ids {
             self.kill(id, StopReason::Shutdown);
@@ -1180,13 +1140,33 @@ impl Core {
                 to_stop.extend(rollout.forget_slots_from(target));
             }
         }
-        self.log(
-            Level::Info,
-            format!("scaling {name} from {before} to {target} workers"),
-        );
+        self.push_notice(Notice {
+            level: Level::Info,
+            app: Some(name.to_owned()),
+            slot: None,
+            pid: None,
+            generation: None,
+            what: What::Scaled {
+                from: before,
+                to: target,
+            },
+        });
         for id in to_stop {
             self.stop(now, id, StopReason::Retired);
         }
+    }
+
+    /// Queues a typed event about worker `id` (its app, slot, pid and generation).
+    pub(super) fn notice(&mut self, level: Level, id: WorkerId, what: What) {
+        if let Some(worker) = self.workers.get(&id) {
+            let notice = about(worker, level, what);
+            self.push_notice(notice);
+        }
+    }
+
+    /// Queues a typed event.
+    pub(super) fn push_notice(&mut self, notice: Notice) {
+        self.out.push(Action::Event(notice));
     }
 
     /// Queues a log line.
@@ -1197,6 +1177,18 @@ impl Core {
     /// Queues an action.
     pub(super) fn push(&mut self, action: Action) {
         self.out.push(action);
+    }
+}
+
+/// A typed event about `worker`.
+fn about(worker: &Worker, level: Level, what: What) -> Notice {
+    Notice {
+        level,
+        app: Some(worker.app.clone()),
+        slot: Some(worker.slot),
+        pid: worker.pid,
+        generation: Some(worker.generation),
+        what,
     }
 }
 

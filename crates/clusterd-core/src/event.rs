@@ -2,6 +2,7 @@
 //! touches the OS: the daemon turns the world into events and carries out the actions.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::process::Pid;
 use clusterd_manifest::Signal;
@@ -119,7 +120,9 @@ pub enum Action {
         /// The answer.
         reply: Reply,
     },
-    /// Write a log line.
+    /// One of clusterd's events, typed: the daemon renders its text (or JSON fields).
+    Event(Notice),
+    /// Write a log line (what has no typed event).
     Log {
         /// Its level.
         level: Level,
@@ -153,6 +156,204 @@ pub enum Action {
         /// The worker.
         worker: WorkerId,
     },
+}
+
+/// One of clusterd's events for the log: who it is about and what happened. The core says
+/// what; the daemon's logs room renders it (the text, or JSON fields).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    /// How much it matters.
+    pub level: Level,
+    /// The app it is about, if any.
+    pub app: Option<String>,
+    /// The worker's slot.
+    pub slot: Option<usize>,
+    /// The worker's pid.
+    pub pid: Option<Pid>,
+    /// The worker's (or the rollout's) generation.
+    pub generation: Option<u64>,
+    /// What happened, with its own fields.
+    pub what: What,
+}
+
+/// The events clusterd logs, by name (`Notice::what`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum What {
+    /// A worker was spawned.
+    Started {
+        /// Its command line.
+        command: String,
+    },
+    /// A worker became ready.
+    Ready {
+        /// Time from spawn to ready.
+        after: Duration,
+    },
+    /// A current worker exited and its slot restarts it after a delay.
+    Restarting {
+        /// How it ended.
+        exit: Exit,
+        /// The delay before the restart.
+        delay: Duration,
+        /// The crash streak (0: killed from outside after serving, no crash).
+        streak: u32,
+        /// Whether the streak counts as flapping.
+        flapping: bool,
+    },
+    /// A current worker exited and its slot stays down (restart policy, or shutdown).
+    Exited {
+        /// How it ended.
+        exit: Exit,
+        /// Exit status 0: a finished one-shot, else not restarted by policy.
+        done: bool,
+    },
+    /// A retired worker (replaced, scaled away, aborted candidate) ended as asked.
+    Stopped {
+        /// How it ended.
+        exit: Exit,
+    },
+    /// A rollout started (`generation` is the new one).
+    RolloutStarted {
+        /// Workers to roll.
+        workers: usize,
+    },
+    /// A rollout completed: every slot runs `generation`.
+    RolloutDone {
+        /// Workers on the new generation.
+        workers: usize,
+    },
+    /// A rollout aborted: its candidates stop, old workers keep serving.
+    Aborted {
+        /// Why.
+        reason: String,
+        /// Each slot's generation now.
+        kept: Vec<u64>,
+    },
+    /// A rollout's new worker exited before it replaced the old one (the rollout aborts).
+    CandidateExited {
+        /// How it ended.
+        exit: Exit,
+        /// Whether it had been ready.
+        after_ready: bool,
+    },
+    /// A current worker exited once too often (`restart_limit`): its slot stays down.
+    Failed {
+        /// How it ended.
+        exit: Exit,
+        /// Why the slot stays down.
+        reason: String,
+    },
+    /// A worker could not be spawned.
+    SpawnFailed {
+        /// What failed.
+        message: String,
+        /// When the slot tries again (`None`: it stays down until a reload or restart).
+        retry_in: Option<Duration>,
+    },
+    /// A worker's process ended but left others in its group; they are stopped.
+    Leftovers,
+    /// A worker missed its `ready_timeout` and is killed.
+    NotReady {
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// A ready worker missed its watchdog heartbeat and is killed.
+    WatchdogMissed {
+        /// The watchdog period.
+        period: Duration,
+    },
+    /// A worker sent `WATCHDOG=trigger` and is killed.
+    WatchdogTriggered,
+    /// A worker still runs `stop_timeout` after its stop signal: SIGKILL.
+    StopTimeout {
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// A worker uses more memory than `max_memory` and is restarted.
+    OverMemory {
+        /// What it uses, in bytes.
+        bytes: u64,
+        /// The limit, in bytes.
+        limit: u64,
+    },
+    /// A worker took over tending the KV cluster map.
+    KvTending,
+    /// The KV tend owner has not tended for `stale`: it is restarted.
+    KvStale {
+        /// Time since its last tend round.
+        stale: Duration,
+    },
+    /// An app's number of workers changes.
+    Scaled {
+        /// Workers before.
+        from: usize,
+        /// Workers after.
+        to: usize,
+    },
+    /// A reload asked for during a rollout: it follows that one.
+    ReloadQueued,
+    /// The manifest was re-read (SIGHUP).
+    Reconfigured {
+        /// What changed (empty: nothing).
+        changes: Vec<String>,
+    },
+    /// A second stop signal: every worker left is killed.
+    Killing {
+        /// The signal (`SIGTERM`, ...).
+        why: String,
+        /// Workers killed.
+        workers: usize,
+    },
+    /// clusterd stops every worker (shutdown).
+    Stopping {
+        /// What asked for it (`SIGTERM`, ...).
+        why: String,
+        /// Workers being stopped.
+        workers: usize,
+    },
+}
+
+/// How a worker ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exit {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Why clusterd killed it, when it did for a failure (`watchdog`, `ready_timeout`, ...).
+    pub killed: Option<&'static str>,
+    /// How long it ran.
+    pub uptime: Duration,
+}
+
+impl What {
+    /// The event's name in JSON logs (`event`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            What::Started { .. } => "started",
+            What::Ready { .. } => "ready",
+            What::Restarting { .. } => "restarting",
+            What::Exited { .. } => "exited",
+            What::Stopped { .. } => "stopped",
+            What::RolloutStarted { .. } => "rollout_started",
+            What::RolloutDone { .. } => "rollout_done",
+            What::Aborted { .. } => "aborted",
+            What::Stopping { .. } => "stopping",
+            What::CandidateExited { .. } => "candidate_exited",
+            What::Failed { .. } => "failed",
+            What::SpawnFailed { .. } => "spawn_failed",
+            What::Leftovers => "leftovers",
+            What::NotReady { .. } => "not_ready",
+            What::WatchdogMissed { .. } => "watchdog_missed",
+            What::WatchdogTriggered => "watchdog_triggered",
+            What::StopTimeout { .. } => "stop_timeout",
+            What::OverMemory { .. } => "over_memory",
+            What::KvTending => "kv_tending",
+            What::KvStale { .. } => "kv_stale",
+            What::Scaled { .. } => "scaled",
+            What::ReloadQueued => "reload_queued",
+            What::Reconfigured { .. } => "reconfigured",
+            What::Killing { .. } => "killing",
+        }
+    }
 }
 
 /// How much a log line matters.

@@ -32,6 +32,6 @@ mod tests;
 pub mod time;
 
 pub use crate::core::{Core, Role};
-pub use event::{Action, Event, Level, Observation, ReplyTo, SpawnFailure};
+pub use event::{Action, Event, Exit, Level, Notice, Observation, ReplyTo, SpawnFailure, What};
 pub use process::{ExitStatus, Pid, SupervisorSignal, Usage};
 pub use state::WorkerId;

@@ -80,12 +80,14 @@ impl Core {
         for name in reloads {
             self.request_reload(now, Some(&name));
         }
-        let message = if changes.is_empty() {
-            "manifest re-read: no changes".to_owned()
-        } else {
-            format!("manifest re-read: {}", changes.join(", "))
-        };
-        self.log(Level::Info, message);
+        self.push_notice(crate::event::Notice {
+            level: Level::Info,
+            app: None,
+            slot: None,
+            pid: None,
+            generation: None,
+            what: crate::event::What::Reconfigured { changes },
+        });
     }
 }
 

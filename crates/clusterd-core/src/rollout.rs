@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::backoff::End;
 use super::core::Core;
-use super::event::{Action, Observation};
+use super::event::{Action, Notice, Observation, What};
 use super::state::{Phase, ReloadOutcome, SlotState, StopReason, WorkerId, human};
 
 /// A rollout in progress for one app.
@@ -218,12 +218,15 @@ impl Core {
             };
             if let Some(rollout) = &mut app.rollout {
                 rollout.again = true;
-                self.log(
-                    Level::Info,
-                    format!(
-                        "reload of {name} requested during a rollout; another one will follow it"
-                    ),
-                );
+                let generation = rollout.generation;
+                self.push_notice(Notice {
+                    level: Level::Info,
+                    app: Some(name.clone()),
+                    slot: None,
+                    pid: None,
+                    generation: Some(generation),
+                    what: What::ReloadQueued,
+                });
                 continue;
             }
             let config = app
@@ -240,11 +243,15 @@ impl Core {
                 reload.surge,
                 reload.bake_each,
             ));
-            let message = format!(
-                "reload of {name}: rolling {} workers to generation {generation}",
-                app.slots.len()
-            );
-            self.log(Level::Info, message);
+            let workers = app.slots.len();
+            self.push_notice(Notice {
+                level: Level::Info,
+                app: Some(name.clone()),
+                slot: None,
+                pid: None,
+                generation: Some(generation),
+                what: What::RolloutStarted { workers },
+            });
             self.advance_rollout(&name, now);
         }
     }
@@ -364,12 +371,15 @@ impl Core {
         app.last_reload = Some(ReloadOutcome::Completed {
             generation: rollout.generation,
         });
-        let message = format!(
-            "reload of {name} complete: {} workers on generation {}",
-            app.slots.len(),
-            rollout.generation
-        );
-        self.log(Level::Info, message);
+        let workers = app.slots.len();
+        self.push_notice(Notice {
+            level: Level::Info,
+            app: Some(name.to_owned()),
+            slot: None,
+            pid: None,
+            generation: Some(rollout.generation),
+            what: What::RolloutDone { workers },
+        });
         self.push(Action::Observe(Observation::Reload {
             app: name.to_owned(),
             completed: true,
@@ -428,12 +438,7 @@ impl Core {
             return;
         };
         let doomed: Vec<WorkerId> = rollout.active.iter().filter_map(Step::candidate).collect();
-        let kept: Vec<String> = app
-            .slots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| format!("{i}:g{}", s.generation))
-            .collect();
+        let kept: Vec<u64> = app.slots.iter().map(|s| s.generation).collect();
         // Promoted slots keep their live new workers, but a slot whose new worker ends later
         // goes back to the generation it had, as if it had died before the abort: with the
         // rollout no longer watching, a broken version must not be respawned.
@@ -448,13 +453,14 @@ impl Core {
             generation: rollout.generation,
             reason: reason.clone(),
         });
-        self.log(
-            Level::Error,
-            format!(
-                "reload of {name} aborted: {reason}; old workers keep serving (slot:generation {})",
-                kept.join(" ")
-            ),
-        );
+        self.push_notice(Notice {
+            level: Level::Error,
+            app: Some(name.to_owned()),
+            slot: None,
+            pid: None,
+            generation: Some(rollout.generation),
+            what: What::Aborted { reason, kept },
+        });
         self.push(Action::Observe(Observation::Reload {
             app: name.to_owned(),
             completed: false,

@@ -11,7 +11,7 @@ use clusterd_manifest::Signal;
 use clusterd_proto::{ReloadResult, Reply, Request};
 
 use super::core::Core;
-use super::event::{Action, Event, ReplyTo, SpawnFailure};
+use super::event::{Action, Event, Notice, ReplyTo, SpawnFailure, What};
 use super::state::{Phase, ReloadOutcome, SlotState, WorkerId};
 use crate::process::ExitStatus;
 use crate::process::SupervisorSignal;
@@ -29,6 +29,8 @@ struct Sim {
     replies: Vec<(ReplyTo, Reply)>,
     /// Log lines, with their level.
     logs: Vec<(crate::event::Level, String)>,
+    /// Typed events, in order.
+    events: Vec<Notice>,
     /// How many spawns were asked for.
     spawns: usize,
     /// What the next spawns answer (`None`: a new pid).
@@ -64,6 +66,7 @@ impl Sim {
             signals: Vec::new(),
             replies: Vec::new(),
             logs: Vec::new(),
+            events: Vec::new(),
             spawns: 0,
             spawn_failures: Vec::new(),
             rereads: 0,
@@ -97,6 +100,7 @@ impl Sim {
                 Action::Signal { pid, signal, .. } => self.signals.push((pid, signal)),
                 Action::Reply { to, reply } => self.replies.push((to, reply)),
                 Action::Log { level, message } => self.logs.push((level, message)),
+                Action::Event(notice) => self.events.push(notice),
                 Action::Reread => self.rereads += 1,
                 Action::MeasureMemory(workers) => {
                     let measured = workers
@@ -667,6 +671,100 @@ fn bake_keeps_the_old_worker_until_the_new_one_has_stayed_up() {
     assert_eq!(sim.pid("web", 0), Some(c0));
 }
 
+/// An event's name, slot, pid and generation.
+type Told = (&'static str, Option<usize>, Option<Pid>, Option<u64>);
+
+/// The events the core emitted about `app`.
+fn events_of(sim: &Sim, app: &str) -> Vec<Told> {
+    sim.events
+        .iter()
+        .filter(|n| n.app.as_deref() == Some(app))
+        .map(|n| (n.what.name(), n.slot, n.pid, n.generation))
+        .collect()
+}
+
+#[test]
+fn a_start_a_crash_a_reload_and_a_stop_are_typed_events() {
+    let mut sim = Sim::new(
+        "[apps.a]\ncommand = [\"x\", \"y\"]\nready = \"notify\"\nworkers = 1\n[apps.a.reload]\nbake = \"0s\"\n",
+    );
+    let first = sim.pid("a", 0).unwrap();
+    assert_eq!(
+        events_of(&sim, "a"),
+        [("started", Some(0), Some(first), Some(1))]
+    );
+    assert!(matches!(&sim.events[0].what, What::Started { command } if command == "x y"));
+    sim.notify(first, "READY=1");
+    assert_eq!(
+        events_of(&sim, "a")[1],
+        ("ready", Some(0), Some(first), Some(1))
+    );
+    sim.events.clear();
+
+    // A crash: restarting, with its exit and streak.
+    sim.exit(first, ExitStatus::Code(3));
+    let crash = &sim.events[0];
+    assert_eq!(crash.what.name(), "restarting");
+    assert_eq!(
+        (crash.slot, crash.pid, crash.generation),
+        (Some(0), Some(first), Some(1))
+    );
+    assert!(matches!(
+        &crash.what,
+        What::Restarting { exit, streak: 1, flapping: false, .. }
+            if exit.status == ExitStatus::Code(3) && exit.killed.is_none()
+    ));
+    sim.advance(Duration::from_secs(60));
+    let second = sim.pid("a", 0).unwrap();
+    sim.notify(second, "READY=1");
+    sim.events.clear();
+
+    // A reload: started, the candidate's start and ready, the old one stopped, done.
+    sim.signal(SupervisorSignal::Reload);
+    roll(&mut sim, "a");
+    let third = sim.pid("a", 0).unwrap();
+    let names: Vec<_> = events_of(&sim, "a");
+    assert_eq!(
+        names.first(),
+        Some(&("rollout_started", None, None, Some(2)))
+    );
+    assert!(names.contains(&("started", Some(0), Some(third), Some(2))));
+    assert!(names.contains(&("ready", Some(0), Some(third), Some(2))));
+    assert!(names.contains(&("stopped", Some(0), Some(second), Some(1))));
+    assert_eq!(names.last(), Some(&("rollout_done", None, None, Some(2))));
+    sim.events.clear();
+
+    // A stop: stopping (no app), then the worker's exit.
+    sim.signal(SupervisorSignal::Stop(Signal::SIGTERM));
+    assert!(matches!(
+        &sim.events[0].what,
+        What::Stopping { workers: 1, .. }
+    ));
+    assert_eq!(sim.events[0].app, None);
+    sim.stopped_ones_exit();
+    assert_eq!(
+        events_of(&sim, "a"),
+        [("stopped", Some(0), Some(third), Some(2))]
+    );
+}
+
+#[test]
+fn an_aborted_rollout_is_an_event_with_its_reason_and_the_kept_generations() {
+    let mut sim = Sim::new(WEB3);
+    ready_all(&mut sim, "web");
+    sim.signal(SupervisorSignal::Reload);
+    let c0 = sim.candidate("web", 0).unwrap();
+    sim.exit(c0, ExitStatus::Code(1));
+    let aborted = sim
+        .events
+        .iter()
+        .find(|n| n.what.name() == "aborted")
+        .expect("an aborted event");
+    assert_eq!(aborted.generation, Some(2));
+    assert!(matches!(&aborted.what, What::Aborted { reason, kept }
+        if reason.contains("before ready") && kept == &[1, 1, 1]));
+}
+
 #[test]
 fn a_candidate_that_exits_before_ready_aborts_and_old_workers_keep_serving() {
     let mut sim = Sim::new(WEB3);
@@ -993,6 +1091,20 @@ fn a_program_that_cannot_run_fails_its_slot_until_a_restart() {
     });
     sim.exit(pid, ExitStatus::Code(1));
     assert!(matches!(sim.slot_state("web", 0), SlotState::Failed { .. }));
+    let failed: Vec<_> = sim
+        .events
+        .iter()
+        .filter(|n| n.what.name() == "spawn_failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "one event: {:?}", sim.events);
+    assert_eq!(
+        (failed[0].app.as_deref(), failed[0].slot),
+        (Some("web"), Some(0))
+    );
+    assert!(
+        matches!(&failed[0].what, What::SpawnFailed { retry_in: None, message }
+        if message.contains("srv"))
+    );
     sim.advance(Duration::from_secs(60));
     assert_eq!(sim.pid("web", 0), None, "no crash storm");
     sim.control(
@@ -1018,6 +1130,13 @@ fn a_transient_spawn_failure_is_retried() {
         sim.slot_state("web", 0),
         SlotState::Backoff { .. }
     ));
+    assert!(sim.events.iter().any(|n| matches!(
+        n.what,
+        What::SpawnFailed {
+            retry_in: Some(_),
+            ..
+        }
+    ) && n.slot == Some(0)));
     sim.advance(Duration::from_secs(1));
     assert!(sim.pid("web", 0).is_some());
 }

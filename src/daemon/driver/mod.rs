@@ -393,6 +393,10 @@ impl Driver {
                     }
                     None
                 }
+                Action::Event(notice) => {
+                    logs::event(&notice);
+                    None
+                }
                 Action::Log { level, message } => {
                     log(level, &message);
                     None

@@ -16,6 +16,7 @@
 //! detached supervisor. Several apps may share a file; its rotation settings are those of
 //! the first configuration that named it (`[supervisor]` first).
 
+pub mod event;
 mod file;
 pub mod format;
 pub mod pipes;
@@ -356,6 +357,40 @@ impl Write for EventWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// Logs one of clusterd's typed events. Where the events' destination is JSON, the line is
+/// built from the event (its `event`, `app`, `slot`, `pid`, `generation` and own fields);
+/// as text it takes `tracing`'s path like every other line of clusterd's.
+pub fn event(notice: &clusterd_core::Notice) {
+    use clusterd_core::Level;
+    let enabled = match notice.level {
+        Level::Error => tracing::enabled!(tracing::Level::ERROR),
+        Level::Warn => tracing::enabled!(tracing::Level::WARN),
+        Level::Info => tracing::enabled!(tracing::Level::INFO),
+        Level::Debug => tracing::enabled!(tracing::Level::DEBUG),
+    };
+    if !enabled {
+        return;
+    }
+    let text = event::text(notice);
+    let json_sink = match SETTINGS.get().map(|s| s.events) {
+        Some(Destination::File(sink, LogFormat::Json)) => Some(sink),
+        Some(Destination::Std(LogFormat::Json)) => Some(pipes::stderr()),
+        _ => None,
+    };
+    if let Some(sink) = json_sink {
+        let message = format!("{} {text}", event::level_name(notice.level));
+        let record = hub().publish(&Source::events(), LogStream::Log, message.as_bytes());
+        let _ = sink.push(event::json(notice, &record));
+        return;
+    }
+    match notice.level {
+        Level::Error => tracing::error!("{text}"),
+        Level::Warn => tracing::warn!("{text}"),
+        Level::Info => tracing::info!("{text}"),
+        Level::Debug => tracing::debug!("{text}"),
     }
 }
 
