@@ -1,6 +1,6 @@
 //! The `clusterd` command line: the clap definitions ([`Cli`]), one file per command family
 //! ([`start`]: start, run, check and stop; [`status`]; [`reload`]: reload, restart, scale
-//! and signal; [`logs`]; [`upgrade`]; [`notify`]: notify and send), the control client
+//! and signal; [`logs`]; [`upgrade`]; [`notify`]: notify and send; [`startup`]), the control client
 //! ([`client`]) and the rendering of replies ([`render`]).
 
 pub mod client;
@@ -10,6 +10,7 @@ pub mod reload;
 pub mod render;
 pub mod run;
 pub mod start;
+pub mod startup;
 pub mod status;
 pub mod upgrade;
 
@@ -176,6 +177,9 @@ pub enum Command {
         /// The memfd holding the state.
         fd: i32,
     },
+    /// Print the systemd unit that runs this manifest at boot (PM2's `pm2 startup`), or with
+    /// --install write and enable it.
+    Startup(startup::StartupArgs),
     /// Send sd_notify assignments (e.g. READY=1) to $NOTIFY_SOCKET and wait until the
     /// supervisor has read them; for workers that cannot send datagrams themselves.
     Notify {
