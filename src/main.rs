@@ -82,6 +82,8 @@ fn main() -> ExitCode {
         Command::Upgrade { binary, target } => cli::report(cli::upgrade::upgrade(binary, &target)),
         Command::HandoverCheck => cli::upgrade::check(),
         Command::HandoverResume { fd } => cli::report(cli::upgrade::resume(fd)),
+        Command::Startup(args) => cli::startup::startup(&args),
+        Command::Ls(args) => cli::ls::ls(&args),
         Command::Notify { assignments } => cli::report(cli::notify::notify(&assignments)),
         Command::Send {
             spec,

@@ -1,15 +1,17 @@
 //! The `clusterd` command line: the clap definitions ([`Cli`]), one file per command family
 //! ([`start`]: start, run, check and stop; [`status`]; [`reload`]: reload, restart, scale
-//! and signal; [`logs`]; [`upgrade`]; [`notify`]: notify and send), the control client
-//! ([`client`]) and the rendering of replies ([`render`]).
+//! and signal; [`logs`]; [`upgrade`]; [`notify`]: notify and send; [`startup`]; [`ls`]), the
+//! control client ([`client`]) and the rendering of replies ([`render`]).
 
 pub mod client;
 pub mod logs;
+pub mod ls;
 pub mod notify;
 pub mod reload;
 pub mod render;
 pub mod run;
 pub mod start;
+pub mod startup;
 pub mod status;
 pub mod upgrade;
 
@@ -176,6 +178,12 @@ pub enum Command {
         /// The memfd holding the state.
         fd: i32,
     },
+    /// Print the systemd unit that runs this manifest at boot (PM2's `pm2 startup`), or with
+    /// --install write and enable it.
+    Startup(startup::StartupArgs),
+    /// List every supervisor of this user (PM2's `pm2 list` from anywhere): those with a run
+    /// directory under $XDG_RUNTIME_DIR/clusterd/ or ./.clusterd/, or of a ./*.toml.
+    Ls(ls::LsArgs),
     /// Send sd_notify assignments (e.g. READY=1) to $NOTIFY_SOCKET and wait until the
     /// supervisor has read them; for workers that cannot send datagrams themselves.
     Notify {

@@ -664,3 +664,36 @@ intercept = true
     assert_eq!(restarts(&clusterd, "both"), 0);
     assert!(clusterd.stop().success());
 }
+
+/// A worker's accepted connection, reported by a Python server handed fd 3: `nodelay <bool>`.
+const NODELAY_PROBE: &str = "import socket\n\
+     s = socket.socket(fileno=3)\n\
+     c, _ = s.accept()\n\
+     print('nodelay', c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, flush=True)\n\
+     c.close()\n";
+
+/// What a worker's accepted connection says about `TCP_NODELAY` under `options` (extra lines of
+/// `[sockets.http]`).
+fn accepted_nodelay(options: &str) -> String {
+    let mut clusterd = Clusterd::start_with_files(
+        &format!(
+            "[sockets.http]\nlisten = \"127.0.0.1:0\"\n{options}\n\
+             [apps.probe]\ncommand = [\"python3\", \"{{dir}}/probe.py\"]\nsockets = [\"http\"]\n\
+             restart = \"never\"\n"
+        ),
+        &[("probe.py", NODELAY_PROBE)],
+    );
+    let addr = clusterd.socket_addr("http");
+    let _connection = std::net::TcpStream::connect(addr).expect("connect");
+    let line = clusterd.wait_for_line("nodelay ", 20 * SECOND);
+    assert!(clusterd.stop().success());
+    line
+}
+
+#[test]
+fn accepted_connections_have_tcp_nodelay_by_default_and_false_turns_it_off() {
+    let line = accepted_nodelay("");
+    assert!(line.ends_with("nodelay True"), "{line}");
+    let line = accepted_nodelay("tcp_nodelay = false");
+    assert!(line.ends_with("nodelay False"), "{line}");
+}

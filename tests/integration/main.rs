@@ -2,6 +2,7 @@
 //! One test binary (so the suite links once), one module per area.
 
 mod check;
+mod commands;
 mod control;
 mod core;
 mod examples;

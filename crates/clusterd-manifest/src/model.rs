@@ -112,8 +112,8 @@ pub struct SocketConfig {
     pub backlog: u32,
     /// `mode` of a unix socket file, e.g. `"0660"` (default 0o666 minus umask: `None`).
     pub mode: Option<u32>,
-    /// `tcp_nodelay` (TCP only, default false): `TCP_NODELAY` on the listener, inherited by
-    /// every accepted connection.
+    /// `tcp_nodelay` (TCP only, default true, as Node, Go and nginx set it): `TCP_NODELAY` on the
+    /// listener, inherited by every accepted connection.
     pub tcp_nodelay: bool,
     /// `keepalive` (TCP only): `false`/absent (off), `true` (on, the kernel's timings) or a
     /// duration (on, idle time before the first probe, `TCP_KEEPIDLE`).

@@ -259,7 +259,7 @@ fn socket(
         }
         (_, mode) => mode.optional(),
     };
-    let tcp_nodelay = cx.field(&table, "tcp_nodelay", values::boolean).or(false);
+    let tcp_nodelay = cx.field(&table, "tcp_nodelay", values::boolean).or(true);
     let keepalive = cx.field(&table, "keepalive", keepalive).or(Keepalive::Off);
     let reuseport = cx.field(&table, "reuseport", values::boolean).or(false);
     if let Some(Listen::Unix(path)) = &listen {

@@ -88,6 +88,13 @@ fn socket_defaults() {
     assert_eq!(http.listen, Listen::Tcp("127.0.0.1:8000".parse().unwrap()));
     assert_eq!(http.backlog, 1024);
     assert_eq!(http.mode, None);
+    // Servers handed fd 3 never set TCP_NODELAY themselves: clusterd does, as Node, Go and nginx.
+    assert!(http.tcp_nodelay);
+    let off = parse_srv(
+        "[sockets.http]\nlisten = \"127.0.0.1:8000\"\ntcp_nodelay = false\n[apps.web]\ncommand = [\"hello\"]\nsockets = [\"http\"]\n",
+    )
+    .unwrap();
+    assert!(!off.sockets["http"].tcp_nodelay);
 }
 
 #[test]
