@@ -77,18 +77,38 @@ impl LogFile {
         ignore_missing(std::fs::rename(&self.path, rotated_name(&self.path, 1)))
     }
 
-    fn write(&mut self, line: &[u8]) -> io::Result<()> {
-        let len = line.len() as u64;
+    /// Writes `lines` (whole lines: the writer hands over a batch of them), rotating between
+    /// two lines wherever the next one would take the file past `max_size`, so a rotated file
+    /// is as full as its lines allow whatever the batches were.
+    fn write(&mut self, mut lines: &[u8]) -> io::Result<()> {
         // Open first: the size of an existing file counts.
         self.open()?;
-        if let Some(max) = self.max_size
-            && self.size > 0
-            && self.size + len > max
-        {
-            self.rotate()?;
+        while !lines.is_empty() {
+            let take = match self.max_size {
+                Some(max) if self.size + lines.len() as u64 > max => {
+                    let room = usize::try_from(max.saturating_sub(self.size)).unwrap_or(usize::MAX);
+                    match lines[..room.min(lines.len())]
+                        .iter()
+                        .rposition(|&b| b == b'\n')
+                    {
+                        Some(end) => end + 1,
+                        None if self.size > 0 => {
+                            self.rotate()?;
+                            continue;
+                        }
+                        // A line longer than `max_size` goes whole into a file of its own.
+                        None => lines
+                            .iter()
+                            .position(|&b| b == b'\n')
+                            .map_or(lines.len(), |end| end + 1),
+                    }
+                }
+                _ => lines.len(),
+            };
+            self.open()?.write_all(&lines[..take])?;
+            self.size += take as u64;
+            lines = &lines[take..];
         }
-        self.open()?.write_all(line)?;
-        self.size += len;
         Ok(())
     }
 }
@@ -187,6 +207,23 @@ mod tests {
         file.write_line(b"efgh\n").unwrap(); // would be 14: rotate
         assert_eq!(read(&rotated_name(&path, 1)), "old\nabcd\n");
         assert_eq!(read(&path), "efgh\n");
+    }
+
+    #[test]
+    fn a_batch_that_crosses_the_size_is_split_between_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("web.log");
+        let mut file = LogFile::new(path.clone(), Some(12), 2);
+        file.write_line(b"ab\n").unwrap(); // 3 bytes
+        // 3 + 15 > 12: the lines that fit complete the file, the rest starts the next one.
+        file.write_line(b"cd\nef\ngh\nij\nkl\n").unwrap();
+        assert_eq!(read(&rotated_name(&path, 1)), "ab\ncd\nef\ngh\n");
+        assert_eq!(read(&path), "ij\nkl\n");
+        // A batch longer than two whole files.
+        file.write_line(b"mn\nop\nqr\nst\nuv\nwx\nyz\n").unwrap();
+        assert_eq!(read(&rotated_name(&path, 2)), "ij\nkl\nmn\nop\n");
+        assert_eq!(read(&rotated_name(&path, 1)), "qr\nst\nuv\nwx\n");
+        assert_eq!(read(&path), "yz\n");
     }
 
     #[test]
