@@ -82,6 +82,7 @@ const APP_KEYS: &[&str] = &[
     "restart_limit",
     "intercept",
     "drain",
+    "balance",
     "ipc",
     "ipc_broadcast",
     "reload",
@@ -446,6 +447,23 @@ fn app(
         (_, Field::Invalid) => None,
         (_, Field::Absent) => Some(None),
     };
+    let balance = cx
+        .field(&table, "balance", |v| {
+            values::choice(
+                v,
+                &[("random", Balance::Random), ("ip-hash", Balance::IpHash)],
+            )
+        })
+        .or(Balance::Random);
+    if drain == Some(None)
+        && let Some(value) = table.get("balance")
+    {
+        cx.report(
+            value.span(),
+            &table.key.child("balance"),
+            "balance applies to steered sockets: intercepted apps (intercept = true) with drain",
+        );
+    }
     let ipc = ipc(cx, &table, command.as_deref(), stop_disconnect);
     let ready = readiness(cx, &table, has_sockets, intercept == Some(true));
     if ready == Some(Readiness::Message) && ipc.is_some_and(|(ipc, _)| !ipc) {
@@ -497,6 +515,7 @@ fn app(
         restart_limit: restart_limit?,
         intercept: intercept?,
         drain: drain?,
+        balance: balance?,
         kv_segment: kv_segment?,
         kv_watchdog: kv_watchdog?,
         log: log?,

@@ -562,3 +562,34 @@ fn ipc_defaults_on_for_node_and_its_keys_need_it() {
         assert!(err.contains(&format!("apps.web.{key}:")), "{key}: {err}");
     }
 }
+
+#[test]
+fn balance_is_for_steered_sockets() {
+    use clusterd_manifest::Balance;
+    let intercepted = |extra: &str| {
+        format!(
+            "[sockets.http]\nlisten = \"127.0.0.1:8080\"\n[apps.web]\ncommand = [\"node\", \"app.js\"]\n\
+             sockets = [\"http\"]\nintercept = true\n{extra}\n"
+        )
+    };
+    let manifest = parse_srv(&intercepted("")).unwrap();
+    assert_eq!(manifest.apps["web"].balance, Balance::Random);
+    let manifest = parse_srv(&intercepted("balance = \"ip-hash\"")).unwrap();
+    assert_eq!(manifest.apps["web"].balance, Balance::IpHash);
+    let manifest = parse_srv(&intercepted("balance = \"random\"")).unwrap();
+    assert_eq!(manifest.apps["web"].balance, Balance::Random);
+    assert_eq!(
+        only_problem(&intercepted("balance = \"least\"")),
+        "7:11: apps.web.balance: expected one of \"random\", \"ip-hash\", found \"least\""
+    );
+    let error = only_problem(&intercepted("drain = \"0s\"\nbalance = \"ip-hash\""));
+    assert!(
+        error.contains("balance applies to steered sockets"),
+        "{error}"
+    );
+    let error = only_problem("[apps.web]\ncommand = [\"x\"]\nbalance = \"ip-hash\"\n");
+    assert!(
+        error.contains("balance applies to steered sockets"),
+        "{error}"
+    );
+}

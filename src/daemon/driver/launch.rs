@@ -27,7 +27,7 @@ impl Driver {
             })?;
         let held = match config.intercept {
             true => Some(
-                self.held(worker, &config.sockets)
+                self.held((worker, slot), config)
                     .map_err(|cause| SpawnError::Os {
                         what: "socket",
                         cause,
@@ -135,18 +135,24 @@ impl Driver {
     /// own for steered sockets (apps with `drain`), else the shared held socket.
     fn held(
         &mut self,
-        worker: WorkerId,
-        names: &[String],
+        worker: (WorkerId, usize),
+        app: &clusterd_manifest::AppConfig,
     ) -> std::io::Result<Vec<intercept::Held>> {
+        let policy = steering::Policy {
+            balance: app.balance,
+            slots: app.workers,
+        };
         let mut held = Vec::new();
-        for name in names {
+        for name in &app.sockets {
             let (Some(socket), Some(config)) =
                 (self.sockets.get(name), self.manifest.sockets.get(name))
             else {
                 continue;
             };
             let fd = match socket.local_addr().filter(|_| self.steered.contains(name)) {
-                Some(address) => self.steering.socket_for(name, worker, address, config)?,
+                Some(address) => self
+                    .steering
+                    .socket_for(name, worker, address, config, policy)?,
                 None => socket.try_clone_fd()?,
             };
             // Binds match the address bound (a manifest's port 0 is a real port by now).
