@@ -1,5 +1,6 @@
-//! Draining apps that cannot drain themselves (intercepted apps with `drain`): instead of one
-//! shared listening socket, each worker gets a listening socket of its own, all bound by
+//! Draining apps that cannot drain themselves (apps with `drain`: intercepted ones by default,
+//! any other app with sockets when it sets it; such a worker finds its socket at fd 3): instead
+//! of one shared listening socket, each worker gets a listening socket of its own, all bound by
 //! clusterd to the same address with `SO_REUSEPORT`, and clusterd attaches a classic BPF
 //! program to the group (`SO_ATTACH_REUSEPORT_CBPF`) that spreads new connections at random
 //! over the sockets of the workers that are **serving**. To retire a worker, clusterd takes its
@@ -392,7 +393,7 @@ fn pick(targets: &[u32]) -> Vec<libc::sock_filter> {
     code
 }
 
-/// The TCP sockets every app of which has `drain` (intercepted): their workers each get a
+/// The TCP sockets every app of which has `drain`: their workers each get a
 /// listening socket of their own, and clusterd's socket only reserves the address.
 pub fn steered(manifest: &Manifest) -> BTreeSet<String> {
     manifest

@@ -555,6 +555,29 @@ fn hello_intercepted_takes_its_own_steered_socket_at_fd_3() {
 }
 
 #[test]
+fn hello_on_fd_3_with_drain_takes_its_own_steered_socket_without_intercept() {
+    let clusterd = Clusterd::start(
+        r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{hello}"]
+workers = 4
+sockets = ["http"]
+drain = "1s"
+
+[apps.web.reload]
+bake = "0s"
+"#,
+    );
+    takes_fd3_through_reload_and_kill(clusterd, "web", 4, true, hello_pid);
+}
+
+#[test]
 fn hello_intercepted_without_drain_takes_the_shared_socket_at_fd_3() {
     let clusterd = intercepted_hello("drain = \"0s\"");
     takes_fd3_through_reload_and_kill(clusterd, "web", 4, false, hello_pid);
@@ -700,7 +723,19 @@ fn pids_per_client(addr: SocketAddr, rounds: usize) -> Vec<BTreeSet<String>> {
 
 #[test]
 fn ip_hash_sends_each_client_address_to_the_same_worker_across_requests_and_a_reload() {
-    let mut clusterd = Clusterd::start(
+    sticky("intercept = true");
+}
+
+#[test]
+fn ip_hash_on_fd_3_without_intercept_sends_each_client_address_to_the_same_worker() {
+    sticky("drain = \"1s\"");
+}
+
+/// Hello under 2 workers with `balance = "ip-hash"` and `steering` (the app's keys that steer
+/// its socket): 16 client addresses each always reach one worker, both workers get clients,
+/// before and after a rolling reload.
+fn sticky(steering: &str) {
+    let mut clusterd = Clusterd::start(&format!(
         r#"
 [supervisor]
 stop_timeout = "5s"
@@ -709,16 +744,16 @@ stop_timeout = "5s"
 listen = "127.0.0.1:0"
 
 [apps.web]
-command = ["{hello}"]
+command = ["{{hello}}"]
 workers = 2
 sockets = ["http"]
-intercept = true
+{steering}
 balance = "ip-hash"
 
 [apps.web.reload]
 bake = "0s"
-"#,
-    );
+"#
+    ));
     let addr = steered_addr(&clusterd, true);
     for round in ["before", "after"] {
         let pids = ready_pids(&clusterd, "web", 2);

@@ -186,9 +186,10 @@ pub struct AppConfig {
     /// `intercept` (default false): trap the workers' own `bind()`/`listen()` with seccomp
     /// and hand them the app's held sockets instead (unmodified servers).
     pub intercept: bool,
-    /// `drain` (intercepted apps; default 1s, `"0s"` turns it off): each worker gets a
-    /// listening socket of its own, steered by clusterd; a retiring worker first stops getting
-    /// new connections and has this long to finish what it has before its stop signal.
+    /// `drain` (apps with sockets; default 1s for intercepted apps, else off; `"0s"` turns it
+    /// off): each worker gets a listening socket of its own for each TCP socket, steered by
+    /// clusterd; a retiring worker first stops getting new connections and has this long to
+    /// finish what it has before its stop signal.
     pub drain: Option<Duration>,
     /// `balance` (apps with `drain`; default `"random"`): how new connections are spread over
     /// the serving workers' steered sockets.

@@ -434,12 +434,14 @@ fn app(
     let drain = cx.field(&table, "drain", values::duration);
     let drain = match (intercept, drain) {
         (Some(true), drain) => drain.or(DRAIN).map(|d| (!d.is_zero()).then_some(d)),
+        // Any other app with sockets: steered only when it asks for it.
+        (_, Field::Valid(drain)) if has_sockets => Some((!drain.is_zero()).then_some(drain)),
         (_, Field::Valid(_)) => {
             if let Some(value) = table.get("drain") {
                 cx.report(
                     value.span(),
                     &table.key.child("drain"),
-                    "drain applies to intercepted apps (intercept = true), whose sockets clusterd steers",
+                    "drain applies to apps with sockets, whose TCP sockets clusterd then steers",
                 );
             }
             None
@@ -461,7 +463,7 @@ fn app(
         cx.report(
             value.span(),
             &table.key.child("balance"),
-            "balance applies to steered sockets: intercepted apps (intercept = true) with drain",
+            "balance applies to steered sockets: set drain (on by default with intercept = true)",
         );
     }
     let ipc = ipc(cx, &table, command.as_deref(), stop_disconnect);

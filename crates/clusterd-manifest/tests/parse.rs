@@ -593,3 +593,27 @@ fn balance_is_for_steered_sockets() {
         "{error}"
     );
 }
+
+#[test]
+fn drain_steers_any_app_with_sockets_when_it_is_set() {
+    use clusterd_manifest::Balance;
+    let app = |extra: &str| {
+        format!(
+            "[sockets.http]\nlisten = \"127.0.0.1:8080\"\n[apps.web]\ncommand = [\"server\"]\n\
+             workers = 2\nsockets = [\"http\"]\n{extra}\n"
+        )
+    };
+    assert_eq!(parse_srv(&app("")).unwrap().apps["web"].drain, None);
+    let manifest = parse_srv(&app("drain = \"2s\"\nbalance = \"ip-hash\"")).unwrap();
+    assert_eq!(manifest.apps["web"].drain, Some(Duration::from_secs(2)));
+    assert_eq!(manifest.apps["web"].balance, Balance::IpHash);
+    assert_eq!(
+        parse_srv(&app("drain = \"0s\"")).unwrap().apps["web"].drain,
+        None
+    );
+    let error = only_problem("[apps.web]\ncommand = [\"x\"]\ndrain = \"1s\"\n");
+    assert!(
+        error.contains("drain applies to apps with sockets"),
+        "{error}"
+    );
+}
