@@ -368,6 +368,31 @@ fn apps(
             None => valid = false,
         }
     }
+    // ip-hash buckets are one app's slots: its sockets must be its own.
+    for (name, value) in table.iter() {
+        let Some(app) = apps.get(name.get_ref().as_ref() as &str) else {
+            continue;
+        };
+        if app.balance != Balance::IpHash {
+            continue;
+        }
+        for socket in &app.sockets {
+            let shared = apps
+                .iter()
+                .find(|(other, a)| other.as_str() != name.get_ref() && a.sockets.contains(socket));
+            if let Some((other, _)) = shared {
+                cx.report(
+                    value.span(),
+                    &table.key.child(name.get_ref()).child("balance"),
+                    format!(
+                        "balance = \"ip-hash\" needs the app's sockets to itself: socket \
+                         {socket:?} is also used by app {other:?}"
+                    ),
+                );
+                valid = false;
+            }
+        }
+    }
     valid.then_some(apps)
 }
 

@@ -617,3 +617,16 @@ fn drain_steers_any_app_with_sockets_when_it_is_set() {
         "{error}"
     );
 }
+
+#[test]
+fn ip_hash_needs_its_sockets_to_itself() {
+    let error = only_problem(
+        "[sockets.http]\nlisten = \"127.0.0.1:8080\"\n\
+         [apps.a]\ncommand = [\"x\"]\nsockets = [\"http\"]\ndrain = \"1s\"\nbalance = \"ip-hash\"\n\
+         [apps.b]\ncommand = [\"x\"]\nsockets = [\"http\"]\ndrain = \"1s\"\n",
+    );
+    assert!(
+        error.contains("apps.a.balance: balance = \"ip-hash\" needs the app's sockets to itself: socket \"http\" is also used by app \"b\""),
+        "{error}"
+    );
+}
