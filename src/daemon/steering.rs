@@ -1,5 +1,6 @@
-//! Draining apps that cannot drain themselves (intercepted apps with `drain`): instead of one
-//! shared listening socket, each worker gets a listening socket of its own, all bound by
+//! Draining apps that cannot drain themselves (apps with `drain`: intercepted ones by default,
+//! any other app with sockets when it sets it; such a worker finds its socket at fd 3): instead
+//! of one shared listening socket, each worker gets a listening socket of its own, all bound by
 //! clusterd to the same address with `SO_REUSEPORT`, and clusterd attaches a classic BPF
 //! program to the group (`SO_ATTACH_REUSEPORT_CBPF`) that spreads new connections at random
 //! over the sockets of the workers that are **serving**. To retire a worker, clusterd takes its
@@ -8,6 +9,12 @@
 //! `drain`). A worker that dies with connections still queued loses nothing where
 //! `net.ipv4.tcp_migrate_req` is 1 (clusterd sets it when it may): closing its socket moves
 //! them to the others.
+//!
+//! With `balance = "ip-hash"` the program hashes the client's source address (IPv4, or the
+//! four words of IPv6) into one bucket per slot of the app; a bucket's connections go to the
+//! serving worker of its slot that has served longest (across a rolling reload, the old worker
+//! until it is steered out to drain, then the new one), and only while the slot has no serving
+//! worker to the others, picked by the bucket (so only that slot's clients move).
 //!
 //! The program returns an index into the kernel's array of the group's listening sockets,
 //! which is the order in which they started listening; when one closes, the last one takes its
@@ -20,7 +27,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use clusterd_manifest::{Listen, Manifest, SocketConfig};
+use clusterd_manifest::{Balance, Listen, Manifest, SocketConfig};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use clusterd_core::WorkerId;
@@ -42,25 +49,48 @@ pub struct Steering {
 #[derive(Default)]
 struct Group {
     members: Vec<Member>,
+    /// How connections are spread.
+    balance: Balance,
+    /// The number of slots of the app (ip-hash buckets).
+    slots: usize,
+    /// The next `Member::since` handed out.
+    clock: u64,
 }
 
 struct Member {
     worker: WorkerId,
     fd: OwnedFd,
     serving: bool,
+    /// The worker's slot.
+    slot: usize,
+    /// When it last started serving (a counter: lower served longer).
+    since: u64,
+}
+
+/// How a steered socket spreads its connections: the app's `balance` and number of slots.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// The app's `balance`.
+    pub balance: Balance,
+    /// Its number of slots (`workers`).
+    pub slots: usize,
 }
 
 impl Steering {
-    /// A new listening socket for `worker` on steered socket `name` (bound to `address`, with
-    /// the manifest's options), not serving yet; returns a duplicate to hand to the worker.
+    /// A new listening socket for `worker` (of `slot`) on steered socket `name` (bound to
+    /// `address`, with the manifest's options), not serving yet; returns a duplicate to hand
+    /// to the worker.
     pub fn socket_for(
         &mut self,
         name: &str,
-        worker: WorkerId,
+        (worker, slot): (WorkerId, usize),
         address: SocketAddr,
         config: &SocketConfig,
+        policy: Policy,
     ) -> io::Result<OwnedFd> {
         let group = self.groups.entry(name.to_owned()).or_default();
+        group.balance = policy.balance;
+        group.slots = policy.slots;
         if group.members.len() >= MAX_MEMBERS {
             return Err(io::Error::other(format!(
                 "at most {MAX_MEMBERS} workers per steered socket"
@@ -79,6 +109,8 @@ impl Steering {
             worker,
             fd,
             serving: false,
+            slot,
+            since: 0,
         });
         group.attach()?;
         Ok(handed)
@@ -89,8 +121,12 @@ impl Steering {
         for (name, group) in &mut self.groups {
             let mut changed = false;
             for member in group.members.iter_mut().filter(|m| m.worker == worker) {
-                changed |= member.serving != serving;
-                member.serving = serving;
+                if member.serving != serving {
+                    changed = true;
+                    member.serving = serving;
+                    group.clock += 1;
+                    member.since = group.clock;
+                }
             }
             if changed && let Err(error) = group.attach() {
                 tracing::error!("socket {name}: cannot steer connections: {error}");
@@ -124,6 +160,24 @@ pub struct HandedGroup {
     pub name: String,
     /// Its members: worker, socket, serving.
     pub members: Vec<(WorkerId, RawFd, bool)>,
+    /// Its balance when not random, with per member its slot and serving order (absent:
+    /// random, as before `balance`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<HandedBalance>,
+}
+
+/// A group's balance as it crosses an upgrade.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandedBalance {
+    /// The app's `balance`.
+    pub balance: Balance,
+    /// Its number of slots.
+    pub slots: usize,
+    /// Per member (in the group's order): its slot and `since`.
+    pub members: Vec<(usize, u64)>,
+    /// The group's clock.
+    pub clock: u64,
 }
 
 impl Steering {
@@ -138,6 +192,12 @@ impl Steering {
                     .iter()
                     .map(|m| (m.worker, m.fd.as_raw_fd(), m.serving))
                     .collect(),
+                balance: (!group.balance.is_random()).then(|| HandedBalance {
+                    balance: group.balance,
+                    slots: group.slots,
+                    members: group.members.iter().map(|m| (m.slot, m.since)).collect(),
+                    clock: group.clock,
+                }),
             })
             .collect()
     }
@@ -145,17 +205,34 @@ impl Steering {
     /// Takes over a group handed over by an upgrade (`fds`: its members' sockets, adopted, in
     /// its order) and attaches its program again, as it was.
     pub fn resume(&mut self, group: HandedGroup, fds: Vec<OwnedFd>) -> io::Result<()> {
+        let balance = group.balance.unwrap_or(HandedBalance {
+            balance: Balance::Random,
+            slots: 0,
+            members: Vec::new(),
+            clock: 0,
+        });
+        let mut orders = balance.members.into_iter();
         let members = group
             .members
             .into_iter()
             .zip(fds)
-            .map(|((worker, _, serving), fd)| Member {
-                worker,
-                fd,
-                serving,
+            .map(|((worker, _, serving), fd)| {
+                let (slot, since) = orders.next().unwrap_or_default();
+                Member {
+                    worker,
+                    fd,
+                    serving,
+                    slot,
+                    since,
+                }
             })
             .collect();
-        let group_state = Group { members };
+        let group_state = Group {
+            members,
+            balance: balance.balance,
+            slots: balance.slots,
+            clock: balance.clock,
+        };
         group_state.attach()?;
         self.groups.insert(group.name, group_state);
         Ok(())
@@ -168,17 +245,10 @@ impl Group {
         let Some(first) = self.members.first() else {
             return Ok(());
         };
-        let serving: Vec<u32> = (0..self.members.len() as u32)
-            .filter(|i| self.members[*i as usize].serving)
-            .collect();
-        // No worker serving (all starting, or the last one draining): queue at every socket
-        // rather than nowhere; a starting worker accepts once it is up.
-        let targets = if serving.is_empty() {
-            (0..self.members.len() as u32).collect()
-        } else {
-            serving
+        let mut code = match self.balance {
+            Balance::Random => program(&self.targets()),
+            Balance::IpHash => ip_hash_program(&self.buckets()),
         };
-        let mut code = program(&targets);
         let prog = libc::sock_fprog {
             len: code.len() as u16,
             filter: code.as_mut_ptr(),
@@ -201,25 +271,110 @@ impl Group {
     }
 }
 
-/// A program returning one of `targets` (indexes into the group) at random:
-/// `A = random; A %= n; if A == 0 return t0; if A == 1 return t1; ...; return t(n-1)`.
-fn program(targets: &[u32]) -> Vec<libc::sock_filter> {
-    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+impl Group {
+    /// The members' indexes new connections may go to: the serving ones, or when no worker
+    /// serves (all starting, or the last one draining) every one rather than none (a starting
+    /// worker accepts once it is up).
+    fn targets(&self) -> Vec<u32> {
+        let serving: Vec<u32> = (0..self.members.len() as u32)
+            .filter(|i| self.members[*i as usize].serving)
+            .collect();
+        if serving.is_empty() {
+            (0..self.members.len() as u32).collect()
+        } else {
+            serving
+        }
+    }
+
+    /// Per ip-hash bucket (one per slot), the member index it goes to: the slot's serving
+    /// worker that has served longest; for a slot with none, one of the targets, picked by the
+    /// bucket.
+    fn buckets(&self) -> Vec<u32> {
+        let targets = self.targets();
+        let slots = self
+            .slots
+            .max(self.members.iter().map(|m| m.slot + 1).max().unwrap_or(1));
+        (0..slots)
+            .map(|slot| {
+                (0..self.members.len())
+                    .filter(|i| self.members[*i].serving && self.members[*i].slot == slot)
+                    .min_by_key(|i| self.members[*i].since)
+                    .map_or(targets[slot % targets.len()], |i| i as u32)
+            })
+            .collect()
+    }
+}
+
+/// The instruction `code` with jumps `jt`/`jf` and constant `k`.
+fn op(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
         code: code as u16,
         jt,
         jf,
         k,
-    };
-    let n = targets.len() as u32;
-    let mut code = vec![
-        op(
-            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
-            0,
-            0,
-            (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32,
-        ),
-        op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, 0, 0, n),
+    }
+}
+
+/// `SKF_NET_OFF + offset`: a load from the packet's IP header.
+fn net(offset: i32) -> u32 {
+    (libc::SKF_NET_OFF + offset) as u32
+}
+
+/// A program that hashes the client's address into one of `buckets` and returns that
+/// bucket's member index: `A` = the IPv4 source address, or the xor of the IPv6 source
+/// address's four words; `A = (A * 0x9E3779B1) >> 16; A %= buckets`; then as [`program`].
+fn ip_hash_program(buckets: &[u32]) -> Vec<libc::sock_filter> {
+    use libc::{BPF_ABS, BPF_ALU, BPF_B, BPF_JA, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_W, BPF_X};
+    let load = |offset| op(BPF_LD | BPF_W | BPF_ABS, 0, 0, net(offset));
+    let xor_x = op(BPF_ALU | libc::BPF_XOR | BPF_X, 0, 0, 0);
+    let tax = op(libc::BPF_MISC | libc::BPF_TAX, 0, 0, 0);
+    let ipv6 = [
+        load(8),
+        tax,
+        load(12),
+        xor_x,
+        tax,
+        load(16),
+        xor_x,
+        tax,
+        load(20),
+        xor_x,
     ];
+    let mut code = vec![
+        // The version, in the first byte's high nibble.
+        op(BPF_LD | BPF_B | BPF_ABS, 0, 0, net(0)),
+        op(BPF_ALU | libc::BPF_RSH | BPF_K, 0, 0, 4),
+        op(BPF_JMP | BPF_JEQ | BPF_K, 2, 0, 6),
+        load(12),
+        op(BPF_JMP | BPF_JA, 0, 0, ipv6.len() as u32),
+    ];
+    code.extend(ipv6);
+    code.extend([
+        op(BPF_ALU | libc::BPF_MUL | BPF_K, 0, 0, 0x9E37_79B1),
+        op(BPF_ALU | libc::BPF_RSH | BPF_K, 0, 0, 16),
+    ]);
+    code.extend(pick(buckets));
+    code
+}
+
+/// A program returning one of `targets` (indexes into the group) at random:
+/// `A = random; A %= n; if A == 0 return t0; if A == 1 return t1; ...; return t(n-1)`.
+fn program(targets: &[u32]) -> Vec<libc::sock_filter> {
+    let mut code = vec![op(
+        libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+        0,
+        0,
+        (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32,
+    )];
+    code.extend(pick(targets));
+    code
+}
+
+/// `A %= n; if A == 0 return t0; if A == 1 return t1; ...; return t(n-1)` for the `n`
+/// `targets`.
+fn pick(targets: &[u32]) -> Vec<libc::sock_filter> {
+    let n = targets.len() as u32;
+    let mut code = vec![op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, 0, 0, n)];
     for (i, target) in targets.iter().enumerate().take(targets.len() - 1) {
         code.push(op(
             libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
@@ -238,7 +393,7 @@ fn program(targets: &[u32]) -> Vec<libc::sock_filter> {
     code
 }
 
-/// The TCP sockets every app of which has `drain` (intercepted): their workers each get a
+/// The TCP sockets every app of which has `drain`: their workers each get a
 /// listening socket of their own, and clusterd's socket only reserves the address.
 pub fn steered(manifest: &Manifest) -> BTreeSet<String> {
     manifest
@@ -317,6 +472,174 @@ mod tests {
         assert_eq!(program(&[7]).len(), 3);
     }
 
+    /// Runs a reuseport `program` on a packet whose IP header is `header` (the loads, ALU
+    /// operations, jumps and returns the programs here use).
+    fn run(program: &[libc::sock_filter], header: &[u8]) -> u32 {
+        let (mut pc, mut a, mut x) = (0, 0u32, 0u32);
+        let at = |k: u32, size: usize| {
+            let offset = (k as i32 - libc::SKF_NET_OFF) as usize;
+            header[offset..offset + size]
+                .iter()
+                .fold(0u32, |acc, b| (acc << 8) | u32::from(*b))
+        };
+        use libc::*;
+        loop {
+            let i = program[pc];
+            pc += 1;
+            match u32::from(i.code) {
+                c if c == BPF_LD | BPF_W | BPF_ABS => a = at(i.k, 4),
+                c if c == BPF_LD | BPF_B | BPF_ABS => a = at(i.k, 1),
+                c if c == BPF_MISC | BPF_TAX => x = a,
+                c if c == BPF_ALU | BPF_XOR | BPF_X => a ^= x,
+                c if c == BPF_ALU | BPF_MUL | BPF_K => a = a.wrapping_mul(i.k),
+                c if c == BPF_ALU | BPF_RSH | BPF_K => a >>= i.k,
+                c if c == BPF_ALU | BPF_MOD | BPF_K => a %= i.k,
+                c if c == BPF_JMP | BPF_JA => pc += i.k as usize,
+                c if c == BPF_JMP | BPF_JEQ | BPF_K => {
+                    pc += usize::from(if a == i.k { i.jt } else { i.jf });
+                }
+                c if c == BPF_RET | BPF_K => return i.k,
+                c => panic!("instruction {c:#x}"),
+            }
+        }
+    }
+
+    /// An IPv4 header from `source`.
+    fn ipv4(source: [u8; 4]) -> Vec<u8> {
+        let mut header = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+        header.extend(source);
+        header.extend([127, 0, 0, 1]);
+        header
+    }
+
+    /// An IPv6 header from `source`.
+    fn ipv6(source: std::net::Ipv6Addr) -> Vec<u8> {
+        let mut header = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
+        header.extend(source.octets());
+        header.extend(std::net::Ipv6Addr::LOCALHOST.octets());
+        header
+    }
+
+    #[test]
+    fn ip_hash_sends_an_address_always_to_the_same_bucket_and_spreads_addresses() {
+        let program = ip_hash_program(&[10, 11]);
+        let mut per_target = [0; 2];
+        // The integration test's clients: 127.0.0.2 to 127.0.0.17.
+        for last in 2..=17u8 {
+            let header = ipv4([127, 0, 0, last]);
+            let target = run(&program, &header);
+            assert!(target == 10 || target == 11, "{target}");
+            assert_eq!(run(&program, &header), target);
+            per_target[target as usize - 10] += 1;
+        }
+        assert!(per_target.iter().all(|n| *n >= 4), "{per_target:?}");
+        // IPv6: all four words count.
+        let mut seen = BTreeSet::new();
+        for i in 0..64u16 {
+            let address = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, i, 0, 0, 0, 1);
+            let target = run(&ip_hash_program(&[0, 1, 2, 3]), &ipv6(address));
+            assert_eq!(run(&ip_hash_program(&[0, 1, 2, 3]), &ipv6(address)), target);
+            seen.insert(target);
+        }
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        let low = |word| std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, word);
+        let targets: BTreeSet<u32> = (0..64)
+            .map(|w| run(&ip_hash_program(&[0, 1]), &ipv6(low(w))))
+            .collect();
+        assert_eq!(targets.len(), 2);
+    }
+
+    /// A group of members `(slot, serving, since)` (no sockets needed for the buckets: the
+    /// fds are /dev/null).
+    fn group(slots: usize, members: &[(usize, bool, u64)]) -> Group {
+        Group {
+            members: members
+                .iter()
+                .enumerate()
+                .map(|(i, (slot, serving, since))| Member {
+                    worker: WorkerId(i as u64),
+                    fd: std::fs::File::open("/dev/null").unwrap().into(),
+                    serving: *serving,
+                    slot: *slot,
+                    since: *since,
+                })
+                .collect(),
+            balance: Balance::IpHash,
+            slots,
+            clock: 10,
+        }
+    }
+
+    #[test]
+    fn a_bucket_stays_with_its_slot_across_a_reload_and_only_a_down_slot_moves() {
+        // Slots 0 and 1 serving.
+        assert_eq!(group(2, &[(0, true, 1), (1, true, 2)]).buckets(), [0, 1]);
+        // Slot 0's new worker (index 2) is up and serving too: the old one keeps the bucket...
+        let reloading = group(2, &[(0, true, 1), (1, true, 2), (0, true, 3)]);
+        assert_eq!(reloading.buckets(), [0, 1]);
+        // ...until it is steered out to drain: then the new one takes it.
+        let draining = group(2, &[(0, false, 4), (1, true, 2), (0, true, 3)]);
+        assert_eq!(draining.buckets(), [2, 1]);
+        // Slot 1 is down (its worker starting again, not serving): only its bucket moves.
+        let down = group(3, &[(0, true, 1), (1, false, 5), (2, true, 2)]);
+        let buckets = down.buckets();
+        assert_eq!((buckets[0], buckets[2]), (0, 2));
+        assert!(buckets[1] == 0 || buckets[1] == 2, "{buckets:?}");
+        // Nobody serving: every socket rather than none.
+        assert_eq!(group(2, &[(0, false, 0), (1, false, 0)]).buckets(), [0, 1]);
+    }
+
+    #[test]
+    fn the_kernel_runs_ip_hash_a_client_address_always_reaches_the_same_socket() {
+        let reserve = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = reserve.local_addr().unwrap();
+        drop(reserve);
+        let config = SocketConfig {
+            listen: clusterd_manifest::Listen::Tcp(address),
+            backlog: 128,
+            mode: None,
+            tcp_nodelay: false,
+            keepalive: clusterd_manifest::Keepalive::Off,
+            reuseport: false,
+        };
+        let policy = Policy {
+            balance: Balance::IpHash,
+            slots: 2,
+        };
+        let mut steering = Steering::default();
+        let listeners: Vec<std::net::TcpListener> = [0, 1]
+            .iter()
+            .map(|slot| {
+                let worker = WorkerId(*slot as u64 + 1);
+                let fd = steering
+                    .socket_for("http", (worker, *slot), address, &config, policy)
+                    .unwrap();
+                steering.set_serving(worker, true);
+                fd.into()
+            })
+            .collect();
+        let mut reached: BTreeMap<std::net::IpAddr, BTreeSet<usize>> = BTreeMap::new();
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            for last in 2..=17u8 {
+                let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                let source: SocketAddr = ([127, 0, 0, last], 0).into();
+                socket.bind(&source.into()).unwrap();
+                socket.connect(&address.into()).unwrap();
+                clients.push(socket);
+                // The handshake is complete on connect's return: the connection is queued.
+                let (index, peer) = (0..2)
+                    .find_map(|i| Some((i, listeners[i].accept().ok()?.1)))
+                    .expect("queued on one of the sockets");
+                reached.entry(peer.ip()).or_default().insert(index);
+            }
+        }
+        assert_eq!(reached.len(), 16);
+        assert!(reached.values().all(|s| s.len() == 1), "{reached:?}");
+        let on_first = reached.values().filter(|s| s.contains(&0)).count();
+        assert!(on_first > 0 && on_first < 16, "{reached:?}");
+    }
+
     /// Accepts on `listener` until `count` connections arrived or nothing more comes.
     fn accepted(listener: &std::net::TcpListener) -> usize {
         let mut n = 0;
@@ -344,8 +667,12 @@ mod tests {
         let fds: Vec<std::net::TcpListener> = [a, b, c]
             .iter()
             .map(|w| {
+                let policy = Policy {
+                    balance: Balance::Random,
+                    slots: 3,
+                };
                 steering
-                    .socket_for("http", *w, address, &config)
+                    .socket_for("http", (*w, w.0 as usize - 1), address, &config, policy)
                     .unwrap()
                     .into()
             })

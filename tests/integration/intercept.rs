@@ -555,6 +555,29 @@ fn hello_intercepted_takes_its_own_steered_socket_at_fd_3() {
 }
 
 #[test]
+fn hello_on_fd_3_with_drain_takes_its_own_steered_socket_without_intercept() {
+    let clusterd = Clusterd::start(
+        r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{hello}"]
+workers = 4
+sockets = ["http"]
+drain = "1s"
+
+[apps.web.reload]
+bake = "0s"
+"#,
+    );
+    takes_fd3_through_reload_and_kill(clusterd, "web", 4, true, hello_pid);
+}
+
+#[test]
 fn hello_intercepted_without_drain_takes_the_shared_socket_at_fd_3() {
     let clusterd = intercepted_hello("drain = \"0s\"");
     takes_fd3_through_reload_and_kill(clusterd, "web", 4, false, hello_pid);
@@ -696,4 +719,92 @@ fn accepted_connections_have_tcp_nodelay_by_default_and_false_turns_it_off() {
     assert!(line.ends_with("nodelay True"), "{line}");
     let line = accepted_nodelay("tcp_nodelay = false");
     assert!(line.ends_with("nodelay False"), "{line}");
+}
+
+/// `GET /` from source address `source` (bound before connect), `Connection: close`: the body.
+fn get_from(source: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&addr.into(), 5 * SECOND)?;
+    let mut stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(10 * SECOND))?;
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    match raw.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
+        _ => Err(std::io::Error::other(format!("bad response: {raw:?}"))),
+    }
+}
+
+/// For each client address 127.0.0.2 to 127.0.0.17, the pids that answered its `rounds`
+/// requests.
+fn pids_per_client(addr: SocketAddr, rounds: usize) -> Vec<BTreeSet<String>> {
+    (2..=17u8)
+        .map(|last| {
+            let source = std::net::IpAddr::from([127, 0, 0, last]);
+            (0..rounds)
+                .map(|_| hello_pid(&get_from(source, addr).expect("an answer")))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn ip_hash_sends_each_client_address_to_the_same_worker_across_requests_and_a_reload() {
+    sticky("intercept = true");
+}
+
+#[test]
+fn ip_hash_on_fd_3_without_intercept_sends_each_client_address_to_the_same_worker() {
+    sticky("drain = \"1s\"");
+}
+
+/// Hello under 2 workers with `balance = "ip-hash"` and `steering` (the app's keys that steer
+/// its socket): 16 client addresses each always reach one worker, both workers get clients,
+/// before and after a rolling reload.
+fn sticky(steering: &str) {
+    let mut clusterd = Clusterd::start(&format!(
+        r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{{hello}}"]
+workers = 2
+sockets = ["http"]
+{steering}
+balance = "ip-hash"
+
+[apps.web.reload]
+bake = "0s"
+"#
+    ));
+    let addr = steered_addr(&clusterd, true);
+    for round in ["before", "after"] {
+        let pids = ready_pids(&clusterd, "web", 2);
+        let reached = pids_per_client(addr, 8);
+        assert!(
+            reached.iter().all(|p| p.len() == 1),
+            "{round} the reload, a client reached several workers: {reached:?}"
+        );
+        let used: BTreeSet<String> = reached.into_iter().flatten().collect();
+        assert_eq!(
+            used, pids,
+            "{round} the reload, not both workers got clients"
+        );
+        if round == "before" {
+            let output = clusterd.ctl(&["reload", "--wait"]);
+            assert!(output.status.success(), "{}", clusterd.output());
+        }
+    }
+    assert_eq!(restarts(&clusterd, "web"), 0);
+    assert!(clusterd.stop().success());
 }

@@ -186,10 +186,15 @@ pub struct AppConfig {
     /// `intercept` (default false): trap the workers' own `bind()`/`listen()` with seccomp
     /// and hand them the app's held sockets instead (unmodified servers).
     pub intercept: bool,
-    /// `drain` (intercepted apps; default 1s, `"0s"` turns it off): each worker gets a
-    /// listening socket of its own, steered by clusterd; a retiring worker first stops getting
-    /// new connections and has this long to finish what it has before its stop signal.
+    /// `drain` (apps with sockets; default 1s for intercepted apps, else off; `"0s"` turns it
+    /// off): each worker gets a listening socket of its own for each TCP socket, steered by
+    /// clusterd; a retiring worker first stops getting new connections and has this long to
+    /// finish what it has before its stop signal.
     pub drain: Option<Duration>,
+    /// `balance` (apps with `drain`; default `"random"`): how new connections are spread over
+    /// the serving workers' steered sockets.
+    #[serde(default, skip_serializing_if = "Balance::is_random")]
+    pub balance: Balance,
     /// `kv_segment`: name prefix of the KV client's shared-memory segment, passed to workers
     /// as `CLUSTERD_KV_SEGMENT`.
     pub kv_segment: Option<String>,
@@ -220,6 +225,25 @@ pub struct RestartLimit {
     pub burst: u32,
     /// ...within this long; one more fails the slot.
     pub interval: Duration,
+}
+
+/// How a steered socket spreads new connections over its serving workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum Balance {
+    /// Each connection to a serving worker picked at random.
+    #[default]
+    Random,
+    /// Sticky: a hash of the client's address picks a slot, and the connection goes to that
+    /// slot's serving worker (to the other serving workers only while the slot has none).
+    IpHash,
+}
+
+impl Balance {
+    /// The default, `"random"`.
+    pub fn is_random(&self) -> bool {
+        *self == Balance::Random
+    }
 }
 
 /// When a worker that exited is started again.

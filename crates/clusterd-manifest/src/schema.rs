@@ -82,6 +82,7 @@ const APP_KEYS: &[&str] = &[
     "restart_limit",
     "intercept",
     "drain",
+    "balance",
     "ipc",
     "ipc_broadcast",
     "reload",
@@ -367,6 +368,31 @@ fn apps(
             None => valid = false,
         }
     }
+    // ip-hash buckets are one app's slots: its sockets must be its own.
+    for (name, value) in table.iter() {
+        let Some(app) = apps.get(name.get_ref().as_ref() as &str) else {
+            continue;
+        };
+        if app.balance != Balance::IpHash {
+            continue;
+        }
+        for socket in &app.sockets {
+            let shared = apps
+                .iter()
+                .find(|(other, a)| other.as_str() != name.get_ref() && a.sockets.contains(socket));
+            if let Some((other, _)) = shared {
+                cx.report(
+                    value.span(),
+                    &table.key.child(name.get_ref()).child("balance"),
+                    format!(
+                        "balance = \"ip-hash\" needs the app's sockets to itself: socket \
+                         {socket:?} is also used by app {other:?}"
+                    ),
+                );
+                valid = false;
+            }
+        }
+    }
     valid.then_some(apps)
 }
 
@@ -433,12 +459,14 @@ fn app(
     let drain = cx.field(&table, "drain", values::duration);
     let drain = match (intercept, drain) {
         (Some(true), drain) => drain.or(DRAIN).map(|d| (!d.is_zero()).then_some(d)),
+        // Any other app with sockets: steered only when it asks for it.
+        (_, Field::Valid(drain)) if has_sockets => Some((!drain.is_zero()).then_some(drain)),
         (_, Field::Valid(_)) => {
             if let Some(value) = table.get("drain") {
                 cx.report(
                     value.span(),
                     &table.key.child("drain"),
-                    "drain applies to intercepted apps (intercept = true), whose sockets clusterd steers",
+                    "drain applies to apps with sockets, whose TCP sockets clusterd then steers",
                 );
             }
             None
@@ -446,6 +474,23 @@ fn app(
         (_, Field::Invalid) => None,
         (_, Field::Absent) => Some(None),
     };
+    let balance = cx
+        .field(&table, "balance", |v| {
+            values::choice(
+                v,
+                &[("random", Balance::Random), ("ip-hash", Balance::IpHash)],
+            )
+        })
+        .or(Balance::Random);
+    if drain == Some(None)
+        && let Some(value) = table.get("balance")
+    {
+        cx.report(
+            value.span(),
+            &table.key.child("balance"),
+            "balance applies to steered sockets: set drain (on by default with intercept = true)",
+        );
+    }
     let ipc = ipc(cx, &table, command.as_deref(), stop_disconnect);
     let ready = readiness(cx, &table, has_sockets, intercept == Some(true));
     if ready == Some(Readiness::Message) && ipc.is_some_and(|(ipc, _)| !ipc) {
@@ -497,6 +542,7 @@ fn app(
         restart_limit: restart_limit?,
         intercept: intercept?,
         drain: drain?,
+        balance: balance?,
         kv_segment: kv_segment?,
         kv_watchdog: kv_watchdog?,
         log: log?,

@@ -569,3 +569,71 @@ fn ipc_defaults_on_for_node_and_its_keys_need_it() {
         assert!(err.contains(&format!("apps.web.{key}:")), "{key}: {err}");
     }
 }
+
+#[test]
+fn balance_is_for_steered_sockets() {
+    use clusterd_manifest::Balance;
+    let intercepted = |extra: &str| {
+        format!(
+            "[sockets.http]\nlisten = \"127.0.0.1:8080\"\n[apps.web]\ncommand = [\"node\", \"app.js\"]\n\
+             sockets = [\"http\"]\nintercept = true\n{extra}\n"
+        )
+    };
+    let manifest = parse_srv(&intercepted("")).unwrap();
+    assert_eq!(manifest.apps["web"].balance, Balance::Random);
+    let manifest = parse_srv(&intercepted("balance = \"ip-hash\"")).unwrap();
+    assert_eq!(manifest.apps["web"].balance, Balance::IpHash);
+    let manifest = parse_srv(&intercepted("balance = \"random\"")).unwrap();
+    assert_eq!(manifest.apps["web"].balance, Balance::Random);
+    assert_eq!(
+        only_problem(&intercepted("balance = \"least\"")),
+        "7:11: apps.web.balance: expected one of \"random\", \"ip-hash\", found \"least\""
+    );
+    let error = only_problem(&intercepted("drain = \"0s\"\nbalance = \"ip-hash\""));
+    assert!(
+        error.contains("balance applies to steered sockets"),
+        "{error}"
+    );
+    let error = only_problem("[apps.web]\ncommand = [\"x\"]\nbalance = \"ip-hash\"\n");
+    assert!(
+        error.contains("balance applies to steered sockets"),
+        "{error}"
+    );
+}
+
+#[test]
+fn drain_steers_any_app_with_sockets_when_it_is_set() {
+    use clusterd_manifest::Balance;
+    let app = |extra: &str| {
+        format!(
+            "[sockets.http]\nlisten = \"127.0.0.1:8080\"\n[apps.web]\ncommand = [\"server\"]\n\
+             workers = 2\nsockets = [\"http\"]\n{extra}\n"
+        )
+    };
+    assert_eq!(parse_srv(&app("")).unwrap().apps["web"].drain, None);
+    let manifest = parse_srv(&app("drain = \"2s\"\nbalance = \"ip-hash\"")).unwrap();
+    assert_eq!(manifest.apps["web"].drain, Some(Duration::from_secs(2)));
+    assert_eq!(manifest.apps["web"].balance, Balance::IpHash);
+    assert_eq!(
+        parse_srv(&app("drain = \"0s\"")).unwrap().apps["web"].drain,
+        None
+    );
+    let error = only_problem("[apps.web]\ncommand = [\"x\"]\ndrain = \"1s\"\n");
+    assert!(
+        error.contains("drain applies to apps with sockets"),
+        "{error}"
+    );
+}
+
+#[test]
+fn ip_hash_needs_its_sockets_to_itself() {
+    let error = only_problem(
+        "[sockets.http]\nlisten = \"127.0.0.1:8080\"\n\
+         [apps.a]\ncommand = [\"x\"]\nsockets = [\"http\"]\ndrain = \"1s\"\nbalance = \"ip-hash\"\n\
+         [apps.b]\ncommand = [\"x\"]\nsockets = [\"http\"]\ndrain = \"1s\"\n",
+    );
+    assert!(
+        error.contains("apps.a.balance: balance = \"ip-hash\" needs the app's sockets to itself: socket \"http\" is also used by app \"b\""),
+        "{error}"
+    );
+}

@@ -27,7 +27,7 @@ impl Driver {
             })?;
         let held = match config.intercept {
             true => Some(
-                self.held(worker, &config.sockets)
+                self.held((worker, slot), config)
                     .map_err(|cause| SpawnError::Os {
                         what: "socket",
                         cause,
@@ -35,13 +35,27 @@ impl Driver {
             ),
             false => None,
         };
+        // The worker's own steered sockets, open until the fork has passed them on.
+        let mut own = Vec::new();
         let listen_fds: Vec<_> = match &held {
             Some(held) => held.iter().map(intercept::Held::raw_fd).collect(),
-            None => config
-                .sockets
-                .iter()
-                .filter_map(|name| Some(self.sockets.get(name)?.raw_fd()))
-                .collect(),
+            None => {
+                let mut fds = Vec::new();
+                for name in &config.sockets {
+                    let Some(shared) = self.sockets.get(name).map(|s| s.raw_fd()) else {
+                        continue;
+                    };
+                    let steered =
+                        self.own_socket((worker, slot), name, config)
+                            .map_err(|cause| SpawnError::Os {
+                                what: "socket",
+                                cause,
+                            })?;
+                    fds.push(steered.as_ref().map_or(shared, |fd| fd.as_raw_fd()));
+                    own.extend(steered);
+                }
+                fds
+            }
         };
         let channel = match config.ipc {
             true => Some(ipc::pair().map_err(|cause| SpawnError::Os {
@@ -105,6 +119,7 @@ impl Driver {
             ipc: channel.as_ref().map(|(_, theirs)| theirs),
         })
         .inspect(|pid| source.set_pid(pid.as_raw().unsigned_abs()))?;
+        drop(own);
         if let Some((mine, _)) = channel
             && let Err(error) = self.channels.watch(worker, label.clone(), mine)
         {
@@ -131,22 +146,48 @@ impl Driver {
 }
 
 impl Driver {
+    /// A listening socket of the worker's own when socket `name` is steered (apps with
+    /// `drain`), else None (the worker takes the shared socket).
+    fn own_socket(
+        &mut self,
+        worker: (WorkerId, usize),
+        name: &str,
+        app: &clusterd_manifest::AppConfig,
+    ) -> std::io::Result<Option<OwnedFd>> {
+        let (Some(socket), Some(config)) =
+            (self.sockets.get(name), self.manifest.sockets.get(name))
+        else {
+            return Ok(None);
+        };
+        let Some(address) = socket.local_addr().filter(|_| self.steered.contains(name)) else {
+            return Ok(None);
+        };
+        let policy = steering::Policy {
+            balance: app.balance,
+            slots: app.workers,
+        };
+        self.steering
+            .socket_for(name, worker, address, config, policy)
+            .map(Some)
+    }
+
     /// The sockets an intercepted worker's binds are answered with: a listening socket of its
     /// own for steered sockets (apps with `drain`), else the shared held socket.
     fn held(
         &mut self,
-        worker: WorkerId,
-        names: &[String],
+        worker: (WorkerId, usize),
+        app: &clusterd_manifest::AppConfig,
     ) -> std::io::Result<Vec<intercept::Held>> {
         let mut held = Vec::new();
-        for name in names {
+        for name in &app.sockets {
+            let own = self.own_socket(worker, name, app)?;
             let (Some(socket), Some(config)) =
                 (self.sockets.get(name), self.manifest.sockets.get(name))
             else {
                 continue;
             };
-            let fd = match socket.local_addr().filter(|_| self.steered.contains(name)) {
-                Some(address) => self.steering.socket_for(name, worker, address, config)?,
+            let fd = match own {
+                Some(fd) => fd,
                 None => socket.try_clone_fd()?,
             };
             // Binds match the address bound (a manifest's port 0 is a real port by now).
