@@ -265,8 +265,9 @@ fn peak_rss_until(
 #[test]
 fn four_node_workers_flooding_broadcasts_lose_nothing_in_bounded_memory() {
     // Each worker sends 20,000 messages as fast as process.send allows (Node's own
-    // backpressure), after a "go"; worker 0 handles each message slowly (busy 20 µs), so the
-    // others' messages pile up for it and clusterd must hold the senders back, not drop.
+    // backpressure), after a "go"; worker 0 handles each message slowly (busy 100 µs: it
+    // keeps reading, at a tenth of the others' pace), so the others' messages pile up for it
+    // and clusterd must hold the senders back, not drop.
     const M: u64 = 20_000;
     let script = format!(
         "const M = {M}, N = 4, id = process.env.CLUSTERD_WORKER_ID;\n\
@@ -283,11 +284,11 @@ fn four_node_workers_flooding_broadcasts_lose_nothing_in_bounded_memory() {
          process.on('message', (msg) => {{\n\
          \x20 if (msg === 'go') {{ if (!started) {{ started = true; pump(); }} return; }}\n\
          \x20 if (!msg || msg.type !== 'status') return;\n\
+         \x20 got++;\n\
          \x20 if (id === '0') {{\n\
-         \x20   const until = process.hrtime.bigint() + 20000n;\n\
+         \x20   const until = process.hrtime.bigint() + 100000n;\n\
          \x20   while (process.hrtime.bigint() < until) {{}}\n\
          \x20 }}\n\
-         \x20 got++;\n\
          \x20 if (got === (N - 1) * M) console.log('worker ' + id + ' received all ' + got);\n\
          }});\n\
          process.send('ready');\n"
