@@ -732,6 +732,49 @@ mod tests {
         });
     }
 
+    /// A worker with 100 messages waiting does not delay another's one: the loop takes them
+    /// one worker after the other.
+    #[test]
+    fn messages_are_taken_round_robin_across_workers() {
+        use std::io::Write;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async {
+            let mut channels = Channels::default();
+            let mut ends = Vec::new();
+            for id in 0..2 {
+                let (mine, theirs) = pair().expect("pair");
+                channels
+                    .watch(WorkerId(id), format!("w[{id}]"), mine)
+                    .expect("watch");
+                ends.push(StdUnixStream::from(theirs));
+            }
+            let flood: String = (0..100).map(|n| format!("{{\"flood\":{n}}}\n")).collect();
+            ends[0].write_all(flood.as_bytes()).expect("write");
+            // The flooder's reader fills its queue before the other one writes.
+            while channels.links[&WorkerId(0)].unread.ready.borrow().len() < INCOMING {
+                tokio::task::yield_now().await;
+            }
+            ends[1].write_all(b"{\"other\":1}\n").expect("write");
+            while channels.links[&WorkerId(1)]
+                .unread
+                .ready
+                .borrow()
+                .is_empty()
+            {
+                tokio::task::yield_now().await;
+            }
+            let mut order = Vec::new();
+            for _ in 0..2 {
+                order.push(channels.recv().await.expect("a message").worker.0);
+            }
+            assert_eq!(order, [0, 1], "the other worker waited");
+        });
+    }
+
     #[test]
     fn a_full_outbox_holds_senders_back_and_drops_only_past_its_limit_or_stuck() {
         let outbox = Outbox::default();
