@@ -7,7 +7,8 @@
 //! ([`pair`]).
 //!
 //! **Supervisor side** ([`Channels`]): two local tasks per worker, so nothing a worker does
-//! can stall the loop or grow clusterd's memory without bound.
+//! can stall the loop or grow clusterd's memory without bound, and a worker that reads,
+//! however slowly, loses nothing.
 //!
 //! - The reader reads lines of at most [`MAX_MESSAGE`] bytes. A longer line is refused with a
 //!   log line and skipped up to its newline; a line that is not JSON is dropped; the channel
@@ -15,28 +16,36 @@
 //!   supervisor: a `NODE_HANDLE` (a socket passed with `process.send(msg, handle)`) is
 //!   answered `NODE_HANDLE_ACK`, or the sender would queue every later message behind it
 //!   forever; the descriptor itself is discarded by the kernel, as the reader passes no room
-//!   for it. Every other message goes to the loop through one channel of [`INCOMING`]
-//!   entries shared by all workers: when it is full, readers wait, and so do the workers'
-//!   writes (the kernel's socket buffer is the backpressure).
-//! - The writer sends what the supervisor delivers (broadcasts, `clusterd send`) from a queue
-//!   of at most [`QUEUE_BYTES`] per worker; a worker that does not read gets further messages
-//!   dropped and counted ([`Channels::dropped`]).
+//!   for it. Every other message waits in the worker's own queue of [`INCOMING`] messages:
+//!   when it is full, the reader waits, and so do the worker's writes (the kernel's socket
+//!   buffer is the backpressure). The loop takes them round-robin, one per worker in turn
+//!   ([`Channels::recv`]), so a flooding worker cannot delay the others' messages.
+//! - The writer sends what the supervisor delivers (broadcasts, `clusterd send`) from the
+//!   worker's outgoing queue. Once it holds [`QUEUE_BYTES`], the loop stops taking messages
+//!   from the workers whose messages went to it (their readers then wait, and their writes
+//!   wait in the kernel) until it drains: nothing is dropped for a receiver that reads. A
+//!   receiver whose full queue has had nothing written for [`STUCK`] is stuck: the others'
+//!   messages flow again and the ones for it are dropped and counted
+//!   ([`Channels::dropped`]) until it writes again. Whatever happens, a queue past
+//!   [`QUEUE_LIMIT`] drops (a message from a sender not yet known to go to it can land on a
+//!   full queue; `clusterd send` is not held back).
 //!
 //! Closing a worker's channel ([`Channels::close`]) ends both tasks and closes the socket:
 //! the worker sees end of file (Node: the `disconnect` event).
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::task::{AbortHandle, JoinHandle};
 
 use clusterd_core::WorkerId;
@@ -45,11 +54,18 @@ use clusterd_core::messages::{Line, classify};
 /// The longest message, in bytes, either way (without its newline).
 pub const MAX_MESSAGE: usize = 64 * 1024;
 
-/// The most bytes of messages waiting to be written to one worker.
+/// The bytes of messages waiting to be written to one worker from which the loop stops
+/// taking messages bound for it.
 pub const QUEUE_BYTES: usize = 256 * 1024;
 
-/// Messages read from workers and not yet taken by the loop, all workers together.
-pub const INCOMING: usize = 64;
+/// The most bytes of messages waiting to be written to one worker: beyond it, dropped.
+pub const QUEUE_LIMIT: usize = 2 * QUEUE_BYTES;
+
+/// How long a receiver's full queue can go without a write before it is declared stuck.
+pub const STUCK: Duration = Duration::from_secs(1);
+
+/// Messages read from one worker and not yet taken by the loop.
+pub const INCOMING: usize = 16;
 
 /// The answer to a passed handle, so that Node's sender goes on sending.
 const HANDLE_ACK: &str = r#"{"cmd":"NODE_HANDLE_ACK"}"#;
@@ -85,20 +101,61 @@ struct Outbox {
     /// An upgrade suspends the channel: the writer stops where it is.
     stopping: Cell<bool>,
     halt: Notify,
+    /// Since when the queue has been full with nothing written (`None`: not full since the
+    /// last write).
+    stalled: Cell<Option<Instant>>,
+    /// The loop's wake-up ([`Channels::recv`]): the queue has room again.
+    room: Rc<Notify>,
 }
 
 impl Outbox {
-    /// Queues `text`, or drops and counts it when the queue is full.
+    fn new(room: Rc<Notify>) -> Self {
+        Outbox {
+            room,
+            ..Outbox::default()
+        }
+    }
+
+    /// It holds [`QUEUE_BYTES`] or more: senders bound for it wait.
+    fn full(&self) -> bool {
+        self.bytes.get() >= QUEUE_BYTES
+    }
+
+    /// When a full queue is (or was) declared stuck.
+    fn stuck_at(&self) -> Option<Instant> {
+        if !self.full() {
+            return None;
+        }
+        self.stalled.get().map(|since| since + STUCK)
+    }
+
+    /// Queues `text`, or drops and counts it when the worker is stuck or the queue is past
+    /// [`QUEUE_LIMIT`].
     fn push(&self, text: Arc<str>) -> bool {
+        let now = Instant::now();
         let bytes = self.bytes.get() + text.len() + 1;
-        if bytes > QUEUE_BYTES {
-            self.dropped.set(self.dropped.get() + 1);
+        if bytes > QUEUE_LIMIT || self.stuck_at().is_some_and(|at| at <= now) {
+            let dropped = self.dropped.get() + 1;
+            self.dropped.set(dropped);
             return false;
         }
         self.bytes.set(bytes);
         self.queue.borrow_mut().push_back(text);
         self.wake.notify_one();
+        if self.full() && self.stalled.get().is_none() {
+            self.stalled.set(Some(now));
+        }
         true
+    }
+
+    /// The writer wrote something: a full queue's clock starts again, and one with room
+    /// again lets the loop take the messages bound for it.
+    fn wrote(&self) {
+        if self.full() {
+            self.stalled.set(Some(Instant::now()));
+        } else if self.stalled.take().is_some() {
+            self.room.notify_one();
+        }
     }
 
     fn pop(&self) -> Option<Arc<str>> {
@@ -115,21 +172,27 @@ struct Link {
     outbox: Rc<Outbox>,
     /// What the reader has read and not yet handed to the loop.
     unread: Rc<Unread>,
+    /// The workers its messages were delivered to: while one of them is full (and not
+    /// stuck), the loop takes nothing from it.
+    targets: RefCell<HashSet<WorkerId>>,
     reader: AbortHandle,
     writer: JoinHandle<()>,
 }
 
-/// Bytes read from a worker and not yet handed to the loop: the start of a line, or lines
-/// waiting for room in the loop's channel. A line leaves it only once the loop has it, so
+/// What was read from a worker and not yet taken by the loop: its messages, and the bytes
+/// after them (the start of a line). A line leaves `bytes` only as a message in `ready`, so
 /// stopping the reader at any of its waits loses nothing.
 #[derive(Default)]
 struct Unread {
-    /// Whole messages to hand to the loop before `bytes` (taken back from the loop's
-    /// channel when an upgrade suspended it).
-    lines: RefCell<VecDeque<String>>,
+    /// Messages for the loop, at most [`INCOMING`] (more only handed back by an upgrade).
+    ready: RefCell<VecDeque<Message>>,
     bytes: RefCell<Vec<u8>>,
     /// Skipping the rest of a line over [`MAX_MESSAGE`].
     skipping: Cell<bool>,
+    /// The loop took a message: the reader may go on.
+    taken: Notify,
+    /// The loop's wake-up ([`Channels::recv`]): a message is ready.
+    arrived: Rc<Notify>,
 }
 
 /// A worker's channel as it crosses an upgrade's exec: the descriptor, what was queued for
@@ -159,21 +222,17 @@ pub struct Suspended {
 }
 
 /// Every worker's channel: the tasks, the outgoing queues, and the messages for the loop.
+#[derive(Default)]
 pub struct Channels {
     links: HashMap<WorkerId, Link>,
-    tx: mpsc::Sender<Message>,
-    rx: mpsc::Receiver<Message>,
-}
-
-impl Default for Channels {
-    fn default() -> Self {
-        let (tx, rx) = mpsc::channel(INCOMING);
-        Channels {
-            links: HashMap::new(),
-            tx,
-            rx,
-        }
-    }
+    /// The workers in round-robin order: the next message is taken from the first one that
+    /// has one (and may send), which then goes last.
+    turn: VecDeque<WorkerId>,
+    /// The last message taken, and its sender: what [`Channels::send`] delivers with the
+    /// same text (the same allocation) is that sender's.
+    last: Option<(WorkerId, Arc<str>)>,
+    /// Wakes [`Channels::recv`]: a message arrived, or a queue has room again.
+    wake: Rc<Notify>,
 }
 
 impl Channels {
@@ -184,7 +243,12 @@ impl Channels {
         label: String,
         stream: StdUnixStream,
     ) -> io::Result<()> {
-        self.serve(worker, label, stream, Rc::default(), Rc::default())
+        let outbox = Outbox::new(Rc::clone(&self.wake));
+        let unread = Unread {
+            arrived: Rc::clone(&self.wake),
+            ..Unread::default()
+        };
+        self.serve(worker, label, stream, outbox, unread)
     }
 
     fn serve(
@@ -192,19 +256,19 @@ impl Channels {
         worker: WorkerId,
         label: String,
         stream: StdUnixStream,
-        outbox: Rc<Outbox>,
-        unread: Rc<Unread>,
+        outbox: Outbox,
+        unread: Unread,
     ) -> io::Result<()> {
         stream.set_nonblocking(true)?;
         let kept = OwnedFd::from(stream.try_clone()?);
         let (read, write) = UnixStream::from_std(stream)?.into_split();
+        let (outbox, unread) = (Rc::new(outbox), Rc::new(unread));
         let reader = tokio::task::spawn_local(read_lines(
             worker,
             label.clone(),
             read,
             Rc::clone(&outbox),
             Rc::clone(&unread),
-            self.tx.clone(),
         ));
         let writer = tokio::task::spawn_local(write_lines(write, Rc::clone(&outbox)));
         self.links.insert(
@@ -214,10 +278,14 @@ impl Channels {
                 kept,
                 outbox,
                 unread,
+                targets: RefCell::default(),
                 reader: reader.abort_handle(),
                 writer,
             },
         );
+        self.turn.retain(|w| *w != worker);
+        self.turn.push_back(worker);
+        self.wake.notify_one();
         Ok(())
     }
 
@@ -231,11 +299,8 @@ impl Channels {
             link.outbox.stopping.set(true);
             link.outbox.halt.notify_one();
         }
-        let mut taken: HashMap<WorkerId, Vec<String>> = HashMap::new();
-        while let Ok(message) = self.rx.try_recv() {
-            let lines = taken.entry(message.worker).or_default();
-            lines.push(message.text.to_string());
-        }
+        self.turn.clear();
+        self.last = None;
         let mut suspended = Vec::new();
         for (worker, link) in self.links.drain() {
             let Link {
@@ -249,10 +314,12 @@ impl Channels {
             // It stops at its next poll (the halt is already notified).
             let _ = writer.await;
             let outgoing = outbox.queue.take().iter().map(|t| t.to_string()).collect();
-            // The loop's channel holds this worker's oldest messages: the reader hands back
-            // messages in order.
-            let mut incoming = taken.remove(&worker).unwrap_or_default();
-            incoming.extend(unread.lines.take());
+            let incoming = unread
+                .ready
+                .take()
+                .iter()
+                .map(|m| m.text.to_string())
+                .collect();
             let state = Suspended {
                 worker,
                 label,
@@ -287,7 +354,13 @@ impl Channels {
                     .map(|t| t.to_string())
                     .collect(),
                 dropped: link.outbox.dropped.get(),
-                incoming: link.unread.lines.borrow().iter().cloned().collect(),
+                incoming: link
+                    .unread
+                    .ready
+                    .borrow()
+                    .iter()
+                    .map(|m| m.text.to_string())
+                    .collect(),
                 unread: link.unread.bytes.borrow().clone(),
                 skipping: link.unread.skipping.get(),
             })
@@ -296,17 +369,28 @@ impl Channels {
 
     /// Serves a suspended channel again (`fd` is its descriptor, owned from now on).
     pub fn resume(&mut self, state: Suspended, fd: OwnedFd) -> io::Result<()> {
-        let outbox = Rc::new(Outbox::default());
+        let outbox = Outbox::new(Rc::clone(&self.wake));
         *outbox.sending.borrow_mut() = state.sending;
         for text in state.outgoing {
             outbox.push(Arc::from(text));
         }
         outbox.dropped.set(state.dropped);
-        let unread = Rc::new(Unread {
-            lines: RefCell::new(state.incoming.into()),
+        let ready = state
+            .incoming
+            .into_iter()
+            .map(|text| Message {
+                worker: state.worker,
+                ready: classify(text.as_bytes()) == (Line::Message { ready: true }),
+                text: Arc::from(text),
+            })
+            .collect();
+        let unread = Unread {
+            ready: RefCell::new(ready),
             bytes: RefCell::new(state.unread),
             skipping: Cell::new(state.skipping),
-        });
+            arrived: Rc::clone(&self.wake),
+            ..Unread::default()
+        };
         self.serve(
             state.worker,
             state.label,
@@ -316,9 +400,15 @@ impl Channels {
         )
     }
 
-    /// Queues a message for a worker. False when it was dropped: its queue is full, or it
-    /// has no channel (any more).
+    /// Queues a message for a worker. False when it was dropped: the worker is stuck, its
+    /// queue is past [`QUEUE_LIMIT`], or it has no channel (any more).
     pub fn send(&self, worker: WorkerId, text: Arc<str>) -> bool {
+        if let Some((sender, last)) = &self.last
+            && Arc::ptr_eq(last, &text)
+            && let Some(link) = self.links.get(sender)
+        {
+            link.targets.borrow_mut().insert(worker);
+        }
         self.links
             .get(&worker)
             .is_some_and(|link| link.outbox.push(text))
@@ -336,12 +426,62 @@ impl Channels {
         if let Some(link) = self.links.remove(&worker) {
             link.reader.abort();
             link.writer.abort();
+            self.turn.retain(|w| *w != worker);
+            for other in self.links.values() {
+                other.targets.borrow_mut().remove(&worker);
+            }
+            // Senders held back by its full queue go on.
+            self.wake.notify_one();
         }
     }
 
-    /// The next message from any worker.
+    /// The next message from the workers, round-robin: from the first in turn that has one
+    /// and none of whose receivers is full (unless stuck). Cancel-safe.
     pub async fn recv(&mut self) -> Option<Message> {
-        self.rx.recv().await
+        loop {
+            let now = Instant::now();
+            // The earliest time a full receiver holding a sender back is declared stuck.
+            let mut until: Option<Instant> = None;
+            for _ in 0..self.turn.len() {
+                let Some(worker) = self.turn.pop_front() else {
+                    break;
+                };
+                self.turn.push_back(worker);
+                let Some(link) = self.links.get(&worker) else {
+                    continue;
+                };
+                if link.unread.ready.borrow().is_empty() {
+                    continue;
+                }
+                let held = link
+                    .targets
+                    .borrow()
+                    .iter()
+                    .filter_map(|target| self.links.get(target)?.outbox.stuck_at())
+                    .filter(|at| *at > now)
+                    .min();
+                if let Some(at) = held {
+                    until = Some(until.map_or(at, |u| u.min(at)));
+                    continue;
+                }
+                let Some(message) = link.unread.ready.borrow_mut().pop_front() else {
+                    continue;
+                };
+                link.unread.taken.notify_one();
+                self.last = Some((worker, Arc::clone(&message.text)));
+                return Some(message);
+            }
+            let woken = self.wake.notified();
+            match until {
+                Some(at) => {
+                    tokio::select! {
+                        () = woken => {}
+                        () = tokio::time::sleep_until(at.into()) => {}
+                    }
+                }
+                None => woken.await,
+            }
+        }
     }
 }
 
@@ -352,24 +492,7 @@ async fn read_lines(
     mut read: OwnedReadHalf,
     outbox: Rc<Outbox>,
     unread: Rc<Unread>,
-    tx: mpsc::Sender<Message>,
 ) {
-    // Messages handed back by an upgrade first, each leaving the queue once the loop has it.
-    loop {
-        let Some(text) = unread.lines.borrow().front().cloned() else {
-            break;
-        };
-        let ready = classify(text.as_bytes()) == (Line::Message { ready: true });
-        let message = Message {
-            worker,
-            text: Arc::from(text),
-            ready,
-        };
-        if tx.send(message).await.is_err() {
-            return;
-        }
-        unread.lines.borrow_mut().pop_front();
-    }
     let mut chunk = vec![0u8; 16 * 1024];
     let mut refused = 0u64;
     let mut refuse = || {
@@ -386,6 +509,10 @@ async fn read_lines(
     loop {
         // Every complete line first (after an upgrade, some may be waiting already).
         loop {
+            // Room in its queue first: while the loop does not take, nothing more is read.
+            while unread.ready.borrow().len() >= INCOMING {
+                unread.taken.notified().await;
+            }
             let line = {
                 let bytes = unread.bytes.borrow();
                 let Some(end) = bytes.iter().position(|b| *b == b'\n') else {
@@ -402,11 +529,10 @@ async fn read_lines(
             };
             if let Some(line) = line
                 && let Some(message) = message_of(worker, &label, &line, &outbox)
-                && tx.send(message).await.is_err()
             {
-                return;
+                unread.ready.borrow_mut().push_back(message);
+                unread.arrived.notify_one();
             }
-            // Only now that the loop has it does the line leave `unread`.
             let mut bytes = unread.bytes.borrow_mut();
             let end = bytes.iter().position(|b| *b == b'\n').unwrap_or(0);
             bytes.drain(..=end);
@@ -498,7 +624,10 @@ async fn write_queued(write: &OwnedWriteHalf, outbox: &Outbox) {
         }
         let mut sending = outbox.sending.borrow_mut();
         match write.try_write(&sending) {
-            Ok(n) => drop(sending.drain(..n)),
+            Ok(n) => {
+                sending.drain(..n);
+                outbox.wrote();
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => return,
         }
@@ -603,17 +732,77 @@ mod tests {
         });
     }
 
+    /// A worker with 100 messages waiting does not delay another's one: the loop takes them
+    /// one worker after the other.
     #[test]
-    fn a_full_outbox_drops_and_counts() {
+    fn messages_are_taken_round_robin_across_workers() {
+        use std::io::Write;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async {
+            let mut channels = Channels::default();
+            let mut ends = Vec::new();
+            for id in 0..2 {
+                let (mine, theirs) = pair().expect("pair");
+                channels
+                    .watch(WorkerId(id), format!("w[{id}]"), mine)
+                    .expect("watch");
+                ends.push(StdUnixStream::from(theirs));
+            }
+            let flood: String = (0..100).map(|n| format!("{{\"flood\":{n}}}\n")).collect();
+            ends[0].write_all(flood.as_bytes()).expect("write");
+            // The flooder's reader fills its queue before the other one writes.
+            while channels.links[&WorkerId(0)].unread.ready.borrow().len() < INCOMING {
+                tokio::task::yield_now().await;
+            }
+            ends[1].write_all(b"{\"other\":1}\n").expect("write");
+            while channels.links[&WorkerId(1)]
+                .unread
+                .ready
+                .borrow()
+                .is_empty()
+            {
+                tokio::task::yield_now().await;
+            }
+            let mut order = Vec::new();
+            for _ in 0..2 {
+                order.push(channels.recv().await.expect("a message").worker.0);
+            }
+            assert_eq!(order, [0, 1], "the other worker waited");
+        });
+    }
+
+    #[test]
+    fn a_full_outbox_holds_senders_back_and_drops_only_past_its_limit_or_stuck() {
         let outbox = Outbox::default();
         let big: Arc<str> = Arc::from("x".repeat(MAX_MESSAGE));
         let mut queued = 0;
+        while !outbox.full() {
+            assert!(outbox.push(Arc::clone(&big)));
+            queued += 1;
+        }
+        assert_eq!(queued, QUEUE_BYTES.div_ceil(MAX_MESSAGE + 1));
+        let stuck_at = outbox.stuck_at().expect("full");
+        assert!(stuck_at > Instant::now(), "not stuck yet");
+        // Past the limit, dropped and counted even before it is stuck.
         while outbox.push(Arc::clone(&big)) {
             queued += 1;
         }
-        assert_eq!(queued, QUEUE_BYTES / (MAX_MESSAGE + 1));
+        assert_eq!(queued, QUEUE_LIMIT / (MAX_MESSAGE + 1));
         assert_eq!(outbox.dropped.get(), 1);
-        assert!(outbox.pop().is_some());
-        assert!(outbox.push(big), "room again once one was written");
+        // Nothing written for the bound: stuck, a small message is dropped too.
+        outbox.stalled.set(Some(Instant::now() - STUCK));
+        assert!(!outbox.push(Arc::from("1")));
+        assert_eq!(outbox.dropped.get(), 2);
+        // Written down below the threshold: not stuck any more.
+        while outbox.full() {
+            outbox.pop();
+        }
+        outbox.wrote();
+        assert_eq!(outbox.stuck_at(), None);
+        assert!(outbox.push(big), "room again once written");
     }
 }

@@ -1,6 +1,7 @@
 //! Worker messaging (`ipc`): unmodified Node code using `process.send` under clusterd, a
 //! Python worker on `CLUSTERD_IPC_FD`, `ready = "message"`, `clusterd send`, and a worker
-//! that floods its channel without reading.
+//! that floods its channel without reading; broadcasts under flood lose nothing, and a worker
+//! that never reads is declared stuck.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -244,5 +245,166 @@ fn a_worker_flooding_its_channel_without_reading_costs_clusterd_nothing() {
     assert!(
         slowest < baseline + 10 * SECOND,
         "status took {slowest:?} during the flood"
+    );
+}
+
+/// The highest `rss_bytes` status shows until `done` holds (or `timeout` passes).
+fn peak_rss_until(
+    clusterd: &Clusterd,
+    timeout: Duration,
+    mut done: impl FnMut() -> bool,
+) -> (bool, u64) {
+    let mut peak = 0;
+    let finished = wait_until(timeout, || {
+        peak = peak.max(clusterd.status()["rss_bytes"].as_u64().unwrap());
+        done()
+    });
+    (finished, peak)
+}
+
+#[test]
+fn four_node_workers_flooding_broadcasts_lose_nothing_in_bounded_memory() {
+    // Each worker sends 20,000 messages as fast as process.send allows (Node's own
+    // backpressure), after a "go"; worker 0 handles each message slowly (busy 40 µs: it
+    // keeps reading, slower than the others send), so the others' messages pile up for it and
+    // clusterd must hold the senders back, not drop. (Node parses everything one read brings,
+    // ~200 KB, before reading again: at 40 µs a message that is ~150 ms, far from the 1 s
+    // stuck bound even on a loaded machine; at 100 µs it was ~370 ms, and the test failed once
+    // under the whole suite.)
+    const M: u64 = 20_000;
+    let script = format!(
+        "const M = {M}, N = 4, id = process.env.CLUSTERD_WORKER_ID;\n\
+         let got = 0, n = 0, started = false;\n\
+         function pump() {{\n\
+         \x20 while (n < M) {{\n\
+         \x20   n++;\n\
+         \x20   const msg = {{ type: 'status', pid: process.pid, n }};\n\
+         \x20   if (process.channel.writeQueueSize >= 65536) return process.send(msg, () => pump());\n\
+         \x20   process.send(msg);\n\
+         \x20 }}\n\
+         \x20 console.log('worker ' + id + ' sent all');\n\
+         }}\n\
+         process.on('message', (msg) => {{\n\
+         \x20 if (msg === 'go') {{ if (!started) {{ started = true; pump(); }} return; }}\n\
+         \x20 if (!msg || msg.type !== 'status') return;\n\
+         \x20 got++;\n\
+         \x20 if (id === '0') {{\n\
+         \x20   const until = process.hrtime.bigint() + 40000n;\n\
+         \x20   while (process.hrtime.bigint() < until) {{}}\n\
+         \x20 }}\n\
+         \x20 if (got === (N - 1) * M) console.log('worker ' + id + ' received all ' + got);\n\
+         }});\n\
+         process.send('ready');\n"
+    );
+    let clusterd = Clusterd::start_with_files(
+        "[apps.flood]\ncommand = [\"node\", \"{dir}/flood.js\"]\nworkers = 4\n\
+         ipc_broadcast = true\nready = \"message\"\n",
+        &[("flood.js", &script)],
+    );
+    clusterd.wait_ready("flood", 4, 30 * SECOND);
+    let rss_before = clusterd.status()["rss_bytes"].as_u64().unwrap();
+    let go = clusterd.ctl(&["send", "flood", r#""go""#]);
+    assert!(go.status.success(), "{go:?}");
+    let (done, peak) = peak_rss_until(&clusterd, 300 * SECOND, || {
+        clusterd.count("received all 60000") == 4
+    });
+    let workers = workers(&clusterd, "flood");
+    let dropped: Vec<u64> = workers
+        .iter()
+        .map(|w| w["messages_dropped"].as_u64().unwrap())
+        .collect();
+    eprintln!(
+        "lossless flood: rss {} KiB before, peak {} KiB; dropped {dropped:?}",
+        rss_before >> 10,
+        peak >> 10
+    );
+    assert!(
+        done,
+        "not every worker received all 60000: {}",
+        clusterd.output()
+    );
+    assert_eq!(clusterd.count("sent all"), 4);
+    assert!(dropped.iter().all(|d| *d == 0), "dropped {dropped:?}");
+    for w in &workers {
+        assert!(w["messages_received"].as_u64().unwrap() >= M, "{w}");
+    }
+    assert!(
+        peak < rss_before + 8 * 1024 * 1024,
+        "RSS grew from {rss_before} to {peak}"
+    );
+}
+
+#[test]
+fn a_worker_that_never_reads_is_declared_stuck_and_the_others_still_receive_everything() {
+    // Workers 0 and 1 each broadcast 20,000 messages of 1 KB after a "go" and read
+    // everything; worker 2 never reads its channel.
+    let script = "import os, sys, threading\n\
+        fd = int(os.environ['CLUSTERD_IPC_FD'])\n\
+        me = os.environ['CLUSTERD_WORKER_ID']\n\
+        M = 20000\n\
+        if me == '2':\n\
+        \x20   print('worker 2 never reads', flush=True)\n\
+        \x20   threading.Event().wait()\n\
+        go = threading.Event()\n\
+        def read():\n\
+        \x20   got, rest = 0, b''\n\
+        \x20   while True:\n\
+        \x20       data = os.read(fd, 65536)\n\
+        \x20       if not data:\n\
+        \x20           return\n\
+        \x20       lines = (rest + data).split(b'\\n')\n\
+        \x20       rest = lines.pop()\n\
+        \x20       for line in lines:\n\
+        \x20           if line == b'\"go\"':\n\
+        \x20               go.set()\n\
+        \x20           elif b'\"flood\"' in line:\n\
+        \x20               got += 1\n\
+        \x20               if got == M:\n\
+        \x20                   print('worker', me, 'received all', got, flush=True)\n\
+        threading.Thread(target=read, daemon=True).start()\n\
+        go.wait()\n\
+        line = ('{\"type\":\"flood\",\"from\":' + me + ',\"pad\":\"' + 'x' * 1000 + '\"}\\n').encode()\n\
+        chunk = line * 100\n\
+        for _ in range(M // 100):\n\
+        \x20   view = memoryview(chunk)\n\
+        \x20   while view:\n\
+        \x20       view = view[os.write(fd, view):]\n\
+        print('worker', me, 'sent all', flush=True)\n\
+        threading.Event().wait()\n";
+    let clusterd = Clusterd::start_with_files(
+        "[apps.deaf]\ncommand = [\"python3\", \"{dir}/deaf.py\"]\nworkers = 3\nipc = true\n\
+         ipc_broadcast = true\n",
+        &[("deaf.py", script)],
+    );
+    clusterd.wait_ready("deaf", 3, 20 * SECOND);
+    clusterd.wait_for_line("worker 2 never reads", 20 * SECOND);
+    let rss_before = clusterd.status()["rss_bytes"].as_u64().unwrap();
+    let go = clusterd.ctl(&["send", "deaf", r#""go""#]);
+    assert!(go.status.success(), "{go:?}");
+    let (done, peak) = peak_rss_until(&clusterd, 300 * SECOND, || {
+        clusterd.count("received all 20000") == 2
+    });
+    let workers = workers(&clusterd, "deaf");
+    let dropped: Vec<u64> = workers
+        .iter()
+        .map(|w| w["messages_dropped"].as_u64().unwrap())
+        .collect();
+    eprintln!(
+        "deaf worker: rss {} KiB before, peak {} KiB; dropped {dropped:?}",
+        rss_before >> 10,
+        peak >> 10
+    );
+    assert!(
+        done,
+        "the readers did not receive everything: {}",
+        clusterd.output()
+    );
+    assert_eq!(clusterd.count("sent all"), 2);
+    assert_eq!(&dropped[..2], &[0, 0], "the readers lost messages");
+    // Its queue and its socket hold a few hundred of the 40,000; the rest were dropped.
+    assert!(dropped[2] > 30_000, "dropped {dropped:?}");
+    assert!(
+        peak < rss_before + 8 * 1024 * 1024,
+        "RSS grew from {rss_before} to {peak}"
     );
 }
