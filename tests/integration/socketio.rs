@@ -163,8 +163,55 @@ fn welcome_worker(packet: &str) -> Option<String> {
     (event[0] == "welcome").then(|| event[1]["worker"].to_string())
 }
 
+/// The pids of the 2 serving workers of `chat`, once both are ready.
+fn ready_pids(clusterd: &Clusterd) -> BTreeSet<String> {
+    let mut pids = BTreeSet::new();
+    assert!(
+        wait_until(30 * SECOND, || {
+            let serving = clusterd.serving("chat");
+            pids = serving.iter().map(|w| w.1.to_string()).collect();
+            serving.len() == 2 && serving.iter().all(|w| w.3 == "ready")
+        }),
+        "not 2 ready workers:\n{}",
+        clusterd.output()
+    );
+    pids
+}
+
+/// 16 sessions, each from its own address (127.0.0.2-17) and each request on a new
+/// connection, so only the ip-hash keeps a session on the worker that holds it: every request
+/// answers 200, the sessions are spread over both `pids`, and a chat message from the first
+/// client reaches every client, on both workers.
+fn chat_round(addr: SocketAddr, pids: &BTreeSet<String>) {
+    let sessions: Vec<Session> = (2..=17u8)
+        .map(|last| Session::open(IpAddr::from([127, 0, 0, last]), addr))
+        .collect();
+    let workers: Vec<String> = sessions
+        .iter()
+        .map(|s| {
+            let welcome = s.poll_until(addr, 10 * SECOND, |p| welcome_worker(p).is_some());
+            welcome_worker(&welcome).expect("worker")
+        })
+        .collect();
+    let used: BTreeSet<String> = workers.iter().cloned().collect();
+    assert_eq!(&used, pids, "not both workers hold sessions: {workers:?}");
+
+    let to: Vec<&str> = pids.iter().map(String::as_str).collect();
+    let text = format!(
+        "hello from {} to workers {}",
+        sessions[0].source,
+        to.join(" ")
+    );
+    sessions[0].send(addr, &format!(r#"42["chat","{text}"]"#));
+    for session in &sessions {
+        session.poll_until(addr, 20 * SECOND, |p| {
+            p.starts_with(r#"42["chat""#) && p.contains(&text)
+        });
+    }
+}
+
 #[test]
-fn socketio_polling_sessions_stick_to_their_worker_and_chat_reaches_every_worker() {
+fn socketio_polling_sessions_stick_to_their_worker_and_chat_reaches_every_worker_across_a_reload() {
     let deps = tempfile::tempdir().expect("temp dir");
     if !install(deps.path()) {
         return;
@@ -185,6 +232,9 @@ sockets = ["http"]
 drain = "1s"
 balance = "ip-hash"
 ipc_broadcast = true
+
+[apps.chat.reload]
+bake = "0s"
 "#,
         dir = deps.path().display()
     ));
@@ -194,40 +244,16 @@ ipc_broadcast = true
         .and_then(|(_, rest)| rest.split(' ').next())
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("no address: {line}"));
-    let mut pids = BTreeSet::new();
-    assert!(
-        wait_until(30 * SECOND, || {
-            let serving = clusterd.serving("chat");
-            pids = serving.iter().map(|w| w.1.to_string()).collect();
-            serving.len() == 2 && serving.iter().all(|w| w.3 == "ready")
-        }),
-        "not 2 ready workers:\n{}",
-        clusterd.output()
-    );
+    let before = ready_pids(&clusterd);
+    chat_round(addr, &before);
 
-    // 16 sessions, each from its own address; each request a new connection, so only the
-    // ip-hash keeps a session on the worker that holds it.
-    let sessions: Vec<Session> = (2..=17u8)
-        .map(|last| Session::open(IpAddr::from([127, 0, 0, last]), addr))
-        .collect();
-    let workers: Vec<String> = sessions
-        .iter()
-        .map(|s| {
-            let welcome = s.poll_until(addr, 10 * SECOND, |p| welcome_worker(p).is_some());
-            welcome_worker(&welcome).expect("worker")
-        })
-        .collect();
-    let used: BTreeSet<String> = workers.iter().cloned().collect();
-    assert_eq!(used, pids, "not both workers hold sessions: {workers:?}");
-
-    // A chat message from the first client reaches every client, on both workers.
-    let text = "hello from 127.0.0.2";
-    sessions[0].send(addr, &format!(r#"42["chat","{text}"]"#));
-    for session in &sessions {
-        session.poll_until(addr, 20 * SECOND, |p| {
-            p.starts_with(r#"42["chat""#) && p.contains(text)
-        });
-    }
+    // A rolling reload: the old workers' sessions end with them; clients reconnect (a new
+    // handshake, as socket.io's client does) and keep chatting, on both new workers.
+    let output = clusterd.ctl(&["reload", "--wait"]);
+    assert!(output.status.success(), "{}", clusterd.output());
+    let after = ready_pids(&clusterd);
+    assert!(before.is_disjoint(&after), "{before:?} then {after:?}");
+    chat_round(addr, &after);
 
     assert_eq!(
         clusterd.count("Session ID unknown"),
