@@ -25,6 +25,7 @@ fn the_bundled_manifests_are_valid() {
         "examples/python/supervisor.toml",
         "examples/kv-http/supervisor.toml",
         "examples/node-kv/supervisor.toml",
+        "examples/node-socketio/clusterd.toml",
     ] {
         let output = Command::new(clusterd_bin())
             .arg("check")

@@ -17,5 +17,6 @@ mod matrix;
 mod node_kv;
 mod promises;
 mod reload;
+mod socketio;
 mod upgrade;
 mod util;
