@@ -343,6 +343,32 @@ fn metrics_parse_and_match_status() {
 }
 
 #[test]
+fn metrics_connections_over_the_cap_are_refused_with_503() {
+    let mut clusterd = Clusterd::start(&format!("[metrics]\nlisten = \"127.0.0.1:0\"\n{HELLO}"));
+    let line = clusterd.wait_for_line("metrics on http://", 5 * SECOND);
+    let addr: std::net::SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    // 64 idle connections hold every slot (accepted in order, before the next one).
+    let mut held: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+        .collect();
+    let response = crate::util::http_get(addr, "/healthz").expect("refusal");
+    assert_eq!(response.status, 503);
+    assert_eq!(response.body, "too many metrics connections\n");
+    // A slot freed is a slot served again.
+    held.pop();
+    assert!(wait_until(10 * SECOND, || {
+        crate::util::http_get(addr, "/healthz").is_ok_and(|r| r.status == 200)
+    }));
+    drop(held);
+    assert!(clusterd.stop().success());
+}
+
+#[test]
 fn a_second_start_is_refused_and_a_stale_socket_is_replaced() {
     let mut first = Clusterd::start(HELLO);
     first.wait_ready("web", 3, 20 * SECOND);
