@@ -9,8 +9,8 @@ use nix::unistd::{Pid, SysconfVar, sysconf};
 use clusterd_core::Usage;
 
 /// Usage of every process group in `groups`, by group id. The processes are found without
-/// walking all of `/proc`: from the group leaders and clusterd's own children (the subreaper's
-/// adopted orphans among them) down through `/proc/<pid>/task/*/children`, so the cost grows
+/// walking all of `/proc`: from the group leaders and clusterd itself (whose children include
+/// the subreaper's adopted orphans) down through `/proc/<pid>/task/*/children`, so the cost grows
 /// with clusterd's process tree, not with the host. Where the kernel lacks the `children` files,
 /// one pass over `/proc` instead.
 pub fn group_usage(groups: &[clusterd_core::Pid]) -> HashMap<clusterd_core::Pid, Usage> {
@@ -36,9 +36,10 @@ pub fn group_usage(groups: &[clusterd_core::Pid]) -> HashMap<clusterd_core::Pid,
             total.rss_bytes += fields.rss_pages * page;
         }
     };
-    match children_of(std::process::id() as i32) {
-        Some(ours) => {
-            let roots = groups.iter().map(|g| g.as_raw()).chain(ours);
+    let me = std::process::id() as i32;
+    match children_of(me) {
+        Some(_) => {
+            let roots = groups.iter().map(|g| g.as_raw()).chain([me]);
             for pid in descendants(roots, |pid| children_of(pid).unwrap_or_default()) {
                 add(pid);
             }
