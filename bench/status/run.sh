@@ -9,12 +9,17 @@
 #     $BENCH_STATUS_RUNS runs of `clusterd status --json MANIFEST` (wall clock of the whole
 #     command, fork/exec included, measured with date +%s%N) after 5 warm-up runs; prints the
 #     median, p95 and max, and clusterd's VmRSS/VmHWM from /proc/<pid>/status.
+#  1b. clusterd with 128 `hello` workers: the daemon's status round trip alone (python, as in 1)
+#     with no extra processes, then with $BENCH_STATUS_HOST_PROCS (5000) unrelated sleeping
+#     processes on the host (issue 20: status must not grow with the host). Run it once with
+#     BENCH_CLUSTERD_BIN set to an older clusterd for the "before".
 #  2. clusterd with 16 `hello` workers, then with 16 workers of examples/node/server.js:
 #     clusterd's VmRSS and VmHWM.
 #  3. PM2 (cluster mode, `pm2 start server.js -i 16`, private PM2_HOME) on the same Node app:
 #     the God Daemon's VmRSS and VmHWM, and the time of `pm2 jlist` (PM2's status) for contrast.
 #
 # Settings (environment): BENCH_PORT (18090), BENCH_STATUS_RUNS (50), BENCH_PM2_RUNS (10),
+# BENCH_STATUS_HOST_PROCS (5000),
 # BENCH_SKIP_BUILD=1, BENCH_CLUSTERD_BIN, BENCH_HELLO_BIN, BENCH_NODE_APP, BENCH_SKIP_PM2=1.
 # Installs PM2 under bench/.tools when missing. Writes the table to bench/results/status-<time>/.
 set -euo pipefail
@@ -25,6 +30,7 @@ TOOLS=$ROOT/bench/.tools
 PORT=${BENCH_PORT:-18090}
 RUNS=${BENCH_STATUS_RUNS:-50}
 PM2_RUNS=${BENCH_PM2_RUNS:-10}
+HOST_PROCS=${BENCH_STATUS_HOST_PROCS:-5000}
 
 log() { printf '[status-bench] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -32,7 +38,16 @@ die() { log "error: $*"; exit 1; }
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/clusterd-status-bench.XXXXXX")
 CD_PID=""
 PM2_STARTED=0
+CROWD_PID="" # leader of the process group of unrelated sleepers (step 1b)
+stop_crowd() {
+    if [[ -n $CROWD_PID ]]; then
+        kill -KILL -- "-$CROWD_PID" 2>/dev/null || true
+        wait "$CROWD_PID" 2>/dev/null || true
+        CROWD_PID=""
+    fi
+}
 cleanup() {
+    stop_crowd
     if [[ -n $CD_PID ]] && kill -0 "$CD_PID" 2>/dev/null; then
         kill -TERM "$CD_PID" 2>/dev/null || true
         for _ in $(seq 100); do kill -0 "$CD_PID" 2>/dev/null || break; sleep 0.1; done
@@ -230,6 +245,26 @@ else
     echo "(clusterd status --json failed with status $status_rc: $(head -1 "$TMP/status.err"))" >>"$TABLE"
 fi
 stop_clusterd
+
+# 1b. 128 workers, with and without thousands of unrelated processes on the host.
+if command -v python3 >/dev/null; then
+    log "clusterd with 128 hello workers"
+    start_clusterd hello128 128 "$HELLO"
+    procs() { find /proc -maxdepth 1 -name '[0-9]*' | wc -l; }
+    control_round_trips "$TMP/run-hello128/control.sock" "$RUNS"
+    row "  round trip, 128 workers, $(procs) procs" "${MED}ms" "${P95}ms" "${MAX}ms" \
+        "$(mb "$(rss_kb "$CD_PID" VmRSS)")" ""
+    log "starting $HOST_PROCS unrelated sleeping processes"
+    setsid bash -c "for ((i = 0; i < $HOST_PROCS; i++)); do sleep 3600 & done; echo up; wait" \
+        >"$TMP/crowd.out" &
+    CROWD_PID=$!
+    wait_until 120 eval '[[ -s $TMP/crowd.out ]]' || die "the sleepers did not start"
+    control_round_trips "$TMP/run-hello128/control.sock" "$RUNS"
+    row "  round trip, 128 workers, $(procs) procs" "${MED}ms" "${P95}ms" "${MAX}ms" \
+        "$(mb "$(rss_kb "$CD_PID" VmRSS)")" ""
+    stop_crowd
+    stop_clusterd
+fi
 
 # 2. 16 workers: clusterd's memory.
 log "clusterd with 16 hello workers"

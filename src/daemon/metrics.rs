@@ -390,14 +390,46 @@ impl MetricsServer {
     }
 }
 
+/// At most this many metrics connections are served at once; one more is answered 503 and
+/// closed, so a flood of scrapers cannot hold clusterd's memory or its loop.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// The answer to a connection over [`MAX_CONNECTIONS`].
+const REFUSAL: &[u8] = concat!(
+    "HTTP/1.1 503 Service Unavailable\r\n",
+    "Content-Type: text/plain; charset=utf-8\r\n",
+    "Content-Length: 29\r\n",
+    "Connection: close\r\n\r\n",
+    "too many metrics connections\n",
+)
+.as_bytes();
+
 async fn serve(listener: TcpListener, queries: mpsc::Sender<Query>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((mut stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Answer, then read what the client sent until it closes (bounded), so the close
+            // is a FIN and not a reset that could destroy the answer.
+            tokio::task::spawn_local(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let refuse = async {
+                    stream.write_all(REFUSAL).await?;
+                    stream.shutdown().await?;
+                    let mut sink = [0; 512];
+                    while stream.read(&mut sink).await? > 0 {}
+                    std::io::Result::Ok(())
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), refuse).await;
+            });
             continue;
         };
         let queries = queries.clone();
         tokio::task::spawn_local(async move {
+            let _slot = slot;
             let service =
                 hyper::service::service_fn(move |request| respond(request, queries.clone()));
             let io = hyper_util::rt::TokioIo::new(stream);

@@ -342,6 +342,124 @@ fn metrics_parse_and_match_status() {
     assert!(clusterd.stop().success());
 }
 
+/// (cpu seconds, rss bytes, members) of process group `group`, summed from every
+/// `/proc/*/stat` on the host: the reference the status figures must agree with.
+fn group_from_proc(group: i32) -> (f64, u64, Vec<i32>) {
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    let (mut cpu, mut rss, mut members) = (0.0, 0, Vec::new());
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split(' ').collect();
+        if f.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(group) {
+            let field = |n: usize| f.get(n).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            cpu += (field(11) + field(12)) as f64 / ticks;
+            rss += field(21) * page;
+            members.push(pid);
+        }
+    }
+    (cpu, rss, members)
+}
+
+#[test]
+fn status_counts_a_workers_children_as_proc_does() {
+    let mut clusterd = Clusterd::start(
+        r#"
+[apps.forks]
+command = ["sh", "-c", "sleep 1000 & sleep 1000 & wait"]
+workers = 1
+"#,
+    );
+    clusterd.wait_ready("forks", 1, 20 * SECOND);
+    let worker = clusterd.serving_pids("forks")[0].as_raw();
+    // Both children are up and have become `sleep` (not forked shells any more).
+    assert!(wait_until(10 * SECOND, || {
+        let (_, _, members) = group_from_proc(worker);
+        members.len() == 3
+            && members.iter().filter(|p| **p != worker).all(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "sleep")
+            })
+    }));
+    let (_, _, members) = group_from_proc(worker);
+    let child_rss = members
+        .iter()
+        .filter(|p| **p != worker)
+        .map(|p| {
+            let statm = std::fs::read_to_string(format!("/proc/{p}/statm")).unwrap_or_default();
+            statm
+                .split(' ')
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 4096
+        })
+        .min()
+        .unwrap_or(0);
+    assert!(child_rss > 0, "children without memory: {members:?}");
+    // Idle processes: the figures settle, and then status and /proc agree to within half of
+    // the smallest child's memory (so a child left out would show) and a few CPU ticks.
+    let mut last = String::new();
+    let agree = wait_until(10 * SECOND, || {
+        let status = clusterd.status();
+        let slot = &status["apps"][0]["workers"][0];
+        let (cpu, rss, _) = group_from_proc(worker);
+        let (Some(s_cpu), Some(s_rss)) = (slot["cpu_seconds"].as_f64(), slot["rss_bytes"].as_u64())
+        else {
+            last = format!("no usage in {slot}");
+            return false;
+        };
+        last = format!("status cpu {s_cpu} rss {s_rss}; /proc cpu {cpu} rss {rss}");
+        s_rss.abs_diff(rss) < child_rss / 2 && (s_cpu - cpu).abs() < 0.05
+    });
+    assert!(agree, "{last}");
+    assert!(clusterd.stop().success());
+}
+
+#[test]
+fn metrics_connections_over_the_cap_are_refused_with_503() {
+    let mut clusterd = Clusterd::start(&format!("[metrics]\nlisten = \"127.0.0.1:0\"\n{HELLO}"));
+    let line = clusterd.wait_for_line("metrics on http://", 5 * SECOND);
+    let addr: std::net::SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    // 64 idle connections hold every slot (accepted in order, before the next one).
+    let mut held: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+        .collect();
+    let response = crate::util::http_get(addr, "/healthz").expect("refusal");
+    assert_eq!(response.status, 503);
+    assert_eq!(response.body, "too many metrics connections\n");
+    // A slot freed is a slot served again.
+    held.pop();
+    assert!(wait_until(10 * SECOND, || {
+        crate::util::http_get(addr, "/healthz").is_ok_and(|r| r.status == 200)
+    }));
+    drop(held);
+    assert!(clusterd.stop().success());
+}
+
 #[test]
 fn a_second_start_is_refused_and_a_stale_socket_is_replaced() {
     let mut first = Clusterd::start(HELLO);
