@@ -169,6 +169,40 @@ fn spawn_poller(socket: PathBuf, tx: SyncSender<Msg>) {
     });
 }
 
+/// When to redraw: after a change, and never sooner than [`FRAME`] after the last redraw.
+#[derive(Debug, Default)]
+pub struct Redraw {
+    changed: bool,
+    drawn: Option<Instant>,
+}
+
+impl Redraw {
+    /// Something shown changed.
+    pub fn changed(&mut self) {
+        self.changed = true;
+    }
+
+    /// Whether to draw at `now`; if so, the drawing is counted as done.
+    pub fn now(&mut self, now: Instant) -> bool {
+        let due = self.changed && self.drawn.is_none_or(|at| now >= at + FRAME);
+        if due {
+            self.changed = false;
+            self.drawn = Some(now);
+        }
+        due
+    }
+
+    /// How long to wait for the next message: until a pending change may be drawn, or
+    /// (`None`) as long as it takes when nothing changed.
+    pub fn wait(&self, now: Instant) -> Option<Duration> {
+        self.changed.then(|| {
+            self.drawn
+                .map_or(now, |at| at + FRAME)
+                .saturating_duration_since(now)
+        })
+    }
+}
+
 /// The follower of one app's log lines.
 struct Follower {
     /// Its number: lines of an older follower are ignored.
@@ -198,20 +232,16 @@ impl Dashboard {
     }
 
     fn run(mut self, rx: &Receiver<Msg>, screen: &Screen) -> anyhow::Result<Option<i32>> {
-        let mut changed = true;
-        let mut drawn: Option<Instant> = None;
+        let mut redraw = Redraw::default();
+        redraw.changed();
         loop {
             let now = Instant::now();
-            let due = drawn.map_or(now, |at| at + FRAME);
-            if changed && now >= due {
+            if redraw.now(now) {
                 screen.draw(&self.model).context("drawing")?;
-                drawn = Some(now);
-                changed = false;
             }
-            let message = if changed {
-                rx.recv_timeout(due.saturating_duration_since(now))
-            } else {
-                rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            let message = match redraw.wait(now) {
+                Some(wait) => rx.recv_timeout(wait),
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             let message = match message {
                 Ok(message) => message,
@@ -248,7 +278,7 @@ impl Dashboard {
                 Msg::Done(message) => self.model.message = Some(message),
                 Msg::Signal(signal) => return Ok(Some(signal)),
             }
-            changed = true;
+            redraw.changed();
         }
     }
 

@@ -12,7 +12,7 @@ use ratatui::backend::TestBackend;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use super::model::{Command, HISTORY, Key, LOG_LINES, Model};
-use super::view;
+use super::{FRAME, Redraw, view};
 
 fn worker(slot: usize, pid: u32, cpu_seconds: f64, rss: u64) -> WorkerStatus {
     WorkerStatus {
@@ -368,4 +368,27 @@ fn narrow_and_tiny_terminals_draw_without_panicking() {
     let screen = render(&model, 40, 10);
     assert!(screen[0].starts_with("clusterd monit"));
     assert!(screen.join("\n").contains("web"));
+}
+
+#[test]
+fn redraws_follow_changes_at_most_once_a_frame() {
+    let mut redraw = Redraw::default();
+    let t0 = Instant::now();
+    assert!(!redraw.now(t0), "nothing changed");
+    assert_eq!(redraw.wait(t0), None, "nothing to draw: wait for a message");
+    redraw.changed();
+    assert!(redraw.now(t0));
+    // A burst of changes (log lines) right after a redraw waits for the frame's end.
+    let soon = t0 + Duration::from_millis(10);
+    for _ in 0..100 {
+        redraw.changed();
+        assert!(!redraw.now(soon));
+    }
+    assert_eq!(redraw.wait(soon), Some(FRAME - Duration::from_millis(10)));
+    assert!(redraw.now(t0 + FRAME));
+    assert!(!redraw.now(t0 + FRAME * 2), "drawn: nothing more to draw");
+    assert!(
+        FRAME >= Duration::from_millis(250),
+        "at most 4 redraws a second"
+    );
 }
