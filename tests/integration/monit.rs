@@ -195,24 +195,42 @@ workers = 2
 }
 
 #[test]
-fn monit_on_a_tiny_terminal_without_a_supervisor_draws_and_sigterm_restores_the_terminal() {
+fn monit_on_a_tiny_terminal_without_a_supervisor_draws_and_signals_restore_the_terminal() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(tmux) = Tmux::start(&monit_command(&dir.path().join("nobody.sock")), 40, 10) else {
-        return;
-    };
-    tmux.wait_for("disconnected, retrying", 10 * SECOND);
-    tmux.run(&["resize-window", "-t", "monit", "-x", "20", "-y", "5"]);
-    tmux.run(&["resize-window", "-t", "monit", "-x", "40", "-y", "10"]);
-    tmux.wait_for("clusterd monit", 10 * SECOND);
-    // The shell's child is monit.
-    let shell: i32 = tmux.format("#{pane_pid}").parse().expect("pane pid");
-    let mut monit = None;
-    assert!(wait_until(10 * SECOND, || {
-        monit = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
-            .ok()
-            .and_then(|c| c.split_whitespace().next()?.parse::<i32>().ok());
-        monit.is_some()
-    }));
-    kill(Pid::from_raw(monit.expect("monit's pid")), Signal::SIGTERM).expect("SIGTERM monit");
-    tmux.wait_restored(128 + libc::SIGTERM);
+    for (i, signal) in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP]
+        .into_iter()
+        .enumerate()
+    {
+        let command = monit_command(&dir.path().join("nobody.sock"));
+        let Some(tmux) = Tmux::start(&command, 40, 10) else {
+            return;
+        };
+        tmux.wait_for("disconnected, retrying", 10 * SECOND);
+        if i == 0 {
+            tmux.run(&["resize-window", "-t", "monit", "-x", "20", "-y", "5"]);
+            tmux.run(&["resize-window", "-t", "monit", "-x", "40", "-y", "10"]);
+            tmux.wait_for("clusterd monit", 10 * SECOND);
+        }
+        // The shell's child is monit.
+        let shell: i32 = tmux.format("#{pane_pid}").parse().expect("pane pid");
+        let mut monit = None;
+        assert!(wait_until(10 * SECOND, || {
+            monit = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
+                .ok()
+                .and_then(|c| c.split_whitespace().next()?.parse::<i32>().ok());
+            monit.is_some()
+        }));
+        kill(Pid::from_raw(monit.expect("monit's pid")), signal).expect("signal monit");
+        tmux.wait_restored(128 + signal as i32);
+    }
+}
+
+#[test]
+fn monit_refuses_a_stdout_that_is_not_a_terminal() {
+    let output = Command::new(clusterd_bin())
+        .args(["monit", "--socket", "/nonexistent/control.sock"])
+        .output()
+        .expect("run clusterd monit");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not a terminal"));
 }

@@ -61,7 +61,7 @@ pub fn monit(file: Option<PathBuf>, mut target: Target) -> ExitCode {
         target.manifest = file;
     }
     if !io::IsTerminal::is_terminal(&io::stdout()) {
-        eprintln!("clusterd: monit draws on a terminal; stdout is not one (try `clusterd status`)");
+        eprintln!("clusterd: monit: stdout is not a terminal (try `clusterd status`)");
         return ExitCode::from(super::EXIT_USAGE);
     }
     match target.socket_path().and_then(|socket| run(&socket)) {
