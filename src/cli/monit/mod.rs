@@ -87,7 +87,7 @@ fn run(socket: &Path) -> anyhow::Result<Option<i32>> {
         }
     });
     spawn_poller(socket.to_owned(), tx.clone());
-    let screen = Screen::enter().context("cannot set up the terminal")?;
+    let mut screen = Screen::enter().context("cannot set up the terminal")?;
     let input_tx = tx.clone();
     std::thread::spawn(move || {
         while let Ok(event) = event::read() {
@@ -96,7 +96,7 @@ fn run(socket: &Path) -> anyhow::Result<Option<i32>> {
             }
         }
     });
-    let result = Dashboard::new(socket, tx).run(&rx, &screen);
+    let result = Dashboard::new(socket, tx).run(&rx, &mut screen);
     drop(screen);
     result
 }
@@ -104,7 +104,7 @@ fn run(socket: &Path) -> anyhow::Result<Option<i32>> {
 /// The terminal in raw mode on the alternate screen, cursor hidden, for as long as it lives;
 /// restored on drop and, through a panic hook, before a panic's message is printed.
 struct Screen {
-    terminal: std::cell::RefCell<Terminal<CrosstermBackend<io::Stdout>>>,
+    terminal: Terminal<CrosstermBackend<io::Stdout>>,
 }
 
 impl Screen {
@@ -118,9 +118,7 @@ impl Screen {
         let entered = execute!(io::stdout(), terminal::EnterAlternateScreen, cursor::Hide)
             .and_then(|()| Terminal::new(CrosstermBackend::new(io::stdout())));
         match entered {
-            Ok(terminal) => Ok(Screen {
-                terminal: std::cell::RefCell::new(terminal),
-            }),
+            Ok(terminal) => Ok(Screen { terminal }),
             Err(error) => {
                 restore();
                 Err(error)
@@ -128,9 +126,8 @@ impl Screen {
         }
     }
 
-    fn draw(&self, model: &Model) -> io::Result<()> {
+    fn draw(&mut self, model: &Model) -> io::Result<()> {
         self.terminal
-            .borrow_mut()
             .draw(|frame| view::draw(frame, model))
             .map(|_| ())
     }
@@ -231,7 +228,7 @@ impl Dashboard {
         }
     }
 
-    fn run(mut self, rx: &Receiver<Msg>, screen: &Screen) -> anyhow::Result<Option<i32>> {
+    fn run(mut self, rx: &Receiver<Msg>, screen: &mut Screen) -> anyhow::Result<Option<i32>> {
         let mut redraw = Redraw::default();
         redraw.changed();
         loop {

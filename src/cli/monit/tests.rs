@@ -350,7 +350,7 @@ fn a_supervisor_gone_is_shown_disconnected_with_its_last_snapshot() {
 }
 
 #[test]
-fn narrow_and_tiny_terminals_draw_without_panicking() {
+fn narrow_and_tiny_terminals_and_escape_sequences_draw_without_harm() {
     let mut model = Model::default();
     let t0 = Instant::now();
     let mut many = two_apps(0.0);
@@ -360,11 +360,19 @@ fn narrow_and_tiny_terminals_draw_without_panicking() {
     model.on_status(many, t0 + Duration::from_secs(1));
     model.follow(Some("web".into()));
     model.on_log(log("web", &"wide ✓ line ".repeat(50)));
+    model.on_log(log("web", "\u{1b}[2J\u{1b}]0;title\u{7}\tclear\r"));
     model.on_disconnected("gone".repeat(40));
     for (width, height) in [(40, 10), (20, 5), (80, 3), (3, 40), (1, 1), (0, 0)] {
         let screen = render(&model, width, height);
         assert_eq!(screen.len(), height as usize);
     }
+    let screen = render(&model, 120, 40);
+    let text = screen.join("\n");
+    assert!(
+        !text.contains(|c: char| c.is_control() && c != '\n'),
+        "{text:?}"
+    );
+    assert!(text.contains("�[2J�]0;title� clear�"), "{text}");
     let screen = render(&model, 40, 10);
     assert!(screen[0].starts_with("clusterd monit"));
     assert!(screen.join("\n").contains("web"));

@@ -20,10 +20,12 @@ const INLINE: usize = 12;
 /// Draws the whole dashboard.
 pub fn draw(frame: &mut Frame, model: &Model) {
     let area = frame.area();
-    let rows = model.rows.len() as u16;
+    let rows = u16::try_from(model.rows.len()).unwrap_or(u16::MAX);
     // The table takes what its lines need, up to 3/5 of what the charts and the two text
     // lines leave; the logs take the rest.
-    let table_height = (rows + 3).min((area.height.saturating_sub(7) * 3 / 5).max(3));
+    let table_height = rows
+        .saturating_add(3)
+        .min((area.height.saturating_sub(7) * 3 / 5).max(3));
     let [header, table, charts, logs, footer] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(table_height),
@@ -138,7 +140,7 @@ fn app_row<'a>(model: &Model, app: &'a AppStatus) -> Row<'a> {
             ReloadResult::Aborted => format!(
                 "last reload: gen {} ABORTED: {}",
                 last.generation,
-                last.reason.as_deref().unwrap_or("")
+                printable(last.reason.as_deref().unwrap_or(""))
             ),
         },
         (None, None) => String::new(),
@@ -188,8 +190,14 @@ fn worker_row<'a>(model: &Model, app: &AppStatus, worker: &'a WorkerStatus) -> R
     };
     let info = worker
         .status_text
-        .clone()
-        .or_else(|| worker.last_exit.clone().map(|e| format!("exit: {e}")))
+        .as_deref()
+        .map(printable)
+        .or_else(|| {
+            worker
+                .last_exit
+                .as_deref()
+                .map(|e| format!("exit: {}", printable(e)))
+        })
         .unwrap_or_default();
     Row::new([
         Cell::new(format!(" {}[{}]{role}", app.name, worker.slot)),
@@ -285,7 +293,7 @@ fn draw_logs(frame: &mut Frame, model: &Model, area: Rect) {
             let text = if line.base64 {
                 format!("({} bytes, not UTF-8)", line.message.len() * 3 / 4)
             } else {
-                line.message.clone()
+                printable(&line.message)
             };
             let style = match line.stream {
                 LogStream::Stdout => Style::new(),
@@ -324,6 +332,18 @@ fn state_style(state: WorkerState) -> Style {
         WorkerState::Failed => Style::new().fg(Color::Red),
         WorkerState::Exited => Style::new().fg(Color::DarkGray),
     }
+}
+
+/// Text from workers as it may be drawn: a tab as a space, other control characters (an
+/// escape sequence would reach the terminal as it is) as `�`.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\t' => ' ',
+            c if c.is_control() => '\u{FFFD}',
+            c => c,
+        })
+        .collect()
 }
 
 /// Tenths as a decimal: `123` → `12.3`.
