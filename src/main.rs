@@ -60,6 +60,7 @@ fn main() -> ExitCode {
             file,
             target,
         } => cli::status::status(json, check, file, target),
+        Command::Monit { file, target } => cli::monit::monit(file, target),
         Command::Reload { app, wait, target } => cli::reload::reload(app, wait, &target),
         Command::Restart { spec, target } => cli::reload::restart(&spec, &target),
         Command::Scale {

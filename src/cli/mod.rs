@@ -1,11 +1,12 @@
 //! The `clusterd` command line: the clap definitions ([`Cli`]), one file per command family
 //! ([`start`]: start, run, check and stop; [`status`]; [`reload`]: reload, restart, scale
-//! and signal; [`logs`]; [`upgrade`]; [`notify`]: notify and send; [`startup`]; [`ls`]), the
-//! control client ([`client`]) and the rendering of replies ([`render`]).
+//! and signal; [`logs`]; [`upgrade`]; [`notify`]: notify and send; [`startup`]; [`ls`];
+//! [`monit`]), the control client ([`client`]) and the rendering of replies ([`render`]).
 
 pub mod client;
 pub mod logs;
 pub mod ls;
+pub mod monit;
 pub mod notify;
 pub mod reload;
 pub mod render;
@@ -79,6 +80,15 @@ pub enum Command {
         /// otherwise (with the reason): an exec probe, like `GET /readyz`.
         #[arg(long, conflicts_with = "json")]
         check: bool,
+        /// The manifest (same as --file).
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// A live dashboard (PM2's `pm2 monit`): every app and worker with state, CPU and memory
+    /// with their last minute, restarts, last exit, rollouts, and the selected app's logs.
+    /// Keys: ↑↓/j k select, r reload the app, R/x restart the slot, +/- scale, q quit.
+    Monit {
         /// The manifest (same as --file).
         file: Option<PathBuf>,
         #[command(flatten)]

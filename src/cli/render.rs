@@ -154,7 +154,7 @@ fn truncate(text: &str, max: usize) -> String {
 }
 
 /// `850ms`, `42s`, `3m12s`, `5h03m`, `2d04h`.
-fn duration(ms: u64) -> String {
+pub(crate) fn duration(ms: u64) -> String {
     let s = ms / 1000;
     match s {
         0 => format!("{ms}ms"),
@@ -166,7 +166,7 @@ fn duration(ms: u64) -> String {
 }
 
 /// `512K`, `4.1M`, `1.2G`.
-fn bytes(b: u64) -> String {
+pub(crate) fn bytes(b: u64) -> String {
     const K: f64 = 1024.0;
     let b = b as f64;
     if b < K * K {

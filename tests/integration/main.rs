@@ -14,6 +14,7 @@ mod kv;
 mod limits;
 mod logs;
 mod matrix;
+mod monit;
 mod node_kv;
 mod promises;
 mod reload;
