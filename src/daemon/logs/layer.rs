@@ -6,7 +6,7 @@
 
 use std::fmt::{self, Write};
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::Context;
 
@@ -40,20 +40,21 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for EventLayer {
                 }
             }
         }
-        self.logs.log(message.as_bytes(), line.fields);
+        self.logs
+            .log(message.as_bytes(), line.fields.into_iter().collect());
     }
 }
 
-/// An event's message and fields.
+/// An event's message and fields (in the call's order, for the text).
 #[derive(Default)]
 struct Line {
     message: String,
-    fields: Map<String, Value>,
+    fields: Vec<(String, Value)>,
 }
 
 impl Line {
     fn field(&mut self, field: &Field, value: Value) {
-        self.fields.insert(field.name().to_owned(), value);
+        self.fields.push((field.name().to_owned(), value));
     }
 }
 

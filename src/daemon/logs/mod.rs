@@ -537,6 +537,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn clusterd_s_own_lines_are_kept_with_their_fields_and_written_before_close_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |format| LogConfig {
+            target: Some(LogTarget::Dir(dir.path().to_path_buf())),
+            format,
+            max_size: None,
+            keep: 1,
+        };
+        let logs = Logs::new(&config(LogFormat::Json), &[], None).unwrap();
+        tracing::subscriber::with_default(logs.subscriber(), || {
+            tracing::warn!(
+                event = "cgroup_join_failed",
+                app = "web",
+                slot = 1u64,
+                "cannot join"
+            );
+            tracing::debug!("below the level: not kept");
+        });
+        let kept = logs.hub().tail(&Filter::default(), 10);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(
+            &*kept[0].message,
+            b"WARN cannot join event=cgroup_join_failed app=web slot=1"
+        );
+        logs.close();
+        let written = std::fs::read_to_string(dir.path().join("clusterd.log")).unwrap();
+        let line: serde_json::Value = serde_json::from_str(written.trim()).unwrap();
+        assert_eq!(line["event"], "cgroup_join_failed");
+        assert_eq!(line["app"], "web");
+        assert_eq!(line["slot"], 1);
+        assert_eq!(line["level"], "WARN");
+        // Closed: what comes later is counted, not written.
+        logs.log(b"INFO late", Default::default());
+        assert_eq!(logs.dropped_lines(), 1);
+        // A second value is independent of the first.
+        let text = Logs::new(&config(LogFormat::Text), &[], None).unwrap();
+        assert_eq!(text.hub().tail(&Filter::default(), 10).len(), 0);
+    }
+
+    #[test]
     fn targets_name_their_files() {
         let dir = LogTarget::Dir(PathBuf::from("/var/log/app"));
         assert_eq!(
