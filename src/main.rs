@@ -9,31 +9,17 @@ mod daemon;
 mod error;
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
 
 use crate::cli::{Cli, Command};
-use crate::daemon::logs;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The supervisor (`start`, `run`) writes its log and its workers' output through
-    // non-blocking writer threads (see `daemon::logs::pipes`); the CLI commands write directly.
-    let supervises = matches!(
-        cli.command,
-        Command::Start { detach: false, .. } | Command::Run(_) | Command::HandoverResume { .. }
-    );
-    if supervises {
-        if let Err(error) = logs::pipes::init() {
-            eprintln!("clusterd: cannot start the output threads: {error}");
-            return ExitCode::FAILURE;
-        }
-        cli::init_logging(|| logs::EventWriter);
-    } else {
-        cli::init_logging(std::io::stderr);
-    }
-    let code = match cli.command {
+    // Lines before a supervisor has its output (and every CLI command's) go to stderr; a
+    // supervisor logs through its own `Logs` once booted (see `daemon::boot`).
+    cli::init_logging(std::io::stderr);
+    match cli.command {
         Command::Start {
             manifest,
             run_dir,
@@ -91,10 +77,5 @@ fn main() -> ExitCode {
             message,
             target,
         } => cli::notify::send(&spec, &message, &target),
-    };
-    if supervises {
-        // What is still queued for stdout and stderr gets a bounded moment to be written.
-        logs::pipes::flush(Duration::from_millis(1500));
     }
-    code
 }

@@ -286,10 +286,7 @@ pub fn init_logging<W>(writer: W)
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    let level = std::env::var("CLUSTERD_LOG")
-        .ok()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(tracing::Level::INFO);
+    let level = crate::daemon::logs::max_level();
     tracing_subscriber::fmt()
         .with_writer(writer)
         .with_target(false)

@@ -16,7 +16,7 @@ use clusterd_manifest::Manifest;
 
 use crate::daemon::containment::{self, Containment};
 use crate::daemon::control::ControlServer;
-use crate::daemon::logs::{self, pipes as output};
+use crate::daemon::logs::Logs;
 use crate::daemon::notify::NotifySocket;
 use crate::daemon::rundir::{PidFile, RunDir};
 use crate::daemon::sockets::Sockets;
@@ -42,9 +42,10 @@ pub enum Start {
 /// Boots a supervisor and runs it until it has stopped every worker.
 pub fn boot(mut start: Start) -> anyhow::Result<()> {
     // What `clusterd logs` showed comes first, before this image logs anything.
-    if let Start::Resumed(handover) = &mut start {
-        logs::hub().restore(handover.take_log_lines());
-    }
+    let handed_lines = match &mut start {
+        Start::Resumed(handover) => handover.take_log_lines(),
+        Start::Fresh { .. } => Vec::new(),
+    };
     // First, before anything else opens a file: sockets systemd passed to a new supervisor
     // (fds 3..). A resumed one finds its descriptors named in the hand-over instead.
     let inherited = match &start {
@@ -99,23 +100,27 @@ pub fn boot(mut start: Start) -> anyhow::Result<()> {
         .iter()
         .map(|(name, app)| (name.as_str(), &app.log))
         .collect();
-    logs::configure(&manifest.supervisor.log, &app_logs, detached_log.as_deref())?;
+    let logs = Logs::new(&manifest.supervisor.log, &app_logs, detached_log.as_deref())?;
+    logs.hub().restore(handed_lines);
+    // clusterd's own lines go to its logs for as long as this supervisor runs.
+    let tracing = tracing::subscriber::set_default(logs.subscriber());
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the event loop")?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, async {
+    let result = local.block_on(&runtime, async {
         // SIGUSR1 (reopen the log files) would kill us until it is handled. After an upgrade
         // it was blocked across the exec: one sent meanwhile is delivered once the supervisor
         // unblocks the signals it handles.
-        logs::listen_for_reopen().context("cannot handle SIGUSR1")?;
+        logs.listen_for_reopen().context("cannot handle SIGUSR1")?;
         let parts = match start {
             Start::Fresh { manifest, .. } => {
-                fresh(*manifest, &run_dir, inherited.unwrap_or_default(), detached).await?
+                let inherited = inherited.unwrap_or_default();
+                fresh(*manifest, &run_dir, inherited, detached, &logs).await?
             }
-            Start::Resumed(handover) => resumed(*handover, &run_dir)?,
+            Start::Resumed(handover) => resumed(*handover, &run_dir, &logs)?,
         };
         let pid_file = PidFile::write(run_dir.pid_file())?;
         tracing::info!(
@@ -126,12 +131,16 @@ pub fn boot(mut start: Start) -> anyhow::Result<()> {
         );
         let result = daemon::run(parts, manager).await;
         drop(pid_file);
-        let dropped = output::dropped_lines();
+        let dropped = logs.dropped_lines();
         if dropped > 0 {
             tracing::warn!("{dropped} lines of output were dropped: stdout or stderr was not read");
         }
         result
-    })
+    });
+    // What is still queued gets a bounded moment to be written.
+    drop(tracing);
+    logs.close();
+    result
 }
 
 /// Binds what a new supervisor needs.
@@ -140,10 +149,11 @@ async fn fresh(
     run_dir: &RunDir,
     inherited: std::collections::BTreeMap<String, std::os::fd::OwnedFd>,
     detached: bool,
+    logs: &Logs,
 ) -> anyhow::Result<daemon::Parts> {
     // The control socket first: a second `start` of a running manifest fails here, before
     // it could disturb anything.
-    let control = ControlServer::bind(&run_dir.control_socket())?;
+    let control = ControlServer::bind(&run_dir.control_socket(), logs.clone())?;
     // Now that no other clusterd runs this run directory: kill what a previous run that was
     // itself killed left behind, before it can hold a port we are about to bind.
     let containment = Containment::detect(&containment::key_for(&run_dir.path));
@@ -183,13 +193,18 @@ async fn fresh(
         containment,
         detached,
         resumed: None,
+        logs: logs.clone(),
     })
 }
 
 /// Adopts what the previous image of this supervisor handed over.
-fn resumed(handover: Handover, run_dir: &RunDir) -> anyhow::Result<daemon::Parts> {
+fn resumed(handover: Handover, run_dir: &RunDir, logs: &Logs) -> anyhow::Result<daemon::Parts> {
     let adopt = |fd| daemon::adopt_fd(fd).context("an inherited descriptor");
-    let control = ControlServer::adopt(adopt(handover.control.fd)?, &handover.control.path)?;
+    let control = ControlServer::adopt(
+        adopt(handover.control.fd)?,
+        &handover.control.path,
+        logs.clone(),
+    )?;
     let notify = NotifySocket::adopt(adopt(handover.notify.fd)?, &handover.notify.path)?;
     let metrics = match handover.metrics {
         Some(fd) => Some(metrics::MetricsServer::adopt(adopt(fd)?)?),
@@ -214,5 +229,6 @@ fn resumed(handover: Handover, run_dir: &RunDir) -> anyhow::Result<daemon::Parts
         containment,
         detached: handover.detached,
         resumed: Some(Box::new(handover)),
+        logs: logs.clone(),
     })
 }

@@ -20,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
-use crate::daemon::logs::{self, Filter, format};
+use crate::daemon::logs::{Filter, Logs, format};
 
 /// How long a client may take to send its request, and to read each reply line.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -65,7 +65,7 @@ pub enum ControlError {
 impl ControlServer {
     /// Binds the socket at `path`. A stale socket file (nobody answers) is replaced; a live
     /// one means another supervisor runs this manifest. Must run inside a `LocalSet`.
-    pub fn bind(path: &Path) -> Result<Self, ControlError> {
+    pub fn bind(path: &Path, logs: Logs) -> Result<Self, ControlError> {
         let bind_error = |cause| ControlError::Bind {
             path: path.to_path_buf(),
             cause,
@@ -79,21 +79,22 @@ impl ControlServer {
         let listener = UnixListener::bind(path).map_err(bind_error)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(bind_error)?;
-        Self::serve_listener(listener, path).map_err(bind_error)
+        Self::serve_listener(listener, path, logs).map_err(bind_error)
     }
 
     /// The listener handed over by the previous clusterd (bound at `path`). Must run inside
     /// a `LocalSet`.
-    pub fn adopt(fd: std::os::fd::OwnedFd, path: &Path) -> io::Result<Self> {
+    pub fn adopt(fd: std::os::fd::OwnedFd, path: &Path, logs: Logs) -> io::Result<Self> {
         let listener = std::os::unix::net::UnixListener::from(fd);
         listener.set_nonblocking(true)?;
-        Self::serve_listener(UnixListener::from_std(listener)?, path)
+        Self::serve_listener(UnixListener::from_std(listener)?, path, logs)
     }
 
-    fn serve_listener(listener: UnixListener, path: &Path) -> io::Result<Self> {
+    /// Serves `listener`; `logs` answers `clusterd logs`.
+    fn serve_listener(listener: UnixListener, path: &Path, logs: Logs) -> io::Result<Self> {
         let kept = std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned()?;
         let (sender, requests) = mpsc::channel(64);
-        tokio::task::spawn_local(accept_loop(listener, sender));
+        tokio::task::spawn_local(accept_loop(listener, sender, logs));
         Ok(ControlServer {
             requests,
             path: path.to_path_buf(),
@@ -118,7 +119,7 @@ impl Drop for ControlServer {
     }
 }
 
-async fn accept_loop(listener: UnixListener, requests: mpsc::Sender<ControlRequest>) {
+async fn accept_loop(listener: UnixListener, requests: mpsc::Sender<ControlRequest>, logs: Logs) {
     let our_uid = nix::unistd::getuid().as_raw();
     loop {
         let stream = match listener.accept().await {
@@ -130,11 +131,16 @@ async fn accept_loop(listener: UnixListener, requests: mpsc::Sender<ControlReque
                 continue;
             }
         };
-        tokio::task::spawn_local(serve(stream, our_uid, requests.clone()));
+        tokio::task::spawn_local(serve(stream, our_uid, requests.clone(), logs.clone()));
     }
 }
 
-async fn serve(mut stream: UnixStream, our_uid: u32, requests: mpsc::Sender<ControlRequest>) {
+async fn serve(
+    mut stream: UnixStream,
+    our_uid: u32,
+    requests: mpsc::Sender<ControlRequest>,
+    logs: Logs,
+) {
     let peer_uid = getsockopt(&stream, sockopt::PeerCredentials).map(|c| c.uid());
     match peer_uid {
         Ok(uid) if uid == our_uid || uid == 0 => {}
@@ -181,7 +187,7 @@ async fn serve(mut stream: UnixStream, our_uid: u32, requests: mpsc::Sender<Cont
     } = request
     {
         let filter = Filter { app, slot };
-        return serve_logs(stream, filter, lines, follow).await;
+        return serve_logs(stream, &logs, filter, lines, follow).await;
     }
 
     let (reply, mut replies) = mpsc::unbounded_channel();
@@ -205,9 +211,9 @@ async fn serve(mut stream: UnixStream, our_uid: u32, requests: mpsc::Sender<Cont
 }
 
 /// `logs`: the last lines, then (`follow`) the new ones until the client goes away.
-async fn serve_logs(stream: UnixStream, filter: Filter, lines: usize, follow: bool) {
+async fn serve_logs(stream: UnixStream, logs: &Logs, filter: Filter, lines: usize, follow: bool) {
     let (mut reader, mut writer) = stream.into_split();
-    let hub = logs::hub();
+    let hub = logs.hub();
     if let Some(app) = &filter.app
         && !hub.knows(app)
     {

@@ -332,6 +332,63 @@ command = ["sh", "-c", "if [ -e '{dir}/crashed' ]; then exec sleep 1000; fi; tou
     );
 }
 
+/// `clusterd logs --json` lines of clusterd's events (a text log here) as `clusterd logs`
+/// returns them: with their fields.
+fn json_events(manifest: &Path) -> Vec<serde_json::Value> {
+    let output = cli(manifest, &["logs", "--json", "-n", "100", "clusterd"]);
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect()
+}
+
+#[test]
+fn logs_json_carries_the_event_fields_and_they_cross_an_upgrade() {
+    let mut clusterd = Clusterd::start(
+        r#"
+[apps.web]
+command = ["sh", "-c", "exec sleep 1000"]
+"#,
+    );
+    let worker = clusterd.wait_worker("web", 0, 20 * SECOND, |w| w["state"] == "ready");
+    let pid = worker["pid"].clone();
+    let started = |events: &[serde_json::Value]| {
+        events
+            .iter()
+            .find(|e| e["event"] == "started" && e["pid"] == pid)
+            .cloned()
+    };
+    // The log is text, yet what `clusterd logs` keeps is the event with its fields.
+    let event = started(&json_events(&clusterd.manifest))
+        .unwrap_or_else(|| panic!("no started event for {pid}"));
+    assert_eq!(event["app"], "web");
+    assert_eq!(event["slot"], 0);
+    assert_eq!(event["generation"], 1);
+    assert_eq!(event["stream"], "log");
+    assert_eq!(event["level"], "INFO");
+    assert_eq!(event["command"], "sh -c exec sleep 1000");
+    // As text, it is clusterd's line with today's wording.
+    let output = cli(&clusterd.manifest, &["logs", "-n", "100", "clusterd"]);
+    let text = String::from_utf8(output.stdout).expect("utf-8");
+    let expected = format!("clusterd INFO web[0] started pid {pid} (generation 1)");
+    assert!(
+        text.lines()
+            .any(|l| after_time(l).is_some_and(|rest| rest.starts_with(&expected))),
+        "{text}"
+    );
+
+    // Across an upgrade, the kept lines keep their fields.
+    let upgrade = clusterd.ctl(&["upgrade"]);
+    assert!(upgrade.status.success(), "{upgrade:?}");
+    assert_eq!(clusterd.status()["upgrades"], 1);
+    let after = started(&json_events(&clusterd.manifest))
+        .unwrap_or_else(|| panic!("the started event of {pid} did not cross the upgrade"));
+    assert_eq!(after, event);
+    assert!(clusterd.stop().success());
+}
+
 #[test]
 fn logs_prints_the_last_lines_and_follow_shows_new_ones() {
     let mut clusterd = Clusterd::start(

@@ -210,6 +210,10 @@ pub struct LogLine {
     /// `message` is base64.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub base64: bool,
+    /// For one of clusterd's events, its name (`event`) and its own fields; then `app`,
+    /// `slot`, `pid` and `generation` above are those of the worker it is about.
+    #[serde(flatten)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Where a [`LogLine`] came from.
@@ -405,6 +409,7 @@ mod tests {
             level: None,
             message: "hello".into(),
             base64: false,
+            fields: Default::default(),
         }));
         let line = String::from_utf8(encode_line(&reply)).unwrap();
         assert_eq!(
@@ -414,6 +419,21 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<Reply>(&line).unwrap(), reply);
         assert!(!reply.is_final());
+        // An event's own fields travel flat beside the others.
+        let event = "{\"reply\":\"log\",\"time\":\"2026-11-21T10:00:00.123Z\",\"app\":\"web\",\
+                     \"slot\":0,\"stream\":\"log\",\"level\":\"INFO\",\"message\":\"web[0] started\",\
+                     \"event\":\"started\",\"command\":\"node app.js\"}\n";
+        let Reply::Log(parsed) = serde_json::from_str::<Reply>(event).unwrap() else {
+            panic!("a log line");
+        };
+        assert_eq!(parsed.fields["event"], "started");
+        assert_eq!(parsed.fields["command"], "node app.js");
+        assert_eq!(parsed.fields.len(), 2);
+        let again = encode_line(&Reply::Log(parsed.clone()));
+        assert_eq!(
+            serde_json::from_slice::<Reply>(&again).unwrap(),
+            Reply::Log(parsed)
+        );
         assert!(
             Reply::Done {
                 message: String::new()

@@ -85,11 +85,15 @@ impl Driver {
         };
         // The forwarding tasks learn the pid once the fork has returned it.
         let source = Source::worker(app, slot, generation);
-        let destination = logs::destination(&config.log, app);
-        let stdout = Forwarder::new(source.clone(), LogStream::Stdout, destination);
+        let destination = self.logs.destination(&config.log, app);
+        let stdout = self
+            .logs
+            .forwarder(source.clone(), LogStream::Stdout, &destination);
         let (stdout, kept_stdout) =
             pipes::forward(stdout, &mut self.output_tasks).map_err(pipe_error)?;
-        let stderr = Forwarder::new(source.clone(), LogStream::Stderr, destination);
+        let stderr = self
+            .logs
+            .forwarder(source.clone(), LogStream::Stderr, &destination);
         let (stderr, kept_stderr) =
             pipes::forward(stderr, &mut self.output_tasks).map_err(pipe_error)?;
         // Without its own cgroup the worker is still contained by its process group.

@@ -34,8 +34,7 @@ use crate::daemon::containment::{self, Containment};
 use crate::daemon::control::{ControlRequest, ControlServer};
 use crate::daemon::intercept::{self, Intercepts, Trap};
 use crate::daemon::ipc::{self, Channels};
-use crate::daemon::logs::pipes;
-use crate::daemon::logs::{self, Forwarder, Source};
+use crate::daemon::logs::{Logs, Source, pipes};
 use crate::daemon::manager::{self, Manager};
 use crate::daemon::metrics::{Metrics, MetricsServer, Query};
 use crate::daemon::notify::{Notification, NotifySocket};
@@ -77,6 +76,8 @@ pub struct Parts {
     /// The state a previous clusterd of this pid handed over: then the workers are its own
     /// children already.
     pub resumed: Option<Box<Handover>>,
+    /// Where output goes.
+    pub logs: Logs,
 }
 
 /// Runs the supervisor until a shutdown has stopped every worker.
@@ -93,11 +94,18 @@ pub async fn run(parts: Parts, manager: Option<Manager>) -> anyhow::Result<()> {
         containment,
         detached,
         resumed,
+        logs,
     } = parts;
     // Install the SIGCHLD listener and the other signal handlers before the first fork.
     let mut reaper = Reaper::new()?;
     let mut signals = Signals::new()?;
-    let mut driver = Driver::new(manifest, sockets, notify.path().to_path_buf(), containment)?;
+    let mut driver = Driver::new(
+        manifest,
+        sockets,
+        notify.path().to_path_buf(),
+        containment,
+        logs,
+    )?;
     driver.manager = manager;
     driver.detached = detached;
     let mut core = match resumed {
@@ -231,6 +239,8 @@ struct Driver {
     checked: Option<(Checking, clusterd_core::ExitStatus)>,
     /// Workers' message channels (`ipc`).
     channels: Channels,
+    /// Where output goes.
+    logs: Logs,
     /// The background process of `start --detach`.
     detached: bool,
 }
@@ -241,13 +251,14 @@ impl Driver {
         sockets: Sockets,
         notify_path: PathBuf,
         containment: Containment,
+        logs: Logs,
     ) -> anyhow::Result<Self> {
         let base_env = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| !clusterd_manifest::RESERVED_ENV.contains(&k.as_str()))
             .collect();
         let steered = steering::steered(&manifest);
-        logs::hub().set_apps(manifest.apps.keys());
+        logs.hub().set_apps(manifest.apps.keys());
         Ok(Driver {
             manifest,
             sockets,
@@ -279,6 +290,7 @@ impl Driver {
             checked: None,
             channels: Channels::default(),
             detached: false,
+            logs,
         })
     }
 
@@ -394,7 +406,7 @@ impl Driver {
                     None
                 }
                 Action::Event(notice) => {
-                    logs::event(&notice);
+                    self.logs.event(&notice);
                     None
                 }
                 Action::Log { level, message } => {
@@ -552,7 +564,7 @@ impl Driver {
                 "socket {name}: a changed address takes effect only after a restart of clusterd"
             );
         }
-        logs::hub().set_apps(manifest.apps.keys());
+        self.logs.hub().set_apps(manifest.apps.keys());
         self.manifest = manifest.clone();
         Some(manifest)
     }

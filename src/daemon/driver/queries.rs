@@ -61,7 +61,7 @@ impl Driver {
                 .collect(),
             apps,
             containment: self.containment.describe(),
-            output_dropped: pipes::dropped_lines(),
+            output_dropped: self.logs.dropped_lines(),
             ready: core.readiness().is_ok(),
             not_ready: core.readiness().err(),
             version: handover::VERSION.to_owned(),

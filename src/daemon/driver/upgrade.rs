@@ -52,8 +52,8 @@ impl Driver {
             if let Some(pid) = worker.pid {
                 source.set_pid(pid.as_raw().unsigned_abs());
             }
-            let destination = logs::destination(&worker.config.log, &worker.app);
-            let out = |stream| Forwarder::new(source.clone(), stream, destination);
+            let destination = self.logs.destination(&worker.config.log, &worker.app);
+            let out = |stream| self.logs.forwarder(source.clone(), stream, &destination);
             pipes::resume(out(LogStream::Stdout), stdout, &mut self.output_tasks)?;
             pipes::resume(out(LogStream::Stderr), stderr, &mut self.output_tasks)?;
             self.outputs.insert(output.worker, kept);
@@ -180,7 +180,7 @@ impl Driver {
         let error = match encoded.and_then(|bytes| handover::memfd(&bytes)) {
             Err(error) => std::io::Error::other(Chain(&error).to_string()),
             Ok(state) => {
-                pipes::flush(Duration::from_secs(1));
+                self.logs.flush(Duration::from_secs(1));
                 all.push(state.as_raw_fd());
                 let error = match handover::set_inherit(&all, true)
                     .and_then(|()| crate::daemon::signals::block_handled(true))
@@ -258,7 +258,7 @@ impl Driver {
             steering,
             channels,
             counters: self.metrics.counters(),
-            log_lines: logs::hub().handover(),
+            log_lines: self.logs.hub().handover(),
             started: self.started,
             upgrades: self.upgrades + 1,
             contained: self

@@ -7,9 +7,6 @@ use clusterd_core::state::human;
 use clusterd_core::{Exit, Level, Notice, What};
 use serde_json::{Map, Value, json};
 
-use super::format::log_line;
-use super::ring::Record;
-
 /// The level as `tracing` prints it.
 pub fn level_name(level: Level) -> &'static str {
     match level {
@@ -238,14 +235,10 @@ fn fields(what: &What) -> Map<String, Value> {
     }
 }
 
-/// The event as a JSON log line (newline included): the protocol's line for `record` (time,
-/// stream `log`, level, message), with `event`, the worker's `app`, `slot`, `pid` and
-/// `generation` where they apply, and the event's own fields.
-pub fn json(notice: &Notice, record: &Record) -> Vec<u8> {
-    let mut line = match serde_json::to_value(log_line(record)) {
-        Ok(Value::Object(map)) => map,
-        _ => Map::new(),
-    };
+/// The event's fields, kept with its line ([`super::Record::fields`]): `event`, the worker's
+/// `app`, `slot`, `pid` and `generation` where they apply, and the event's own.
+pub fn all_fields(notice: &Notice) -> Map<String, Value> {
+    let mut line = Map::new();
     line.insert("event".into(), json!(notice.what.name()));
     if let Some(app) = &notice.app {
         line.insert("app".into(), json!(app));
@@ -263,9 +256,7 @@ pub fn json(notice: &Notice, record: &Record) -> Vec<u8> {
     for (key, value) in fields(&notice.what) {
         line.entry(key).or_insert(value);
     }
-    let mut out = serde_json::to_vec(&Value::Object(line)).unwrap_or_default();
-    out.push(b'\n');
-    out
+    line
 }
 
 #[cfg(test)]
@@ -277,6 +268,8 @@ mod tests {
 
     use super::*;
     use crate::daemon::logs::Source;
+    use crate::daemon::logs::format::json;
+    use crate::daemon::logs::ring::Record;
 
     fn notice(what: What) -> Notice {
         Notice {
@@ -333,8 +326,9 @@ mod tests {
             source: Source::events(),
             stream: LogStream::Log,
             message: message.as_bytes().into(),
+            fields: Some(Box::new(all_fields(&crash))),
         };
-        let line = json(&crash, &record);
+        let line = json(&record);
         let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(value["event"], "restarting");
         assert_eq!(value["app"], "web");

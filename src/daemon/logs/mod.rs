@@ -1,14 +1,19 @@
 //! Where output goes: workers' lines and clusterd's own events, to clusterd's stdout/stderr or
 //! to log files, in text or JSON, and into the memory `clusterd logs` reads.
 //!
-//! Every line takes the same path: [`pipes`] reads it from a worker's pipe (or
-//! [`EventWriter`] gets it from the log), the [`Hub`] keeps it and hands it to followers
-//! ([`ring`]), it is formatted ([`format`]) for its destination, and a writer thread writes it
-//! ([`pipes`]' byte-bounded queues: backpressure on the worker while the writer keeps up,
-//! drop and count when a write blocks for a second; a failed write is dropped and counted
-//! too). The event loop never writes, opens or renames a file: each log file has a writer
-//! thread ([`file::LogFile`]), which opens it on its first line, rotates it by size and reopens
-//! it on SIGUSR1.
+//! All of it is one value, [`Logs`], that boot builds from the manifest and hands to the
+//! driver (a cheap handle: the driver passes clones to what needs one — the forwarders, the
+//! control server, the `tracing` subscriber of clusterd's own lines); dropping or closing it
+//! writes what is queued (a bounded wait) and ends the writer threads. Nothing is global.
+//!
+//! Every line takes the same path: [`pipes`] reads it from a worker's pipe in batches (or
+//! [`Logs::event`] and the `tracing` [`layer`] get it from clusterd), the [`Hub`] keeps it
+//! and hands it to followers ([`ring`]), it is formatted ([`format`]) for its destination,
+//! and a writer thread writes it ([`pipes`]' byte-bounded queues: backpressure on the worker
+//! while the writer keeps up, drop and count when a write blocks for a second; a failed write
+//! is dropped and counted too). The event loop never writes, opens or renames a file: each
+//! log file has a writer thread ([`file::LogFile`]), which opens it on its first line,
+//! rotates it by size and reopens it on SIGUSR1.
 //!
 //! Destinations (manifest `log`, per app with a `[supervisor]` default): `"stdout"`, a
 //! directory (`<dir>/<app>.log`, and `<dir>/clusterd.log` for the events), or a file. When
@@ -19,27 +24,33 @@
 pub mod event;
 mod file;
 pub mod format;
+pub mod layer;
 pub mod pipes;
 pub mod ring;
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use clusterd_manifest::{LogConfig, LogFormat, LogTarget};
 use clusterd_proto::LogStream;
 
-pub use ring::{Filter, Hub, Record};
+pub use ring::{Filter, Hub};
 
-use self::pipes::{Push, Sink};
+use self::format::{LineFormat, Style};
+use self::pipes::{Batch, Sink};
 
 /// Lines kept in memory per app for `clusterd logs`.
 const RING_LINES: usize = 2000;
 /// Bytes kept in memory per app.
 const RING_BYTES: usize = 1 << 20;
+/// How long closing [`Logs`] waits for what is queued to be written.
+const CLOSE_FLUSH: Duration = Duration::from_millis(1500);
 /// The name of clusterd's own events (as an app name in `clusterd logs`, and the file name
 /// in a log directory).
 pub const EVENTS: &str = "clusterd";
@@ -75,9 +86,6 @@ impl Source {
         generation: Option<u64>,
         pid: Option<u32>,
     ) -> Arc<Self> {
-        if app == EVENTS && slot.is_none() {
-            return Source::events();
-        }
         Arc::new(Source {
             app,
             slot,
@@ -86,19 +94,14 @@ impl Source {
         })
     }
 
-    /// clusterd's events.
+    /// clusterd's events (the [`Hub`] keeps one).
     pub fn events() -> Arc<Self> {
-        static EVENTS_SOURCE: OnceLock<Arc<Source>> = OnceLock::new();
-        EVENTS_SOURCE
-            .get_or_init(|| {
-                Arc::new(Source {
-                    app: EVENTS.to_owned(),
-                    slot: None,
-                    generation: None,
-                    pid: AtomicU32::new(0),
-                })
-            })
-            .clone()
+        Arc::new(Source {
+            app: EVENTS.to_owned(),
+            slot: None,
+            generation: None,
+            pid: AtomicU32::new(0),
+        })
     }
 
     /// The worker's pid, once spawned.
@@ -115,128 +118,360 @@ impl Source {
     }
 }
 
-/// The supervisor's memory of recent lines.
-pub fn hub() -> &'static Hub {
-    static HUB: OnceLock<Hub> = OnceLock::new();
-    HUB.get_or_init(|| {
-        Hub::new(ring::Bounds {
-            lines: RING_LINES,
-            bytes: RING_BYTES,
-        })
-    })
-}
-
-/// Where a stream's lines are written, and how.
-#[derive(Clone, Copy)]
-pub enum Destination {
-    /// clusterd's stdout (stdout lines) or stderr (stderr lines and events); text without
-    /// time, as clusterd always wrote.
-    Std(LogFormat),
-    /// A log file's writer.
-    File(&'static Sink, LogFormat),
+/// Where a source's lines are written, and how.
+#[derive(Clone)]
+pub struct Destination {
+    /// The writer of stdout lines: clusterd's stdout, or a log file.
+    stdout: Arc<Sink>,
+    /// The writer of stderr lines and events: clusterd's stderr, or the same log file.
+    stderr: Arc<Sink>,
+    style: Style,
 }
 
 impl Destination {
-    /// Formats `record` for this destination.
-    fn format(self, record: &Record) -> Vec<u8> {
-        match self {
-            Destination::Std(LogFormat::Text) => format::text(record, false),
-            Destination::File(_, LogFormat::Text) => format::text(record, true),
-            Destination::Std(LogFormat::Json) | Destination::File(_, LogFormat::Json) => {
-                format::json(record)
-            }
-        }
-    }
-
     /// The writer of `stream`'s lines.
-    fn sink(self, stream: LogStream) -> &'static Sink {
-        match self {
-            Destination::Std(_) if stream == LogStream::Stdout => pipes::stdout(),
-            Destination::Std(_) => pipes::stderr(),
-            Destination::File(sink, _) => sink,
+    fn sink(&self, stream: LogStream) -> &Arc<Sink> {
+        match stream {
+            LogStream::Stdout => &self.stdout,
+            LogStream::Stderr | LogStream::Log => &self.stderr,
         }
     }
-}
-
-/// What is decided once, at start.
-struct Settings {
-    /// Where a `log` nobody wrote goes: stdout, or the detached supervisor's file.
-    default: LogTarget,
-    /// Where clusterd's events go.
-    events: Destination,
-}
-
-static SETTINGS: OnceLock<Settings> = OnceLock::new();
-
-/// The writer threads of the log files, by path. They live as long as clusterd.
-fn files() -> &'static Mutex<HashMap<PathBuf, &'static Sink>> {
-    static FILES: OnceLock<Mutex<HashMap<PathBuf, &'static Sink>>> = OnceLock::new();
-    FILES.get_or_init(Default::default)
 }
 
 /// Why a log destination cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot open log file {path}")]
-pub struct LogError {
-    /// The file.
-    pub path: PathBuf,
-    /// What failed.
-    #[source]
-    pub cause: io::Error,
+pub enum LogError {
+    /// A configured file cannot be opened or created.
+    #[error("cannot open log file {path}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        cause: io::Error,
+    },
+    /// A writer thread cannot be started.
+    #[error("cannot start the writer of {what}")]
+    Writer {
+        /// clusterd's stdout, stderr, or a file.
+        what: String,
+        /// What failed.
+        #[source]
+        cause: io::Error,
+    },
 }
 
-/// Decides the default destination (`detached`: the run directory's `clusterd.log`) and
-/// where clusterd's events go, and checks at once that every configured file can be opened
-/// (creating directories), so that a typo fails `start` instead of losing lines. Call once,
-/// before the supervisor runs.
-pub fn configure(
-    supervisor: &LogConfig,
-    apps: &[(&str, &LogConfig)],
-    detached: Option<&Path>,
-) -> Result<(), LogError> {
-    let default = match detached {
-        Some(file) => LogTarget::File(file.to_path_buf()),
-        None => LogTarget::Stdout,
-    };
-    let settings_default = default.clone();
-    let check = |config: &LogConfig, name: &str| -> Result<(), LogError> {
-        let target = config.target.as_ref().unwrap_or(&settings_default);
-        if let Some(path) = file_of(target, name) {
-            check_writable(&path)?;
+/// A supervisor's output: its writers, its memory of recent lines and what was decided at
+/// start. A handle: clones share it.
+#[derive(Clone)]
+pub struct Logs(Arc<Inner>);
+
+struct Inner {
+    hub: Hub,
+    writers: Writers,
+    /// Where a `log` nobody wrote goes: stdout, or the detached supervisor's file.
+    default: LogTarget,
+    /// Where clusterd's events go.
+    events: Destination,
+    /// The most detailed level of clusterd's events that is written.
+    level: tracing::Level,
+}
+
+/// The writer threads: clusterd's stdout and stderr, and one per log file.
+struct Writers {
+    stdout: Arc<Sink>,
+    stderr: Arc<Sink>,
+    /// The writers of the log files, by path (started on first use).
+    files: Mutex<HashMap<PathBuf, Arc<Sink>>>,
+    /// Every writer thread, joined when closing.
+    threads: Mutex<Vec<(Arc<Sink>, JoinHandle<()>)>>,
+}
+
+/// The level of clusterd's own lines: `CLUSTERD_LOG` (`debug`, `info`, `warn`...), else info.
+pub fn max_level() -> tracing::Level {
+    std::env::var("CLUSTERD_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(tracing::Level::INFO)
+}
+
+impl Logs {
+    /// Starts the writers of clusterd's stdout and stderr, decides the default destination
+    /// (`detached`: the run directory's `clusterd.log`) and where clusterd's events go, and
+    /// checks at once that every configured file can be opened (creating directories), so
+    /// that a typo fails `start` instead of losing lines.
+    pub fn new(
+        supervisor: &LogConfig,
+        apps: &[(&str, &LogConfig)],
+        detached: Option<&Path>,
+    ) -> Result<Self, LogError> {
+        let default = match detached {
+            Some(file) => LogTarget::File(file.to_path_buf()),
+            None => LogTarget::Stdout,
+        };
+        let check = |config: &LogConfig, name: &str| -> Result<(), LogError> {
+            let target = config.target.as_ref().unwrap_or(&default);
+            if let Some(path) = file_of(target, name) {
+                check_writable(&path)?;
+            }
+            Ok(())
+        };
+        check(supervisor, EVENTS)?;
+        for (name, config) in apps {
+            check(config, name)?;
         }
-        Ok(())
-    };
-    check(supervisor, EVENTS)?;
-    for (name, config) in apps {
-        check(config, name)?;
+        let writers = Writers::start()?;
+        let events = match writers.resolve(supervisor, EVENTS, &default) {
+            // On a terminal (or journald), as `tracing` always showed them.
+            Destination {
+                style: Style::Bare, ..
+            } => Destination {
+                stdout: writers.stderr.clone(),
+                stderr: writers.stderr.clone(),
+                style: Style::Console {
+                    ansi: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                },
+            },
+            other => other,
+        };
+        Ok(Logs(Arc::new(Inner {
+            hub: Hub::new(ring::Bounds {
+                lines: RING_LINES,
+                bytes: RING_BYTES,
+            }),
+            writers,
+            default,
+            events,
+            level: max_level(),
+        })))
     }
-    let events = resolve(supervisor, EVENTS, &default);
-    let _ = SETTINGS.set(Settings { default, events });
-    Ok(())
+
+    /// The memory of recent lines.
+    pub fn hub(&self) -> &Hub {
+        &self.0.hub
+    }
+
+    /// The destination of an app's lines.
+    pub fn destination(&self, config: &LogConfig, app: &str) -> Destination {
+        self.0.writers.resolve(config, app, &self.0.default)
+    }
+
+    /// The forwarder of a worker's `stream` to `destination`.
+    pub fn forwarder(
+        &self,
+        source: Arc<Source>,
+        stream: LogStream,
+        destination: &Destination,
+    ) -> Forwarder {
+        Forwarder {
+            logs: self.clone(),
+            format: LineFormat::new(destination.style, &source.app, source.slot, stream),
+            sink: destination.sink(stream).clone(),
+            source,
+            stream,
+        }
+    }
+
+    /// Logs one of clusterd's typed events: kept with its fields (`event`, `app`, `slot`,
+    /// `pid`, `generation` and its own) and written to the events' destination — as JSON
+    /// with those fields, or as text with today's wording.
+    pub fn event(&self, notice: &clusterd_core::Notice) {
+        use clusterd_core::Level;
+        let level = match notice.level {
+            Level::Error => tracing::Level::ERROR,
+            Level::Warn => tracing::Level::WARN,
+            Level::Info => tracing::Level::INFO,
+            Level::Debug => tracing::Level::DEBUG,
+        };
+        if level > self.0.level {
+            return;
+        }
+        let message = format!(
+            "{} {}",
+            event::level_name(notice.level),
+            event::text(notice)
+        );
+        self.log(message.as_bytes(), event::all_fields(notice));
+    }
+
+    /// Keeps one of clusterd's lines (`message` with its level first) with its fields and
+    /// writes it to the events' destination. The log never waits: a full queue drops it.
+    fn log(&self, message: &[u8], fields: serde_json::Map<String, serde_json::Value>) {
+        let record = self.0.hub.publish_event(message, fields);
+        let events = &self.0.events;
+        let bytes = format::line(&record, events.style);
+        events
+            .sink(LogStream::Log)
+            .push_or_drop(Batch { bytes, lines: 1 });
+    }
+
+    /// A `tracing` subscriber for clusterd's own lines that logs them here (at the level of
+    /// [`max_level`]); the supervisor's thread installs it for as long as it runs.
+    pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + 'static {
+        use tracing_subscriber::Layer;
+        use tracing_subscriber::layer::SubscriberExt;
+        let filter = tracing_subscriber::filter::LevelFilter::from_level(self.0.level);
+        tracing_subscriber::registry()
+            .with(layer::EventLayer::new(self.clone()).with_filter(filter))
+    }
+
+    /// SIGUSR1: every log file is closed and opened again (after an external logrotate moved it).
+    pub fn reopen_files(&self) {
+        let files = self
+            .0
+            .writers
+            .files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for sink in files.values() {
+            sink.reopen();
+        }
+    }
+
+    /// Installs the SIGUSR1 handler (at once: SIGUSR1 kills by default) and a task that
+    /// reopens the log files on each one. Must run inside a `LocalSet`.
+    pub fn listen_for_reopen(&self) -> io::Result<()> {
+        let mut usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+        let logs = self.clone();
+        tokio::task::spawn_local(async move {
+            while usr1.recv().await.is_some() {
+                logs.reopen_files();
+                tracing::info!("SIGUSR1: log files reopened");
+            }
+        });
+        Ok(())
+    }
+
+    /// Waits (at most `bound`) until every writer has written what is queued (before an
+    /// upgrade's exec).
+    pub fn flush(&self, bound: Duration) {
+        let deadline = Instant::now() + bound;
+        for sink in self.0.writers.sinks() {
+            sink.flush(deadline);
+        }
+    }
+
+    /// Lines dropped so far because clusterd's stdout, stderr or a log file was not written
+    /// (not read, blocked, or failing).
+    pub fn dropped_lines(&self) -> u64 {
+        let writers = &self.0.writers;
+        let files = writers.files.lock().unwrap_or_else(|e| e.into_inner());
+        [&writers.stdout, &writers.stderr]
+            .into_iter()
+            .chain(files.values())
+            .map(|sink| sink.dropped())
+            .sum()
+    }
+
+    /// Writes what is queued (waiting at most [`CLOSE_FLUSH`]) and ends the writer threads;
+    /// lines logged afterwards are dropped and counted. Dropping the last handle does it too.
+    pub fn close(&self) {
+        self.0.writers.close();
+    }
 }
 
-/// The destination of an app's lines.
-pub fn destination(config: &LogConfig, app: &str) -> Destination {
-    let default = SETTINGS
-        .get()
-        .map_or(LogTarget::Stdout, |s| s.default.clone());
-    resolve(config, app, &default)
-}
+impl Writers {
+    /// Starts the writers of clusterd's stdout and stderr.
+    fn start() -> Result<Self, LogError> {
+        let mut threads = Vec::new();
+        let mut start = |fd, name: &str| -> Result<Arc<Sink>, LogError> {
+            let (sink, thread) =
+                pipes::spawn_writer(name, pipes::RawWriter(fd)).map_err(|cause| {
+                    LogError::Writer {
+                        what: name.to_owned(),
+                        cause,
+                    }
+                })?;
+            threads.push((sink.clone(), thread));
+            Ok(sink)
+        };
+        let stdout = start(1, "clusterd-stdout")?;
+        let stderr = start(2, "clusterd-stderr")?;
+        Ok(Writers {
+            stdout,
+            stderr,
+            files: Mutex::default(),
+            threads: Mutex::new(threads),
+        })
+    }
 
-fn resolve(config: &LogConfig, name: &str, default: &LogTarget) -> Destination {
-    let target = config.target.as_ref().unwrap_or(default);
-    match file_of(target, name) {
-        None => Destination::Std(config.format),
-        Some(path) => match file_sink(&path, config) {
-            Ok(sink) => Destination::File(sink, config.format),
+    /// Where `name`'s lines go under `config` (`default` where it names no target).
+    fn resolve(&self, config: &LogConfig, name: &str, default: &LogTarget) -> Destination {
+        let target = config.target.as_ref().unwrap_or(default);
+        let std = |style| Destination {
+            stdout: self.stdout.clone(),
+            stderr: self.stderr.clone(),
+            style,
+        };
+        let (Some(path), format) = (file_of(target, name), config.format) else {
+            return std(match config.format {
+                LogFormat::Text => Style::Bare,
+                LogFormat::Json => Style::Json,
+            });
+        };
+        match self.file_sink(&path, config) {
+            Ok(sink) => Destination {
+                stdout: sink.clone(),
+                stderr: sink,
+                style: match format {
+                    LogFormat::Text => Style::Timed,
+                    LogFormat::Json => Style::Json,
+                },
+            },
             Err(error) => {
                 tracing::error!(
                     "cannot start the writer of log file {}: {error}; writing to stdout",
                     path.display()
                 );
-                Destination::Std(config.format)
+                std(match format {
+                    LogFormat::Text => Style::Bare,
+                    LogFormat::Json => Style::Json,
+                })
             }
-        },
+        }
+    }
+
+    /// The writer of the file at `path`, started on first use.
+    fn file_sink(&self, path: &Path, config: &LogConfig) -> io::Result<Arc<Sink>> {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sink) = files.get(path) {
+            return Ok(sink.clone());
+        }
+        let target = file::LogFile::new(path.to_path_buf(), config.max_size, config.keep);
+        let (sink, thread) = pipes::spawn_writer("clusterd-logfile", target)?;
+        files.insert(path.to_path_buf(), sink.clone());
+        self.threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((sink.clone(), thread));
+        Ok(sink)
+    }
+
+    fn sinks(&self) -> Vec<Arc<Sink>> {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        threads.iter().map(|(sink, _)| sink.clone()).collect()
+    }
+
+    /// Writes what is queued, within [`CLOSE_FLUSH`], and ends the threads.
+    fn close(&self) {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let deadline = Instant::now() + CLOSE_FLUSH;
+        for (sink, _) in &threads {
+            sink.flush(deadline);
+        }
+        for (sink, thread) in threads {
+            // A writer still blocked in a write (nobody reads) is left behind, not waited for.
+            if sink.stop() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+impl Drop for Writers {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -250,7 +485,7 @@ fn file_of(target: &LogTarget, name: &str) -> Option<PathBuf> {
 }
 
 fn check_writable(path: &Path) -> Result<(), LogError> {
-    let error = |cause| LogError {
+    let error = |cause| LogError::Open {
         path: path.to_path_buf(),
         cause,
     };
@@ -266,151 +501,35 @@ fn check_writable(path: &Path) -> Result<(), LogError> {
         .map_err(error)
 }
 
-/// The writer of the file at `path`, started on first use.
-fn file_sink(path: &Path, config: &LogConfig) -> io::Result<&'static Sink> {
-    let mut files = files().lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(sink) = files.get(path) {
-        return Ok(sink);
-    }
-    let target = file::LogFile::new(path.to_path_buf(), config.max_size, config.keep);
-    let sink = pipes::spawn_writer("clusterd-logfile", target)?;
-    files.insert(path.to_path_buf(), sink);
-    Ok(sink)
-}
-
-/// SIGUSR1: every log file is closed and opened again (after an external logrotate moved it).
-pub fn reopen_files() {
-    let files = files().lock().unwrap_or_else(|e| e.into_inner());
-    for sink in files.values() {
-        sink.reopen();
-    }
-}
-
-/// Installs the SIGUSR1 handler (at once: SIGUSR1 kills by default) and a task that reopens
-/// the log files on each one. Must run inside a `LocalSet`.
-pub fn listen_for_reopen() -> io::Result<()> {
-    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
-    tokio::task::spawn_local(async move {
-        while usr1.recv().await.is_some() {
-            reopen_files();
-            tracing::info!("SIGUSR1: log files reopened");
-        }
-    });
-    Ok(())
-}
-
 /// One worker stream on its way: kept, formatted, written.
 pub struct Forwarder {
+    logs: Logs,
     source: Arc<Source>,
     stream: LogStream,
-    destination: Destination,
-}
-
-impl Forwarder {
-    /// The forwarder of a worker's `stream`, to `destination`.
-    pub fn new(source: Arc<Source>, stream: LogStream, destination: Destination) -> Self {
-        Forwarder {
-            source,
-            stream,
-            destination,
-        }
-    }
+    format: LineFormat,
+    sink: Arc<Sink>,
 }
 
 impl pipes::Lines for Forwarder {
-    fn record(&self, message: &[u8]) -> Vec<u8> {
-        let record = hub().publish(&self.source, self.stream, message);
-        self.destination.format(&record)
-    }
-
-    fn push(&self, line: Vec<u8>) -> Push {
-        self.destination.sink(self.stream).push(line)
-    }
-}
-
-/// The log's writer: each event is kept (as app `clusterd`) and written to the events'
-/// destination — clusterd's stderr, as formatted by `tracing`, or the supervisor's log file.
-/// The log never waits: a full queue drops the line.
-#[derive(Clone, Copy, Default)]
-pub struct EventWriter;
-
-impl Write for EventWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let message = strip_ansi(buf.trim_ascii());
-        // `tracing` prints the time first; the record has its own.
-        let without_time = match message.iter().position(|b| *b == b' ') {
-            Some(i) if message[..i].ends_with(b"Z") && message[0].is_ascii_digit() => {
-                message[i..].trim_ascii_start()
-            }
-            _ => &message[..],
+    fn record(&mut self, lines: &[&[u8]]) -> Batch {
+        let size: usize = lines.iter().map(|l| l.len()).sum();
+        let mut batch = Batch {
+            bytes: Vec::with_capacity(size + lines.len() * 48),
+            lines: lines.len() as u64,
         };
-        let record = hub().publish(&Source::events(), LogStream::Log, without_time);
-        let _ = match SETTINGS.get().map(|s| s.events) {
-            Some(destination @ Destination::File(sink, _)) => {
-                sink.push(destination.format(&record))
-            }
-            Some(Destination::Std(LogFormat::Json)) => pipes::stderr().push(format::json(&record)),
-            _ => pipes::stderr().push(buf.to_vec()),
-        };
-        Ok(buf.len())
+        let format = &mut self.format;
+        self.logs
+            .0
+            .hub
+            .publish_lines(&self.source, self.stream, lines.iter().copied(), |record| {
+                format.write(record, &mut batch.bytes)
+            });
+        batch
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+    async fn push(&self, batch: Batch) {
+        self.sink.push_waiting(batch).await
     }
-}
-
-/// Logs one of clusterd's typed events. Where the events' destination is JSON, the line is
-/// built from the event (its `event`, `app`, `slot`, `pid`, `generation` and own fields);
-/// as text it takes `tracing`'s path like every other line of clusterd's.
-pub fn event(notice: &clusterd_core::Notice) {
-    use clusterd_core::Level;
-    let enabled = match notice.level {
-        Level::Error => tracing::enabled!(tracing::Level::ERROR),
-        Level::Warn => tracing::enabled!(tracing::Level::WARN),
-        Level::Info => tracing::enabled!(tracing::Level::INFO),
-        Level::Debug => tracing::enabled!(tracing::Level::DEBUG),
-    };
-    if !enabled {
-        return;
-    }
-    let text = event::text(notice);
-    let json_sink = match SETTINGS.get().map(|s| s.events) {
-        Some(Destination::File(sink, LogFormat::Json)) => Some(sink),
-        Some(Destination::Std(LogFormat::Json)) => Some(pipes::stderr()),
-        _ => None,
-    };
-    if let Some(sink) = json_sink {
-        let message = format!("{} {text}", event::level_name(notice.level));
-        let record = hub().publish(&Source::events(), LogStream::Log, message.as_bytes());
-        let _ = sink.push(event::json(notice, &record));
-        return;
-    }
-    match notice.level {
-        Level::Error => tracing::error!("{text}"),
-        Level::Warn => tracing::warn!("{text}"),
-        Level::Info => tracing::info!("{text}"),
-        Level::Debug => tracing::debug!("{text}"),
-    }
-}
-
-/// `text` without ANSI colour sequences (`ESC [ ... m`).
-fn strip_ansi(text: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(text.len());
-    let mut i = 0;
-    while i < text.len() {
-        if text[i] == 0x1b && text.get(i + 1) == Some(&b'[') {
-            i += 2;
-            while i < text.len() && !text[i].is_ascii_alphabetic() {
-                i += 1;
-            }
-            i += 1;
-        } else {
-            out.push(text[i]);
-            i += 1;
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -418,11 +537,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ansi_colours_are_stripped() {
+    fn clusterd_s_own_lines_are_kept_with_their_fields_and_written_before_close_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |format| LogConfig {
+            target: Some(LogTarget::Dir(dir.path().to_path_buf())),
+            format,
+            max_size: None,
+            keep: 1,
+        };
+        let logs = Logs::new(&config(LogFormat::Json), &[], None).unwrap();
+        tracing::subscriber::with_default(logs.subscriber(), || {
+            tracing::warn!(
+                event = "cgroup_join_failed",
+                app = "web",
+                slot = 1u64,
+                "cannot join"
+            );
+            tracing::debug!("below the level: not kept");
+        });
+        let kept = logs.hub().tail(&Filter::default(), 10);
+        assert_eq!(kept.len(), 1);
         assert_eq!(
-            strip_ansi(b"\x1b[32m INFO\x1b[0m started"),
-            b" INFO started".to_vec()
+            &*kept[0].message,
+            b"WARN cannot join event=cgroup_join_failed app=web slot=1"
         );
+        logs.close();
+        let written = std::fs::read_to_string(dir.path().join("clusterd.log")).unwrap();
+        let line: serde_json::Value = serde_json::from_str(written.trim()).unwrap();
+        assert_eq!(line["event"], "cgroup_join_failed");
+        assert_eq!(line["app"], "web");
+        assert_eq!(line["slot"], 1);
+        assert_eq!(line["level"], "WARN");
+        // Closed: what comes later is counted, not written.
+        logs.log(b"INFO late", Default::default());
+        assert_eq!(logs.dropped_lines(), 1);
+        // A second value is independent of the first.
+        let text = Logs::new(&config(LogFormat::Text), &[], None).unwrap();
+        assert_eq!(text.hub().tail(&Filter::default(), 10).len(), 0);
     }
 
     #[test]

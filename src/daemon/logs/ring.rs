@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use clusterd_proto::LogStream;
+use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use super::Source;
@@ -24,8 +25,12 @@ pub struct Record {
     pub source: Arc<Source>,
     /// Which stream.
     pub stream: LogStream,
-    /// The line without its newline (any bytes).
+    /// The line without its newline (any bytes); for an event, its level first (`INFO ...`).
     pub message: Box<[u8]>,
+    /// An event's fields (`event`, the worker's `app`, `slot`, `pid`, `generation`, and the
+    /// event's own), for JSON: kept with the line, so `clusterd logs --json` shows what a JSON
+    /// log file has.
+    pub fields: Option<Box<Map<String, Value>>>,
 }
 
 /// A kept line as it crosses an upgrade's exec.
@@ -48,6 +53,9 @@ pub struct Handed {
     pub stream: LogStream,
     /// The line (bytes that are not UTF-8 come across replaced).
     pub message: String,
+    /// An event's fields ([`Record::fields`]); absent in hand-overs from before they were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<Box<Map<String, Value>>>,
 }
 
 /// Which lines a reader wants.
@@ -83,6 +91,8 @@ pub struct Bounds {
 pub struct Hub {
     bounds: Bounds,
     state: Mutex<State>,
+    /// The source of clusterd's events, made once.
+    events: Arc<Source>,
 }
 
 #[derive(Default)]
@@ -111,6 +121,7 @@ impl Hub {
         Hub {
             bounds,
             state: Mutex::new(State::default()),
+            events: Source::events(),
         }
     }
 
@@ -119,31 +130,76 @@ impl Hub {
     }
 
     /// Keeps a line and hands it to the followers that want it.
-    pub fn publish(&self, source: &Arc<Source>, stream: LogStream, message: &[u8]) -> Arc<Record> {
+    #[cfg(test)]
+    fn publish(&self, source: &Arc<Source>, stream: LogStream, message: &[u8]) -> Arc<Record> {
+        let mut record = None;
+        self.publish_lines(source, stream, [message], |r| record = Some(r.clone()));
+        record.expect("one line published")
+    }
+
+    /// Keeps one of clusterd's events (`message` with its level first) with its fields.
+    pub fn publish_event(&self, message: &[u8], fields: Map<String, Value>) -> Arc<Record> {
         let mut state = self.state();
         state.seq += 1;
         let record = Arc::new(Record {
             seq: state.seq,
             time: SystemTime::now(),
-            source: source.clone(),
-            stream,
+            source: self.events.clone(),
+            stream: LogStream::Log,
             message: message.into(),
+            fields: (!fields.is_empty()).then(|| Box::new(fields)),
         });
-        let ring = state.rings.entry(source.app.clone()).or_default();
-        ring.bytes += record.message.len();
-        ring.lines.push_back(record.clone());
-        while ring.lines.len() > self.bounds.lines
-            || (ring.bytes > self.bounds.bytes && ring.lines.len() > 1)
-        {
-            let old = ring.lines.pop_front().expect("not empty");
-            ring.bytes -= old.message.len();
-        }
-        // A full queue means a follower that does not keep up: drop it (its receiver sees the
-        // end). A closed one has gone.
-        state.followers.retain(|follower| {
-            !follower.filter.matches(&record) || follower.queue.try_send(record.clone()).is_ok()
-        });
+        self.keep(&mut state, record.clone());
         record
+    }
+
+    /// Keeps lines read together (one time for all: they were read at the same instant) and
+    /// hands each to the followers that want it and to `each`, under one lock.
+    pub fn publish_lines<'a>(
+        &self,
+        source: &Arc<Source>,
+        stream: LogStream,
+        lines: impl IntoIterator<Item = &'a [u8]>,
+        mut each: impl FnMut(&Arc<Record>),
+    ) {
+        let time = SystemTime::now();
+        let mut state = self.state();
+        let state = &mut *state;
+        if !state.rings.contains_key(&source.app) {
+            state.rings.insert(source.app.clone(), Ring::default());
+        }
+        let ring = state.rings.get_mut(&source.app).expect("inserted above");
+        for message in lines {
+            state.seq += 1;
+            let record = Arc::new(Record {
+                seq: state.seq,
+                time,
+                source: source.clone(),
+                stream,
+                message: message.into(),
+                fields: None,
+            });
+            ring.push(record.clone(), self.bounds);
+            if !state.followers.is_empty() {
+                hand_to_followers(&mut state.followers, &record);
+            }
+            each(&record);
+        }
+    }
+
+    /// Keeps `record` in its app's ring and hands it to the followers.
+    fn keep(&self, state: &mut State, record: Arc<Record>) {
+        if !state.rings.contains_key(&record.source.app) {
+            state
+                .rings
+                .insert(record.source.app.clone(), Ring::default());
+        }
+        let ring = state
+            .rings
+            .get_mut(&record.source.app)
+            .expect("inserted above");
+        ring.push(record.clone(), self.bounds);
+        hand_to_followers(&mut state.followers, &record);
     }
 
     /// The last `n` lines of each app matching `filter`, oldest first.
@@ -185,6 +241,7 @@ impl Hub {
                 pid: r.source.pid(),
                 stream: r.stream,
                 message: String::from_utf8_lossy(&r.message).into_owned(),
+                fields: r.fields.clone(),
             })
             .collect();
         lines.sort_by_key(|l| l.seq);
@@ -195,7 +252,11 @@ impl Hub {
     pub fn restore(&self, lines: Vec<Handed>) {
         let mut state = self.state();
         for line in lines {
-            let source = Source::restored(line.app, line.slot, line.generation, line.pid);
+            let source = if line.app == super::EVENTS && line.slot.is_none() {
+                self.events.clone()
+            } else {
+                Source::restored(line.app, line.slot, line.generation, line.pid)
+            };
             state.seq = state.seq.max(line.seq);
             let record = Arc::new(Record {
                 seq: line.seq,
@@ -203,16 +264,9 @@ impl Hub {
                 source,
                 stream: line.stream,
                 message: line.message.into_bytes().into(),
+                fields: line.fields,
             });
-            let ring = state.rings.entry(record.source.app.clone()).or_default();
-            ring.bytes += record.message.len();
-            ring.lines.push_back(record);
-            while ring.lines.len() > self.bounds.lines
-                || (ring.bytes > self.bounds.bytes && ring.lines.len() > 1)
-            {
-                let old = ring.lines.pop_front().expect("not empty");
-                ring.bytes -= old.message.len();
-            }
+            self.keep(&mut state, record);
         }
     }
 
@@ -232,6 +286,27 @@ impl Hub {
     fn followers(&self) -> usize {
         self.state().followers.len()
     }
+}
+
+impl Ring {
+    /// Keeps `record`, forgetting the oldest lines beyond `bounds` (but never the last one).
+    fn push(&mut self, record: Arc<Record>, bounds: Bounds) {
+        self.bytes += record.message.len();
+        self.lines.push_back(record);
+        while self.lines.len() > bounds.lines || (self.bytes > bounds.bytes && self.lines.len() > 1)
+        {
+            let old = self.lines.pop_front().expect("not empty");
+            self.bytes -= old.message.len();
+        }
+    }
+}
+
+/// A full queue means a follower that does not keep up: it is dropped (its receiver sees the
+/// end). A closed one has gone.
+fn hand_to_followers(followers: &mut Vec<Follower>, record: &Arc<Record>) {
+    followers.retain(|follower| {
+        !follower.filter.matches(record) || follower.queue.try_send(record.clone()).is_ok()
+    });
 }
 
 fn tail(state: &State, filter: &Filter, n: usize) -> Vec<Arc<Record>> {
