@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use super::backoff::{self, End};
 use super::commands::Waiter;
-use super::event::{Action, Event, Exit, Notice, Observation, SpawnFailure, What};
+use super::event::{
+    Action, Event, Exit, Notice, Observation, SpawnFailure, What, binds_itself_hint,
+};
 use super::state::{App, Phase, SlotState, StopReason, Tend, Worker, WorkerId, human};
 use crate::process::ExitStatus;
 use crate::process::SupervisorSignal;
@@ -101,8 +103,8 @@ const EARLY_EXIT: Duration = Duration::from_secs(1);
 /// Say what is wrong, by a documented heuristic: a worker of an app that has sockets but does
 /// not intercept, which fails within [`EARLY_EXIT`] of its start and before it was ready, most
 /// often tried to bind the address clusterd already holds (EADDRINUSE): unmodified servers
-/// bind their own port.
-fn binds_itself_hint(
+/// bind their own port. Returns that address (the app's first socket's).
+fn binds_itself(
     config: &AppConfig,
     end: &End,
     socket_addresses: &BTreeMap<String, String>,
@@ -110,16 +112,10 @@ fn binds_itself_hint(
     if config.intercept || end.was_ready || end.status.success() || end.uptime >= EARLY_EXIT {
         return None;
     }
-    let addresses: Vec<&str> = config
+    config
         .sockets
         .iter()
-        .filter_map(|name| socket_addresses.get(name).map(String::as_str))
-        .collect();
-    let first = addresses.first()?;
-    Some(format!(
-        "exited at once, before it was ready: if the app binds {first} itself (EADDRINUSE: \
-         clusterd holds it), set intercept = true or take fd 3"
-    ))
+        .find_map(|name| socket_addresses.get(name).cloned())
 }
 
 impl Core {
@@ -270,10 +266,14 @@ impl Core {
 
     fn on_exited(&mut self, now: Instant, pid: Pid, status: ExitStatus, group_empty: bool) {
         let Some(id) = self.pids.remove(&pid) else {
-            self.log(
-                Level::Debug,
-                format!("reaped adopted process {pid} ({status})"),
-            );
+            self.push_notice(Notice {
+                level: Level::Debug,
+                app: None,
+                slot: None,
+                pid: Some(pid),
+                generation: None,
+                what: What::Reaped { status },
+            });
             return;
         };
         let role = self.role(id);
@@ -363,7 +363,6 @@ impl Core {
             return;
         };
         let (app_name, index, generation) = (worker.app.clone(), worker.slot, worker.generation);
-        let label = worker.label();
         let killed = match worker.phase {
             Phase::Stopping { why, .. } if why.is_failure() => Some(stop_reason_text(why)),
             _ => None,
@@ -397,20 +396,20 @@ impl Core {
             .filter(|r| r.generation == generation)
             .filter(|r| !(finished && r.reruns(index)))
             .and_then(|r| r.promoted_from(index));
-        let hint = binds_itself_hint(&config, end, &self.socket_addresses);
+        let address = binds_itself(&config, end, &self.socket_addresses);
         let slot = &mut app.slots[index];
         let exit = format!("{how} after {}", human(end.uptime));
-        if let Some(hint) = hint {
+        if let Some(address) = address {
+            let hint = binds_itself_hint(&address);
             // Once per streak of such exits: the status keeps saying it.
             if slot
                 .last_exit
                 .as_deref()
                 .is_none_or(|last| !last.contains(&hint))
+                && let Some(worker) = self.workers.get(&id)
             {
-                self.out.push(Action::Log {
-                    level: Level::Warn,
-                    message: format!("{label}: {hint}"),
-                });
+                let notice = about(worker, Level::Warn, What::BindsItself { address });
+                self.out.push(Action::Event(notice));
             }
             slot.last_exit = Some(format!("{exit}: {hint}"));
         } else {
@@ -645,12 +644,8 @@ impl Core {
                 }
                 // A worker may send this as often as it likes: never more than a debug line.
                 ("STOPPING", "1") => {
-                    let message = format!(
-                        "{} {} says it is stopping",
-                        worker.label(),
-                        worker.pid_text()
-                    );
-                    self.log(Level::Debug, message);
+                    let notice = about(worker, Level::Debug, What::SaysStopping);
+                    self.push_notice(notice);
                 }
                 (KV_TEND_KEY, state) => self.on_tend(now, id, state),
                 _ => {}
@@ -1102,10 +1097,16 @@ impl Core {
     /// SIGTTIN/SIGTTOU: one worker more or fewer for the manifest's only app.
     fn scale_single_app(&mut self, now: Instant, delta: i64) {
         if self.apps.len() != 1 {
-            self.log(
-                Level::Warn,
-                "scaling by signal needs a manifest with exactly one app; use `clusterd scale APP N`".into(),
-            );
+            self.push_notice(Notice {
+                level: Level::Warn,
+                app: None,
+                slot: None,
+                pid: None,
+                generation: None,
+                what: What::ScaleRefused {
+                    apps: self.apps.len(),
+                },
+            });
             return;
         }
         let Some((name, app)) = self.apps.iter().next() else {
@@ -1169,11 +1170,6 @@ impl Core {
         self.out.push(Action::Event(notice));
     }
 
-    /// Queues a log line.
-    pub(super) fn log(&mut self, level: Level, message: String) {
-        self.out.push(Action::Log { level, message });
-    }
-
     /// Queues an action.
     pub(super) fn push(&mut self, action: Action) {
         self.out.push(action);
@@ -1181,7 +1177,7 @@ impl Core {
 }
 
 /// A typed event about `worker`.
-fn about(worker: &Worker, level: Level, what: What) -> Notice {
+pub(super) fn about(worker: &Worker, level: Level, what: What) -> Notice {
     Notice {
         level,
         app: Some(worker.app.clone()),

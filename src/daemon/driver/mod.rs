@@ -397,10 +397,6 @@ impl Driver {
                     logs::event(&notice);
                     None
                 }
-                Action::Log { level, message } => {
-                    log(level, &message);
-                    None
-                }
                 Action::Observe(observation) => {
                     self.observe(observation);
                     None
@@ -606,14 +602,4 @@ fn stop_adopted_orphans() {
     }
     std::thread::sleep(Duration::from_millis(20));
     reaper::reap_all();
-}
-
-fn log(level: clusterd_core::Level, message: &str) {
-    use clusterd_core::Level;
-    match level {
-        Level::Error => tracing::error!("{message}"),
-        Level::Warn => tracing::warn!("{message}"),
-        Level::Info => tracing::info!("{message}"),
-        Level::Debug => tracing::debug!("{message}"),
-    }
 }
