@@ -545,7 +545,7 @@ sockets = ["http"]
 ready = "notify"
 "#,
     );
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("web", 2, 20 * SECOND);
     let status = clusterd.status();
     let containment = status["containment"]
         .as_str()

@@ -77,7 +77,7 @@ intercept = true
         &[("www/index.html", "hello\n")],
     );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("py", 2, 20 * SECOND);
     assert_eq!(clusterd.count("answered with socket http"), 2);
     // http.server answers with its own pid nowhere, but both workers log their requests (on
     // stderr: `py[N]!`).
@@ -683,7 +683,7 @@ intercept = true
     // Each its own steered socket: the holder is one, and does not listen.
     assert_eq!(inodes.len(), 2, "{lines:?}");
     // Its first look at fd 3 (or its listen() on the socket) is the readiness signal.
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("both", 2, 20 * SECOND);
     assert_eq!(restarts(&clusterd, "both"), 0);
     assert!(clusterd.stop().success());
 }

@@ -189,7 +189,7 @@ fn an_intercepted_run_app_is_upgraded_twice_under_load_and_keeps_every_pid() {
         &[("child.js", script.as_bytes())],
     );
     let addr: SocketAddr = listen.parse().expect("addr");
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("tick", 2, 20 * SECOND);
     let before = clusterd.status();
     let pids = worker_pids(&before);
     assert_eq!(pids.len(), 2);
@@ -255,7 +255,7 @@ fn a_node_app_with_ipc_is_upgraded_and_its_messages_still_flow() {
          ready = \"message\"\nstop_signal = \"disconnect\"\nenv = {{ IPC_INTERVAL_MS = \"50\" }}\n",
         worker.display()
     ));
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("web", 2, 20 * SECOND);
     let pids: Vec<Pid> = (0..2)
         .map(|slot| clusterd.first_pid(&format!("web[{slot}]")))
         .collect();
@@ -325,7 +325,7 @@ sockets = ["http"]
 ready = "notify"
 "#,
     );
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("web", 2, 20 * SECOND);
     let dir = clusterd.dir.path().to_owned();
     // A binary whose check waits until the test says so.
     let slow = dir.join("slow-clusterd");
@@ -384,7 +384,7 @@ fn a_check_that_never_answers_is_given_up_after_ten_seconds() {
 command = ["sleep", "1000"]
 "#,
     );
-    clusterd.wait_for_lines("ready after", 1, 20 * SECOND);
+    clusterd.wait_ready("web", 1, 20 * SECOND);
     let before = worker_pids(&clusterd.status());
     let dir = clusterd.dir.path().to_owned();
     let stuck = dir.join("stuck-clusterd");
