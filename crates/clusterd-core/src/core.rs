@@ -54,10 +54,9 @@ pub enum Role {
     Retired,
 }
 
-/// All the supervisor's state. It crosses `clusterd upgrade` serialized (see `handover`),
-/// except what belongs to this process's connections: `reload --wait` clients.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// All the supervisor's state. It crosses `clusterd upgrade` as a [`Snapshot`] (see
+/// `handover`), except what belongs to this process's connections: `reload --wait` clients.
+#[derive(Debug, Default)]
 pub struct Core {
     /// The apps, by name.
     pub(super) apps: BTreeMap<String, App>,
@@ -66,20 +65,56 @@ pub struct Core {
     /// Every worker whose record is alive (its process, or what is left of its group).
     pub(super) workers: BTreeMap<WorkerId, Worker>,
     /// Running workers by pid.
-    #[serde(with = "crate::process::pid_map")]
     pids: HashMap<Pid, WorkerId>,
     next_id: u64,
     /// Set once shutdown has begun.
     pub(super) shutting_down: bool,
     /// `reload --wait` clients.
-    #[serde(skip)]
     pub(super) waiters: Vec<Waiter>,
     /// When workers' memory is sampled next (only while an app sets `max_memory`).
-    #[serde(with = "crate::time::opt_instant")]
     memory_check: Option<Instant>,
     /// Actions decided so far, returned by `on`/`tick`.
+    out: Vec<Action>,
+}
+
+/// How [`Core`] is written: the derive of its fields, private, so that the only way to write
+/// or read a core is with an anchor ([`Core::snapshot`], [`Snapshot::restore`]).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "Core", deny_unknown_fields)]
+struct Stored {
+    apps: BTreeMap<String, App>,
+    socket_addresses: BTreeMap<String, String>,
+    workers: BTreeMap<WorkerId, Worker>,
+    #[serde(with = "crate::process::pid_map")]
+    pids: HashMap<Pid, WorkerId>,
+    next_id: u64,
+    shutting_down: bool,
+    #[serde(skip)]
+    waiters: Vec<Waiter>,
+    #[serde(with = "crate::time::opt_instant")]
+    memory_check: Option<Instant>,
     #[serde(skip)]
     out: Vec<Action>,
+}
+
+/// A core as it crosses `clusterd upgrade`: its JSON, every instant written as signed
+/// nanoseconds from the `now` it was taken at ([`Core::snapshot`]). [`Snapshot::restore`]
+/// reads it back against the reader's anchor (the same moment on its clock), so every
+/// deadline keeps its distance. It (de)serializes as that JSON, unchanged.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Snapshot(Box<serde_json::value::RawValue>);
+
+impl Snapshot {
+    /// The core written in this snapshot, its instants read relative to `anchor`.
+    pub fn restore(&self, anchor: Instant) -> Result<Core, serde_json::Error> {
+        crate::time::at(anchor, || {
+            let mut json = serde_json::Deserializer::from_str(self.0.get());
+            let core = Stored::deserialize(&mut json)?;
+            json.end()?;
+            Ok(core)
+        })
+    }
 }
 
 /// `name → address` of every socket of `manifest` (`127.0.0.1:8001`, `unix:/path`).
@@ -119,6 +154,17 @@ fn binds_itself(
 }
 
 impl Core {
+    /// The core as it is, for `clusterd upgrade`: its instants written relative to `now`.
+    pub fn snapshot(&self, now: Instant) -> Result<Snapshot, serde_json::Error> {
+        struct View<'a>(&'a Core);
+        impl Serialize for View<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                Stored::serialize(self.0, s)
+            }
+        }
+        crate::time::at(now, || serde_json::value::to_raw_value(&View(self))).map(Snapshot)
+    }
+
     /// A core for `manifest` whose slots are all due to start at `now`.
     pub fn new(manifest: &Manifest, now: Instant) -> Self {
         let mut core = Core {

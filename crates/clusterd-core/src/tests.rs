@@ -1573,11 +1573,12 @@ mod handover {
     fn round_trip(sim: &mut Sim) {
         let core = std::mem::take(&mut sim.core);
         let deadline = core.next_deadline();
-        let bytes = crate::time::at(sim.now, || serde_json::to_vec(&core)).expect("encode");
+        let bytes = serde_json::to_vec(&core.snapshot(sim.now).expect("snapshot")).expect("encode");
         // The reader anchors at its own clock (as `clusterd handover-resume` does, shifted by
         // the time the exec took).
         let later = Instant::now();
-        let core: Core = crate::time::at(later, || serde_json::from_slice(&bytes)).expect("decode");
+        let snapshot: crate::Snapshot = serde_json::from_slice(&bytes).expect("decode");
+        let core = snapshot.restore(later).expect("restore");
         // Deadlines keep their distance from the moment of writing.
         let (a, b) = (deadline.unwrap(), core.next_deadline().unwrap());
         assert_eq!(
