@@ -335,6 +335,10 @@ impl Driver {
                     if let Ok(pid) = &result {
                         if let Err(why) = self.containment.check_joined(&key, os::pid(*pid)) {
                             tracing::warn!(
+                                event = "cgroup_join_failed",
+                                app,
+                                slot,
+                                pid = pid.as_raw(),
                                 "{app}[{slot}] is contained by its process group only: {why}"
                             );
                         }
@@ -524,6 +528,7 @@ impl Driver {
             Ok(manifest) => manifest,
             Err(error) => {
                 tracing::error!(
+                    event = "reread_rejected",
                     "manifest re-read rejected, nothing changed:\n{}",
                     Chain(&error)
                 );
@@ -537,6 +542,7 @@ impl Driver {
             Ok(changed) => changed,
             Err(error) => {
                 tracing::error!(
+                    event = "reread_rejected",
                     "manifest re-read rejected, nothing changed: {}",
                     Chain(&error)
                 );
@@ -545,6 +551,8 @@ impl Driver {
         };
         for name in &changed {
             tracing::warn!(
+                event = "socket_change_deferred",
+                socket = %name,
                 "socket {name}: a changed address takes effect only after a restart of clusterd"
             );
         }
@@ -583,6 +591,7 @@ fn stop_adopted_orphans() {
         return;
     }
     tracing::warn!(
+        event = "escaped_processes_stopped",
         "stopping {} processes that left their worker's process group: {orphans:?}",
         orphans.len()
     );

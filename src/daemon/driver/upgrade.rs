@@ -84,6 +84,7 @@ impl Driver {
         self.metrics.restore(state.counters);
         crate::daemon::signals::block_handled(false)?;
         tracing::info!(
+            event = "upgraded",
             "upgraded in place from clusterd {from} to {}: {} workers kept",
             handover::VERSION,
             core.groups().len()
@@ -198,10 +199,14 @@ impl Driver {
         };
         for (state, fd) in channels {
             if let Err(error) = self.channels.resume(state, fd) {
-                tracing::error!("upgrade: cannot serve a message channel again: {error}");
+                tracing::error!(
+                    event = "upgrade_channel_failed",
+                    "upgrade: cannot serve a message channel again: {error}"
+                );
             }
         }
         tracing::error!(
+            event = "upgrade_exec_failed",
             "upgrade: cannot exec {}: {error}; nothing changed",
             binary.display()
         );
@@ -300,7 +305,7 @@ impl Driver {
 
 /// Refuses an upgrade: says why in the log and to the client that asked.
 pub(super) fn refuse(request: &UpgradeRequest, message: String) {
-    tracing::error!("upgrade refused: {message}");
+    tracing::error!(event = "upgrade_refused", "upgrade refused: {message}");
     if let Some(reply) = &request.reply {
         let _ = reply.send(Reply::Error {
             kind: ErrorKind::BadRequest,
