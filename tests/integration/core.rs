@@ -163,6 +163,9 @@ fn a_crash_loop_is_spaced_by_exponential_backoff() {
     let started = std::time::Instant::now();
     let clusterd = Clusterd::start(
         r#"
+[supervisor]
+log_format = "json"
+
 [apps.crasher]
 command = ["sh", "-c", "exit 3"]
 workers = 1
@@ -188,11 +191,21 @@ backoff_max = "400ms"
     );
     assert!(crasher["crash_streak"].as_u64() >= Some(3), "{crasher}");
     assert!(
-        clusterd.output().contains("flapping"),
+        wait_until(10 * SECOND, || clusterd
+            .events("restarting")
+            .iter()
+            .any(|e| e["flapping"] == true)),
         "{}",
         clusterd.output()
     );
-    assert!(clusterd.output().contains("exited with status 3"));
+    assert!(
+        clusterd
+            .events("restarting")
+            .iter()
+            .all(|e| e["status"] == "status 3" && e["app"] == "crasher"),
+        "{}",
+        clusterd.output()
+    );
 }
 
 #[test]
