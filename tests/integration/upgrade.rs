@@ -251,7 +251,8 @@ fn an_intercepted_run_app_is_upgraded_twice_under_load_and_keeps_every_pid() {
 fn a_node_app_with_ipc_is_upgraded_and_its_messages_still_flow() {
     let worker = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/node/ipc-worker.js");
     let mut clusterd = Clusterd::start(&format!(
-        "[apps.web]\ncommand = [\"node\", \"{}\"]\nworkers = 2\nipc_broadcast = true\n\
+        "[supervisor]\nlog_format = \"json\"\n[apps.web]\nlog_format = \"text\"\n\
+         command = [\"node\", \"{}\"]\nworkers = 2\nipc_broadcast = true\n\
          ready = \"message\"\nstop_signal = \"disconnect\"\nenv = {{ IPC_INTERVAL_MS = \"50\" }}\n",
         worker.display()
     ));
@@ -294,7 +295,12 @@ fn a_node_app_with_ipc_is_upgraded_and_its_messages_still_flow() {
     let mut expected: Vec<u64> = pids.iter().map(|p| p.as_raw() as u64).collect();
     expected.sort();
     assert_eq!(worker_pids(&status), expected, "a worker was replaced");
-    assert_eq!(clusterd.count("started pid"), 2, "a worker was replaced");
+    assert_eq!(
+        clusterd.events("started").len(),
+        2,
+        "a worker was replaced: {}",
+        clusterd.output()
+    );
 
     // stop_signal = "disconnect": closing the handed-over channels still stops them.
     assert!(clusterd.stop().success());
