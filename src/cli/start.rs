@@ -480,9 +480,10 @@ fn interception_available(manifest: &Manifest) -> Result<(), String> {
     }
     intercept::probe().map_err(|e| {
         format!(
-            "{}: apps {} set intercept = true, but {e}",
+            "{}: apps {} set intercept = true, but {}",
             manifest.path.display(),
-            apps.join(", ")
+            apps.join(", "),
+            crate::error::Chain(&e)
         )
     })
 }

@@ -145,7 +145,11 @@ async fn serve(
     match peer_uid {
         Ok(uid) if uid == our_uid || uid == 0 => {}
         Ok(uid) => {
-            tracing::warn!("control socket: refused a client with uid {uid}");
+            tracing::warn!(
+                event = "control_client_refused",
+                uid,
+                "control socket: refused a client with uid {uid}"
+            );
             let _ = send(
                 &mut stream,
                 &Reply::error(ErrorKind::Forbidden, "permission denied"),

@@ -5,10 +5,12 @@
 //!   sockets, the control and notify sockets, the metrics listener and the read ends of the
 //!   workers' output pipes (the new side re-marks each close-on-exec as it adopts it);
 //! - **the state**, as JSON in a memfd ([`Handover`]): the whole [`Core`] (slots,
-//!   generations, restart counts, rollouts, every deadline), the manifest, the driver's
-//!   bookkeeping. An [`Instant`] is written as nanoseconds from an anchor whose
-//!   `CLOCK_MONOTONIC` time is in the header, so the reader shifts every deadline by the time
-//!   the exec took: a deadline is as absolute after the upgrade as before.
+//!   generations, restart counts, rollouts, every deadline) as a [`Snapshot`], the manifest,
+//!   the driver's bookkeeping. An [`Instant`] is written as nanoseconds from an anchor (the
+//!   `now` the snapshot was taken at; the driver's own instants as an [`Offset`] from the
+//!   same one) whose `CLOCK_MONOTONIC` time is in the header, so the reader shifts every
+//!   deadline by the time the exec took: a deadline is as absolute after the upgrade as
+//!   before.
 //!
 //! Before anything changes, the new binary must prove it can read this very state: the
 //! driver runs `NEW handover-check` with the memfd as stdin, which parses it completely and
@@ -26,7 +28,8 @@ use clusterd_manifest::Manifest;
 
 use serde::{Deserialize, Serialize};
 
-use clusterd_core::{Core, WorkerId};
+use clusterd_core::time::Offset;
+use clusterd_core::{Core, Snapshot, WorkerId};
 
 /// The version of the state format this build writes, and the newest it reads.
 pub const FORMAT: u32 = 1;
@@ -49,8 +52,8 @@ pub struct Handover {
     pub version: String,
     /// `CLOCK_MONOTONIC` (ns) of the anchor the instants are written against.
     monotonic_ns: u64,
-    /// The decisions' state.
-    pub(super) core: Core,
+    /// The decisions' state, its instants relative to the anchor.
+    core: Snapshot,
     /// The manifest in effect (the last one applied, not the file as it is now).
     pub manifest: Manifest,
     /// The run directory (pid file, control and notify sockets).
@@ -69,6 +72,10 @@ pub struct Handover {
     pub detached: bool,
     /// What the driver keeps for itself.
     pub(super) driver: DriverState,
+    /// The anchor in this process: when the state was taken (writer), or the same moment on
+    /// this process's clock (reader).
+    #[serde(skip, default = "Instant::now")]
+    anchor: Instant,
 }
 
 /// One listening socket.
@@ -99,9 +106,8 @@ pub struct HandedPath {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct DriverState {
-    /// When the first clusterd of this pid started.
-    #[serde(with = "clusterd_core::time::instant")]
-    pub started: Instant,
+    /// When the first clusterd of this pid started, from the anchor.
+    pub started: Offset,
     /// Upgrades so far, this one included.
     pub upgrades: u32,
     /// Each worker's name in the containment.
@@ -196,10 +202,12 @@ fn io_error(what: &'static str) -> impl FnOnce(io::Error) -> HandoverError {
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 impl Handover {
-    /// A hand-over of `core` and the rest, anchored at `now`.
+    /// A hand-over of `core` as it is at `now` (the anchor of `driver`'s offsets too), and
+    /// the rest.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
-        core: Core,
+        core: &Core,
+        now: Instant,
         manifest: Manifest,
         run_dir: PathBuf,
         sockets: Vec<HandedSocket>,
@@ -208,12 +216,12 @@ impl Handover {
         metrics: Option<RawFd>,
         detached: bool,
         driver: DriverState,
-    ) -> Self {
-        Handover {
+    ) -> Result<Self, HandoverError> {
+        Ok(Handover {
             format: FORMAT,
             version: VERSION.to_owned(),
             monotonic_ns: monotonic_ns(),
-            core,
+            core: core.snapshot(now).map_err(HandoverError::Malformed)?,
             manifest,
             run_dir,
             sockets,
@@ -223,12 +231,13 @@ impl Handover {
             nofile: crate::daemon::spawn::worker_nofile(),
             detached,
             driver,
-        }
+            anchor: now,
+        })
     }
 
-    /// The JSON, with instants relative to `now`.
-    pub(super) fn encode(&self, now: Instant) -> Result<Vec<u8>, HandoverError> {
-        clusterd_core::time::at(now, || serde_json::to_vec(self)).map_err(HandoverError::Malformed)
+    /// The JSON.
+    pub(super) fn encode(&self) -> Result<Vec<u8>, HandoverError> {
+        serde_json::to_vec(self).map_err(HandoverError::Malformed)
     }
 
     /// Reads a hand-over; instants come out shifted by the time since it was written.
@@ -244,12 +253,25 @@ impl Handover {
         let elapsed = Duration::from_nanos(monotonic_ns().saturating_sub(header.monotonic_ns));
         let now = Instant::now();
         let anchor = now.checked_sub(elapsed).unwrap_or(now);
-        clusterd_core::time::at(anchor, || serde_json::from_slice(bytes)).map_err(|cause| {
-            HandoverError::State {
-                version: header.version,
+        let state = |cause| HandoverError::State {
+            version: header.version.clone(),
+            cause,
+        };
+        let mut handover: Handover = serde_json::from_slice(bytes).map_err(state)?;
+        handover.anchor = anchor;
+        // Read completely now: `handover-check` answers for all of it.
+        handover.core.restore(anchor).map_err(state)?;
+        Ok(handover)
+    }
+
+    /// The core, its deadlines as far from now as they were from the writer's anchor.
+    pub fn core(&self) -> Result<Core, HandoverError> {
+        self.core
+            .restore(self.anchor)
+            .map_err(|cause| HandoverError::State {
+                version: self.version.clone(),
                 cause,
-            }
-        })
+            })
     }
 
     /// The lines `clusterd logs` showed, for the new clusterd's memory (taken out).
@@ -257,9 +279,10 @@ impl Handover {
         std::mem::take(&mut self.driver.log_lines)
     }
 
-    /// The pieces the driver needs back.
-    pub(super) fn into_state(self) -> (Core, DriverState) {
-        (self.core, self.driver)
+    /// The pieces the driver needs back: the core, its own state and the anchor of the
+    /// latter's offsets.
+    pub(super) fn into_state(self) -> Result<(Core, DriverState, Instant), HandoverError> {
+        Ok((self.core()?, self.driver, self.anchor))
     }
 }
 
@@ -274,7 +297,7 @@ pub fn check(mut input: impl Read) -> Result<String, HandoverError> {
     Ok(format!(
         "{CHECK_OK} format={FORMAT} proto={} version={VERSION} workers={}",
         clusterd_proto::VERSION,
-        handover.core.worker_count()
+        handover.core()?.worker_count()
     ))
 }
 
@@ -484,13 +507,14 @@ mod tests {
     fn the_golden_hand_over_still_parses_and_is_written_in_the_same_format() {
         let handover = Handover::decode(GOLDEN.as_bytes()).expect("the golden hand-over");
         assert!(handover.detached);
-        assert_eq!(handover.core.worker_count(), 4);
+        let core = handover.core().expect("the core");
+        assert_eq!(core.worker_count(), 4);
         assert_eq!(handover.driver.intercepts.len(), 2);
         assert_eq!(handover.driver.channels.len(), 4);
         assert_eq!(handover.driver.steering[0].members.len(), 2);
         assert_eq!(handover.driver.counters.restarts["chat"], 1);
         // The restart_limit window of the slot whose worker was killed.
-        let chat = handover.core.app("chat").expect("chat");
+        let chat = core.app("chat").expect("chat");
         assert_eq!(
             chat.slots
                 .iter()
@@ -501,7 +525,9 @@ mod tests {
         // Written again, it has the same fields: adding, removing or renaming one is a change
         // of format, made on purpose (a new golden file, and FORMAT if older builds must
         // refuse it).
-        let again = handover.encode(Instant::now()).expect("encode");
+        let mut handover = handover;
+        handover.core = core.snapshot(Instant::now()).expect("snapshot");
+        let again = handover.encode().expect("encode");
         let again: Value = serde_json::from_slice(&again).expect("JSON");
         let golden: Value = serde_json::from_str(GOLDEN).expect("JSON");
         assert_eq!(shape(again), shape(golden));

@@ -501,7 +501,7 @@ async fn read_lines(
             format!("{label}: a message over {MAX_MESSAGE} bytes was refused ({refused} so far)");
         // One warning per worker; a worker that keeps doing it does not flood the log.
         if refused == 1 {
-            tracing::warn!("{message}");
+            tracing::warn!(event = "ipc_message_refused", "{message}");
         } else {
             tracing::debug!("{message}");
         }

@@ -110,7 +110,11 @@ impl Sockets {
             }
         }
         for name in inherited.keys() {
-            tracing::warn!("inherited socket {name:?} is not in the manifest; closing it");
+            tracing::warn!(
+                event = "inherited_socket_closed",
+                socket = %name,
+                "inherited socket {name:?} is not in the manifest; closing it"
+            );
         }
         Ok(sockets)
     }

@@ -129,7 +129,11 @@ impl Steering {
                 }
             }
             if changed && let Err(error) = group.attach() {
-                tracing::error!("socket {name}: cannot steer connections: {error}");
+                tracing::error!(
+                    event = "steering_failed",
+                    socket = %name,
+                    "socket {name}: cannot steer connections: {error}"
+                );
             }
         }
     }
@@ -145,7 +149,11 @@ impl Steering {
             if !group.members.is_empty()
                 && let Err(error) = group.attach()
             {
-                tracing::error!("socket {name}: cannot steer connections: {error}");
+                tracing::error!(
+                    event = "steering_failed",
+                    socket = %name,
+                    "socket {name}: cannot steer connections: {error}"
+                );
             }
         }
     }

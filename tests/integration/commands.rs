@@ -205,7 +205,8 @@ fn ls_lists_every_supervisor_marks_stale_run_dirs_and_cleans_them() {
         command.env("XDG_RUNTIME_DIR", runtime.path());
     });
     here.wait_ready("web", 2, Duration::from_secs(20));
-    // The harness's status reads `./.clusterd/`: this one's run dir is in its log.
+    // The harness's status reads `./.clusterd/`: this one's run dir (and its readiness) is
+    // in its log only.
     elsewhere.wait_for_lines("ready after", 2, Duration::from_secs(20));
     let line = elsewhere.wait_for_line("control socket ", Duration::from_secs(20));
     let (_, socket) = line.split_once("control socket ").expect("socket");

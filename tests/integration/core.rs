@@ -96,7 +96,6 @@ sockets = ["a", "b"]
             });
         },
     );
-    clusterd.wait_for_line("sleeper[0] started pid", 10 * SECOND);
     let pid = clusterd.first_pid("sleeper[0]");
     assert!(
         wait_until(5 * SECOND, || env_var(pid, "LISTEN_FDS").is_some()),
@@ -164,6 +163,9 @@ fn a_crash_loop_is_spaced_by_exponential_backoff() {
     let started = std::time::Instant::now();
     let clusterd = Clusterd::start(
         r#"
+[supervisor]
+log_format = "json"
+
 [apps.crasher]
 command = ["sh", "-c", "exit 3"]
 workers = 1
@@ -189,11 +191,21 @@ backoff_max = "400ms"
     );
     assert!(crasher["crash_streak"].as_u64() >= Some(3), "{crasher}");
     assert!(
-        clusterd.output().contains("flapping"),
+        wait_until(10 * SECOND, || clusterd
+            .events("restarting")
+            .iter()
+            .any(|e| e["flapping"] == true)),
         "{}",
         clusterd.output()
     );
-    assert!(clusterd.output().contains("exited with status 3"));
+    assert!(
+        clusterd
+            .events("restarting")
+            .iter()
+            .all(|e| e["status"] == "status 3" && e["app"] == "crasher"),
+        "{}",
+        clusterd.output()
+    );
 }
 
 #[test]
@@ -224,7 +236,7 @@ backoff_initial = "10ms"
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod");
     let mut clusterd = Clusterd::start(&format!(
-        "[apps.vanishing]\ncommand = [\"{}\"]\nworkers = 1\n",
+        "[supervisor]\nlog_format = \"json\"\n[apps.vanishing]\ncommand = [\"{}\"]\nworkers = 1\n",
         script.display()
     ));
     // The slot fails, and a failed slot waits for a reload or restart (the core's tests
@@ -237,8 +249,16 @@ backoff_initial = "10ms"
             .is_some_and(|e| e.starts_with("cannot find program")),
         "{slot}"
     );
-    clusterd.wait_for_line("stays down", 10 * SECOND);
-    assert_eq!(clusterd.count("stays down"), 1, "{}", clusterd.output());
+    let down = clusterd.wait_event("spawn_failed", 10 * SECOND, |e| {
+        e["app"] == "vanishing" && e["slot"] == 0
+    });
+    assert!(down["retry_in_ms"].is_null(), "stays down: {down}");
+    assert_eq!(
+        clusterd.events("spawn_failed").len(),
+        1,
+        "{}",
+        clusterd.output()
+    );
     assert!(clusterd.stop().success());
 }
 
@@ -301,10 +321,14 @@ workers = 3
 fn a_worker_ignoring_sigterm_is_killed_after_stop_timeout() {
     let mut clusterd = Clusterd::start(
         r#"
+[supervisor]
+log_format = "json"
+
 [apps.stubborn]
 command = ["sh", "-c", "trap '' TERM; echo up; while :; do sleep 0.1; done"]
 workers = 2
 stop_timeout = "1s"
+log_format = "text"
 "#,
     );
     clusterd.wait_for_lines("] up", 2, 10 * SECOND);
@@ -312,9 +336,15 @@ stop_timeout = "1s"
     assert_eq!(workers.len(), 2);
     let status = clusterd.stop();
     assert!(status.success());
-    assert!(
-        clusterd.output().contains("sending SIGKILL"),
-        "{}",
+    let killed: Vec<Pid> = clusterd
+        .events("stop_timeout")
+        .iter()
+        .map(crate::util::json_pid)
+        .collect();
+    assert_eq!(
+        killed.iter().collect::<std::collections::BTreeSet<_>>(),
+        workers.iter().collect(),
+        "SIGKILL after stop_timeout for each: {}",
         clusterd.output()
     );
     assert!(workers.iter().all(|p| !alive(*p)));
@@ -324,16 +354,20 @@ stop_timeout = "1s"
 fn a_second_sigterm_kills_at_once() {
     let mut clusterd = Clusterd::start(
         r#"
+[supervisor]
+log_format = "json"
+
 [apps.stubborn]
 command = ["sh", "-c", "trap '' TERM; echo up; while :; do sleep 0.1; done"]
 workers = 1
 stop_timeout = "60s"
+log_format = "text"
 "#,
     );
     clusterd.wait_for_line("] up", 10 * SECOND);
     let worker = clusterd.first_pid("stubborn[0]");
     clusterd.signal(Signal::SIGTERM);
-    clusterd.wait_for_line("stopping 1 workers", 5 * SECOND);
+    clusterd.wait_event("stopping", 5 * SECOND, |e| e["workers"] == 1);
     clusterd.signal(Signal::SIGTERM);
     // Far sooner than the 60 s stop timeout.
     let status = clusterd.wait_exit(10 * SECOND);
@@ -396,16 +430,19 @@ fn orphaned_grandchildren_are_adopted_and_reaped() {
     // be re-parented to clusterd (a child subreaper), which must reap it when it exits.
     let mut clusterd = Clusterd::start(
         r#"
+[supervisor]
+log_format = "json"
+
 [apps.orphans]
 command = ["sh", "-c", "echo up; while :; do (sleep 0.05 &); sleep 0.02; done"]
+log_format = "text"
 "#,
     );
     clusterd.wait_for_line("orphans[0] up", 10 * SECOND);
     let supervisor = clusterd.pid();
     // Orphans come and go (only the log says each was adopted and reaped).
     assert!(
-        wait_until(20 * SECOND, || clusterd.count("reaped adopted process")
-            > 10),
+        wait_until(20 * SECOND, || clusterd.events("reaped").len() > 10),
         "orphans were not adopted"
     );
     assert!(

@@ -212,7 +212,7 @@ fn a_sighup_failing_on_its_second_new_socket_binds_nothing_and_a_corrected_one_a
     let clusterd = Clusterd::start(
         "[sockets.http]\nlisten = \"127.0.0.1:0\"\n[apps.web]\ncommand = [\"sleep\", \"1000\"]\nsockets = [\"http\"]\n",
     );
-    clusterd.wait_for_line("web[0] started pid", 10 * SECOND);
+    clusterd.wait_worker("web", 0, 10 * SECOND, |w| !w["pid"].is_null());
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let taken_port = taken.local_addr().expect("addr").port();
     let a = free_port();
@@ -229,6 +229,8 @@ fn a_sighup_failing_on_its_second_new_socket_binds_nothing_and_a_corrected_one_a
     assert!(listening(a) && listening(b));
     let output = clusterd.output();
     assert_eq!(clusterd.count("manifest re-read rejected"), 1, "{output}");
+    // Named, for whoever filters clusterd's own warnings.
+    assert_eq!(clusterd.count("event=\"reread_rejected\""), 1, "{output}");
 }
 
 /// Runs `clusterd ARGS -f MANIFEST` with its stdout a pipe whose reader has already gone.
@@ -252,7 +254,9 @@ fn ctl_into_closed_pipe(clusterd: &Clusterd, args: &[&str]) -> std::process::Out
 fn cli_output_into_a_closed_pipe_ends_quietly() {
     let mut clusterd =
         Clusterd::start("[apps.web]\ncommand = [\"sleep\", \"1000\"]\nworkers = 2\n");
-    clusterd.wait_for_lines("started pid", 2, 10 * SECOND);
+    for slot in 0..2 {
+        clusterd.wait_worker("web", slot, 10 * SECOND, |w| !w["pid"].is_null());
+    }
     for args in [
         &["status"][..],
         &["status", "--json"],
@@ -349,7 +353,7 @@ fn a_fifo_planted_under_the_kv_segment_name_does_not_slow_status() {
     let clusterd = Clusterd::start(&format!(
         "[apps.web]\ncommand = [\"sleep\", \"1000\"]\nkv_segment = \"{prefix}\"\n"
     ));
-    clusterd.wait_for_line("web[0] started pid", 10 * SECOND);
+    clusterd.wait_worker("web", 0, 10 * SECOND, |w| !w["pid"].is_null());
     for _ in 0..3 {
         let (_, took) = status_within(&clusterd, 5 * SECOND)
             .expect("status did not answer within 5 s with a FIFO planted in /dev/shm");
@@ -472,10 +476,12 @@ fn as_pid_1_of_a_pid_namespace_it_reaps_orphans_and_stops_cleanly() {
     let manifest = r#"
 [supervisor]
 stop_timeout = "5s"
+log_format = "json"
 
 [apps.orphans]
 command = ["sh", "-c", "sh -c 'sleep 0.3 &'; echo forked; exec sleep 1000"]
 workers = 2
+log_format = "text"
 "#;
     let mut clusterd = Clusterd::start_wrapped(
         manifest,
@@ -499,8 +505,7 @@ workers = 2
     // The orphans exit after 0.3 s and are reaped (only the log says so): no zombie stays
     // behind.
     assert!(
-        wait_until(10 * SECOND, || clusterd.count("reaped adopted process")
-            >= 2),
+        wait_until(10 * SECOND, || clusterd.events("reaped").len() >= 2),
         "the orphans were not reaped:\n{}",
         clusterd.output()
     );
@@ -542,7 +547,7 @@ sockets = ["http"]
 ready = "notify"
 "#,
     );
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("web", 2, 20 * SECOND);
     let status = clusterd.status();
     let containment = status["containment"]
         .as_str()

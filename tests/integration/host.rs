@@ -356,7 +356,8 @@ fn upgrade_under_load_keeps_every_pid_and_fails_no_request() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let mut clusterd = Clusterd::start(UPGRADE_MANIFEST);
     let addr = clusterd.socket_addr("http");
-    clusterd.wait_for_lines("ready after", 5, 20 * SECOND);
+    clusterd.wait_ready("web", 4, 20 * SECOND);
+    clusterd.wait_ready("tick", 1, 20 * SECOND);
     let before = clusterd.status();
     let workers = |status: &serde_json::Value| -> Vec<u64> {
         let mut pids: Vec<u64> = status["apps"]
@@ -445,7 +446,8 @@ fn upgrade_under_load_keeps_every_pid_and_fails_no_request() {
 #[test]
 fn an_upgrade_to_a_binary_that_cannot_read_the_state_changes_nothing() {
     let mut clusterd = Clusterd::start(UPGRADE_MANIFEST);
-    clusterd.wait_for_lines("ready after", 5, 20 * SECOND);
+    clusterd.wait_ready("web", 4, 20 * SECOND);
+    clusterd.wait_ready("tick", 1, 20 * SECOND);
     let before = clusterd.status();
     let serving_before: std::collections::HashMap<&str, _> = ["web", "tick"]
         .into_iter()

@@ -77,7 +77,7 @@ intercept = true
         &[("www/index.html", "hello\n")],
     );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("py", 2, 20 * SECOND);
     assert_eq!(clusterd.count("answered with socket http"), 2);
     // http.server answers with its own pid nowhere, but both workers log their requests (on
     // stderr: `py[N]!`).
@@ -259,10 +259,14 @@ fn ready_listen_waits_for_listen_and_a_reload_waits_for_it() {
     let mut clusterd = Clusterd::start_with_files(
         &format!(
             r#"
+[supervisor]
+log_format = "json"
+
 [sockets.http]
 listen = "127.0.0.1:{port}"
 
 [apps.slow]
+log_format = "text"
 command = ["python3", "{{dir}}/slow.py", "{port}"]
 sockets = ["http"]
 intercept = true
@@ -286,8 +290,8 @@ bake = "0s"
     clusterd.wait_for_line("slow[0] bound", 20 * SECOND);
     let (_, _, _, state) = clusterd.serving("slow")[0].clone();
     assert_eq!(state, "starting", "bound but not listening yet");
-    let ready = clusterd.wait_for_line("(generation 1) ready after", 20 * SECOND);
-    assert!(ready.ends_with("s") && !ready.ends_with("ms"), "{ready}");
+    let ready = clusterd.wait_event("ready", 20 * SECOND, |e| e["generation"] == 1);
+    assert!(ready["ready_after_ms"].as_u64() >= Some(1000), "{ready}");
 
     let started = std::time::Instant::now();
     let output = clusterd.ctl(&["reload", "--wait"]);
@@ -297,8 +301,8 @@ bake = "0s"
         "the reload did not wait for the listen: {:?}",
         started.elapsed()
     );
-    let ready = clusterd.wait_for_line("(generation 2) ready after", SECOND);
-    assert!(ready.ends_with("s") && !ready.ends_with("ms"), "{ready}");
+    let ready = clusterd.wait_event("ready", SECOND, |e| e["generation"] == 2);
+    assert!(ready["ready_after_ms"].as_u64() >= Some(1000), "{ready}");
     assert!(clusterd.stop().success());
 }
 
@@ -683,7 +687,7 @@ intercept = true
     // Each its own steered socket: the holder is one, and does not listen.
     assert_eq!(inodes.len(), 2, "{lines:?}");
     // Its first look at fd 3 (or its listen() on the socket) is the readiness signal.
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("both", 2, 20 * SECOND);
     assert_eq!(restarts(&clusterd, "both"), 0);
     assert!(clusterd.stop().success());
 }

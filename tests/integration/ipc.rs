@@ -34,12 +34,15 @@ fn workers(clusterd: &Clusterd, app: &str) -> Vec<serde_json::Value> {
 fn the_guides_node_workers_hear_each_other_and_clusterd_send_reaches_every_one() {
     let worker = examples().join("node/ipc-worker.js");
     let clusterd = Clusterd::start(&format!(
-        "[apps.web]\ncommand = [\"node\", \"{}\"]\nworkers = 3\nipc_broadcast = true\n\
+        "[supervisor]\nlog_format = \"json\"\n[apps.web]\nlog_format = \"text\"\n\
+         command = [\"node\", \"{}\"]\nworkers = 3\nipc_broadcast = true\n\
          ready = \"message\"\nstop_signal = \"disconnect\"\nenv = {{ IPC_INTERVAL_MS = \"200\" }}\n",
         worker.display()
     ));
     for slot in 0..3 {
-        clusterd.wait_for_line(&format!("web[{slot}] pid"), 20 * SECOND);
+        clusterd.wait_event("ready", 20 * SECOND, |e| {
+            e["app"] == "web" && e["slot"] == slot
+        });
     }
     let pids: Vec<Pid> = (0..3)
         .map(|slot| clusterd.first_pid(&format!("web[{slot}]")))
@@ -90,7 +93,11 @@ fn the_guides_node_workers_hear_each_other_and_clusterd_send_reaches_every_one()
         );
     }
     assert_eq!(
-        clusterd.count("stopped: status 0"),
+        clusterd
+            .events("stopped")
+            .iter()
+            .filter(|e| e["status"] == "status 0")
+            .count(),
         3,
         "{}",
         clusterd.output()

@@ -33,12 +33,14 @@ fn start_with(
         r#"
 [supervisor]
 stop_timeout = "10s"
+log_format = "json"
 
 [sockets.http]
 listen = "127.0.0.1:0"
 
 [apps.kv]
 command = ["{kv_http}"]
+log_format = "text"
 workers = {workers}
 sockets = ["http"]
 ready = "notify"
@@ -149,7 +151,11 @@ fn kv_http_status_names_the_tend_owner_and_a_stop_closes_every_client() {
     // Every worker went through its clean exit (drain, close hooks, exit 0), and the last
     // client out removed the segment (workers that died without closing would leave it).
     assert_eq!(
-        clusterd.count("stopped: status 0"),
+        clusterd
+            .events("stopped")
+            .iter()
+            .filter(|e| e["status"] == "status 0")
+            .count(),
         3,
         "{}",
         clusterd.output()
@@ -185,7 +191,11 @@ fn kv_http_a_killed_owner_is_replaced_at_once_and_its_slot_restarted() {
     let next = next.expect("new owner");
     assert!(alive(Pid::from_raw(next)));
     // clusterd replaces the dead worker; the newcomer follows.
-    clusterd.wait_for_lines("ready after", 4, 30 * SECOND);
+    assert!(
+        wait_until(30 * SECOND, || clusterd.events("ready").len() >= 4),
+        "{}",
+        clusterd.output()
+    );
     assert!(wait_until(10 * SECOND, || status_owner(&clusterd)
         == Some(i64::from(next))));
     for _ in 0..10 {
@@ -275,7 +285,7 @@ fn kv_http_an_owner_that_stops_tending_is_restarted_by_kv_watchdog() {
     // Stopped, it still holds the lock but no longer tends: clusterd restarts it, and the
     // lock moves to another worker.
     kill(owner, Signal::SIGSTOP).expect("SIGSTOP");
-    clusterd.wait_for_line("has not tended for", 10 * SECOND);
+    clusterd.wait_event("kv_stale", 10 * SECOND, |e| e["app"] == "kv");
     let mut next = None;
     assert!(
         wait_until(20 * SECOND, || {

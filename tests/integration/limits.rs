@@ -22,8 +22,10 @@ fn a_worker_past_max_memory_is_restarted_with_the_reason_in_status() {
     let manifest = r#"
 [supervisor]
 stop_timeout = "2s"
+log_format = "json"
 
 [apps.fat]
+log_format = "text"
 command = ["python3", "-c", "import os, time\nif os.environ['CLUSTERD_WORKER_ID'] == '0' and os.environ['CLUSTERD_GENERATION'] == '1':\n    x = b'x' * (120 << 20)\nprint('allocated', flush=True)\ntime.sleep(1000)"]
 workers = 2
 max_memory = "60M"
@@ -31,7 +33,12 @@ max_memory = "60M"
     let mut clusterd = Clusterd::start(manifest);
     clusterd.wait_for_lines("] allocated", 2, 20 * SECOND);
     let first = clusterd.first_pid("fat[0]");
-    clusterd.wait_for_line("max_memory 60 MiB; restarting it", 20 * SECOND);
+    let over = clusterd.wait_event("over_memory", 20 * SECOND, |e| {
+        e["app"] == "fat" && e["slot"] == 0
+    });
+    assert_eq!(crate::util::json_pid(&over), first, "{over}");
+    assert_eq!(over["limit_bytes"], 60 << 20, "{over}");
+    assert!(over["bytes"].as_u64() > Some(60 << 20), "{over}");
     let slot0 = clusterd.wait_worker("fat", 0, 10 * SECOND, |w| {
         !w["pid"].is_null() && crate::util::json_pid(w) != first
     });
@@ -87,7 +94,6 @@ workers = 2
 env = { METRICS_PORT = "91{slot}", PLAIN = "x" }
 "#;
     let mut clusterd = Clusterd::start(manifest);
-    clusterd.wait_for_lines("started pid", 2, 10 * SECOND);
     for slot in 0..2 {
         let pid: Pid = clusterd.first_pid(&format!("ports[{slot}]"));
         assert_eq!(env_var(pid, "METRICS_PORT"), Some(format!("91{slot}")));
@@ -110,7 +116,6 @@ env = { SEEDS = "${CLUSTERD_TEST_SEEDS:-127.0.0.1:7000}", PRICE = "$$5", FALLBAC
             .env("CLUSTERD_TEST_SEEDS", "10.1.2.3:7000,10.1.2.4:7000")
             .env_remove("CLUSTERD_TEST_UNSET");
     });
-    clusterd.wait_for_lines("started pid", 2, 10 * SECOND);
     let pid = clusterd.first_pid("kv[1]");
     assert_eq!(
         env_var(pid, "SEEDS").as_deref(),

@@ -39,12 +39,14 @@ fn start(cluster: &RedisCluster, segments: &Path, tend_interval_ms: u32) -> Clus
         r#"
 [supervisor]
 stop_timeout = "10s"
+log_format = "json"
 
 [sockets.http]
 listen = "127.0.0.1:0"
 
 [apps.kv]
 command = ["node", "{server}"]
+log_format = "text"
 workers = {WORKERS}
 sockets = ["http"]
 ready = "notify"
@@ -185,7 +187,11 @@ fn node_kv_one_owner_tends_for_four_workers_and_a_stop_leaves_no_segment() {
 
     assert!(clusterd.stop().success());
     assert_eq!(
-        clusterd.count("stopped: status 0"),
+        clusterd
+            .events("stopped")
+            .iter()
+            .filter(|e| e["status"] == "status 0")
+            .count(),
         WORKERS,
         "{}",
         clusterd.output()
@@ -228,7 +234,11 @@ fn node_kv_a_killed_owner_hands_the_lock_over_and_requests_keep_succeeding() {
         );
     }
     // clusterd replaces the dead worker; the newcomer follows the new owner.
-    clusterd.wait_for_lines("ready after", WORKERS + 1, 60 * SECOND);
+    assert!(
+        wait_until(60 * SECOND, || clusterd.events("ready").len() > WORKERS),
+        "{}",
+        clusterd.output()
+    );
     let stats = all_stats(addr);
     assert!(!stats.contains_key(&i64::from(first)));
     let owners: Vec<_> = stats.values().filter(|s| s["role"] == "owner").collect();

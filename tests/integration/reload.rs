@@ -267,6 +267,9 @@ ready = "notify"
 fn a_worker_that_stops_heartbeating_is_replaced() {
     let clusterd = Clusterd::start(
         r#"
+[supervisor]
+log_format = "json"
+
 [sockets.http]
 listen = "127.0.0.1:0"
 
@@ -287,8 +290,13 @@ env = { HELLO_NO_WATCHDOG = "1" }
 "#,
     );
     let healthy = clusterd.first_pid("healthy[0]");
-    let line = clusterd.wait_for_line("no watchdog heartbeat", 10 * SECOND);
-    assert!(line.contains("hung[0]"), "{line}");
+    let missed = clusterd.wait_event("watchdog_missed", 10 * SECOND, |_| true);
+    assert_eq!(
+        (&missed["app"], &missed["slot"]),
+        (&"hung".into(), &0.into()),
+        "{missed}"
+    );
+    assert_eq!(missed["period_ms"], 2000, "{missed}");
     // The hung one is replaced, and its replacement misses its heartbeat too: two watchdog
     // periods pass meanwhile, in which the healthy one (WATCHDOG_USEC is set for it too)
     // heartbeats and is never killed.
@@ -298,12 +306,11 @@ env = { HELLO_NO_WATCHDOG = "1" }
     let worker = clusterd.wait_worker("healthy", 0, 10 * SECOND, |w| !w["pid"].is_null());
     assert_eq!(worker["restarts"], 0, "{worker}");
     assert_eq!(crate::util::json_pid(&worker), healthy);
-    let output = clusterd.output();
+    let missed = clusterd.events("watchdog_missed");
     assert!(
-        !output
-            .lines()
-            .any(|l| l.contains("healthy[0]") && l.contains("no watchdog heartbeat")),
-        "{output}"
+        missed.iter().all(|e| e["app"] == "hung"),
+        "{}",
+        clusterd.output()
     );
 }
 
@@ -311,11 +318,11 @@ env = { HELLO_NO_WATCHDOG = "1" }
 fn sighup_rejects_a_broken_manifest_and_applies_a_scale_down() {
     let manifest = |workers: usize| {
         format!(
-            "[supervisor]\nstop_timeout = \"2s\"\n[apps.sleepy]\ncommand = [\"sleep\", \"1000\"]\nworkers = {workers}\n"
+            "[supervisor]\nstop_timeout = \"2s\"\nlog_format = \"json\"\n[apps.sleepy]\ncommand = [\"sleep\", \"1000\"]\nworkers = {workers}\n"
         )
     };
     let mut clusterd = Clusterd::start(&manifest(4));
-    clusterd.wait_for_line("sleepy[3] started", 10 * SECOND);
+    clusterd.wait_worker("sleepy", 3, 10 * SECOND, |w| !w["pid"].is_null());
     let before = clusterd.serving("sleepy");
     assert_eq!(before.len(), 4);
 
@@ -332,7 +339,11 @@ fn sighup_rejects_a_broken_manifest_and_applies_a_scale_down() {
 
     clusterd.rewrite_manifest(&manifest(2));
     clusterd.signal(Signal::SIGHUP);
-    clusterd.wait_for_line("manifest re-read: sleepy: workers 4 -> 2", 10 * SECOND);
+    clusterd.wait_event("reconfigured", 10 * SECOND, |e| {
+        e["changes"]
+            .as_array()
+            .is_some_and(|c| c.contains(&"sleepy: workers 4 -> 2".into()))
+    });
     assert!(wait_until(10 * SECOND, || clusterd.serving("sleepy").len() == 2));
     let after = clusterd.serving("sleepy");
     assert_eq!(after, before[..2]);
@@ -398,20 +409,26 @@ fn reload_requests_during_a_rollout_coalesce_into_one_more() {
 
 #[test]
 fn sighup_adds_apps_and_rolls_an_app_whose_command_changed() {
-    let before = "[apps.web]\ncommand = [\"sleep\", \"1000\"]\nworkers = 2\n";
+    let before = "[supervisor]\nlog_format = \"json\"\n[apps.web]\ncommand = [\"sleep\", \"1000\"]\nworkers = 2\n";
     let clusterd = Clusterd::start(before);
-    clusterd.wait_for_line("web[1] started", 10 * SECOND);
+    clusterd.wait_worker("web", 1, 10 * SECOND, |w| !w["pid"].is_null());
     let old = clusterd.serving("web");
     clusterd.rewrite_manifest(&format!(
         "{before}env = {{ COLOR = \"blue\" }}\n[apps.extra]\ncommand = [\"sleep\", \"999\"]\n"
     ));
     clusterd.signal(Signal::SIGHUP);
-    let line = clusterd.wait_for_line("manifest re-read:", 10 * SECOND);
+    let changed = clusterd.wait_event("reconfigured", 10 * SECOND, |_| true);
+    let changes = changed["changes"].as_array().expect("changes");
     assert!(
-        line.contains("+extra") && line.contains("web: command/env/cwd/sockets changed"),
-        "{line}"
+        changes.contains(&"+extra".into())
+            && changes.iter().any(|c| c
+                .as_str()
+                .is_some_and(|c| c.starts_with("web: command/env/cwd/sockets changed"))),
+        "{changed}"
     );
-    clusterd.wait_for_line("reload of web complete", 20 * SECOND);
+    clusterd.wait_event("rollout_done", 20 * SECOND, |e| {
+        e["app"] == "web" && e["generation"] == 2
+    });
     let new = clusterd.serving("web");
     assert!(new.iter().all(|(_, pid, generation, _)| *generation == 2
         && crate::util::env_var(*pid, "COLOR").as_deref() == Some("blue")));
@@ -422,7 +439,11 @@ fn sighup_adds_apps_and_rolls_an_app_whose_command_changed() {
     let extra = clusterd.serving("extra")[0].1;
     clusterd.rewrite_manifest(&format!("{before}env = {{ COLOR = \"blue\" }}\n"));
     clusterd.signal(Signal::SIGHUP);
-    clusterd.wait_for_line("manifest re-read: -extra", 10 * SECOND);
+    clusterd.wait_event("reconfigured", 10 * SECOND, |e| {
+        e["changes"]
+            .as_array()
+            .is_some_and(|c| c.contains(&"-extra".into()))
+    });
     assert!(wait_until(10 * SECOND, || !alive(extra)));
 }
 
@@ -432,6 +453,9 @@ fn delay_readiness_and_extend_timeout() {
     // but has a ready_timeout of 1 s, which it extends by EXTEND_TIMEOUT_USEC.
     let clusterd = Clusterd::start(
         r#"
+[supervisor]
+log_format = "json"
+
 [apps.delayed]
 command = ["sleep", "1000"]
 ready = "delay"
@@ -443,7 +467,7 @@ ready = "notify"
 ready_timeout = "1s"
 "#,
     );
-    clusterd.wait_for_line("delayed[0] started", 10 * SECOND);
+    clusterd.wait_worker("delayed", 0, 10 * SECOND, |w| !w["pid"].is_null());
     let early = clusterd.status();
     let state = |status: &serde_json::Value, app: &str| {
         status["apps"]
@@ -455,7 +479,7 @@ ready_timeout = "1s"
             .clone()
     };
     assert_eq!(state(&early, "delayed"), "starting", "{early}");
-    clusterd.wait_for_line("delayed[0] pid", 5 * SECOND);
+    clusterd.wait_event("ready", 5 * SECOND, |e| e["app"] == "delayed");
     assert!(wait_until(5 * SECOND, || state(
         &clusterd.status(),
         "delayed"
@@ -465,13 +489,13 @@ ready_timeout = "1s"
         .expect("ready_ms");
     assert!(ready_ms >= 500, "ready after {ready_ms} ms");
 
-    clusterd.wait_for_line("slow[0] pid", 10 * SECOND);
+    clusterd.wait_event("ready", 10 * SECOND, |e| e["app"] == "slow");
     assert!(wait_until(10 * SECOND, || state(
         &clusterd.status(),
         "slow"
     ) == "ready"));
     assert!(
-        !clusterd.output().contains("not ready within"),
+        clusterd.events("not_ready").is_empty(),
         "{}",
         clusterd.output()
     );
@@ -489,13 +513,18 @@ fn hostile_notifications_cannot_hurt_the_supervisor() {
     // trigger must get the worker replaced.
     let clusterd = Clusterd::start(
         r#"
+[supervisor]
+log_format = "json"
+
 [apps.rogue]
 command = ["sh", "-c", "\"$CLUSTERD_EXE\" notify EXTEND_TIMEOUT_USEC=18446744073709551615 EXTEND_TIMEOUT_USEC=-1 READY=maybe STATUS= garbage; \"$CLUSTERD_EXE\" notify READY=1; sleep 0.2; \"$CLUSTERD_EXE\" notify WATCHDOG=trigger; exec sleep 1000"]
 ready = "notify"
 ready_timeout = "10s"
 "#,
     );
-    clusterd.wait_for_line("triggered its watchdog", 10 * SECOND);
+    clusterd.wait_event("watchdog_triggered", 10 * SECOND, |e| {
+        e["app"] == "rogue" && e["slot"] == 0
+    });
     let rogue = clusterd.wait_worker("rogue", 0, 10 * SECOND, |w| {
         w["restarts"].as_u64() >= Some(1) && !w["pid"].is_null()
     });

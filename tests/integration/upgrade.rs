@@ -189,7 +189,7 @@ fn an_intercepted_run_app_is_upgraded_twice_under_load_and_keeps_every_pid() {
         &[("child.js", script.as_bytes())],
     );
     let addr: SocketAddr = listen.parse().expect("addr");
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("tick", 2, 20 * SECOND);
     let before = clusterd.status();
     let pids = worker_pids(&before);
     assert_eq!(pids.len(), 2);
@@ -251,11 +251,12 @@ fn an_intercepted_run_app_is_upgraded_twice_under_load_and_keeps_every_pid() {
 fn a_node_app_with_ipc_is_upgraded_and_its_messages_still_flow() {
     let worker = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/node/ipc-worker.js");
     let mut clusterd = Clusterd::start(&format!(
-        "[apps.web]\ncommand = [\"node\", \"{}\"]\nworkers = 2\nipc_broadcast = true\n\
+        "[supervisor]\nlog_format = \"json\"\n[apps.web]\nlog_format = \"text\"\n\
+         command = [\"node\", \"{}\"]\nworkers = 2\nipc_broadcast = true\n\
          ready = \"message\"\nstop_signal = \"disconnect\"\nenv = {{ IPC_INTERVAL_MS = \"50\" }}\n",
         worker.display()
     ));
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("web", 2, 20 * SECOND);
     let pids: Vec<Pid> = (0..2)
         .map(|slot| clusterd.first_pid(&format!("web[{slot}]")))
         .collect();
@@ -294,7 +295,12 @@ fn a_node_app_with_ipc_is_upgraded_and_its_messages_still_flow() {
     let mut expected: Vec<u64> = pids.iter().map(|p| p.as_raw() as u64).collect();
     expected.sort();
     assert_eq!(worker_pids(&status), expected, "a worker was replaced");
-    assert_eq!(clusterd.count("started pid"), 2, "a worker was replaced");
+    assert_eq!(
+        clusterd.events("started").len(),
+        2,
+        "a worker was replaced: {}",
+        clusterd.output()
+    );
 
     // stop_signal = "disconnect": closing the handed-over channels still stops them.
     assert!(clusterd.stop().success());
@@ -325,7 +331,7 @@ sockets = ["http"]
 ready = "notify"
 "#,
     );
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("web", 2, 20 * SECOND);
     let dir = clusterd.dir.path().to_owned();
     // A binary whose check waits until the test says so.
     let slow = dir.join("slow-clusterd");
@@ -384,7 +390,7 @@ fn a_check_that_never_answers_is_given_up_after_ten_seconds() {
 command = ["sleep", "1000"]
 "#,
     );
-    clusterd.wait_for_lines("ready after", 1, 20 * SECOND);
+    clusterd.wait_ready("web", 1, 20 * SECOND);
     let before = worker_pids(&clusterd.status());
     let dir = clusterd.dir.path().to_owned();
     let stuck = dir.join("stuck-clusterd");

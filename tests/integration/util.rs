@@ -375,23 +375,10 @@ impl Clusterd {
             .unwrap_or_else(|_| panic!("not an address: {address:?}"))
     }
 
-    /// Pids of workers started so far, from the log, in order (`web[0] started pid 123`).
-    pub fn started_pids(&self, label: &str) -> Vec<Pid> {
-        let needle = format!("{label} started pid ");
-        self.lines
-            .lines
-            .lock()
-            .expect("lines")
-            .iter()
-            .filter_map(|l| l.split_once(&needle))
-            .filter_map(|(_, rest)| rest.split(' ').next()?.parse().ok())
-            .map(Pid::from_raw)
-            .collect()
-    }
-
     /// The pid of the first worker started for `label` (`app[slot]`), waiting (bounded) for
     /// status to show one. If the slot has been restarted since, the first pid is no longer
-    /// in status and comes from the log.
+    /// in status and comes from the first typed `started` event of the slot (a test that lets
+    /// a slot restart before it asks sets `[supervisor] log_format = "json"`).
     pub fn first_pid(&self, label: &str) -> Pid {
         let (app, slot) = label
             .strip_suffix(']')
@@ -402,8 +389,10 @@ impl Clusterd {
         if worker["restarts"] == 0 && worker["generation"] == 1 {
             return json_pid(&worker);
         }
-        self.wait_for_line(&format!("{label} started pid "), Duration::from_secs(10));
-        self.started_pids(label)[0]
+        let first = self.wait_event("started", Duration::from_secs(10), |e| {
+            e["app"] == app && e["slot"] == slot
+        });
+        json_pid(&first)
     }
 
     /// Waits until status (once clusterd answers) shows the serving worker of `app` in `slot` with `condition`

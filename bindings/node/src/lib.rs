@@ -287,8 +287,7 @@ where
 /// wrapped so that rejecting with it rejects with that very object.
 fn js_error(env: &Env, e: &KvError) -> napi::Error {
     let build = || -> napi::Result<napi::Error> {
-        let mut error =
-            env.create_error(napi::Error::new(Status::GenericFailure, e.to_string()))?;
+        let mut error = env.create_error(napi::Error::new(Status::GenericFailure, e.report()))?;
         error.set_named_property("code", error_code(e))?;
         Ok(napi::Error::from(error.to_unknown()))
     };

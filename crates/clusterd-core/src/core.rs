@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use super::backoff::{self, End};
 use super::commands::Waiter;
-use super::event::{Action, Event, Exit, Notice, Observation, SpawnFailure, What};
+use super::event::{
+    Action, Event, Exit, Notice, Observation, SpawnFailure, What, binds_itself_hint,
+};
 use super::state::{App, Phase, SlotState, StopReason, Tend, Worker, WorkerId, human};
 use crate::process::ExitStatus;
 use crate::process::SupervisorSignal;
@@ -52,10 +54,9 @@ pub enum Role {
     Retired,
 }
 
-/// All the supervisor's state. It crosses `clusterd upgrade` serialized (see `handover`),
-/// except what belongs to this process's connections: `reload --wait` clients.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// All the supervisor's state. It crosses `clusterd upgrade` as a [`Snapshot`] (see
+/// `handover`), except what belongs to this process's connections: `reload --wait` clients.
+#[derive(Debug, Default)]
 pub struct Core {
     /// The apps, by name.
     pub(super) apps: BTreeMap<String, App>,
@@ -64,20 +65,56 @@ pub struct Core {
     /// Every worker whose record is alive (its process, or what is left of its group).
     pub(super) workers: BTreeMap<WorkerId, Worker>,
     /// Running workers by pid.
-    #[serde(with = "crate::process::pid_map")]
     pids: HashMap<Pid, WorkerId>,
     next_id: u64,
     /// Set once shutdown has begun.
     pub(super) shutting_down: bool,
     /// `reload --wait` clients.
-    #[serde(skip)]
     pub(super) waiters: Vec<Waiter>,
     /// When workers' memory is sampled next (only while an app sets `max_memory`).
-    #[serde(with = "crate::time::opt_instant")]
     memory_check: Option<Instant>,
     /// Actions decided so far, returned by `on`/`tick`.
+    out: Vec<Action>,
+}
+
+/// How [`Core`] is written: the derive of its fields, private, so that the only way to write
+/// or read a core is with an anchor ([`Core::snapshot`], [`Snapshot::restore`]).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "Core", deny_unknown_fields)]
+struct Stored {
+    apps: BTreeMap<String, App>,
+    socket_addresses: BTreeMap<String, String>,
+    workers: BTreeMap<WorkerId, Worker>,
+    #[serde(with = "crate::process::pid_map")]
+    pids: HashMap<Pid, WorkerId>,
+    next_id: u64,
+    shutting_down: bool,
+    #[serde(skip)]
+    waiters: Vec<Waiter>,
+    #[serde(with = "crate::time::opt_instant")]
+    memory_check: Option<Instant>,
     #[serde(skip)]
     out: Vec<Action>,
+}
+
+/// A core as it crosses `clusterd upgrade`: its JSON, every instant written as signed
+/// nanoseconds from the `now` it was taken at ([`Core::snapshot`]). [`Snapshot::restore`]
+/// reads it back against the reader's anchor (the same moment on its clock), so every
+/// deadline keeps its distance. It (de)serializes as that JSON, unchanged.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Snapshot(Box<serde_json::value::RawValue>);
+
+impl Snapshot {
+    /// The core written in this snapshot, its instants read relative to `anchor`.
+    pub fn restore(&self, anchor: Instant) -> Result<Core, serde_json::Error> {
+        crate::time::at(anchor, || {
+            let mut json = serde_json::Deserializer::from_str(self.0.get());
+            let core = Stored::deserialize(&mut json)?;
+            json.end()?;
+            Ok(core)
+        })
+    }
 }
 
 /// `name → address` of every socket of `manifest` (`127.0.0.1:8001`, `unix:/path`).
@@ -101,8 +138,8 @@ const EARLY_EXIT: Duration = Duration::from_secs(1);
 /// Say what is wrong, by a documented heuristic: a worker of an app that has sockets but does
 /// not intercept, which fails within [`EARLY_EXIT`] of its start and before it was ready, most
 /// often tried to bind the address clusterd already holds (EADDRINUSE): unmodified servers
-/// bind their own port.
-fn binds_itself_hint(
+/// bind their own port. Returns that address (the app's first socket's).
+fn binds_itself(
     config: &AppConfig,
     end: &End,
     socket_addresses: &BTreeMap<String, String>,
@@ -110,19 +147,24 @@ fn binds_itself_hint(
     if config.intercept || end.was_ready || end.status.success() || end.uptime >= EARLY_EXIT {
         return None;
     }
-    let addresses: Vec<&str> = config
+    config
         .sockets
         .iter()
-        .filter_map(|name| socket_addresses.get(name).map(String::as_str))
-        .collect();
-    let first = addresses.first()?;
-    Some(format!(
-        "exited at once, before it was ready: if the app binds {first} itself (EADDRINUSE: \
-         clusterd holds it), set intercept = true or take fd 3"
-    ))
+        .find_map(|name| socket_addresses.get(name).cloned())
 }
 
 impl Core {
+    /// The core as it is, for `clusterd upgrade`: its instants written relative to `now`.
+    pub fn snapshot(&self, now: Instant) -> Result<Snapshot, serde_json::Error> {
+        struct View<'a>(&'a Core);
+        impl Serialize for View<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                Stored::serialize(self.0, s)
+            }
+        }
+        crate::time::at(now, || serde_json::value::to_raw_value(&View(self))).map(Snapshot)
+    }
+
     /// A core for `manifest` whose slots are all due to start at `now`.
     pub fn new(manifest: &Manifest, now: Instant) -> Self {
         let mut core = Core {
@@ -270,10 +312,14 @@ impl Core {
 
     fn on_exited(&mut self, now: Instant, pid: Pid, status: ExitStatus, group_empty: bool) {
         let Some(id) = self.pids.remove(&pid) else {
-            self.log(
-                Level::Debug,
-                format!("reaped adopted process {pid} ({status})"),
-            );
+            self.push_notice(Notice {
+                level: Level::Debug,
+                app: None,
+                slot: None,
+                pid: Some(pid),
+                generation: None,
+                what: What::Reaped { status },
+            });
             return;
         };
         let role = self.role(id);
@@ -363,7 +409,6 @@ impl Core {
             return;
         };
         let (app_name, index, generation) = (worker.app.clone(), worker.slot, worker.generation);
-        let label = worker.label();
         let killed = match worker.phase {
             Phase::Stopping { why, .. } if why.is_failure() => Some(stop_reason_text(why)),
             _ => None,
@@ -397,20 +442,20 @@ impl Core {
             .filter(|r| r.generation == generation)
             .filter(|r| !(finished && r.reruns(index)))
             .and_then(|r| r.promoted_from(index));
-        let hint = binds_itself_hint(&config, end, &self.socket_addresses);
+        let address = binds_itself(&config, end, &self.socket_addresses);
         let slot = &mut app.slots[index];
         let exit = format!("{how} after {}", human(end.uptime));
-        if let Some(hint) = hint {
+        if let Some(address) = address {
+            let hint = binds_itself_hint(&address);
             // Once per streak of such exits: the status keeps saying it.
             if slot
                 .last_exit
                 .as_deref()
                 .is_none_or(|last| !last.contains(&hint))
+                && let Some(worker) = self.workers.get(&id)
             {
-                self.out.push(Action::Log {
-                    level: Level::Warn,
-                    message: format!("{label}: {hint}"),
-                });
+                let notice = about(worker, Level::Warn, What::BindsItself { address });
+                self.out.push(Action::Event(notice));
             }
             slot.last_exit = Some(format!("{exit}: {hint}"));
         } else {
@@ -645,12 +690,8 @@ impl Core {
                 }
                 // A worker may send this as often as it likes: never more than a debug line.
                 ("STOPPING", "1") => {
-                    let message = format!(
-                        "{} {} says it is stopping",
-                        worker.label(),
-                        worker.pid_text()
-                    );
-                    self.log(Level::Debug, message);
+                    let notice = about(worker, Level::Debug, What::SaysStopping);
+                    self.push_notice(notice);
                 }
                 (KV_TEND_KEY, state) => self.on_tend(now, id, state),
                 _ => {}
@@ -1102,10 +1143,16 @@ impl Core {
     /// SIGTTIN/SIGTTOU: one worker more or fewer for the manifest's only app.
     fn scale_single_app(&mut self, now: Instant, delta: i64) {
         if self.apps.len() != 1 {
-            self.log(
-                Level::Warn,
-                "scaling by signal needs a manifest with exactly one app; use `clusterd scale APP N`".into(),
-            );
+            self.push_notice(Notice {
+                level: Level::Warn,
+                app: None,
+                slot: None,
+                pid: None,
+                generation: None,
+                what: What::ScaleRefused {
+                    apps: self.apps.len(),
+                },
+            });
             return;
         }
         let Some((name, app)) = self.apps.iter().next() else {
@@ -1169,11 +1216,6 @@ impl Core {
         self.out.push(Action::Event(notice));
     }
 
-    /// Queues a log line.
-    pub(super) fn log(&mut self, level: Level, message: String) {
-        self.out.push(Action::Log { level, message });
-    }
-
     /// Queues an action.
     pub(super) fn push(&mut self, action: Action) {
         self.out.push(action);
@@ -1181,7 +1223,7 @@ impl Core {
 }
 
 /// A typed event about `worker`.
-fn about(worker: &Worker, level: Level, what: What) -> Notice {
+pub(super) fn about(worker: &Worker, level: Level, what: What) -> Notice {
     Notice {
         level,
         app: Some(worker.app.clone()),

@@ -122,13 +122,6 @@ pub enum Action {
     },
     /// One of clusterd's events, typed: the daemon renders its text (or JSON fields).
     Event(Notice),
-    /// Write a log line (what has no typed event).
-    Log {
-        /// Its level.
-        level: Level,
-        /// The line.
-        message: String,
-    },
     /// Count something in the metrics.
     Observe(Observation),
     /// SIGHUP: re-read the manifest, bind its new sockets, and come back with
@@ -311,6 +304,40 @@ pub enum What {
         /// Workers being stopped.
         workers: usize,
     },
+    /// A process that is no worker's (adopted as the child subreaper) was reaped (`pid`).
+    Reaped {
+        /// Its exit status.
+        status: ExitStatus,
+    },
+    /// A worker of an app with sockets that does not intercept failed at once, before it was
+    /// ready: most likely it binds the address clusterd holds itself. Once per streak.
+    BindsItself {
+        /// The first address of the app's sockets.
+        address: String,
+    },
+    /// SIGTTIN/SIGTTOU with other than exactly one app in the manifest: nothing scales.
+    ScaleRefused {
+        /// The manifest's number of apps.
+        apps: usize,
+    },
+    /// A rollout's candidate re-running a finished one-shot slot finished with status 0: the
+    /// slot is done on the new generation.
+    RerunDone {
+        /// How long it ran.
+        uptime: Duration,
+    },
+    /// The reload asked for during a rollout that aborted now starts.
+    ReloadAfterAbort,
+    /// A worker said `STOPPING=1` (a debug line: it may say so as often as it likes).
+    SaysStopping,
+}
+
+/// The hint of [`What::BindsItself`], also kept in the slot's last exit for status.
+pub fn binds_itself_hint(address: &str) -> String {
+    format!(
+        "exited at once, before it was ready: if the app binds {address} itself (EADDRINUSE: \
+         clusterd holds it), set intercept = true or take fd 3"
+    )
 }
 
 /// How a worker ended.
@@ -352,6 +379,12 @@ impl What {
             What::ReloadQueued => "reload_queued",
             What::Reconfigured { .. } => "reconfigured",
             What::Killing { .. } => "killing",
+            What::Reaped { .. } => "reaped",
+            What::BindsItself { .. } => "binds_itself",
+            What::ScaleRefused { .. } => "scale_refused",
+            What::RerunDone { .. } => "rerun_done",
+            What::ReloadAfterAbort => "reload_after_abort",
+            What::SaysStopping => "says_stopping",
         }
     }
 }

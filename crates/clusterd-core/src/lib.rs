@@ -11,7 +11,7 @@
 //! vocabulary between core and daemon; [`status`] the views; [`host`] what clusterd tells its
 //! own manager and orchestrators (ready, summary); [`process`] the few facts of the OS the
 //! core reasons about (pids, exit statuses, signals to clusterd, usage); [`time`] how its
-//! instants are written across `clusterd upgrade`.
+//! instants are written across `clusterd upgrade` (with [`Snapshot`]).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -31,7 +31,7 @@ pub mod status;
 mod tests;
 pub mod time;
 
-pub use crate::core::{Core, Role};
+pub use crate::core::{Core, Role, Snapshot};
 pub use event::{Action, Event, Exit, Level, Notice, Observation, ReplyTo, SpawnFailure, What};
 pub use process::{ExitStatus, Pid, SupervisorSignal, Usage};
 pub use state::WorkerId;

@@ -28,7 +28,7 @@ use clusterd_manifest::RestartPolicy;
 use serde::{Deserialize, Serialize};
 
 use super::backoff::End;
-use super::core::Core;
+use super::core::{Core, about};
 use super::event::{Action, Notice, Observation, What};
 use super::state::{Phase, ReloadOutcome, SlotState, StopReason, WorkerId, human};
 
@@ -397,7 +397,7 @@ impl Core {
         let Some(worker) = self.workers.get(&id) else {
             return false;
         };
-        let (index, label, pid) = (worker.slot, worker.label(), worker.pid_text());
+        let index = worker.slot;
         let finished = end.status.success() && worker.config.restart != RestartPolicy::Always;
         let Some(app) = self.apps.get_mut(&worker.app) else {
             return false;
@@ -421,11 +421,10 @@ impl Core {
         slot.generation = rollout.generation;
         slot.state = SlotState::Done { code: Some(0) };
         slot.last_exit = Some(format!("{} after {}", end.status, human(end.uptime)));
-        let generation = rollout.generation;
-        self.log(
-            Level::Info,
-            format!("{label} {pid} (generation {generation}) exited with status 0: done"),
-        );
+        if let Some(worker) = self.workers.get(&id) {
+            let notice = about(worker, Level::Info, What::RerunDone { uptime: end.uptime });
+            self.push_notice(notice);
+        }
         true
     }
 
@@ -470,10 +469,14 @@ impl Core {
         }
         self.prune_configs(name);
         if rollout.again {
-            self.log(
-                Level::Info,
-                "running the reload requested during the aborted rollout".into(),
-            );
+            self.push_notice(Notice {
+                level: Level::Info,
+                app: Some(name.to_owned()),
+                slot: None,
+                pid: None,
+                generation: None,
+                what: What::ReloadAfterAbort,
+            });
             self.request_reload(now, Some(name));
         }
     }

@@ -27,8 +27,6 @@ struct Sim {
     signals: Vec<(Pid, Signal)>,
     /// Replies sent, in order.
     replies: Vec<(ReplyTo, Reply)>,
-    /// Log lines, with their level.
-    logs: Vec<(crate::event::Level, String)>,
     /// Typed events, in order.
     events: Vec<Notice>,
     /// How many spawns were asked for.
@@ -65,7 +63,6 @@ impl Sim {
             next_pid: 100,
             signals: Vec::new(),
             replies: Vec::new(),
-            logs: Vec::new(),
             events: Vec::new(),
             spawns: 0,
             spawn_failures: Vec::new(),
@@ -99,7 +96,6 @@ impl Sim {
                 }
                 Action::Signal { pid, signal, .. } => self.signals.push((pid, signal)),
                 Action::Reply { to, reply } => self.replies.push((to, reply)),
-                Action::Log { level, message } => self.logs.push((level, message)),
                 Action::Event(notice) => self.events.push(notice),
                 Action::Reread => self.rereads += 1,
                 Action::MeasureMemory(workers) => {
@@ -616,8 +612,18 @@ fn a_worker_that_fails_at_once_beside_a_held_socket_is_told_to_intercept() {
     }
     let hint = "if the app binds 127.0.0.1:8001 itself (EADDRINUSE: clusterd holds it), set \
                 intercept = true or take fd 3";
-    let logged = sim.logs.iter().filter(|(_, l)| l.contains(hint)).count();
-    assert_eq!(logged, 1, "once, not at every crash: {:?}", sim.logs);
+    let told: Vec<&Notice> = sim
+        .events
+        .iter()
+        .filter(|n| matches!(&n.what, What::BindsItself { .. }))
+        .collect();
+    assert_eq!(told.len(), 1, "once, not at every crash: {told:?}");
+    assert!(matches!(&told[0].what, What::BindsItself { address } if address == "127.0.0.1:8001"));
+    assert_eq!(
+        (told[0].app.as_deref(), told[0].slot),
+        (Some("web"), Some(0))
+    );
+    assert_eq!(told[0].level, crate::event::Level::Warn);
     let last = sim.core.apps["web"].slots[0].last_exit.clone().unwrap();
     assert!(last.contains(hint), "{last}");
 
@@ -625,7 +631,11 @@ fn a_worker_that_fails_at_once_beside_a_held_socket_is_told_to_intercept() {
     let mut sim = Sim::new(&format!("{text}intercept = true\n"));
     let pid = sim.pid("web", 0).unwrap();
     sim.exit(pid, ExitStatus::Code(1));
-    assert!(!sim.logs.iter().any(|(_, l)| l.contains("set intercept")));
+    assert!(
+        !sim.events
+            .iter()
+            .any(|n| matches!(n.what, What::BindsItself { .. }))
+    );
 }
 
 #[test]
@@ -1190,15 +1200,62 @@ fn a_rollout_of_delay_workers_wakes_only_at_its_deadlines() {
 fn stopping_notifications_are_debug_lines_only() {
     let mut sim = Sim::new(WEB3);
     let pid = sim.pid("web", 0).unwrap();
-    let before = sim.logs.len();
+    let before = sim.events.len();
     for _ in 0..100 {
         sim.notify(pid, "STOPPING=1");
     }
-    assert!(
-        sim.logs[before..]
-            .iter()
-            .all(|(level, _)| *level == crate::event::Level::Debug)
+    let told = &sim.events[before..];
+    assert_eq!(told.len(), 100);
+    assert!(told.iter().all(|n| n.level == crate::event::Level::Debug
+        && n.what == What::SaysStopping
+        && n.pid == Some(pid)
+        && n.slot == Some(0)));
+}
+
+#[test]
+fn a_reaped_process_that_is_no_workers_is_a_debug_event_with_its_pid_and_status() {
+    let mut sim = Sim::new(WEB3);
+    let stranger = Pid::from_raw(99_999);
+    sim.exit(stranger, ExitStatus::Code(7));
+    let last = sim.events.last().expect("an event");
+    assert_eq!(last.level, crate::event::Level::Debug);
+    assert_eq!((last.app.as_deref(), last.pid), (None, Some(stranger)));
+    assert_eq!(
+        last.what,
+        What::Reaped {
+            status: ExitStatus::Code(7)
+        }
     );
+}
+
+#[test]
+fn scaling_by_signal_with_two_apps_is_refused_by_an_event() {
+    let mut sim = Sim::new(ONE_SHOT);
+    let before = sim.core.apps["web"].slots.len();
+    sim.signal(SupervisorSignal::ScaleBy(1));
+    assert_eq!(sim.core.apps["web"].slots.len(), before);
+    let last = sim.events.last().expect("an event");
+    assert_eq!(last.level, crate::event::Level::Warn);
+    assert_eq!(last.what, What::ScaleRefused { apps: 2 });
+    assert_eq!(last.app, None);
+}
+
+#[test]
+fn the_reload_asked_for_during_an_aborted_rollout_is_an_event_before_it_runs() {
+    let mut sim = Sim::new(WEB3);
+    ready_all(&mut sim, "web");
+    sim.signal(SupervisorSignal::Reload);
+    sim.signal(SupervisorSignal::Reload);
+    let c0 = sim.candidate("web", 0).unwrap();
+    sim.exit(c0, ExitStatus::Code(1));
+    let names: Vec<&str> = events_of(&sim, "web").iter().map(|t| t.0).collect();
+    let aborted = names
+        .iter()
+        .rposition(|n| *n == "aborted")
+        .expect("aborted");
+    assert_eq!(names[aborted + 1], "reload_after_abort", "{names:?}");
+    assert_eq!(names[aborted + 2], "rollout_started", "{names:?}");
+    assert_eq!(sim.core.apps["web"].generation, 3);
 }
 
 #[test]
@@ -1516,11 +1573,12 @@ mod handover {
     fn round_trip(sim: &mut Sim) {
         let core = std::mem::take(&mut sim.core);
         let deadline = core.next_deadline();
-        let bytes = crate::time::at(sim.now, || serde_json::to_vec(&core)).expect("encode");
+        let bytes = serde_json::to_vec(&core.snapshot(sim.now).expect("snapshot")).expect("encode");
         // The reader anchors at its own clock (as `clusterd handover-resume` does, shifted by
         // the time the exec took).
         let later = Instant::now();
-        let core: Core = crate::time::at(later, || serde_json::from_slice(&bytes)).expect("decode");
+        let snapshot: crate::Snapshot = serde_json::from_slice(&bytes).expect("decode");
+        let core = snapshot.restore(later).expect("restore");
         // Deadlines keep their distance from the moment of writing.
         let (a, b) = (deadline.unwrap(), core.next_deadline().unwrap());
         assert_eq!(
@@ -2188,6 +2246,16 @@ fn a_reload_reruns_a_finished_one_shot_and_its_exit_0_completes_its_step() {
         sim.last_reload("migrate"),
         Some(ReloadOutcome::Completed { generation: 2 })
     );
+    let done = sim
+        .events
+        .iter()
+        .find(|n| matches!(n.what, What::RerunDone { .. }))
+        .expect("rerun_done");
+    assert_eq!(
+        (done.app.as_deref(), done.slot, done.pid, done.generation),
+        (Some("migrate"), Some(0), Some(rerun), Some(2))
+    );
+    assert_eq!(done.what, What::RerunDone { uptime: 10 * MS });
     assert_eq!(
         sim.slot_state("migrate", 0),
         SlotState::Done { code: Some(0) }

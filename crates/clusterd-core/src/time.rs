@@ -1,8 +1,18 @@
 //! How the core's instants are written across `clusterd upgrade`: as signed nanoseconds from
-//! an anchor instant the caller gives ([`at`]), so a reader that anchors at the same moment of
-//! its own clock gets every deadline back at the same distance. `Instant` has no absolute
-//! value, so the anchor is set for the duration of one (de)serialization only, and writing an
-//! instant outside of [`at`] is an error, not a guess.
+//! an anchor instant, so a reader that anchors at the same moment of its own clock gets every
+//! deadline back at the same distance. `Instant` has no absolute value, so the anchor is
+//! always given by the caller, and explicitly:
+//!
+//! - the core as a whole crosses as a [`Snapshot`](crate::Snapshot), taken with
+//!   `Core::snapshot(now)` and read back with `Snapshot::restore(anchor)`: `Core` itself has
+//!   no `Serialize`, so there is no other way to write it;
+//! - any other instant (the daemon's own) crosses as an [`Offset`] it computes from the same
+//!   anchor.
+//!
+//! Inside the crate, serde's derive cannot pass the anchor down to the fields that need it,
+//! so `Core::snapshot` and `Snapshot::restore` set it in a thread-local for that one call
+//! ([`at`], crate-private like the field helpers below): nothing outside the crate can
+//! (de)serialize an instant without an anchor.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -17,7 +27,7 @@ thread_local! {
 
 /// Runs `f` (a serialization or deserialization of core state) with instants written and read
 /// relative to `anchor`.
-pub fn at<R>(anchor: Instant, f: impl FnOnce() -> R) -> R {
+pub(crate) fn at<R>(anchor: Instant, f: impl FnOnce() -> R) -> R {
     struct Reset(Option<Instant>);
     impl Drop for Reset {
         fn drop(&mut self) {
@@ -28,12 +38,39 @@ pub fn at<R>(anchor: Instant, f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// An [`Instant`] as signed nanoseconds from the anchor.
-pub mod instant {
+/// An instant as signed nanoseconds from an anchor: how the daemon writes an instant of its
+/// own beside a [`Snapshot`](crate::Snapshot) taken with the same anchor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Offset(i64);
+
+impl Offset {
+    /// `at`, as its distance from `anchor` (saturating at about ±292 years).
+    pub fn between(anchor: Instant, at: Instant) -> Offset {
+        Offset(if at >= anchor {
+            i64::try_from((at - anchor).as_nanos()).unwrap_or(i64::MAX)
+        } else {
+            -i64::try_from((anchor - at).as_nanos()).unwrap_or(i64::MAX)
+        })
+    }
+
+    /// The instant at this distance from `anchor` (`None`: out of the clock's range).
+    pub fn from(self, anchor: Instant) -> Option<Instant> {
+        let offset = Duration::from_nanos(self.0.unsigned_abs());
+        if self.0 >= 0 {
+            anchor.checked_add(offset)
+        } else {
+            anchor.checked_sub(offset)
+        }
+    }
+}
+
+/// An [`Instant`] field as signed nanoseconds from the anchor.
+pub(crate) mod instant {
     use super::*;
     use serde::{Deserializer, Serializer};
 
-    const NO_ANCHOR: &str = "an instant outside of a hand-over";
+    const NO_ANCHOR: &str = "an instant outside of a snapshot";
 
     fn anchor() -> Option<Instant> {
         ANCHOR.with(Cell::get)
@@ -42,30 +79,20 @@ pub mod instant {
     /// Writes `at`.
     pub fn serialize<S: Serializer>(at: &Instant, s: S) -> Result<S::Ok, S::Error> {
         let anchor = anchor().ok_or_else(|| serde::ser::Error::custom(NO_ANCHOR))?;
-        let nanos = if *at >= anchor {
-            i64::try_from((*at - anchor).as_nanos()).unwrap_or(i64::MAX)
-        } else {
-            -i64::try_from((anchor - *at).as_nanos()).unwrap_or(i64::MAX)
-        };
-        s.serialize_i64(nanos)
+        Offset::between(anchor, *at).serialize(s)
     }
 
     /// Reads an instant.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Instant, D::Error> {
         let anchor = anchor().ok_or_else(|| serde::de::Error::custom(NO_ANCHOR))?;
-        let nanos = i64::deserialize(d)?;
-        let offset = Duration::from_nanos(nanos.unsigned_abs());
-        let at = if nanos >= 0 {
-            anchor.checked_add(offset)
-        } else {
-            anchor.checked_sub(offset)
-        };
-        at.ok_or_else(|| serde::de::Error::custom("an instant out of range"))
+        Offset::deserialize(d)?
+            .from(anchor)
+            .ok_or_else(|| serde::de::Error::custom("an instant out of range"))
     }
 }
 
 /// An `Option<Instant>`, as [`instant`] or null.
-pub mod opt_instant {
+pub(crate) mod opt_instant {
     use super::*;
     use serde::{Deserializer, Serializer};
 
@@ -84,7 +111,7 @@ pub mod opt_instant {
 }
 
 /// A `VecDeque<Instant>`, each as [`instant`].
-pub mod instants {
+pub(crate) mod instants {
     use super::*;
     use serde::{Deserializer, Serializer};
 
@@ -122,5 +149,25 @@ mod tests {
         let back: At = at(anchor, || serde_json::from_str(&json)).expect("decode");
         assert_eq!(back.0, anchor + Duration::from_secs(3));
         assert!(serde_json::to_string(&At(later)).is_err());
+    }
+
+    #[test]
+    fn an_offset_is_the_same_distance_either_side_of_its_anchor() {
+        let anchor = Instant::now() + Duration::from_secs(100);
+        for at in [
+            anchor + Duration::from_millis(5),
+            anchor - Duration::from_secs(7),
+        ] {
+            let offset = Offset::between(anchor, at);
+            let json = serde_json::to_string(&offset).expect("encode");
+            let back: Offset = serde_json::from_str(&json).expect("decode");
+            let elsewhere = anchor + Duration::from_secs(1);
+            assert_eq!(back.from(elsewhere), Some(at + Duration::from_secs(1)));
+        }
+        assert_eq!(
+            serde_json::to_string(&Offset::between(anchor, anchor - Duration::from_secs(7)))
+                .unwrap(),
+            "-7000000000"
+        );
     }
 }

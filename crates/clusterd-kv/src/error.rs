@@ -1,5 +1,7 @@
 //! The crate's error type: one enum, each variant carrying what a reader needs to act on it
-//! (the path or node address, what was being done, the underlying error).
+//! (the path or node address, what was being done, the underlying error). Its `Display` says
+//! what failed; the cause is its `source()`, not repeated in the message: print an error with
+//! [`Error::report`] (or anyhow's `{:#}`) to get the whole chain.
 
 use std::io;
 use std::path::PathBuf;
@@ -17,7 +19,7 @@ pub enum Error {
         reason: String,
     },
     /// A system call on a segment or lock file failed.
-    #[error("{action} {}: {source}", path.display())]
+    #[error("{action} {}", path.display())]
     Io {
         /// The file concerned.
         path: PathBuf,
@@ -44,7 +46,7 @@ pub enum Error {
     },
     /// A node could not be connected to.
     #[cfg(feature = "client")]
-    #[error("connecting to Redis node {addr}: {source}")]
+    #[error("connecting to Redis node {addr}")]
     Connect {
         /// The node's `host:port`.
         addr: String,
@@ -54,7 +56,7 @@ pub enum Error {
     },
     /// A command failed on a node (after any redirections were followed).
     #[cfg(feature = "client")]
-    #[error("{command} on Redis node {addr}: {source}")]
+    #[error("{command} on Redis node {addr}")]
     Command {
         /// The node's `host:port`.
         addr: String,
@@ -66,12 +68,13 @@ pub enum Error {
     },
     /// No node answered a topology query.
     #[cfg(feature = "client")]
-    #[error("could not read the cluster topology from any of [{tried}]: {last}")]
+    #[error("could not read the cluster topology from any of [{tried}]")]
     Topology {
         /// The nodes tried, comma-separated.
         tried: String,
-        /// The last node's error.
-        last: String,
+        /// The last node's error (none when there was no node to ask).
+        #[source]
+        last: Option<Box<Error>>,
     },
     /// A node's topology reply could not be understood.
     #[cfg(feature = "client")]
@@ -116,6 +119,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error and its causes, `what failed: why: deeper why`: how to print it.
+    pub fn report(&self) -> String {
+        let mut out = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(error) = cause {
+            out.push_str(": ");
+            out.push_str(&error.to_string());
+            cause = error.source();
+        }
+        out
+    }
+
     /// Wraps an I/O error with the file and the action it happened in.
     pub(crate) fn io(path: impl Into<PathBuf>, action: &'static str, source: io::Error) -> Self {
         Error::Io {
@@ -128,3 +143,37 @@ impl Error {
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_message_says_what_failed_and_the_report_adds_each_cause_once() {
+        let io = Error::io(
+            "/dev/shm/x",
+            "mapping segment",
+            io::Error::other("no memory"),
+        );
+        assert_eq!(io.to_string(), "mapping segment /dev/shm/x");
+        assert_eq!(io.report(), "mapping segment /dev/shm/x: no memory");
+    }
+
+    #[cfg(feature = "client")]
+    #[test]
+    fn the_topology_error_chains_the_last_nodes_error() {
+        let last = Error::Timeout {
+            what: "CLUSTER SHARDS",
+            after: std::time::Duration::from_millis(100),
+        };
+        let error = Error::Topology {
+            tried: "a:1, b:2".into(),
+            last: Some(Box::new(last)),
+        };
+        assert_eq!(
+            error.report(),
+            "could not read the cluster topology from any of [a:1, b:2]: CLUSTER SHARDS timed \
+             out after 100ms"
+        );
+    }
+}

@@ -160,7 +160,7 @@ fn agent(args: &[String]) -> Result<(), String> {
 async fn serve(options: KvOptions) -> Result<(), String> {
     let client = KvClient::connect(options)
         .await
-        .map_err(|e| format!("connecting: {e}"))?;
+        .map_err(|e| format!("connecting: {}", e.report()))?;
     let mut open = reply(&format!(
         "ready role={} pid={}",
         client.role(),
@@ -181,7 +181,10 @@ async fn serve(options: KvOptions) -> Result<(), String> {
         };
         open = reply(&answer);
     }
-    client.close().await.map_err(|e| format!("closing: {e}"))
+    client
+        .close()
+        .await
+        .map_err(|e| format!("closing: {}", e.report()))
 }
 
 async fn command(client: &KvClient, words: &[&str]) -> String {
@@ -208,7 +211,7 @@ async fn command(client: &KvClient, words: &[&str]) -> String {
         ["close"] => client.close().await.map(|()| "closed".into()),
         _ => return format!("error unknown command {:?}", words.join(" ")),
     };
-    result.unwrap_or_else(|e| format!("error {e}"))
+    result.unwrap_or_else(|e| format!("error {}", e.report()))
 }
 
 /// Sets `{prefix}{i}` to `v{i}` for i in 0..n.

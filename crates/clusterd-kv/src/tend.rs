@@ -101,7 +101,7 @@ async fn run_tender(inner: Arc<Inner>) {
             _ = inner.refresh.notified() => {}
         }
         if let Err(e) = inner.tend_once().await {
-            tracing::warn!(error = %e, "tending the cluster map failed");
+            tracing::warn!(error = %e.report(), "tending the cluster map failed");
         }
     }
 }
@@ -120,7 +120,7 @@ async fn run_follower(inner: Arc<Inner>, mut acquired: oneshot::Receiver<Acquire
                             return; // closed meanwhile; the lock was dropped
                         }
                         if let Err(e) = inner.tend_once().await {
-                            tracing::warn!(error = %e, "first tend after takeover failed");
+                            tracing::warn!(error = %e.report(), "first tend after takeover failed");
                         }
                         return run_tender(inner).await;
                     }
@@ -133,7 +133,7 @@ async fn run_follower(inner: Arc<Inner>, mut acquired: oneshot::Receiver<Acquire
         }
         if inner.owner_hung() {
             if let Err(e) = inner.self_refresh().await {
-                tracing::warn!(error = %e, "refreshing the map without the owner failed");
+                tracing::warn!(error = %e.report(), "refreshing the map without the owner failed");
             }
         }
     }

@@ -19,11 +19,11 @@ pub async fn fetch(
     shards_supported: &AtomicBool,
     topology_commands: &AtomicU64,
 ) -> Result<ClusterMap> {
-    let mut last = String::from("no node to ask");
+    let mut last = None;
     for addr in candidates {
         match fetch_from(pool, addr, shards_supported, topology_commands).await {
             Ok(map) => return Ok(map),
-            Err(e) => last = e.to_string(),
+            Err(e) => last = Some(Box::new(e)),
         }
     }
     Err(Error::Topology {

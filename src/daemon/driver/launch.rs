@@ -101,7 +101,13 @@ impl Driver {
             .containment
             .prepare_worker(key)
             .unwrap_or_else(|error| {
-                tracing::warn!("{}; {label} runs in its process group only", Chain(&error));
+                tracing::warn!(
+                    event = "cgroup_prepare_failed",
+                    app,
+                    slot,
+                    "{}; {label} runs in its process group only",
+                    Chain(&error)
+                );
                 None
             });
         let trap = match config.intercept {
@@ -127,7 +133,13 @@ impl Driver {
         if let Some((mine, _)) = channel
             && let Err(error) = self.channels.watch(worker, label.clone(), mine)
         {
-            tracing::error!("{label} pid {pid}: cannot serve its message channel: {error}");
+            tracing::error!(
+                event = "ipc_channel_failed",
+                app,
+                slot,
+                pid = pid.as_raw(),
+                "{label} pid {pid}: cannot serve its message channel: {error}"
+            );
         }
         if let (Some(trap), Some(held)) = (trap, held) {
             // The child sent the fd before it exec'd. Without it, its trapped calls fail with
@@ -137,7 +149,13 @@ impl Driver {
                     .watch(worker, label.clone(), notify_fd, held)
             });
             if let Err(error) = watched {
-                tracing::error!("{label} pid {pid}: cannot answer its bind()/listen(): {error}");
+                tracing::error!(
+                    event = "intercept_failed",
+                    app,
+                    slot,
+                    pid = pid.as_raw(),
+                    "{label} pid {pid}: cannot answer its bind()/listen(): {error}"
+                );
             }
         }
         let kept = KeptOutput {

@@ -347,6 +347,10 @@ impl Driver {
                     if let Ok(pid) = &result {
                         if let Err(why) = self.containment.check_joined(&key, os::pid(*pid)) {
                             tracing::warn!(
+                                event = "cgroup_join_failed",
+                                app,
+                                slot,
+                                pid = pid.as_raw(),
                                 "{app}[{slot}] is contained by its process group only: {why}"
                             );
                         }
@@ -407,10 +411,6 @@ impl Driver {
                 }
                 Action::Event(notice) => {
                     self.logs.event(&notice);
-                    None
-                }
-                Action::Log { level, message } => {
-                    log(level, &message);
                     None
                 }
                 Action::Observe(observation) => {
@@ -540,6 +540,7 @@ impl Driver {
             Ok(manifest) => manifest,
             Err(error) => {
                 tracing::error!(
+                    event = "reread_rejected",
                     "manifest re-read rejected, nothing changed:\n{}",
                     Chain(&error)
                 );
@@ -553,6 +554,7 @@ impl Driver {
             Ok(changed) => changed,
             Err(error) => {
                 tracing::error!(
+                    event = "reread_rejected",
                     "manifest re-read rejected, nothing changed: {}",
                     Chain(&error)
                 );
@@ -561,6 +563,8 @@ impl Driver {
         };
         for name in &changed {
             tracing::warn!(
+                event = "socket_change_deferred",
+                socket = %name,
                 "socket {name}: a changed address takes effect only after a restart of clusterd"
             );
         }
@@ -599,6 +603,7 @@ fn stop_adopted_orphans() {
         return;
     }
     tracing::warn!(
+        event = "escaped_processes_stopped",
         "stopping {} processes that left their worker's process group: {orphans:?}",
         orphans.len()
     );
@@ -618,14 +623,4 @@ fn stop_adopted_orphans() {
     }
     std::thread::sleep(Duration::from_millis(20));
     reaper::reap_all();
-}
-
-fn log(level: clusterd_core::Level, message: &str) {
-    use clusterd_core::Level;
-    match level {
-        Level::Error => tracing::error!("{message}"),
-        Level::Warn => tracing::warn!("{message}"),
-        Level::Info => tracing::info!("{message}"),
-        Level::Debug => tracing::debug!("{message}"),
-    }
 }

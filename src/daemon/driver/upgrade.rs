@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::error::Chain;
+use clusterd_core::time::Offset;
 
 /// An upgrade whose new binary is being checked (`handover-check` runs).
 pub(super) struct Checking {
@@ -31,8 +32,8 @@ impl Driver {
     pub(super) fn resume(&mut self, handover: Handover) -> anyhow::Result<Core> {
         let now = Instant::now();
         let from = handover.version.clone();
-        let (core, state) = handover.into_state();
-        self.started = state.started;
+        let (core, state, anchor) = handover.into_state()?;
+        self.started = state.started.from(anchor).unwrap_or(now);
         self.upgrades = state.upgrades;
         self.upgraded_at = Some(now);
         self.contained = state.contained.into_iter().collect();
@@ -83,6 +84,7 @@ impl Driver {
         self.metrics.restore(state.counters);
         crate::daemon::signals::block_handled(false)?;
         tracing::info!(
+            event = "upgraded",
             "upgraded in place from clusterd {from} to {}: {} workers kept",
             handover::VERSION,
             core.groups().len()
@@ -116,9 +118,9 @@ impl Driver {
             );
         };
         // What the check reads: this very state, as it is now.
-        let (handover, _) = self.handover(std::mem::take(core), parts, self.channels.peek());
-        let encoded = handover.encode(Instant::now());
-        *core = handover.into_state().0;
+        let encoded = self
+            .handover(core, Instant::now(), parts, self.channels.peek())
+            .and_then(|(handover, _)| handover.encode());
         let check = encoded
             .and_then(|bytes| handover::memfd(&bytes))
             .and_then(|state| handover::start_check(&binary, &state));
@@ -174,9 +176,10 @@ impl Driver {
         // The message channels stop where they are; what they hold crosses too.
         let channels = self.channels.suspend().await;
         let states = channels.iter().map(|(state, _)| state.clone()).collect();
-        let (handover, mut all) = self.handover(std::mem::take(core), parts, states);
-        let encoded = handover.encode(Instant::now());
-        *core = handover.into_state().0;
+        let (encoded, mut all) = match self.handover(core, Instant::now(), parts, states) {
+            Ok((handover, all)) => (handover.encode(), all),
+            Err(error) => (Err(error), Vec::new()),
+        };
         let error = match encoded.and_then(|bytes| handover::memfd(&bytes)) {
             Err(error) => std::io::Error::other(Chain(&error).to_string()),
             Ok(state) => {
@@ -196,22 +199,27 @@ impl Driver {
         };
         for (state, fd) in channels {
             if let Err(error) = self.channels.resume(state, fd) {
-                tracing::error!("upgrade: cannot serve a message channel again: {error}");
+                tracing::error!(
+                    event = "upgrade_channel_failed",
+                    "upgrade: cannot serve a message channel again: {error}"
+                );
             }
         }
         tracing::error!(
+            event = "upgrade_exec_failed",
             "upgrade: cannot exec {}: {error}; nothing changed",
             binary.display()
         );
     }
 
-    /// The hand-over of everything (taking `core`), and the descriptors it names.
+    /// The hand-over of everything as it is at `now`, and the descriptors it names.
     pub(super) fn handover(
         &self,
-        core: Core,
+        core: &Core,
+        now: Instant,
         parts: &Handed<'_>,
         channels: Vec<ipc::Suspended>,
-    ) -> (Handover, Vec<std::os::fd::RawFd>) {
+    ) -> Result<(Handover, Vec<std::os::fd::RawFd>), handover::HandoverError> {
         let mut fds = Vec::new();
         let sockets: Vec<handover::HandedSocket> = self
             .sockets
@@ -259,7 +267,7 @@ impl Driver {
             channels,
             counters: self.metrics.counters(),
             log_lines: self.logs.hub().handover(),
-            started: self.started,
+            started: Offset::between(now, self.started),
             upgrades: self.upgrades + 1,
             contained: self
                 .contained
@@ -275,6 +283,7 @@ impl Driver {
             .unwrap_or_default();
         let handover = Handover::new(
             core,
+            now,
             self.manifest.clone(),
             run_dir,
             sockets,
@@ -289,14 +298,14 @@ impl Driver {
             metrics,
             self.detached,
             driver,
-        );
-        (handover, fds)
+        )?;
+        Ok((handover, fds))
     }
 }
 
 /// Refuses an upgrade: says why in the log and to the client that asked.
 pub(super) fn refuse(request: &UpgradeRequest, message: String) {
-    tracing::error!("upgrade refused: {message}");
+    tracing::error!(event = "upgrade_refused", "upgrade refused: {message}");
     if let Some(reply) = &request.reply {
         let _ = reply.send(Reply::Error {
             kind: ErrorKind::BadRequest,

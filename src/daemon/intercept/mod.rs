@@ -332,7 +332,10 @@ async fn serve(
                 // The caller died or was interrupted before we took the notification.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINTR)) => {}
                 Err(e) => {
-                    tracing::warn!("{label}: cannot read its trapped bind/listen calls: {e}");
+                    tracing::warn!(
+                        event = "intercept_read_failed",
+                        "{label}: cannot read its trapped bind/listen calls: {e}"
+                    );
                     return;
                 }
             }
@@ -461,6 +464,8 @@ fn bind(fd: &OwnedFd, notification: &libc::seccomp_notif, held: &[Held], label: 
         let error = io::Error::last_os_error();
         if error.raw_os_error() != Some(libc::ENOENT) {
             tracing::warn!(
+                event = "intercept_handoff_failed",
+                pid,
                 "{label}: pid {pid} bind({address}): cannot hand it socket {}: {error}",
                 socket.name
             );

@@ -78,13 +78,14 @@ pub(super) fn filter(inherited: usize) -> Vec<libc::sock_filter> {
 /// Why interception cannot be used here.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "seccomp user notification is unavailable ({what}: {cause}); intercept = true needs \
-     Linux 5.9 or later and a container profile that allows seccomp()"
+    "seccomp user notification is unavailable (intercept = true needs Linux 5.9 or later and \
+     a container profile that allows seccomp()): {what} failed"
 )]
 pub struct Unavailable {
     /// The step that failed.
     what: &'static str,
     /// Its error.
+    #[source]
     cause: io::Error,
 }
 
@@ -298,5 +299,29 @@ impl Trap {
             }
             received.ok_or_else(|| io::Error::other("the worker sent no notification fd"))
         }
+    }
+}
+
+#[cfg(test)]
+mod unavailable_tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_names_the_step_and_leaves_its_cause_to_the_chain() {
+        let error = Unavailable {
+            what: "prctl(PR_SET_NO_NEW_PRIVS)",
+            cause: io::Error::from_raw_os_error(libc::EPERM),
+        };
+        let message = error.to_string();
+        assert!(
+            message.ends_with("prctl(PR_SET_NO_NEW_PRIVS) failed"),
+            "{message}"
+        );
+        assert!(!message.contains("not permitted"), "{message}");
+        let chain = crate::error::Chain(&error).to_string();
+        assert!(
+            chain.starts_with(&format!("{message}: Operation not permitted")),
+            "{chain}"
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! on — `event`, `app`, `slot`, `pid`, `generation` where they apply, and the event's own —
 //! built from the event itself.
 
+use clusterd_core::event::binds_itself_hint;
 use clusterd_core::state::human;
 use clusterd_core::{Exit, Level, Notice, What};
 use serde_json::{Map, Value, json};
@@ -152,6 +153,21 @@ pub fn text(notice: &Notice) -> String {
         }
         What::Reconfigured { changes } => format!("manifest re-read: {}", changes.join(", ")),
         What::Killing { why, workers } => format!("{why} again: killing {workers} workers"),
+        What::Reaped { status } => {
+            let raw = notice.pid.map(|p| p.to_string()).unwrap_or_default();
+            format!("reaped adopted process {raw} ({status})")
+        }
+        What::BindsItself { address } => format!("{label}: {}", binds_itself_hint(address)),
+        What::ScaleRefused { .. } => "scaling by signal needs a manifest with exactly one app; \
+                                      use `clusterd scale APP N`"
+            .to_owned(),
+        What::RerunDone { .. } => {
+            format!("{label} {pid} (generation {generation}) exited with status 0: done")
+        }
+        What::ReloadAfterAbort => {
+            "running the reload requested during the aborted rollout".to_owned()
+        }
+        What::SaysStopping => format!("{label} {pid} says it is stopping"),
     }
 }
 
@@ -214,9 +230,16 @@ fn fields(what: &What) -> Map<String, Value> {
             "reason": message,
             "retry_in_ms": retry_in.map(|d| d.as_millis() as u64),
         }),
-        What::Leftovers | What::WatchdogTriggered | What::KvTending | What::ReloadQueued => {
-            json!({})
-        }
+        What::Leftovers
+        | What::WatchdogTriggered
+        | What::KvTending
+        | What::ReloadQueued
+        | What::ReloadAfterAbort
+        | What::SaysStopping => json!({}),
+        What::Reaped { status } => json!({ "status": status.to_string() }),
+        What::BindsItself { address } => json!({ "address": address }),
+        What::ScaleRefused { apps } => json!({ "apps": apps }),
+        What::RerunDone { uptime } => json!({ "uptime_ms": uptime.as_millis() as u64 }),
         What::NotReady { timeout } | What::StopTimeout { timeout } => {
             json!({ "timeout_ms": timeout.as_millis() as u64 })
         }
@@ -348,5 +371,101 @@ mod tests {
                 .starts_with("web[1] pid 4242 exited")
         );
         assert_eq!(line.last(), Some(&b'\n'));
+    }
+
+    /// Renders `notice` both ways: its text, and its JSON line as a value.
+    fn both(notice: &Notice) -> (String, serde_json::Value) {
+        let record = Record {
+            seq: 1,
+            time: UNIX_EPOCH,
+            source: Source::events(),
+            stream: LogStream::Log,
+            message: text(notice).into_bytes().into(),
+        };
+        let value = serde_json::from_slice(&json(notice, &record)).expect("JSON");
+        (text(notice), value)
+    }
+
+    #[test]
+    fn the_events_that_were_free_text_keep_their_wording_and_carry_fields() {
+        let bare = |level, pid: Option<i32>, what| Notice {
+            level,
+            app: None,
+            slot: None,
+            pid: pid.map(Pid::from_raw),
+            generation: None,
+            what,
+        };
+        let reaped = bare(
+            Level::Debug,
+            Some(77),
+            What::Reaped {
+                status: ExitStatus::Code(3),
+            },
+        );
+        let (line, value) = both(&reaped);
+        assert_eq!(line, "reaped adopted process 77 (status 3)");
+        assert_eq!(value["event"], "reaped");
+        assert_eq!(
+            (value["pid"].clone(), value["status"].clone()),
+            (json!(77), json!("status 3"))
+        );
+        assert_eq!(value["app"], "clusterd", "no worker app: the line's own");
+
+        let (line, value) = both(&notice(What::BindsItself {
+            address: "127.0.0.1:8001".into(),
+        }));
+        assert_eq!(
+            line,
+            "web[1]: exited at once, before it was ready: if the app binds 127.0.0.1:8001 \
+             itself (EADDRINUSE: clusterd holds it), set intercept = true or take fd 3"
+        );
+        assert_eq!(value["event"], "binds_itself");
+        assert_eq!(value["address"], "127.0.0.1:8001");
+        assert_eq!(
+            (value["app"].clone(), value["slot"].clone()),
+            (json!("web"), json!(1))
+        );
+
+        let (line, value) = both(&bare(Level::Warn, None, What::ScaleRefused { apps: 2 }));
+        assert_eq!(
+            line,
+            "scaling by signal needs a manifest with exactly one app; use `clusterd scale APP N`"
+        );
+        assert_eq!(
+            (value["event"].clone(), value["apps"].clone()),
+            (json!("scale_refused"), json!(2))
+        );
+
+        let (line, value) = both(&notice(What::RerunDone {
+            uptime: Duration::from_millis(1500),
+        }));
+        assert_eq!(
+            line,
+            "web[1] pid 4242 (generation 3) exited with status 0: done"
+        );
+        assert_eq!(value["event"], "rerun_done");
+        assert_eq!(value["uptime_ms"], 1500);
+        assert_eq!(
+            (value["pid"].clone(), value["generation"].clone()),
+            (json!(4242), json!(3))
+        );
+
+        let mut again = notice(What::ReloadAfterAbort);
+        (again.slot, again.pid, again.generation) = (None, None, None);
+        let (line, value) = both(&again);
+        assert_eq!(
+            line,
+            "running the reload requested during the aborted rollout"
+        );
+        assert_eq!(
+            (value["event"].clone(), value["app"].clone()),
+            (json!("reload_after_abort"), json!("web"))
+        );
+
+        let (line, value) = both(&notice(What::SaysStopping));
+        assert_eq!(line, "web[1] pid 4242 says it is stopping");
+        assert_eq!(value["event"], "says_stopping");
+        assert_eq!(value["pid"], 4242);
     }
 }

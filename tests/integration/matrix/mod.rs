@@ -10,8 +10,9 @@
 //!   untouched slots across scale, `restart APP:SLOT` and `kill -9`; a rolled app has new pids
 //!   of a newer generation; clusterd's own pid never changes;
 //! - `status --json` tells the truth (every serving pid is alive and is the app and slot it
-//!   says, by its environment), `status --check` and `/readyz` agree, and the log says
-//!   `started pid` for every worker status shows;
+//!   says, by its environment), `status --check` and `/readyz` agree, and the log has a
+//!   `started` event for every worker status shows (its typed fields in a JSON log, its
+//!   wording in a text one);
 //! - nothing leaks: clusterd holds no more sockets and pipes than it did with the same number
 //!   of workers (nor a file twice, nor a log file it reopened), workers' cgroups are not inside clusterd's own, and after the stop every worker
 //!   pid ever seen is gone and so is clusterd's cgroup tree.
@@ -787,12 +788,10 @@ impl Matrix {
         // The log tells the truth: every worker status shows was logged as started.
         let mut missing = Vec::new();
         let logged = wait_until(10 * SECOND, || {
-            let log = self.log();
+            let started = started_in(&self.log());
             missing = now
                 .iter()
-                .filter(|((app, slot), w)| {
-                    !log.contains(&format!("{app}[{slot}] started pid {} ", w.pid))
-                })
+                .filter(|((app, slot), w)| !started.contains(&(app.clone(), *slot, w.pid)))
                 .map(|(k, w)| format!("{}[{}] pid {}", k.0, k.1, w.pid))
                 .collect();
             missing.is_empty()
@@ -1117,6 +1116,31 @@ fn moved_logs(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// The text of the log file `path` with its rotated (`.1`...) and moved-aside versions.
+/// The workers a log says were started, as (app, slot, pid): from the typed `started` events
+/// of a JSON log (`event`, `app`, `slot`, `pid`), and from a text log by the text format's
+/// wording (`web[0] started pid 123 `), which is what that format promises its readers.
+fn started_in(log: &str) -> BTreeSet<(String, u64, Pid)> {
+    log.lines()
+        .filter_map(
+            |line| match serde_json::from_str::<serde_json::Value>(line.trim()) {
+                Ok(event) if event["event"] == "started" => Some((
+                    event["app"].as_str()?.to_owned(),
+                    event["slot"].as_u64()?,
+                    Pid::from_raw(i32::try_from(event["pid"].as_i64()?).ok()?),
+                )),
+                Ok(_) => None,
+                Err(_) => {
+                    let (label, rest) = line.split_once(" started pid ")?;
+                    let label = label.rsplit(' ').next()?;
+                    let (app, slot) = label.strip_suffix(']')?.split_once('[')?;
+                    let pid = rest.split(' ').next()?.parse().ok()?;
+                    Some((app.to_owned(), slot.parse().ok()?, Pid::from_raw(pid)))
+                }
+            },
+        )
+        .collect()
+}
+
 pub fn log_files(path: &Path) -> String {
     let name = path
         .file_name()
