@@ -266,6 +266,7 @@ fn log(app: &str, message: &str) -> LogLine {
         level: None,
         message: message.into(),
         base64: false,
+        fields: Default::default(),
     }
 }
 

@@ -381,8 +381,9 @@ mod tests {
             source: Source::events(),
             stream: LogStream::Log,
             message: text(notice).into_bytes().into(),
+            fields: Some(Box::new(all_fields(notice))),
         };
-        let value = serde_json::from_slice(&json(notice, &record)).expect("JSON");
+        let value = serde_json::from_slice(&json(&record)).expect("JSON");
         (text(notice), value)
     }
 
