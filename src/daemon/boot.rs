@@ -1,8 +1,10 @@
 //! The one boot sequence of a supervisor, whether it is new (`start`, `start --detach`'s
 //! background process, `run`) or the new image of an upgraded one (`handover-resume`). Both
 //! take the same steps in the same order — process settings, run directory, log destinations,
-//! the event loop, SIGUSR1, the sockets, the pid file — and differ only in where the
-//! descriptors and the state come from: bound here, or adopted from the [`Handover`]. What a
+//! the event loop, SIGUSR1 and the other signals' handlers, the sockets, the pid file — and
+//! differ only in where the descriptors and the state come from: bound here, or adopted from
+//! the [`Handover`]. Everything that concerns the process as a whole is done here, so that
+//! [`daemon::run`] only supervises (a test drives it in-process with signals of its own). What a
 //! supervisor was started with (its detached flag, its descriptor limit) travels in the
 //! hand-over, so that an upgraded supervisor is configured exactly as the first one was.
 
@@ -19,6 +21,7 @@ use crate::daemon::control::ControlServer;
 use crate::daemon::logs::{self, pipes as output};
 use crate::daemon::notify::NotifySocket;
 use crate::daemon::rundir::{PidFile, RunDir};
+use crate::daemon::signals::Signals;
 use crate::daemon::sockets::Sockets;
 use crate::daemon::{self, Handover};
 use crate::daemon::{manager, metrics, spawn, steering};
@@ -111,12 +114,15 @@ pub fn boot(mut start: Start) -> anyhow::Result<()> {
         // it was blocked across the exec: one sent meanwhile is delivered once the supervisor
         // unblocks the signals it handles.
         logs::listen_for_reopen().context("cannot handle SIGUSR1")?;
+        // The signals the loop answers: handled from here on, before the first fork.
+        let signals = Signals::new().context("cannot handle signals")?;
         let parts = match start {
             Start::Fresh { manifest, .. } => {
                 fresh(*manifest, &run_dir, inherited.unwrap_or_default(), detached).await?
             }
             Start::Resumed(handover) => resumed(*handover, &run_dir)?,
         };
+        let parts = daemon::Parts { manager, ..parts };
         let pid_file = PidFile::write(run_dir.pid_file())?;
         tracing::info!(
             "clusterd pid {} running {}; control socket {}",
@@ -124,7 +130,8 @@ pub fn boot(mut start: Start) -> anyhow::Result<()> {
             parts.manifest.path.display(),
             run_dir.control_socket().display()
         );
-        let result = daemon::run(parts, manager).await;
+        // Stopped by its signals and control requests only: no other shutdown.
+        let result = daemon::run(parts, signals, std::future::pending()).await;
         drop(pid_file);
         let dropped = output::dropped_lines();
         if dropped > 0 {
@@ -181,6 +188,7 @@ async fn fresh(
         control,
         metrics,
         containment,
+        manager: None,
         detached,
         resumed: None,
     })
@@ -212,6 +220,7 @@ fn resumed(handover: Handover, run_dir: &RunDir) -> anyhow::Result<daemon::Parts
         control,
         metrics,
         containment,
+        manager: None,
         detached: handover.detached,
         resumed: Some(Box::new(handover)),
     })

@@ -1,6 +1,7 @@
 //! The driver: the event loop of the supervisor. A single task on a single-threaded runtime
-//! `select!`s over child exits (the reaper), signals, sd_notify datagrams, control requests,
-//! metrics scrapes and the core's next deadline; it turns each into an [`Event`] for the
+//! `select!`s over child exits (the reaper), signals (from the caller's source), the caller's
+//! shutdown future, sd_notify datagrams, control requests, metrics scrapes and the core's
+//! next deadline; it turns each into an [`Event`] for the
 //! [`Core`] and carries out the [`Action`]s that come back ([`Driver::perform`]: fork and
 //! exec through [`launch`], signals to process groups, replies, log lines, metrics). The loop
 //! never polls: with nothing due, it sleeps until the next event (at exit, the orphans that
@@ -11,6 +12,7 @@ mod queries;
 mod upgrade;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::future::Future;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -42,7 +44,7 @@ use crate::daemon::notify::{Notification, NotifySocket};
 use crate::daemon::os;
 use crate::daemon::procstat;
 use crate::daemon::reaper::{self, Exit, Reaper};
-use crate::daemon::signals::Signals;
+use crate::daemon::signals::SignalSource;
 use crate::daemon::sockets::Sockets;
 use crate::daemon::spawn::env::WorkerEnv;
 use crate::daemon::spawn::{self, SpawnError, SpawnSpec};
@@ -58,7 +60,8 @@ const REPLY_FLUSH: Duration = Duration::from_secs(1);
 /// SIGTERM and SIGKILL.
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 
-/// What a booted supervisor runs with (see `crate::daemon::boot`).
+/// What a booted supervisor runs with (see `crate::daemon::boot`): everything [`run`] needs
+/// that touches the process as a whole is decided here, by the caller.
 pub struct Parts {
     /// The manifest in effect.
     pub manifest: Manifest,
@@ -70,8 +73,11 @@ pub struct Parts {
     pub control: ControlServer,
     /// The metrics listener.
     pub metrics: Option<MetricsServer>,
-    /// What holds the workers.
+    /// What holds the workers: a cgroup tree clusterd moved itself into, or process groups
+    /// (`Containment::ProcessGroups`, which changes nothing outside the workers).
     pub containment: Containment,
+    /// clusterd's own manager (systemd's `NOTIFY_SOCKET`), if it has one.
+    pub manager: Option<Manager>,
     /// The background process of `start --detach` (handed over as is).
     pub detached: bool,
     /// The state a previous clusterd of this pid handed over: then the workers are its own
@@ -79,11 +85,22 @@ pub struct Parts {
     pub resumed: Option<Box<Handover>>,
 }
 
-/// Runs the supervisor until a shutdown has stopped every worker.
+/// Runs the supervisor until a shutdown has stopped every worker, then returns `Ok`.
 ///
 /// The caller has bound the sockets, the notify socket and the control socket (or adopted
-/// them from the hand-over); signals are handled here. Returns when every worker has exited.
-pub async fn run(parts: Parts, manager: Option<Manager>) -> anyhow::Result<()> {
+/// them from the hand-over) and made the process-wide settings (descriptor limit, child
+/// subreaper, cgroup). `signals` are the signals the supervisor answers (boot: the process's
+/// own, [`crate::daemon::signals::Signals`]); `shutdown` completing is a graceful stop, the
+/// same as a SIGTERM. Must run in a `LocalSet` on a current-thread runtime.
+///
+/// `run` is the only owner of `waitpid` in its process ([`Reaper`]: `waitpid(-1)` on every
+/// SIGCHLD): while it runs, the process must have no children of its own, nor start any, but
+/// through `run`; they would be reaped as strangers.
+pub async fn run(
+    parts: Parts,
+    mut signals: impl SignalSource,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let Parts {
         manifest,
         sockets,
@@ -91,12 +108,15 @@ pub async fn run(parts: Parts, manager: Option<Manager>) -> anyhow::Result<()> {
         mut control,
         metrics: mut metrics_server,
         containment,
+        manager,
         detached,
         resumed,
     } = parts;
-    // Install the SIGCHLD listener and the other signal handlers before the first fork.
+    // Install the SIGCHLD listener before the first fork.
     let mut reaper = Reaper::new()?;
-    let mut signals = Signals::new()?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut shutdown_asked = false;
+    let mut signals_open = true;
     let mut driver = Driver::new(manifest, sockets, notify.path().to_path_buf(), containment)?;
     driver.manager = manager;
     driver.detached = detached;
@@ -121,14 +141,14 @@ pub async fn run(parts: Parts, manager: Option<Manager>) -> anyhow::Result<()> {
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             exits = reaper.next() => driver.on_exits(&mut core, exits),
-            Some(signal) = signals.recv() => {
-                if signal == SupervisorSignal::Reread {
-                    driver.host.reload_seen();
-                }
-                if signal == SupervisorSignal::Upgrade {
-                    driver.pending_upgrade = Some(UpgradeRequest { binary: None, reply: None });
-                }
-                driver.feed(&mut core, Event::Signal(signal));
+            signal = signals.recv(), if signals_open => match signal {
+                Some(signal) => driver.on_signal(&mut core, signal),
+                None => signals_open = false,
+            },
+            () = &mut shutdown, if !shutdown_asked => {
+                shutdown_asked = true;
+                let stop = SupervisorSignal::Stop(clusterd_manifest::Signal::SIGTERM);
+                driver.on_signal(&mut core, stop);
             }
             notification = notify.recv() => driver.on_notify(&mut core, notification),
             Some(request) = control.recv() => driver.on_control(&mut core, request),
@@ -429,6 +449,19 @@ impl Driver {
                 queue.extend(core.on(Instant::now(), event));
             }
         }
+    }
+
+    fn on_signal(&mut self, core: &mut Core, signal: SupervisorSignal) {
+        if signal == SupervisorSignal::Reread {
+            self.host.reload_seen();
+        }
+        if signal == SupervisorSignal::Upgrade {
+            self.pending_upgrade = Some(UpgradeRequest {
+                binary: None,
+                reply: None,
+            });
+        }
+        self.feed(core, Event::Signal(signal));
     }
 
     fn on_exits(&mut self, core: &mut Core, exits: Vec<Exit>) {
