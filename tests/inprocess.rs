@@ -20,6 +20,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -51,27 +52,45 @@ ready = "notify"
 ready_timeout = "30s"
 "#;
 
-fn main() {
-    // What libtest would accept: `--list`, and a name filter (this test runs when it matches).
+/// Runs the one test, speaking enough of libtest's language for cargo and `scripts/test`:
+/// `--list`, a name filter, and the `test ...` and `test result:` lines.
+fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--list") {
         println!("{NAME}: test");
-        return;
+        return ExitCode::SUCCESS;
     }
     let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
     if !filters.is_empty() && !filters.iter().any(|f| NAME.contains(f.as_str())) {
-        println!("running 0 tests");
-        return;
+        println!("\nrunning 0 tests\n");
+        println!("test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 1 filtered out");
+        return ExitCode::SUCCESS;
     }
-    println!("running 1 test");
+    println!("\nrunning 1 test");
     // clusterd's own lines (its events) on stderr, for a failure to be read.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .with_max_level(tracing::Level::INFO)
         .init();
-    a_supervisor_driven_in_process_reloads_replaces_and_stops();
-    println!("test {NAME} ... ok");
+    let started = Instant::now();
+    // A panic is printed by the default hook; the workers of a failed run die with the
+    // process (their parent thread's death signal).
+    let passed =
+        std::panic::catch_unwind(a_supervisor_driven_in_process_reloads_replaces_and_stops).is_ok();
+    let seconds = started.elapsed().as_secs_f64();
+    let (word, counts) = match passed {
+        true => ("ok", "1 passed; 0 failed"),
+        false => ("FAILED", "0 passed; 1 failed"),
+    };
+    println!("test {NAME} ... {word}\n");
+    println!(
+        "test result: {word}. {counts}; 0 ignored; 0 measured; 0 filtered out; finished in {seconds:.2}s\n"
+    );
+    match passed {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::from(101),
+    }
 }
 
 fn a_supervisor_driven_in_process_reloads_replaces_and_stops() {
