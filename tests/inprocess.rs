@@ -141,6 +141,8 @@ fn a_supervisor_driven_in_process_reloads_replaces_and_stops() {
                     why: "in-process test".into(),
                 },
                 manager: None,
+                // Not clusterd's binary: no `CLUSTERD_EXE`, no upgrade in place.
+                exe: None,
                 detached: false,
                 resumed: None,
             };

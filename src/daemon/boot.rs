@@ -122,7 +122,12 @@ pub fn boot(mut start: Start) -> anyhow::Result<()> {
             }
             Start::Resumed(handover) => resumed(*handover, &run_dir)?,
         };
-        let parts = daemon::Parts { manager, ..parts };
+        // What the process is, beside what fresh or resumed bound.
+        let parts = daemon::Parts {
+            manager,
+            exe: std::env::current_exe().ok(),
+            ..parts
+        };
         let pid_file = PidFile::write(run_dir.pid_file())?;
         tracing::info!(
             "clusterd pid {} running {}; control socket {}",
@@ -188,7 +193,9 @@ async fn fresh(
         control,
         metrics,
         containment,
+        // The process's own: set by `boot`.
         manager: None,
+        exe: None,
         detached,
         resumed: None,
     })
@@ -220,7 +227,9 @@ fn resumed(handover: Handover, run_dir: &RunDir) -> anyhow::Result<daemon::Parts
         control,
         metrics,
         containment,
+        // The process's own: set by `boot`.
         manager: None,
+        exe: None,
         detached: handover.detached,
         resumed: Some(Box::new(handover)),
     })

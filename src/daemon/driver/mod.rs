@@ -78,6 +78,9 @@ pub struct Parts {
     pub containment: Containment,
     /// clusterd's own manager (systemd's `NOTIFY_SOCKET`), if it has one.
     pub manager: Option<Manager>,
+    /// clusterd's executable: the workers' `CLUSTERD_EXE`, and what an upgrade without
+    /// `--binary` execs (without it, such an upgrade is refused).
+    pub exe: Option<PathBuf>,
     /// The background process of `start --detach` (handed over as is).
     pub detached: bool,
     /// The state a previous clusterd of this pid handed over: then the workers are its own
@@ -91,7 +94,8 @@ pub struct Parts {
 /// them from the hand-over) and made the process-wide settings (descriptor limit, child
 /// subreaper, cgroup). `signals` are the signals the supervisor answers (boot: the process's
 /// own, [`crate::daemon::signals::Signals`]); `shutdown` completing is a graceful stop, the
-/// same as a SIGTERM. Must run in a `LocalSet` on a current-thread runtime.
+/// same as a SIGTERM (none when a stop is under way already). Must run in a `LocalSet` on a
+/// current-thread runtime.
 ///
 /// `run` is the only owner of `waitpid` in its process ([`Reaper`]: `waitpid(-1)` on every
 /// SIGCHLD): while it runs, the process must have no children of its own, nor start any, but
@@ -109,6 +113,7 @@ pub async fn run(
         metrics: mut metrics_server,
         containment,
         manager,
+        exe,
         detached,
         resumed,
     } = parts;
@@ -119,6 +124,7 @@ pub async fn run(
     let mut signals_open = true;
     let mut driver = Driver::new(manifest, sockets, notify.path().to_path_buf(), containment)?;
     driver.manager = manager;
+    driver.exe = exe.map(|p| p.display().to_string());
     driver.detached = detached;
     let mut core = match resumed {
         Some(handover) => driver.resume(*handover)?,
@@ -147,8 +153,12 @@ pub async fn run(
             },
             () = &mut shutdown, if !shutdown_asked => {
                 shutdown_asked = true;
-                let stop = SupervisorSignal::Stop(clusterd_manifest::Signal::SIGTERM);
-                driver.on_signal(&mut core, stop);
+                // Graceful only: a stop under way already is not made a kill (as a second
+                // SIGTERM would).
+                if !core.shutting_down() {
+                    let stop = SupervisorSignal::Stop(clusterd_manifest::Signal::SIGTERM);
+                    driver.on_signal(&mut core, stop);
+                }
             }
             notification = notify.recv() => driver.on_notify(&mut core, notification),
             Some(request) = control.recv() => driver.on_control(&mut core, request),
@@ -208,7 +218,7 @@ struct Driver {
     notify_path: PathBuf,
     /// clusterd's environment without [`clusterd_manifest::RESERVED_ENV`].
     base_env: BTreeMap<String, String>,
-    /// clusterd's own executable, captured once at start (`CLUSTERD_EXE`).
+    /// clusterd's own executable, from the parts (`CLUSTERD_EXE`).
     exe: Option<String>,
     dev_null: OwnedFd,
     started: Instant,
@@ -273,9 +283,7 @@ impl Driver {
             sockets,
             notify_path,
             base_env,
-            exe: std::env::current_exe()
-                .ok()
-                .map(|p| p.display().to_string()),
+            exe: None,
             dev_null: std::fs::File::open("/dev/null")?.into(),
             started: Instant::now(),
             metrics: Metrics::default(),
