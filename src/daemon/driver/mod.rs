@@ -1,11 +1,11 @@
 //! The driver: the event loop of the supervisor. A single task on a single-threaded runtime
 //! `select!`s over child exits (the reaper), signals (from the caller's source), the caller's
 //! shutdown future, sd_notify datagrams, control requests, metrics scrapes and the core's
-//! next deadline; it turns each into an [`Event`] for the
-//! [`Core`] and carries out the [`Action`]s that come back ([`Driver::perform`]: fork and
-//! exec through [`launch`], signals to process groups, replies, log lines, metrics). The loop
-//! never polls: with nothing due, it sleeps until the next event (at exit, the orphans that
-//! escaped their worker get a bounded poll).
+//! next deadline; it turns each into an [`Event`] for the [`Core`] and carries out the
+//! [`Action`]s that come back ([`Driver::perform`]: fork and exec through [`launch`],
+//! signals to process groups, replies, log lines, metrics). The loop never polls: with
+//! nothing due, it sleeps until the next event (at exit, the orphans that escaped their
+//! worker get a bounded poll).
 
 mod launch;
 mod queries;
