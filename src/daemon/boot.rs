@@ -1,8 +1,10 @@
 //! The one boot sequence of a supervisor, whether it is new (`start`, `start --detach`'s
 //! background process, `run`) or the new image of an upgraded one (`handover-resume`). Both
 //! take the same steps in the same order — process settings, run directory, log destinations,
-//! the event loop, SIGUSR1, the sockets, the pid file — and differ only in where the
-//! descriptors and the state come from: bound here, or adopted from the [`Handover`]. What a
+//! the event loop, SIGUSR1 and the other signals' handlers, the sockets, the pid file — and
+//! differ only in where the descriptors and the state come from: bound here, or adopted from
+//! the [`Handover`]. Everything that concerns the process as a whole is done here, so that
+//! [`daemon::run`] only supervises (a test drives it in-process with signals of its own). What a
 //! supervisor was started with (its detached flag, its descriptor limit) travels in the
 //! hand-over, so that an upgraded supervisor is configured exactly as the first one was.
 
@@ -19,6 +21,7 @@ use crate::daemon::control::ControlServer;
 use crate::daemon::logs::Logs;
 use crate::daemon::notify::NotifySocket;
 use crate::daemon::rundir::{PidFile, RunDir};
+use crate::daemon::signals::Signals;
 use crate::daemon::sockets::Sockets;
 use crate::daemon::{self, Handover};
 use crate::daemon::{manager, metrics, spawn, steering};
@@ -115,12 +118,20 @@ pub fn boot(mut start: Start) -> anyhow::Result<()> {
         // it was blocked across the exec: one sent meanwhile is delivered once the supervisor
         // unblocks the signals it handles.
         logs.listen_for_reopen().context("cannot handle SIGUSR1")?;
+        // The signals the loop answers: handled from here on, before the first fork.
+        let signals = Signals::new().context("cannot handle signals")?;
         let parts = match start {
             Start::Fresh { manifest, .. } => {
                 let inherited = inherited.unwrap_or_default();
                 fresh(*manifest, &run_dir, inherited, detached, &logs).await?
             }
             Start::Resumed(handover) => resumed(*handover, &run_dir, &logs)?,
+        };
+        // What the process is, beside what fresh or resumed bound.
+        let parts = daemon::Parts {
+            manager,
+            exe: std::env::current_exe().ok(),
+            ..parts
         };
         let pid_file = PidFile::write(run_dir.pid_file())?;
         tracing::info!(
@@ -129,7 +140,8 @@ pub fn boot(mut start: Start) -> anyhow::Result<()> {
             parts.manifest.path.display(),
             run_dir.control_socket().display()
         );
-        let result = daemon::run(parts, manager).await;
+        // Stopped by its signals and control requests only: no other shutdown.
+        let result = daemon::run(parts, signals, std::future::pending()).await;
         drop(pid_file);
         let dropped = logs.dropped_lines();
         if dropped > 0 {
@@ -191,6 +203,9 @@ async fn fresh(
         control,
         metrics,
         containment,
+        // The process's own: set by `boot`.
+        manager: None,
+        exe: None,
         detached,
         resumed: None,
         logs: logs.clone(),
@@ -227,6 +242,9 @@ fn resumed(handover: Handover, run_dir: &RunDir, logs: &Logs) -> anyhow::Result<
         control,
         metrics,
         containment,
+        // The process's own: set by `boot`.
+        manager: None,
+        exe: None,
         detached: handover.detached,
         resumed: Some(Box::new(handover)),
         logs: logs.clone(),

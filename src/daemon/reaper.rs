@@ -1,6 +1,9 @@
-//! The one owner of `waitpid`. On every SIGCHLD it collects all exited children — workers and
-//! the grandchildren adopted by this child subreaper alike — with `waitpid(-1, WNOHANG)`.
-//! Nothing else in clusterd reaps (no `tokio::process`, no `Child::wait`).
+//! The one owner of `waitpid` in its process. On every SIGCHLD it collects all exited
+//! children — workers, the upgrade's `handover-check` and the grandchildren adopted by a child
+//! subreaper alike — with `waitpid(-1, WNOHANG)`. Nothing else in clusterd reaps (no
+//! `tokio::process`, no `Child::wait`), and whoever runs `driver::run` (which owns the reaper)
+//! must have no other children: they would be reaped here as strangers. `clusterd` forks
+//! nothing else in a supervising process; the in-process test is a binary of its own.
 
 use std::io;
 

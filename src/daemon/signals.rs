@@ -14,7 +14,11 @@
 //! group on every resize, and clusterd often runs in the foreground. SIGURG's default action
 //! is to ignore it, so an older clusterd (or a wrong pid) is not hurt; the kernel sends it
 //! only to owners of sockets with out-of-band data (`F_SETOWN`), which clusterd never sets.
+//!
+//! The loop reads its signals from a [`SignalSource`]: boot hands it the process's own
+//! ([`Signals`]); a test driving a supervisor in-process hands it a channel instead.
 
+use std::future::Future;
 use std::io;
 
 use clusterd_core::SupervisorSignal;
@@ -48,7 +52,27 @@ pub fn block_handled(block: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// The installed signal listeners.
+/// Where the supervisor's loop gets its [`SupervisorSignal`]s from.
+pub trait SignalSource {
+    /// The next signal; `None` once no more can come (the loop then stops asking).
+    fn recv(&mut self) -> impl Future<Output = Option<SupervisorSignal>>;
+}
+
+impl SignalSource for Signals {
+    fn recv(&mut self) -> impl Future<Output = Option<SupervisorSignal>> {
+        Signals::recv(self)
+    }
+}
+
+/// Signals sent by the caller, for a supervisor driven in-process (its signals are not the
+/// process's).
+impl SignalSource for tokio::sync::mpsc::UnboundedReceiver<SupervisorSignal> {
+    fn recv(&mut self) -> impl Future<Output = Option<SupervisorSignal>> {
+        tokio::sync::mpsc::UnboundedReceiver::recv(self)
+    }
+}
+
+/// The installed signal listeners: the process's own signals.
 pub struct Signals {
     listeners: Vec<(SupervisorSignal, tokio::signal::unix::Signal)>,
 }

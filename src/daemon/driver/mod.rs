@@ -1,16 +1,18 @@
 //! The driver: the event loop of the supervisor. A single task on a single-threaded runtime
-//! `select!`s over child exits (the reaper), signals, sd_notify datagrams, control requests,
-//! metrics scrapes and the core's next deadline; it turns each into an [`Event`] for the
-//! [`Core`] and carries out the [`Action`]s that come back ([`Driver::perform`]: fork and
-//! exec through [`launch`], signals to process groups, replies, log lines, metrics). The loop
-//! never polls: with nothing due, it sleeps until the next event (at exit, the orphans that
-//! escaped their worker get a bounded poll).
+//! `select!`s over child exits (the reaper), signals (from the caller's source), the caller's
+//! shutdown future, sd_notify datagrams, control requests, metrics scrapes and the core's
+//! next deadline; it turns each into an [`Event`] for the [`Core`] and carries out the
+//! [`Action`]s that come back ([`Driver::perform`]: fork and exec through [`launch`],
+//! signals to process groups, replies, log lines, metrics). The loop never polls: with
+//! nothing due, it sleeps until the next event (at exit, the orphans that escaped their
+//! worker get a bounded poll).
 
 mod launch;
 mod queries;
 mod upgrade;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::future::Future;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -41,7 +43,7 @@ use crate::daemon::notify::{Notification, NotifySocket};
 use crate::daemon::os;
 use crate::daemon::procstat;
 use crate::daemon::reaper::{self, Exit, Reaper};
-use crate::daemon::signals::Signals;
+use crate::daemon::signals::SignalSource;
 use crate::daemon::sockets::Sockets;
 use crate::daemon::spawn::env::WorkerEnv;
 use crate::daemon::spawn::{self, SpawnError, SpawnSpec};
@@ -57,7 +59,8 @@ const REPLY_FLUSH: Duration = Duration::from_secs(1);
 /// SIGTERM and SIGKILL.
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 
-/// What a booted supervisor runs with (see `crate::daemon::boot`).
+/// What a booted supervisor runs with (see `crate::daemon::boot`): everything [`run`] needs
+/// that touches the process as a whole is decided here, by the caller.
 pub struct Parts {
     /// The manifest in effect.
     pub manifest: Manifest,
@@ -69,8 +72,14 @@ pub struct Parts {
     pub control: ControlServer,
     /// The metrics listener.
     pub metrics: Option<MetricsServer>,
-    /// What holds the workers.
+    /// What holds the workers: a cgroup tree clusterd moved itself into, or process groups
+    /// (`Containment::ProcessGroups`, which changes nothing outside the workers).
     pub containment: Containment,
+    /// clusterd's own manager (systemd's `NOTIFY_SOCKET`), if it has one.
+    pub manager: Option<Manager>,
+    /// clusterd's executable: the workers' `CLUSTERD_EXE`, and what an upgrade without
+    /// `--binary` execs (without it, such an upgrade is refused).
+    pub exe: Option<PathBuf>,
     /// The background process of `start --detach` (handed over as is).
     pub detached: bool,
     /// The state a previous clusterd of this pid handed over: then the workers are its own
@@ -80,11 +89,23 @@ pub struct Parts {
     pub logs: Logs,
 }
 
-/// Runs the supervisor until a shutdown has stopped every worker.
+/// Runs the supervisor until a shutdown has stopped every worker, then returns `Ok`.
 ///
 /// The caller has bound the sockets, the notify socket and the control socket (or adopted
-/// them from the hand-over); signals are handled here. Returns when every worker has exited.
-pub async fn run(parts: Parts, manager: Option<Manager>) -> anyhow::Result<()> {
+/// them from the hand-over) and made the process-wide settings (descriptor limit, child
+/// subreaper, cgroup). `signals` are the signals the supervisor answers (boot: the process's
+/// own, [`crate::daemon::signals::Signals`]); `shutdown` completing is a graceful stop, the
+/// same as a SIGTERM (none when a stop is under way already). Must run in a `LocalSet` on a
+/// current-thread runtime.
+///
+/// `run` is the only owner of `waitpid` in its process ([`Reaper`]: `waitpid(-1)` on every
+/// SIGCHLD): while it runs, the process must have no children of its own, nor start any, but
+/// through `run`; they would be reaped as strangers.
+pub async fn run(
+    parts: Parts,
+    mut signals: impl SignalSource,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let Parts {
         manifest,
         sockets,
@@ -92,13 +113,17 @@ pub async fn run(parts: Parts, manager: Option<Manager>) -> anyhow::Result<()> {
         mut control,
         metrics: mut metrics_server,
         containment,
+        manager,
+        exe,
         detached,
         resumed,
         logs,
     } = parts;
-    // Install the SIGCHLD listener and the other signal handlers before the first fork.
+    // Install the SIGCHLD listener before the first fork.
     let mut reaper = Reaper::new()?;
-    let mut signals = Signals::new()?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut shutdown_asked = false;
+    let mut signals_open = true;
     let mut driver = Driver::new(
         manifest,
         sockets,
@@ -107,6 +132,7 @@ pub async fn run(parts: Parts, manager: Option<Manager>) -> anyhow::Result<()> {
         logs,
     )?;
     driver.manager = manager;
+    driver.exe = exe.map(|p| p.display().to_string());
     driver.detached = detached;
     let mut core = match resumed {
         Some(handover) => driver.resume(*handover)?,
@@ -129,14 +155,18 @@ pub async fn run(parts: Parts, manager: Option<Manager>) -> anyhow::Result<()> {
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             exits = reaper.next() => driver.on_exits(&mut core, exits),
-            Some(signal) = signals.recv() => {
-                if signal == SupervisorSignal::Reread {
-                    driver.host.reload_seen();
+            signal = signals.recv(), if signals_open => match signal {
+                Some(signal) => driver.on_signal(&mut core, signal),
+                None => signals_open = false,
+            },
+            () = &mut shutdown, if !shutdown_asked => {
+                shutdown_asked = true;
+                // Graceful only: a stop under way already is not made a kill (as a second
+                // SIGTERM would).
+                if !core.shutting_down() {
+                    let stop = SupervisorSignal::Stop(clusterd_manifest::Signal::SIGTERM);
+                    driver.on_signal(&mut core, stop);
                 }
-                if signal == SupervisorSignal::Upgrade {
-                    driver.pending_upgrade = Some(UpgradeRequest { binary: None, reply: None });
-                }
-                driver.feed(&mut core, Event::Signal(signal));
             }
             notification = notify.recv() => driver.on_notify(&mut core, notification),
             Some(request) = control.recv() => driver.on_control(&mut core, request),
@@ -196,7 +226,7 @@ struct Driver {
     notify_path: PathBuf,
     /// clusterd's environment without [`clusterd_manifest::RESERVED_ENV`].
     base_env: BTreeMap<String, String>,
-    /// clusterd's own executable, captured once at start (`CLUSTERD_EXE`).
+    /// clusterd's own executable, from the parts (`CLUSTERD_EXE`).
     exe: Option<String>,
     dev_null: OwnedFd,
     started: Instant,
@@ -264,9 +294,7 @@ impl Driver {
             sockets,
             notify_path,
             base_env,
-            exe: std::env::current_exe()
-                .ok()
-                .map(|p| p.display().to_string()),
+            exe: None,
             dev_null: std::fs::File::open("/dev/null")?.into(),
             started: Instant::now(),
             metrics: Metrics::default(),
@@ -441,6 +469,19 @@ impl Driver {
                 queue.extend(core.on(Instant::now(), event));
             }
         }
+    }
+
+    fn on_signal(&mut self, core: &mut Core, signal: SupervisorSignal) {
+        if signal == SupervisorSignal::Reread {
+            self.host.reload_seen();
+        }
+        if signal == SupervisorSignal::Upgrade {
+            self.pending_upgrade = Some(UpgradeRequest {
+                binary: None,
+                reply: None,
+            });
+        }
+        self.feed(core, Event::Signal(signal));
     }
 
     fn on_exits(&mut self, core: &mut Core, exits: Vec<Exit>) {
