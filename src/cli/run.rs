@@ -36,7 +36,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_intercept: bool,
     /// How long a retiring worker gets without new connections before its stop signal
-    /// (default 1s; `0s`: one shared socket, no drain).
+    /// (default 1s; `0s`: none, it is steered out right before its signal).
     #[arg(long, value_name = "DURATION")]
     pub drain: Option<String>,
     /// Print the equivalent manifest and exit.

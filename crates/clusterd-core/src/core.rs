@@ -843,7 +843,8 @@ impl Core {
             app: worker.app.clone(),
             seconds: waited.as_secs_f64(),
         }));
-        if worker.config.drain.is_some() {
+        // Its own steered sockets, if it has any (the daemon knows), now get connections.
+        if !worker.config.sockets.is_empty() {
             self.out.push(Action::Steer {
                 worker: id,
                 serving: true,
@@ -994,6 +995,17 @@ impl Core {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
+        // An app that drains itself: no new connections on its own steered sockets from now
+        // (one with `drain` was steered out when its drain began).
+        if !worker.config.sockets.is_empty()
+            && worker.config.drain.is_none()
+            && why != StopReason::Shutdown
+        {
+            self.out.push(Action::Steer {
+                worker: id,
+                serving: false,
+            });
+        }
         let timeout = worker.config.stop_timeout;
         if timeout.is_zero() {
             self.kill(id, why);

@@ -38,6 +38,8 @@ struct Sim {
     rereads: usize,
     /// Steering changes, in order.
     steered: Vec<(WorkerId, bool)>,
+    /// For each steering change, how many signals had been sent before it.
+    steered_after: Vec<usize>,
     /// Resident memory the driver would measure, by pid (0 when absent).
     memory: std::collections::HashMap<Pid, u64>,
     /// Messages delivered on workers' channels, in order.
@@ -72,6 +74,7 @@ impl Sim {
             rereads: 0,
             memory: std::collections::HashMap::new(),
             steered: Vec::new(),
+            steered_after: Vec::new(),
             delivered: Vec::new(),
             disconnected: Vec::new(),
             occupants: Occupants::new(),
@@ -109,7 +112,10 @@ impl Sim {
                         .collect();
                     queue.extend(self.core.on(self.now, Event::Memory(measured)));
                 }
-                Action::Steer { worker, serving } => self.steered.push((worker, serving)),
+                Action::Steer { worker, serving } => {
+                    self.steered.push((worker, serving));
+                    self.steered_after.push(self.signals.len());
+                }
                 Action::Deliver { worker, text } => self.delivered.push((worker, text.to_string())),
                 Action::Disconnect { worker } => self.disconnected.push(worker),
                 Action::Forget { .. } | Action::Observe(_) => {}
@@ -1366,6 +1372,53 @@ fn shutdown_does_not_drain() {
     let pids = sim.serving("web");
     sim.signal(SupervisorSignal::Stop(Signal::SIGTERM));
     assert!(pids.iter().all(|p| sim.sent(*p, Signal::SIGTERM)));
+}
+
+const SELF_DRAINING: &str = r#"
+[sockets.http]
+listen = "127.0.0.1:0"
+[apps.web]
+command = ["hello"]
+workers = 2
+sockets = ["http"]
+[apps.web.reload]
+bake = "0s"
+[apps.jobs]
+command = ["jobs"]
+"#;
+
+#[test]
+fn a_self_draining_worker_is_steered_out_right_before_its_stop_signal() {
+    let mut sim = Sim::new(SELF_DRAINING);
+    let old = sim.pid("web", 0).unwrap();
+    let old_id = sim.core.worker_by_pid(old).unwrap();
+    sim.advance(Duration::from_secs(1));
+    assert!(sim.steered.contains(&(old_id, true)), "ready: steered in");
+    // An app without sockets has nothing to steer.
+    assert_eq!(sim.steered.len(), 2, "{:?}", sim.steered);
+    sim.signal(SupervisorSignal::Reload);
+    let candidate = sim.candidate("web", 0).unwrap();
+    assert!(!sim.sent(old, Signal::SIGTERM));
+    sim.advance(Duration::from_secs(1));
+    let candidate_id = sim.core.worker_by_pid(candidate).unwrap();
+    assert!(sim.steered.contains(&(candidate_id, true)));
+    // Promoted: steered out and signalled in the same step, no drain delay, steer first.
+    assert!(sim.sent(old, Signal::SIGTERM), "no drain delay");
+    let out = sim.steered.iter().position(|s| *s == (old_id, false));
+    let out = out.expect("steered out");
+    let term = sim
+        .signals
+        .iter()
+        .position(|s| *s == (old, Signal::SIGTERM))
+        .unwrap();
+    assert!(
+        sim.steered_after[out] <= term,
+        "steered out before its signal"
+    );
+    // Shutdown: everything stops, nothing is steered.
+    let steers = sim.steered.len();
+    sim.signal(SupervisorSignal::Stop(Signal::SIGTERM));
+    assert!(sim.steered[steers..].iter().all(|(_, serving)| *serving));
 }
 
 #[test]

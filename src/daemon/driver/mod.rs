@@ -210,7 +210,8 @@ struct Driver {
     contained: HashMap<WorkerId, String>,
     /// The trapped `bind`/`listen` calls of intercepted workers.
     intercepts: Intercepts,
-    /// Sockets whose workers each listen on a socket of their own, steered (apps with `drain`).
+    /// Sockets whose workers each listen on a socket of their own, steered (those clusterd
+    /// only reserves: see `steering::plan`).
     steered: BTreeSet<String>,
     /// The per-worker sockets of `steered` and the program that picks among them.
     steering: Steering,
@@ -246,7 +247,7 @@ impl Driver {
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| !clusterd_manifest::RESERVED_ENV.contains(&k.as_str()))
             .collect();
-        let steered = steering::steered(&manifest);
+        let steered = steering::reserved(sockets.parts().map(|(name, fd, ..)| (name, fd)));
         logs::hub().set_apps(manifest.apps.keys());
         Ok(Driver {
             manifest,
@@ -550,6 +551,22 @@ impl Driver {
         for name in &changed {
             tracing::warn!(
                 "socket {name}: a changed address takes effect only after a restart of clusterd"
+            );
+        }
+        // A socket stays as it was bound (sockets new here: one shared queue).
+        let wanted = steering::steered(&manifest);
+        let tcp = manifest
+            .sockets
+            .iter()
+            .filter(|(_, c)| matches!(c.listen, clusterd_manifest::Listen::Tcp(_)));
+        for (name, _) in tcp.filter(|(n, _)| wanted.contains(*n) != self.steered.contains(*n)) {
+            let now = match self.steered.contains(name) {
+                true => "a steered socket per worker",
+                false => "one shared accept queue",
+            };
+            tracing::warn!(
+                "socket {name}: its apps' balance takes effect only after a restart of \
+                 clusterd; until then its workers keep {now}"
             );
         }
         logs::hub().set_apps(manifest.apps.keys());
