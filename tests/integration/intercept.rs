@@ -578,9 +578,33 @@ bake = "0s"
 }
 
 #[test]
-fn hello_intercepted_without_drain_takes_the_shared_socket_at_fd_3() {
-    let clusterd = intercepted_hello("drain = \"0s\"");
+fn hello_intercepted_with_balance_shared_takes_the_shared_socket_at_fd_3() {
+    let clusterd = intercepted_hello("balance = \"shared\"");
     takes_fd3_through_reload_and_kill(clusterd, "web", 4, false, hello_pid);
+}
+
+/// The default for a multi-worker app on a TCP socket: each worker its own steered socket at
+/// fd 3, without `drain` — hello drains itself on SIGTERM, steered out right before it.
+#[test]
+fn hello_on_fd_3_takes_its_own_steered_socket_by_default_and_reloads_without_drain() {
+    let clusterd = Clusterd::start(
+        r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{hello}"]
+workers = 4
+sockets = ["http"]
+
+[apps.web.reload]
+bake = "0s"
+"#,
+    );
+    takes_fd3_through_reload_and_kill(clusterd, "web", 4, true, hello_pid);
 }
 
 /// A Go server that serves the socket it inherited: `net.FileListener(os.NewFile(3, ...))`. It
