@@ -48,6 +48,11 @@ const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 /// limit is 4096).
 const MAX_MEMBERS: usize = 2000;
 
+/// The worker of a socket kept after its worker is gone because it was the last of its group:
+/// connections wait in its queue (as in a shared one) until a new worker's socket listens,
+/// then it closes and they move there.
+const KEEPER: WorkerId = WorkerId(u64::MAX);
+
 /// The per-worker sockets of every steered socket name.
 #[derive(Default)]
 pub struct Steering {
@@ -122,6 +127,11 @@ impl Steering {
             since: 0,
         });
         group.attach()?;
+        if let Some(index) = group.members.iter().position(|m| m.worker == KEEPER) {
+            // Its queued connections move to the new socket (`tcp_migrate_req`).
+            drop(group.members.swap_remove(index));
+            group.attach()?;
+        }
         Ok(handed)
     }
 
@@ -144,12 +154,19 @@ impl Steering {
     }
 
     /// `worker` is gone: closes its sockets (the kernel moves the last one into the hole,
-    /// and so does the mirror).
+    /// and so does the mirror), but for the last socket of a group, kept as the [`KEEPER`]
+    /// until the next worker's socket listens.
     pub fn forget(&mut self, worker: WorkerId) {
         for (name, group) in &mut self.groups {
             let Some(index) = group.members.iter().position(|m| m.worker == worker) else {
                 continue;
             };
+            if group.members.len() == 1 {
+                let member = &mut group.members[index];
+                member.worker = KEEPER;
+                member.serving = false;
+                continue;
+            }
             drop(group.members.swap_remove(index));
             if !group.members.is_empty()
                 && let Err(error) = group.attach()
@@ -774,6 +791,56 @@ mod tests {
         assert!(reached.values().all(|s| s.len() == 1), "{reached:?}");
         let on_first = reached.values().filter(|s| s.contains(&0)).count();
         assert!(on_first > 0 && on_first < 16, "{reached:?}");
+    }
+
+    #[test]
+    fn the_last_socket_keeps_its_connections_until_a_new_worker_listens() {
+        if !enable_migration() {
+            eprintln!("SKIPPED: net.ipv4.tcp_migrate_req cannot be set here");
+            return;
+        }
+        let reserve = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = reserve.local_addr().unwrap();
+        drop(reserve);
+        let config = SocketConfig {
+            listen: clusterd_manifest::Listen::Tcp(address),
+            backlog: 128,
+            mode: None,
+            tcp_nodelay: false,
+            keepalive: clusterd_manifest::Keepalive::Off,
+            reuseport: false,
+        };
+        let policy = Policy {
+            balance: Balance::Random,
+            slots: 1,
+        };
+        let mut steering = Steering::default();
+        let (old, new) = (WorkerId(1), WorkerId(2));
+        let handed = steering
+            .socket_for("http", (old, 0), address, &config, policy)
+            .unwrap();
+        steering.set_serving(old, true);
+        // The worker dies: its copy closes, clusterd's stays as the keeper.
+        drop(handed);
+        steering.forget(old);
+        let mut client = std::net::TcpStream::connect(address).expect("queued, not refused");
+        std::io::Write::write_all(&mut client, b"x").unwrap();
+        let fresh: std::net::TcpListener = steering
+            .socket_for("http", (new, 0), address, &config, policy)
+            .unwrap()
+            .into();
+        let members: Vec<WorkerId> = steering.groups["http"]
+            .members
+            .iter()
+            .map(|m| m.worker)
+            .collect();
+        assert_eq!(members, [new]);
+        // The connection that waited moved to the new worker's socket.
+        fresh.set_nonblocking(false).unwrap();
+        let (mut accepted, _) = fresh.accept().expect("the migrated connection");
+        let mut byte = [0];
+        std::io::Read::read_exact(&mut accepted, &mut byte).unwrap();
+        assert_eq!(&byte, b"x");
     }
 
     /// Accepts on `listener` until `count` connections arrived or nothing more comes.

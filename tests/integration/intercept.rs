@@ -607,6 +607,53 @@ bake = "0s"
     takes_fd3_through_reload_and_kill(clusterd, "web", 4, true, hello_pid);
 }
 
+/// Steered sockets keep the shared queue's promise: with every worker gone (killed, and
+/// `restart = "never"`), a connection still waits (the last socket is kept) instead of being
+/// refused, and the next worker answers it.
+#[test]
+fn a_steered_app_with_no_worker_left_queues_connections_for_the_next_one() {
+    use std::io::{Read, Write};
+    let mut clusterd = Clusterd::start(
+        r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{hello}"]
+workers = 2
+sockets = ["http"]
+restart = "never"
+"#,
+    );
+    let addr = steered_addr(&clusterd, true);
+    let pids = ready_pids(&clusterd, "web", 2);
+    for pid in &pids {
+        let pid = Pid::from_raw(pid.parse().expect("pid"));
+        nix::sys::signal::kill(pid, Signal::SIGKILL).expect("kill -9 a worker");
+    }
+    let gone = wait_until(20 * SECOND, || {
+        let status = clusterd.status();
+        status["apps"][0]["workers"]
+            .as_array()
+            .is_some_and(|w| w.iter().all(|w| w["pid"].is_null()))
+    });
+    assert!(gone, "workers still there:\n{}", clusterd.output());
+    let mut client = std::net::TcpStream::connect(addr).expect("queued, not refused");
+    client
+        .write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .expect("request");
+    let output = clusterd.ctl(&["restart", "web:0"]);
+    assert!(output.status.success(), "{output:?}");
+    client.set_read_timeout(Some(30 * SECOND)).expect("timeout");
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).expect("an answer");
+    assert!(answer.contains("hello from web[0]"), "{answer}");
+    assert!(clusterd.stop().success());
+}
+
 /// A Go server that serves the socket it inherited: `net.FileListener(os.NewFile(3, ...))`. It
 /// never calls `listen()` and never says it is ready.
 const GO_FD3_SERVER: &str = r#"package main
