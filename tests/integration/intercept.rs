@@ -607,6 +607,54 @@ bake = "0s"
     takes_fd3_through_reload_and_kill(clusterd, "web", 4, true, hello_pid);
 }
 
+/// A SIGHUP that asks for `balance = "shared"` rolls the app (its env changed too) under load
+/// with no failed request, and its socket stays steered until clusterd restarts: each new
+/// worker's fd 3 is its own listening socket.
+#[test]
+fn a_sighup_to_balance_shared_keeps_the_socket_steered_and_rolls_without_failures() {
+    let manifest = |extra: &str| {
+        format!(
+            r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{{hello}}"]
+workers = 2
+sockets = ["http"]
+{extra}
+
+[apps.web.reload]
+bake = "0s"
+"#
+        )
+    };
+    let mut clusterd = Clusterd::start(&manifest(""));
+    let addr = steered_addr(&clusterd, true);
+    let old = ready_pids(&clusterd, "web", 2);
+    clusterd.rewrite_manifest(&manifest("balance = \"shared\"\nenv = { VERSION = \"2\" }"));
+    let load = Load::with_clients(addr, 4);
+    clusterd.signal(Signal::SIGHUP);
+    let rolled = wait_until(30 * SECOND, || {
+        let serving = clusterd.serving("web");
+        serving.len() == 2 && serving.iter().all(|w| w.2 == 2 && w.3 == "ready")
+    });
+    let (answered, failures) = load.finish();
+    assert!(rolled, "not rolled:\n{}", clusterd.output());
+    assert!(answered > 0);
+    assert!(failures.is_empty(), "{failures:?} of {answered}");
+    let new = ready_pids(&clusterd, "web", 2);
+    assert!(new.is_disjoint(&old));
+    let inodes: BTreeSet<String> = new.iter().map(|pid| fd3_inode(pid)).collect();
+    assert_eq!(inodes.len(), 2, "{inodes:?}");
+    assert!(inodes.is_subset(&listening_inodes()));
+    assert_eq!(distinct_bodies(addr, 2, hello_pid), new);
+    assert!(clusterd.stop().success());
+}
+
 /// Steered sockets keep the shared queue's promise: with every worker gone (killed, and
 /// `restart = "never"`), a connection still waits (the last socket is kept) instead of being
 /// refused, and the next worker answers it.
