@@ -10,7 +10,8 @@
 #
 # Settings: BENCH_PORT (18090; circus also uses the next three for its endpoints),
 # BENCH_SECONDS, BENCH_CONNECTIONS, BENCH_THREADS (2), BUSY_MS, BENCH_SKIP_BUILD=1,
-# BENCH_SETUPS ("shared steered pm2 circus"). Installs wrk (apt-get), PM2 (npm) and circus
+# BENCH_SETUPS ("shared steered pm2 circus"), BENCH_NICE (a niceness for the servers and wrk,
+# e.g. -10 on a machine busy with other work; default: none). Installs wrk (apt-get), PM2 (npm) and circus
 # (pip, in a venv) under bench/.tools when missing.
 set -euo pipefail
 
@@ -24,6 +25,8 @@ THREADS=${BENCH_THREADS:-2}
 SETUPS=${BENCH_SETUPS:-shared steered pm2 circus}
 export BUSY_MS=${BUSY_MS:-1.5}
 URL="http://127.0.0.1:$PORT/"
+NICE=()
+[[ -n ${BENCH_NICE:-} ]] && NICE=(nice -n "$BENCH_NICE")
 
 log() { printf '[balance-bench] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -75,7 +78,7 @@ if [[ $SETUPS == *pm2* && ! -x $TOOLS/node_modules/.bin/pm2 ]]; then
     mkdir -p "$TOOLS"
     npm install --prefix "$TOOLS" --no-audit --no-fund --loglevel=error pm2 >/dev/null
 fi
-pm2() { PM2_HOME=$TMP/pm2 "$TOOLS/node_modules/.bin/pm2" "$@"; }
+pm2() { PM2_HOME=$TMP/pm2 "${NICE[@]}" "$TOOLS/node_modules/.bin/pm2" "$@"; }
 CIRCUS=$TOOLS/circus/bin/circusd
 if [[ $SETUPS == *circus* && ! -x $CIRCUS ]]; then
     log "installing circus (pip) under bench/.tools/circus"
@@ -93,7 +96,7 @@ port_free || die "127.0.0.1:$PORT is busy (set BENCH_PORT)"
 wrk_run() { # wrk_run MODE OUT
     local header=()
     [[ $1 == close ]] && header=(-H "Connection: close")
-    wrk -t"$THREADS" -c"$CONNS" -d"$SECS"s --latency "${header[@]}" "$URL" >"$2" 2>&1 || true
+    "${NICE[@]}" wrk -t"$THREADS" -c"$CONNS" -d"$SECS"s --latency "${header[@]}" "$URL" >"$2" 2>&1 || true
 }
 rps() { awk '/Requests\/sec/ {printf "%d", $2}' "$1"; }
 pct() { awk -v p="$2" '$1 == p {print $2}' "$1"; }
@@ -101,13 +104,29 @@ errors() { # non-2xx + socket errors
     awk '/Non-2xx/ {n += $NF} /Socket errors/ {gsub(/[a-z:,]/, " "); n += $1 + $2 + $3 + $4} END {print n + 0}' "$1"
 }
 
+# The keep-alive connections each worker holds ("33/31"): the established connections to
+# PORT (/proc/net/tcp, local port PORT, state 01) whose inode is an fd of a server.js process.
+spread() {
+    local port_hex inodes pid counts=()
+    port_hex=$(printf '%04X' "$PORT")
+    inodes=$(awk -v p=":$port_hex" 'NR > 1 && $4 == "01" && substr($2, length($2) - 4) == p {print "socket:[" $10 "]"}' /proc/net/tcp /proc/net/tcp6 | sort -u)
+    for pid in $(pgrep -f "$HERE/server.js" || true); do
+        counts+=("$(find "/proc/$pid/fd" -maxdepth 1 -type l -printf '%l\n' 2>/dev/null | grep -cxF "$inodes" || true)")
+    done
+    (IFS=/; echo "${counts[*]}")
+}
+
 ROWS=()
 measure() { # measure LABEL: one row
-    local ka=$TMP/ka.txt cl=$TMP/close.txt
-    wrk_run keepalive "$ka"
+    local ka=$TMP/ka.txt cl=$TMP/close.txt share
+    wrk_run keepalive "$ka" &
+    local wrk_pid=$!
+    sleep "$(( SECS / 2 ))"
+    share=$(spread)
+    wait "$wrk_pid"
     wrk_run close "$cl"
     cp "$ka" "$RESULTS/$2-keepalive.txt"; cp "$cl" "$RESULTS/$2-close.txt"
-    ROWS+=("| $1 | $(pct "$ka" 50%) | $(pct "$ka" 99%) | $(rps "$ka") | $(rps "$cl") | $(pct "$cl" 99%) | $(( $(errors "$ka") + $(errors "$cl") )) |")
+    ROWS+=("| $1 | $share | $(pct "$ka" 50%) | $(pct "$ka" 99%) | $(rps "$ka") | $(rps "$cl") | $(pct "$cl" 99%) | $(( $(errors "$ka") + $(errors "$cl") )) |")
     log "${ROWS[-1]}"
 }
 
@@ -132,7 +151,7 @@ sockets = ["http"]
 ipc = false
 $3
 EOT
-    "$CLUSTERD" start "$TMP/$2/app.toml" >"$RESULTS/$2-clusterd.log" 2>&1 &
+    "${NICE[@]}" "$CLUSTERD" start "$TMP/$2/app.toml" >"$RESULTS/$2-clusterd.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
     wait_until 30 two_serve || die "clusterd ($2) did not serve from 2 workers"
@@ -157,7 +176,7 @@ for setup in $SETUPS; do
         ;;
     circus)
         if [[ ! -x $CIRCUS ]]; then
-            ROWS+=("| circus | not installable here | | | | | |")
+            ROWS+=("| circus | not installable here | | | | | | |")
             continue
         fi
         log "circus, 2 processes on one shared socket"
@@ -178,7 +197,7 @@ copy_env = True
 host = 127.0.0.1
 port = $PORT
 EOT
-        "$CIRCUS" "$TMP/circus.ini" >"$RESULTS/circus.log" 2>&1 &
+        "${NICE[@]}" "$CIRCUS" "$TMP/circus.ini" >"$RESULTS/circus.log" 2>&1 &
         CPID=$!
         PIDS+=("$CPID")
         wait_until 30 two_serve || die "circus did not serve from 2 workers"
@@ -192,9 +211,9 @@ done
 
 {
     echo "nproc $(nproc), kernel $(uname -r), node $(node --version), $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2), load average $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "BUSY_MS=$BUSY_MS, wrk -t$THREADS -c$CONNS, ${SECS}s per run"
+    echo "BUSY_MS=$BUSY_MS, wrk -t$THREADS -c$CONNS, ${SECS}s per run${BENCH_NICE:+, nice $BENCH_NICE}"
     echo
-    echo "| setup | p50 keep-alive | p99 keep-alive | rps keep-alive | rps close | p99 close | errors |"
-    echo "|---|---|---|---|---|---|---|"
+    echo "| setup | keep-alive connections per worker | p50 keep-alive | p99 keep-alive | rps keep-alive | rps close | p99 close | errors |"
+    echo "|---|---|---|---|---|---|---|---|"
     printf '%s\n' "${ROWS[@]}"
 } | tee "$RESULTS/table.md"
