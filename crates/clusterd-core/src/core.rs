@@ -979,7 +979,9 @@ impl Core {
                 why,
                 until: now + grace,
             };
-            if drain.is_some() {
+            // No new connections while it drains or closes its channel.
+            let sockets = !worker.config.sockets.is_empty();
+            if drain.is_some() || (sockets && disconnect && why != StopReason::Shutdown) {
                 self.out.push(Action::Steer {
                     worker: id,
                     serving: false,
@@ -996,9 +998,10 @@ impl Core {
             return;
         };
         // An app that drains itself: no new connections on its own steered sockets from now
-        // (one with `drain` was steered out when its drain began).
+        // (one with `drain` or `stop_signal = "disconnect"` was steered out at its stop).
         if !worker.config.sockets.is_empty()
             && worker.config.drain.is_none()
+            && !worker.config.stop_disconnect
             && why != StopReason::Shutdown
         {
             self.out.push(Action::Steer {

@@ -1422,6 +1422,31 @@ fn a_self_draining_worker_is_steered_out_right_before_its_stop_signal() {
 }
 
 #[test]
+fn a_disconnected_worker_is_steered_out_when_its_channel_closes() {
+    let mut sim = Sim::new(
+        "[sockets.http]\nlisten = \"127.0.0.1:0\"\n[apps.web]\ncommand = [\"node\", \"w.js\"]\n\
+         workers = 2\nsockets = [\"http\"]\nstop_signal = \"disconnect\"\nstop_timeout = \"2s\"\n",
+    );
+    sim.advance(Duration::from_secs(1));
+    let a = sim.pid("web", 0).unwrap();
+    let ida = sim.core.worker_by_pid(a).unwrap();
+    assert!(sim.steered.contains(&(ida, true)));
+    sim.control(
+        Request::Restart {
+            app: "web".into(),
+            slot: Some(0),
+        },
+        1,
+    );
+    assert_eq!(sim.disconnected, vec![ida]);
+    assert_eq!(sim.steered.last(), Some(&(ida, false)));
+    sim.advance(Duration::from_secs(2));
+    assert!(sim.sent(a, Signal::SIGTERM));
+    let outs = sim.steered.iter().filter(|s| **s == (ida, false)).count();
+    assert_eq!(outs, 1, "steered out once: {:?}", sim.steered);
+}
+
+#[test]
 fn a_signal_command_reaches_running_workers() {
     let mut sim = Sim::new(WEB3);
     sim.control(

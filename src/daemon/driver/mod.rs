@@ -553,13 +553,23 @@ impl Driver {
                 "socket {name}: a changed address takes effect only after a restart of clusterd"
             );
         }
-        // A socket stays as it was bound (sockets new here: one shared queue).
-        let wanted = steering::steered(&manifest);
+        // A socket stays as it was bound (sockets new here: one shared queue). Said once, when
+        // its apps' balance changes across the line or it is new.
+        let (before, wanted) = (
+            steering::steered(&self.manifest),
+            steering::steered(&manifest),
+        );
         let tcp = manifest
             .sockets
             .iter()
-            .filter(|(_, c)| matches!(c.listen, clusterd_manifest::Listen::Tcp(_)));
-        for (name, _) in tcp.filter(|(n, _)| wanted.contains(*n) != self.steered.contains(*n)) {
+            .filter(|(_, c)| matches!(c.listen, clusterd_manifest::Listen::Tcp(_)))
+            .map(|(name, _)| name);
+        let changed = |name: &&String| {
+            let new = !self.manifest.sockets.contains_key(*name);
+            wanted.contains(*name) != self.steered.contains(*name)
+                && (new || before.contains(*name) != wanted.contains(*name))
+        };
+        for name in tcp.filter(changed) {
             let now = match self.steered.contains(name) {
                 true => "a steered socket per worker",
                 false => "one shared accept queue",
