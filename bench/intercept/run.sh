@@ -148,7 +148,7 @@ clusterd_row() {
     READY_MS=$(grep -o 'ready after [0-9.]*m\?s' "$TMP/clusterd.log" | awk '{v=$3; if (v ~ /ms$/) {sub(/ms/,"",v)} else {sub(/s/,"",v); v*=1000} print v}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
     stop_pid "$CD"; wait_until 10 port_free
 }
-clusterd_row "clusterd run --workers 2 --drain 0s (one shared socket)" --drain 0s
+clusterd_row "clusterd run --workers 2 --balance shared (one shared socket)" --balance shared
 clusterd_row "clusterd run --workers 2 (socket per worker, steered, drain 1s)"
 
 log "pm2 start child.js -i 2"

@@ -36,9 +36,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_intercept: bool,
     /// How long a retiring worker gets without new connections before its stop signal
-    /// (default 1s; `0s`: one shared socket, no drain).
+    /// (default 1s; `0s`: none, it is steered out right before its signal).
     #[arg(long, value_name = "DURATION")]
     pub drain: Option<String>,
+    /// How connections reach the workers: `random` (default: a steered socket each),
+    /// `ip-hash`, or `shared` (one accept queue).
+    #[arg(long, value_name = "BALANCE")]
+    pub balance: Option<String>,
     /// Print the equivalent manifest and exit.
     #[arg(long)]
     pub print_manifest: bool,
@@ -109,6 +113,9 @@ impl RunArgs {
             let _ = writeln!(text, "intercept = {}", !self.no_intercept);
             if let Some(drain) = &self.drain {
                 let _ = writeln!(text, "drain = {}", quote(drain));
+            }
+            if let Some(balance) = &self.balance {
+                let _ = writeln!(text, "balance = {}", quote(balance));
             }
         }
         if let Some(ready) = &self.ready {

@@ -179,12 +179,9 @@ async fn fresh(
         ),
         Err(e) => tracing::warn!("cannot sweep a previous run's processes: {}", Chain(&e)),
     }
-    let steered = steering::steered(&manifest);
-    if !steered.is_empty() && !steering::enable_migration() {
-        tracing::warn!(
-            "cannot set net.ipv4.tcp_migrate_req: a worker that dies with connections queued on its own socket loses them"
-        );
-    }
+    // A socket inherited from systemd keeps the one queue it came with.
+    let mut steered = steering::plan(&manifest);
+    steered.retain(|name| !inherited.contains_key(name));
     let sockets = Sockets::bind_all(&manifest.sockets, inherited, &steered)?;
     let notify = NotifySocket::bind(&run_dir.notify_socket())
         .with_context(|| format!("cannot bind {}", run_dir.notify_socket().display()))?;

@@ -1,33 +1,42 @@
-//! Draining apps that cannot drain themselves (apps with `drain`: intercepted ones by default,
-//! any other app with sockets when it sets it; such a worker finds its socket at fd 3): instead
-//! of one shared listening socket, each worker gets a listening socket of its own, all bound by
-//! clusterd to the same address with `SO_REUSEPORT`, and clusterd attaches a classic BPF
-//! program to the group (`SO_ATTACH_REUSEPORT_CBPF`) that spreads new connections at random
-//! over the sockets of the workers that are **serving**. To retire a worker, clusterd takes its
-//! socket out of the program: the worker gets no new connections, accepts what is already
+//! Balanced accept: for every TCP socket of multi-worker apps (`balance = "random"`, the
+//! default with `workers` > 1, or `"ip-hash"`; and apps with `drain`, intercepted ones by
+//! default), instead of one shared listening socket, each worker gets a listening socket of its
+//! own (at fd 3 as before: the app sees no difference), all bound by clusterd to the same
+//! address with `SO_REUSEPORT`, and clusterd attaches a classic BPF program to the group
+//! (`SO_ATTACH_REUSEPORT_CBPF`) that spreads new connections at random over the sockets of the
+//! workers that are **serving**. With one shared queue the kernel hands each connection to
+//! whichever worker waits in `epoll_wait` first, so under keep-alive a few connections pile up
+//! on one worker; here each worker gets its share.
+//!
+//! To retire a worker, clusterd takes its socket out of the program: the worker gets no new
+//! connections. An app with `drain` (one that cannot drain itself) accepts what is already
 //! queued on its socket, answers what it has, and only then gets its stop signal (after
-//! `drain`). A worker that dies with connections still queued loses nothing where
+//! `drain`); any other app is steered out right before its stop signal and drains itself.
+//! Connections still queued on a worker's socket when it closes are not lost where
 //! `net.ipv4.tcp_migrate_req` is 1 (clusterd sets it when it may): closing its socket moves
-//! them to the others.
+//! them to the others. Where the kernel cannot steer, or (for apps without `drain`)
+//! `tcp_migrate_req` cannot be set, the sockets keep one shared queue ([`plan`]). Unix sockets
+//! always do.
 //!
 //! With `balance = "ip-hash"` the program hashes the client's source address (IPv4, or the
 //! four words of IPv6) into one bucket per slot of the app; a bucket's connections go to the
 //! serving worker of its slot that has served longest (across a rolling reload, the old worker
-//! until it is steered out to drain, then the new one), and only while the slot has no serving
+//! until it is steered out, then the new one), and only while the slot has no serving
 //! worker to the others, picked by the bucket (so only that slot's clients move).
 //!
 //! The program returns an index into the kernel's array of the group's listening sockets,
 //! which is the order in which they started listening; when one closes, the last one takes its
 //! place. [`Group`] mirrors exactly that (`Vec::swap_remove`). clusterd itself holds the
 //! address with a socket that is bound with `SO_REUSEPORT` but never listens, so that nothing
-//! else can take the port between workers, and it is not in the array.
+//! else can take the port between workers, and it is not in the array. [`Steering::socket_for`]
+//! works for any such address, whenever it was reserved.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
-use clusterd_manifest::{Balance, Listen, Manifest, SocketConfig};
+use clusterd_manifest::{AppConfig, Balance, Listen, Manifest, SocketConfig};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use clusterd_core::WorkerId;
@@ -38,6 +47,11 @@ const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 /// The most sockets a program can steer among (each costs two instructions; the kernel's
 /// limit is 4096).
 const MAX_MEMBERS: usize = 2000;
+
+/// The worker of a socket kept after its worker is gone because it was the last of its group:
+/// connections wait in its queue (as in a shared one) until a new worker's socket listens,
+/// then it closes and they move there.
+const KEEPER: WorkerId = WorkerId(u64::MAX);
 
 /// The per-worker sockets of every steered socket name.
 #[derive(Default)]
@@ -113,6 +127,11 @@ impl Steering {
             since: 0,
         });
         group.attach()?;
+        if let Some(index) = group.members.iter().position(|m| m.worker == KEEPER) {
+            // Its queued connections move to the new socket (`tcp_migrate_req`).
+            drop(group.members.swap_remove(index));
+            group.attach()?;
+        }
         Ok(handed)
     }
 
@@ -139,12 +158,19 @@ impl Steering {
     }
 
     /// `worker` is gone: closes its sockets (the kernel moves the last one into the hole,
-    /// and so does the mirror).
+    /// and so does the mirror), but for the last socket of a group, kept as the [`KEEPER`]
+    /// until the next worker's socket listens.
     pub fn forget(&mut self, worker: WorkerId) {
         for (name, group) in &mut self.groups {
             let Some(index) = group.members.iter().position(|m| m.worker == worker) else {
                 continue;
             };
+            if group.members.len() == 1 {
+                let member = &mut group.members[index];
+                member.worker = KEEPER;
+                member.serving = false;
+                continue;
+            }
             drop(group.members.swap_remove(index));
             if !group.members.is_empty()
                 && let Err(error) = group.attach()
@@ -254,7 +280,8 @@ impl Group {
             return Ok(());
         };
         let mut code = match self.balance {
-            Balance::Random => program(&self.targets()),
+            // A worker of an app that became `"shared"` by a re-read, on a socket still steered.
+            Balance::Random | Balance::Shared => program(&self.targets()),
             Balance::IpHash => ip_hash_program(&self.buckets()),
         };
         let prog = libc::sock_fprog {
@@ -401,9 +428,14 @@ fn pick(targets: &[u32]) -> Vec<libc::sock_filter> {
     code
 }
 
-/// The TCP sockets every app of which has `drain`: their workers each get a
-/// listening socket of their own, and clusterd's socket only reserves the address.
+/// The TCP sockets every app of which is steered (`balance` not `"shared"`): their workers
+/// each get a listening socket of their own, and clusterd's socket only reserves the address.
 pub fn steered(manifest: &Manifest) -> BTreeSet<String> {
+    users_all(manifest, |app| app.balance.is_steered())
+}
+
+/// The TCP sockets used by apps, every one of which passes `test`.
+fn users_all(manifest: &Manifest, test: impl Fn(&AppConfig) -> bool) -> BTreeSet<String> {
     manifest
         .sockets
         .iter()
@@ -414,7 +446,96 @@ pub fn steered(manifest: &Manifest) -> BTreeSet<String> {
                 .values()
                 .filter(|app| app.sockets.contains(name))
                 .peekable();
-            users.peek().is_some() && users.all(|app| app.drain.is_some())
+            users.peek().is_some() && users.all(&test)
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// The sockets to bind steered: [`steered`], where this host can. Without reuseport programs
+/// every one keeps one shared queue; without `tcp_migrate_req` so do those of apps that drain
+/// themselves (their sockets close with connections queued), while apps with `drain` stay
+/// steered (their drain needs it). One log line says what fell back and why.
+pub fn plan(manifest: &Manifest) -> BTreeSet<String> {
+    let wanted = steered(manifest);
+    if wanted.is_empty() {
+        return wanted;
+    }
+    let drained = users_all(manifest, |app| app.drain.is_some());
+    decide(wanted, &drained, probe(), enable_migration)
+}
+
+/// [`plan`] given what the host can do (`migration` is asked only when needed).
+fn decide(
+    wanted: BTreeSet<String>,
+    drained: &BTreeSet<String>,
+    programs: io::Result<()>,
+    migration: impl FnOnce() -> bool,
+) -> BTreeSet<String> {
+    let names = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join(", ");
+    if let Err(error) = programs {
+        tracing::warn!(
+            "sockets {}: one shared accept queue (balance = \"shared\"): this kernel cannot \
+             steer connections (SO_ATTACH_REUSEPORT_CBPF: {error})",
+            names(&wanted)
+        );
+        return BTreeSet::new();
+    }
+    if migration() {
+        return wanted;
+    }
+    let (kept, fallback): (BTreeSet<String>, BTreeSet<String>) =
+        wanted.into_iter().partition(|name| drained.contains(name));
+    if !fallback.is_empty() {
+        tracing::warn!(
+            "sockets {}: one shared accept queue (balance = \"shared\"): \
+             net.ipv4.tcp_migrate_req cannot be set, and without it the connections queued on a \
+             retiring worker's own socket would be lost",
+            names(&fallback)
+        );
+    }
+    if !kept.is_empty() {
+        tracing::warn!(
+            "cannot set net.ipv4.tcp_migrate_req: a worker that dies with connections queued on \
+             its own socket loses them (sockets {}, steered for drain)",
+            names(&kept)
+        );
+    }
+    kept
+}
+
+/// Whether this kernel takes a reuseport program: one listening socket on a free loopback
+/// port with [`program`] attached.
+fn probe() -> io::Result<()> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&SockAddr::from(SocketAddr::from(([127, 0, 0, 1], 0))))?;
+    socket.listen(1)?;
+    let fd: OwnedFd = socket.into();
+    let probe = Group {
+        members: vec![Member {
+            worker: WorkerId(0),
+            fd,
+            serving: true,
+            slot: 0,
+            since: 0,
+        }],
+        ..Group::default()
+    };
+    probe.attach()
+}
+
+/// The TCP sockets of `sockets` (name, fd) that clusterd only reserves (bound, never
+/// listening): the steered ones, whether bound so at start, on a re-read or by the clusterd
+/// that handed them over in an upgrade.
+pub fn reserved<'a>(sockets: impl Iterator<Item = (&'a String, RawFd)>) -> BTreeSet<String> {
+    sockets
+        .filter(|(_, fd)| {
+            // SAFETY: the fd is one of clusterd's sockets, open for the duration of this call.
+            let fd = unsafe { BorrowedFd::borrow_raw(*fd) };
+            let socket = socket2::SockRef::from(&fd);
+            let tcp = matches!(socket.domain(), Ok(d) if d == Domain::IPV4 || d == Domain::IPV6);
+            tcp && socket.is_listener().is_ok_and(|listening| !listening)
         })
         .map(|(name, _)| name.clone())
         .collect()
@@ -463,6 +584,38 @@ mod tests {
         assert!(enable_migration_at(&path));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "1");
         assert!(!enable_migration_at(&dir.path().join("missing")));
+    }
+
+    #[test]
+    fn without_programs_all_fall_back_and_without_migration_only_drained_sockets_stay() {
+        let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
+        let wanted = set(&["api", "web"]);
+        let drained = set(&["web"]);
+        let never = || -> bool { panic!("migration asked without programs") };
+        let no_programs = Err(io::Error::from_raw_os_error(libc::EINVAL));
+        assert!(decide(wanted.clone(), &drained, no_programs, never).is_empty());
+        assert_eq!(decide(wanted.clone(), &drained, Ok(()), || true), wanted);
+        assert_eq!(decide(wanted, &drained, Ok(()), || false), drained);
+    }
+
+    #[test]
+    fn this_kernel_takes_reuseport_programs_and_reserved_sockets_are_told_apart() {
+        probe().expect("SO_ATTACH_REUSEPORT_CBPF");
+        let reserving = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        reserving.set_reuse_port(true).unwrap();
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        reserving.bind(&any.into()).unwrap();
+        let listening = std::net::TcpListener::bind(any).unwrap();
+        let unix = tempfile::tempdir().unwrap();
+        let unix = std::os::unix::net::UnixListener::bind(unix.path().join("s")).unwrap();
+        let names = ["reserved", "listening", "unix"].map(String::from);
+        let fds = [
+            reserving.as_raw_fd(),
+            listening.as_raw_fd(),
+            unix.as_raw_fd(),
+        ];
+        let found = reserved(names.iter().zip(fds));
+        assert_eq!(found, BTreeSet::from(["reserved".to_owned()]));
     }
 
     #[test]
@@ -646,6 +799,56 @@ mod tests {
         assert!(reached.values().all(|s| s.len() == 1), "{reached:?}");
         let on_first = reached.values().filter(|s| s.contains(&0)).count();
         assert!(on_first > 0 && on_first < 16, "{reached:?}");
+    }
+
+    #[test]
+    fn the_last_socket_keeps_its_connections_until_a_new_worker_listens() {
+        if !enable_migration() {
+            eprintln!("SKIPPED: net.ipv4.tcp_migrate_req cannot be set here");
+            return;
+        }
+        let reserve = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = reserve.local_addr().unwrap();
+        drop(reserve);
+        let config = SocketConfig {
+            listen: clusterd_manifest::Listen::Tcp(address),
+            backlog: 128,
+            mode: None,
+            tcp_nodelay: false,
+            keepalive: clusterd_manifest::Keepalive::Off,
+            reuseport: false,
+        };
+        let policy = Policy {
+            balance: Balance::Random,
+            slots: 1,
+        };
+        let mut steering = Steering::default();
+        let (old, new) = (WorkerId(1), WorkerId(2));
+        let handed = steering
+            .socket_for("http", (old, 0), address, &config, policy)
+            .unwrap();
+        steering.set_serving(old, true);
+        // The worker dies: its copy closes, clusterd's stays as the keeper.
+        drop(handed);
+        steering.forget(old);
+        let mut client = std::net::TcpStream::connect(address).expect("queued, not refused");
+        std::io::Write::write_all(&mut client, b"x").unwrap();
+        let fresh: std::net::TcpListener = steering
+            .socket_for("http", (new, 0), address, &config, policy)
+            .unwrap()
+            .into();
+        let members: Vec<WorkerId> = steering.groups["http"]
+            .members
+            .iter()
+            .map(|m| m.worker)
+            .collect();
+        assert_eq!(members, [new]);
+        // The connection that waited moved to the new worker's socket.
+        fresh.set_nonblocking(false).unwrap();
+        let (mut accepted, _) = fresh.accept().expect("the migrated connection");
+        let mut byte = [0];
+        std::io::Read::read_exact(&mut accepted, &mut byte).unwrap();
+        assert_eq!(&byte, b"x");
     }
 
     /// Accepts on `listener` until `count` connections arrived or nothing more comes.

@@ -582,9 +582,128 @@ bake = "0s"
 }
 
 #[test]
-fn hello_intercepted_without_drain_takes_the_shared_socket_at_fd_3() {
-    let clusterd = intercepted_hello("drain = \"0s\"");
+fn hello_intercepted_with_balance_shared_takes_the_shared_socket_at_fd_3() {
+    let clusterd = intercepted_hello("balance = \"shared\"");
     takes_fd3_through_reload_and_kill(clusterd, "web", 4, false, hello_pid);
+}
+
+/// The default for a multi-worker app on a TCP socket: each worker its own steered socket at
+/// fd 3, without `drain` — hello drains itself on SIGTERM, steered out right before it.
+#[test]
+fn hello_on_fd_3_takes_its_own_steered_socket_by_default_and_reloads_without_drain() {
+    let clusterd = Clusterd::start(
+        r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{hello}"]
+workers = 4
+sockets = ["http"]
+
+[apps.web.reload]
+bake = "0s"
+"#,
+    );
+    takes_fd3_through_reload_and_kill(clusterd, "web", 4, true, hello_pid);
+}
+
+/// A SIGHUP that asks for `balance = "shared"` rolls the app (its env changed too) under load
+/// with no failed request, and its socket stays steered until clusterd restarts: each new
+/// worker's fd 3 is its own listening socket.
+#[test]
+fn a_sighup_to_balance_shared_keeps_the_socket_steered_and_rolls_without_failures() {
+    let manifest = |extra: &str| {
+        format!(
+            r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{{hello}}"]
+workers = 2
+sockets = ["http"]
+{extra}
+
+[apps.web.reload]
+bake = "0s"
+"#
+        )
+    };
+    let mut clusterd = Clusterd::start(&manifest(""));
+    let addr = steered_addr(&clusterd, true);
+    let old = ready_pids(&clusterd, "web", 2);
+    clusterd.rewrite_manifest(&manifest("balance = \"shared\"\nenv = { VERSION = \"2\" }"));
+    let load = Load::with_clients(addr, 4);
+    clusterd.signal(Signal::SIGHUP);
+    let rolled = wait_until(30 * SECOND, || {
+        let serving = clusterd.serving("web");
+        serving.len() == 2 && serving.iter().all(|w| w.2 == 2 && w.3 == "ready")
+    });
+    let (answered, failures) = load.finish();
+    assert!(rolled, "not rolled:\n{}", clusterd.output());
+    assert!(answered > 0);
+    assert!(failures.is_empty(), "{failures:?} of {answered}");
+    let new = ready_pids(&clusterd, "web", 2);
+    assert!(new.is_disjoint(&old));
+    let inodes: BTreeSet<String> = new.iter().map(|pid| fd3_inode(pid)).collect();
+    assert_eq!(inodes.len(), 2, "{inodes:?}");
+    assert!(inodes.is_subset(&listening_inodes()));
+    assert_eq!(distinct_bodies(addr, 2, hello_pid), new);
+    assert!(clusterd.stop().success());
+}
+
+/// Steered sockets keep the shared queue's promise: with every worker gone (killed, and
+/// `restart = "never"`), a connection still waits (the last socket is kept) instead of being
+/// refused, and the next worker answers it.
+#[test]
+fn a_steered_app_with_no_worker_left_queues_connections_for_the_next_one() {
+    use std::io::{Read, Write};
+    let mut clusterd = Clusterd::start(
+        r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{hello}"]
+workers = 2
+sockets = ["http"]
+restart = "never"
+"#,
+    );
+    let addr = steered_addr(&clusterd, true);
+    let pids = ready_pids(&clusterd, "web", 2);
+    for pid in &pids {
+        let pid = Pid::from_raw(pid.parse().expect("pid"));
+        nix::sys::signal::kill(pid, Signal::SIGKILL).expect("kill -9 a worker");
+    }
+    let gone = wait_until(20 * SECOND, || {
+        let status = clusterd.status();
+        status["apps"][0]["workers"]
+            .as_array()
+            .is_some_and(|w| w.iter().all(|w| w["pid"].is_null()))
+    });
+    assert!(gone, "workers still there:\n{}", clusterd.output());
+    let mut client = std::net::TcpStream::connect(addr).expect("queued, not refused");
+    client
+        .write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .expect("request");
+    let output = clusterd.ctl(&["restart", "web:0"]);
+    assert!(output.status.success(), "{output:?}");
+    client.set_read_timeout(Some(30 * SECOND)).expect("timeout");
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).expect("an answer");
+    assert!(answer.contains("hello from web[0]"), "{answer}");
+    assert!(clusterd.stop().success());
 }
 
 /// A Go server that serves the socket it inherited: `net.FileListener(os.NewFile(3, ...))`. It

@@ -884,7 +884,8 @@ impl Core {
             app: worker.app.clone(),
             seconds: waited.as_secs_f64(),
         }));
-        if worker.config.drain.is_some() {
+        // Its own steered sockets, if it has any (the daemon knows), now get connections.
+        if !worker.config.sockets.is_empty() {
             self.out.push(Action::Steer {
                 worker: id,
                 serving: true,
@@ -1019,7 +1020,9 @@ impl Core {
                 why,
                 until: now + grace,
             };
-            if drain.is_some() {
+            // No new connections while it drains or closes its channel.
+            let sockets = !worker.config.sockets.is_empty();
+            if drain.is_some() || (sockets && disconnect && why != StopReason::Shutdown) {
                 self.out.push(Action::Steer {
                     worker: id,
                     serving: false,
@@ -1035,6 +1038,18 @@ impl Core {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
+        // An app that drains itself: no new connections on its own steered sockets from now
+        // (one with `drain` or `stop_signal = "disconnect"` was steered out at its stop).
+        if !worker.config.sockets.is_empty()
+            && worker.config.drain.is_none()
+            && !worker.config.stop_disconnect
+            && why != StopReason::Shutdown
+        {
+            self.out.push(Action::Steer {
+                worker: id,
+                serving: false,
+            });
+        }
         let timeout = worker.config.stop_timeout;
         if timeout.is_zero() {
             self.kill(id, why);

@@ -127,8 +127,8 @@ pub enum Action {
     /// SIGHUP: re-read the manifest, bind its new sockets, and come back with
     /// [`Event::Reconfigure`] (or log why not).
     Reread,
-    /// Put a worker's own listening sockets in (`serving`) or out of the connection steering
-    /// (apps with `drain`).
+    /// Put a worker's own listening sockets, if it has any, in (`serving`) or out of the
+    /// connection steering (once ready; out at its `drain`, or right before its stop signal).
     Steer {
         /// The worker.
         worker: WorkerId,

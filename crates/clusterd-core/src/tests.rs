@@ -36,6 +36,8 @@ struct Sim {
     rereads: usize,
     /// Steering changes, in order.
     steered: Vec<(WorkerId, bool)>,
+    /// For each steering change, how many signals had been sent before it.
+    steered_after: Vec<usize>,
     /// Resident memory the driver would measure, by pid (0 when absent).
     memory: std::collections::HashMap<Pid, u64>,
     /// Messages delivered on workers' channels, in order.
@@ -69,6 +71,7 @@ impl Sim {
             rereads: 0,
             memory: std::collections::HashMap::new(),
             steered: Vec::new(),
+            steered_after: Vec::new(),
             delivered: Vec::new(),
             disconnected: Vec::new(),
             occupants: Occupants::new(),
@@ -105,7 +108,10 @@ impl Sim {
                         .collect();
                     queue.extend(self.core.on(self.now, Event::Memory(measured)));
                 }
-                Action::Steer { worker, serving } => self.steered.push((worker, serving)),
+                Action::Steer { worker, serving } => {
+                    self.steered.push((worker, serving));
+                    self.steered_after.push(self.signals.len());
+                }
                 Action::Deliver { worker, text } => self.delivered.push((worker, text.to_string())),
                 Action::Disconnect { worker } => self.disconnected.push(worker),
                 Action::Forget { .. } | Action::Observe(_) => {}
@@ -1423,6 +1429,78 @@ fn shutdown_does_not_drain() {
     let pids = sim.serving("web");
     sim.signal(SupervisorSignal::Stop(Signal::SIGTERM));
     assert!(pids.iter().all(|p| sim.sent(*p, Signal::SIGTERM)));
+}
+
+const SELF_DRAINING: &str = r#"
+[sockets.http]
+listen = "127.0.0.1:0"
+[apps.web]
+command = ["hello"]
+workers = 2
+sockets = ["http"]
+[apps.web.reload]
+bake = "0s"
+[apps.jobs]
+command = ["jobs"]
+"#;
+
+#[test]
+fn a_self_draining_worker_is_steered_out_right_before_its_stop_signal() {
+    let mut sim = Sim::new(SELF_DRAINING);
+    let old = sim.pid("web", 0).unwrap();
+    let old_id = sim.core.worker_by_pid(old).unwrap();
+    sim.advance(Duration::from_secs(1));
+    assert!(sim.steered.contains(&(old_id, true)), "ready: steered in");
+    // An app without sockets has nothing to steer.
+    assert_eq!(sim.steered.len(), 2, "{:?}", sim.steered);
+    sim.signal(SupervisorSignal::Reload);
+    let candidate = sim.candidate("web", 0).unwrap();
+    assert!(!sim.sent(old, Signal::SIGTERM));
+    sim.advance(Duration::from_secs(1));
+    let candidate_id = sim.core.worker_by_pid(candidate).unwrap();
+    assert!(sim.steered.contains(&(candidate_id, true)));
+    // Promoted: steered out and signalled in the same step, no drain delay, steer first.
+    assert!(sim.sent(old, Signal::SIGTERM), "no drain delay");
+    let out = sim.steered.iter().position(|s| *s == (old_id, false));
+    let out = out.expect("steered out");
+    let term = sim
+        .signals
+        .iter()
+        .position(|s| *s == (old, Signal::SIGTERM))
+        .unwrap();
+    assert!(
+        sim.steered_after[out] <= term,
+        "steered out before its signal"
+    );
+    // Shutdown: everything stops, nothing is steered.
+    let steers = sim.steered.len();
+    sim.signal(SupervisorSignal::Stop(Signal::SIGTERM));
+    assert!(sim.steered[steers..].iter().all(|(_, serving)| *serving));
+}
+
+#[test]
+fn a_disconnected_worker_is_steered_out_when_its_channel_closes() {
+    let mut sim = Sim::new(
+        "[sockets.http]\nlisten = \"127.0.0.1:0\"\n[apps.web]\ncommand = [\"node\", \"w.js\"]\n\
+         workers = 2\nsockets = [\"http\"]\nstop_signal = \"disconnect\"\nstop_timeout = \"2s\"\n",
+    );
+    sim.advance(Duration::from_secs(1));
+    let a = sim.pid("web", 0).unwrap();
+    let ida = sim.core.worker_by_pid(a).unwrap();
+    assert!(sim.steered.contains(&(ida, true)));
+    sim.control(
+        Request::Restart {
+            app: "web".into(),
+            slot: Some(0),
+        },
+        1,
+    );
+    assert_eq!(sim.disconnected, vec![ida]);
+    assert_eq!(sim.steered.last(), Some(&(ida, false)));
+    sim.advance(Duration::from_secs(2));
+    assert!(sim.sent(a, Signal::SIGTERM));
+    let outs = sim.steered.iter().filter(|s| **s == (ida, false)).count();
+    assert_eq!(outs, 1, "steered out once: {:?}", sim.steered);
 }
 
 #[test]

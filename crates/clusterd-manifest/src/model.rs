@@ -186,13 +186,15 @@ pub struct AppConfig {
     /// `intercept` (default false): trap the workers' own `bind()`/`listen()` with seccomp
     /// and hand them the app's held sockets instead (unmodified servers).
     pub intercept: bool,
-    /// `drain` (apps with sockets; default 1s for intercepted apps, else off; `"0s"` turns it
-    /// off): each worker gets a listening socket of its own for each TCP socket, steered by
-    /// clusterd; a retiring worker first stops getting new connections and has this long to
-    /// finish what it has before its stop signal.
+    /// `drain` (apps with steered sockets; default 1s for intercepted apps, else off; `"0s"`
+    /// turns it off): a retiring worker first stops getting new connections and has this long
+    /// to finish what it has before its stop signal (without it, an app that drains itself is
+    /// steered out right before its signal).
     pub drain: Option<Duration>,
-    /// `balance` (apps with `drain`; default `"random"`): how new connections are spread over
-    /// the serving workers' steered sockets.
+    /// `balance` (apps with sockets; default `"random"` with `workers` > 1 or `"auto"`, with
+    /// `drain` or `intercept`, else `"shared"`): how new connections reach the workers of its
+    /// TCP sockets: each worker its own steered socket (`"random"`, `"ip-hash"`), or one
+    /// accept queue shared by all (`"shared"`; unix sockets always are).
     #[serde(default, skip_serializing_if = "Balance::is_random")]
     pub balance: Balance,
     /// `kv_segment`: name prefix of the KV client's shared-memory segment, passed to workers
@@ -227,22 +229,30 @@ pub struct RestartLimit {
     pub interval: Duration,
 }
 
-/// How a steered socket spreads new connections over its serving workers.
+/// How an app's TCP sockets spread new connections over its workers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub enum Balance {
-    /// Each connection to a serving worker picked at random.
+    /// Each worker listens on a steered socket of its own; each connection goes to a serving
+    /// worker picked at random.
     #[default]
     Random,
     /// Sticky: a hash of the client's address picks a slot, and the connection goes to that
     /// slot's serving worker (to the other serving workers only while the slot has none).
     IpHash,
+    /// One listening socket shared by all workers: whichever worker accepts first.
+    Shared,
 }
 
 impl Balance {
-    /// The default, `"random"`.
+    /// `"random"`, the serialized default.
     pub fn is_random(&self) -> bool {
         *self == Balance::Random
+    }
+
+    /// Whether each worker gets a steered socket of its own (not `"shared"`).
+    pub fn is_steered(&self) -> bool {
+        *self != Balance::Shared
     }
 }
 

@@ -459,7 +459,7 @@ fn app(
     let drain = cx.field(&table, "drain", values::duration);
     let drain = match (intercept, drain) {
         (Some(true), drain) => drain.or(DRAIN).map(|d| (!d.is_zero()).then_some(d)),
-        // Any other app with sockets: steered only when it asks for it.
+        // Any other app with sockets: a delay only when it asks for it.
         (_, Field::Valid(drain)) if has_sockets => Some((!drain.is_zero()).then_some(drain)),
         (_, Field::Valid(_)) => {
             if let Some(value) = table.get("drain") {
@@ -474,23 +474,52 @@ fn app(
         (_, Field::Invalid) => None,
         (_, Field::Absent) => Some(None),
     };
+    // Steered sockets balance a multi-worker app; one worker keeps the shared queue (which
+    // outlives it) unless it drains or is intercepted.
+    let auto = matches!(table.get("workers").map(|v| v.get_ref()), Some(DeValue::String(s)) if s.as_ref() == "auto");
+    let steered_by_default = auto
+        || workers.is_some_and(|n| n > 1)
+        || drain.is_some_and(|d| d.is_some())
+        || intercept == Some(true);
     let balance = cx
         .field(&table, "balance", |v| {
             values::choice(
                 v,
-                &[("random", Balance::Random), ("ip-hash", Balance::IpHash)],
+                &[
+                    ("random", Balance::Random),
+                    ("ip-hash", Balance::IpHash),
+                    ("shared", Balance::Shared),
+                ],
             )
         })
-        .or(Balance::Random);
-    if drain == Some(None)
-        && let Some(value) = table.get("balance")
-    {
+        .or(if steered_by_default {
+            Balance::Random
+        } else {
+            Balance::Shared
+        });
+    if !has_sockets && let Some(value) = table.get("balance") {
         cx.report(
             value.span(),
             &table.key.child("balance"),
-            "balance applies to steered sockets: set drain (on by default with intercept = true)",
+            "balance applies to apps with sockets: it says how their connections reach the workers",
         );
     }
+    if balance == Some(Balance::Shared)
+        && drain.is_some_and(|d| d.is_some())
+        && let (Some(value), Some(_)) = (table.get("drain"), table.get("balance"))
+    {
+        cx.report(
+            value.span(),
+            &table.key.child("drain"),
+            "drain steers a retiring worker's own socket out: balance = \"shared\" has one \
+             queue for all, set drain = \"0s\" or another balance",
+        );
+    }
+    // Intercepted apps drain by default, but not from a shared queue.
+    let drain = match balance {
+        Some(Balance::Shared) => drain.map(|_| None),
+        _ => drain,
+    };
     let ipc = ipc(cx, &table, command.as_deref(), stop_disconnect);
     let ready = readiness(cx, &table, has_sockets, intercept == Some(true));
     if ready == Some(Readiness::Message) && ipc.is_some_and(|(ipc, _)| !ipc) {

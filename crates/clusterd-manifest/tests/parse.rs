@@ -571,7 +571,7 @@ fn ipc_defaults_on_for_node_and_its_keys_need_it() {
 }
 
 #[test]
-fn balance_is_for_steered_sockets() {
+fn balance_is_for_apps_with_sockets() {
     use clusterd_manifest::Balance;
     let intercepted = |extra: &str| {
         format!(
@@ -585,20 +585,52 @@ fn balance_is_for_steered_sockets() {
     assert_eq!(manifest.apps["web"].balance, Balance::IpHash);
     let manifest = parse_srv(&intercepted("balance = \"random\"")).unwrap();
     assert_eq!(manifest.apps["web"].balance, Balance::Random);
+    // Shared: one queue, so nothing to drain from.
+    let manifest = parse_srv(&intercepted("balance = \"shared\"")).unwrap();
+    assert_eq!(manifest.apps["web"].balance, Balance::Shared);
+    assert_eq!(manifest.apps["web"].drain, None);
     assert_eq!(
         only_problem(&intercepted("balance = \"least\"")),
-        "7:11: apps.web.balance: expected one of \"random\", \"ip-hash\", found \"least\""
+        "7:11: apps.web.balance: expected one of \"random\", \"ip-hash\", \"shared\", found \"least\""
     );
-    let error = only_problem(&intercepted("drain = \"0s\"\nbalance = \"ip-hash\""));
+    let error = only_problem(&intercepted("drain = \"2s\"\nbalance = \"shared\""));
     assert!(
-        error.contains("balance applies to steered sockets"),
+        error.contains("apps.web.drain") && error.contains("one"),
         "{error}"
     );
+    // drain = "0s" is no delay, still steered.
+    let manifest = parse_srv(&intercepted("drain = \"0s\"\nbalance = \"ip-hash\"")).unwrap();
+    assert_eq!(manifest.apps["web"].balance, Balance::IpHash);
+    assert_eq!(manifest.apps["web"].drain, None);
     let error = only_problem("[apps.web]\ncommand = [\"x\"]\nbalance = \"ip-hash\"\n");
     assert!(
-        error.contains("balance applies to steered sockets"),
+        error.contains("balance applies to apps with sockets"),
         "{error}"
     );
+}
+
+#[test]
+fn multi_worker_apps_are_steered_by_default_and_one_worker_shares_its_queue() {
+    use clusterd_manifest::Balance;
+    let app = |extra: &str| {
+        format!(
+            "[sockets.http]\nlisten = \"127.0.0.1:8080\"\n[apps.web]\ncommand = [\"server\"]\n\
+             sockets = [\"http\"]\n{extra}\n"
+        )
+    };
+    let balance = |extra: &str| parse_srv(&app(extra)).unwrap().apps["web"].balance;
+    assert_eq!(balance(""), Balance::Shared);
+    assert_eq!(balance("workers = 1"), Balance::Shared);
+    assert_eq!(balance("workers = 2"), Balance::Random);
+    assert_eq!(balance("workers = \"auto\""), Balance::Random);
+    assert_eq!(balance("drain = \"1s\""), Balance::Random);
+    assert_eq!(
+        balance("workers = 2\nbalance = \"shared\""),
+        Balance::Shared
+    );
+    assert_eq!(balance("balance = \"random\""), Balance::Random);
+    let manifest = parse_srv(&app("workers = 2")).unwrap();
+    assert_eq!(manifest.apps["web"].drain, None);
 }
 
 #[test]

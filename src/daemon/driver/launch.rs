@@ -168,8 +168,8 @@ impl Driver {
 }
 
 impl Driver {
-    /// A listening socket of the worker's own when socket `name` is steered (apps with
-    /// `drain`), else None (the worker takes the shared socket).
+    /// A listening socket of the worker's own when socket `name` is steered (see
+    /// `steering::plan`), else None (the worker takes the shared socket).
     fn own_socket(
         &mut self,
         worker: (WorkerId, usize),
@@ -194,7 +194,7 @@ impl Driver {
     }
 
     /// The sockets an intercepted worker's binds are answered with: a listening socket of its
-    /// own for steered sockets (apps with `drain`), else the shared held socket.
+    /// own for steered sockets, else the shared held socket.
     fn held(
         &mut self,
         worker: (WorkerId, usize),

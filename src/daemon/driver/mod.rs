@@ -248,7 +248,8 @@ struct Driver {
     contained: HashMap<WorkerId, String>,
     /// The trapped `bind`/`listen` calls of intercepted workers.
     intercepts: Intercepts,
-    /// Sockets whose workers each listen on a socket of their own, steered (apps with `drain`).
+    /// Sockets whose workers each listen on a socket of their own, steered (those clusterd
+    /// only reserves: see `steering::plan`).
     steered: BTreeSet<String>,
     /// The per-worker sockets of `steered` and the program that picks among them.
     steering: Steering,
@@ -287,7 +288,7 @@ impl Driver {
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| !clusterd_manifest::RESERVED_ENV.contains(&k.as_str()))
             .collect();
-        let steered = steering::steered(&manifest);
+        let steered = steering::reserved(sockets.parts().map(|(name, fd, ..)| (name, fd)));
         logs.hub().set_apps(manifest.apps.keys());
         Ok(Driver {
             manifest,
@@ -607,6 +608,33 @@ impl Driver {
                 event = "socket_change_deferred",
                 socket = %name,
                 "socket {name}: a changed address takes effect only after a restart of clusterd"
+            );
+        }
+        // A socket stays as it was bound (sockets new here: one shared queue). Said once, when
+        // its apps' balance changes across the line or it is new.
+        let (before, wanted) = (
+            steering::steered(&self.manifest),
+            steering::steered(&manifest),
+        );
+        let tcp = manifest
+            .sockets
+            .iter()
+            .filter(|(_, c)| matches!(c.listen, clusterd_manifest::Listen::Tcp(_)))
+            .map(|(name, _)| name);
+        let changed = |name: &&String| {
+            let new = !self.manifest.sockets.contains_key(*name);
+            wanted.contains(*name) != self.steered.contains(*name)
+                && (new || before.contains(*name) != wanted.contains(*name))
+        };
+        for name in tcp.filter(changed) {
+            let now = match self.steered.contains(name) {
+                true => "a steered socket per worker",
+                false => "one shared accept queue",
+            };
+            tracing::warn!(
+                event = "balance_change_deferred",
+                "socket {name}: its apps' balance takes effect only after a restart of \
+                 clusterd; until then its workers keep {now}"
             );
         }
         self.logs.hub().set_apps(manifest.apps.keys());
