@@ -23,6 +23,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use crate::daemon::logs::{self, Filter, format};
+use crate::daemon::memory;
 
 /// How long a client may take to send its request, and to read each reply line.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -127,6 +128,7 @@ impl Drop for ControlServer {
 async fn accept_loop(listener: UnixListener, requests: mpsc::Sender<ControlRequest>) {
     let our_uid = nix::unistd::getuid().as_raw();
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let burst = memory::Burst::default();
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -142,9 +144,10 @@ async fn accept_loop(listener: UnixListener, requests: mpsc::Sender<ControlReque
             continue;
         };
         let requests = requests.clone();
+        let open = burst.open();
         tokio::task::spawn_local(async move {
             serve(stream, our_uid, requests).await;
-            drop(slot);
+            drop((slot, open));
         });
     }
 }

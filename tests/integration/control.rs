@@ -466,6 +466,41 @@ workers = 1
 }
 
 #[test]
+fn control_connections_over_the_cap_are_answered_busy_and_the_next_ones_served() {
+    // The test holds 512 connections: room for them beside the other tests' descriptors.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+    let mut clusterd = Clusterd::start(HELLO);
+    clusterd.wait_ready("web", 3, 20 * SECOND);
+    let socket = clusterd.control_socket();
+    // 512 clients that have sent half a request each (clusterd times them out after 5 s).
+    let held: Vec<UnixStream> = (0..512)
+        .map(|_| {
+            let mut stream = UnixStream::connect(&socket).expect("connect");
+            stream.write_all(b"{\"v\":1,").expect("write");
+            stream
+        })
+        .collect();
+    let refused = raw_exchange(&socket, b"{\"v\":1,\"cmd\":\"status\"}\n", false);
+    assert!(
+        refused.contains("\"kind\":\"busy\"") && refused.contains("512"),
+        "{refused}"
+    );
+    drop(held);
+    // Their slots come free as they close: status answers again.
+    let mut last = String::new();
+    assert!(
+        wait_until(10 * SECOND, || {
+            last = raw_exchange(&socket, b"{\"v\":1,\"cmd\":\"status\"}\n", false);
+            last.contains("\"reply\":\"status\"")
+        }),
+        "{last}"
+    );
+    assert!(clusterd.stop().success());
+}
+
+#[test]
 fn metrics_connections_over_the_cap_are_refused_with_503() {
     let mut clusterd = Clusterd::start(&format!("[metrics]\nlisten = \"127.0.0.1:0\"\n{HELLO}"));
     let line = clusterd.wait_for_line("metrics on http://", 5 * SECOND);
