@@ -11,7 +11,9 @@
 #     median, p95 and max, and clusterd's VmRSS/VmHWM from /proc/<pid>/status.
 #  1b. clusterd with 128 `hello` workers: the daemon's status round trip alone (python, as in 1)
 #     with no extra processes, then with $BENCH_STATUS_HOST_PROCS (5000) unrelated sleeping
-#     processes on the host (issue 20: status must not grow with the host). Run it once with
+#     processes on the host (issue 20: status must not grow with the host), and with those
+#     $BENCH_STATUS_FRESH_RUNS (10) times 1.1 s apart (clusterd measures its workers at most
+#     once a second: each of these is a new measurement). Run it once with
 #     BENCH_CLUSTERD_BIN set to an older clusterd for the "before".
 #  2. clusterd with 16 `hello` workers, then with 16 workers of examples/node/server.js:
 #     clusterd's VmRSS and VmHWM.
@@ -19,7 +21,7 @@
 #     the God Daemon's VmRSS and VmHWM, and the time of `pm2 jlist` (PM2's status) for contrast.
 #
 # Settings (environment): BENCH_PORT (18090), BENCH_STATUS_RUNS (50), BENCH_PM2_RUNS (10),
-# BENCH_STATUS_HOST_PROCS (5000),
+# BENCH_STATUS_HOST_PROCS (5000), BENCH_STATUS_FRESH_RUNS (10), BENCH_READY_WAIT (60 s for the workers to be ready),
 # BENCH_SKIP_BUILD=1, BENCH_CLUSTERD_BIN, BENCH_HELLO_BIN, BENCH_NODE_APP, BENCH_SKIP_PM2=1.
 # Installs PM2 under bench/.tools when missing. Writes the table to bench/results/status-<time>/.
 set -euo pipefail
@@ -31,6 +33,7 @@ PORT=${BENCH_PORT:-18090}
 RUNS=${BENCH_STATUS_RUNS:-50}
 PM2_RUNS=${BENCH_PM2_RUNS:-10}
 HOST_PROCS=${BENCH_STATUS_HOST_PROCS:-5000}
+FRESH_RUNS=${BENCH_STATUS_FRESH_RUNS:-10}
 
 log() { printf '[status-bench] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -124,7 +127,7 @@ EOF
     wait_until 10 port_free || die "127.0.0.1:$PORT is busy"
     "$CLUSTERD" start "$MANIFEST" >"$CD_LOG" 2>&1 &
     CD_PID=$!
-    wait_until 60 eval '(( $(count_lines "$CD_LOG" ") ready after") >= workers ))' ||
+    wait_until "${BENCH_READY_WAIT:-60}" eval '(( $(count_lines "$CD_LOG" ") ready after") >= workers ))' ||
         { tail -20 "$CD_LOG" >&2; die "clusterd did not get $workers workers ready"; }
     wait_until 10 http_ok || die "no HTTP answer on 127.0.0.1:$PORT"
     sleep 1 # let the start-up settle before measuring memory
@@ -157,12 +160,13 @@ time_runs() {
     read -r MED P95 MAX <"$TMP/stats"
 }
 
-# control_round_trips SOCKET N: the daemon's side alone: connect, send a status request, read
-# the reply to EOF, N times in one python3 process (after 5 warm-up runs); sets MED, P95, MAX.
+# control_round_trips SOCKET N [PAUSE]: the daemon's side alone: connect, send a status
+# request, read the reply to EOF, N times in one python3 process (after 5 warm-up runs), PAUSE
+# seconds (0) before each; sets MED, P95, MAX.
 control_round_trips() {
-    python3 - "$1" "$2" >"$TMP/stats" <<'PY'
+    python3 - "$1" "$2" "${3:-0}" >"$TMP/stats" <<'PY'
 import socket, sys, time
-path, n = sys.argv[1], int(sys.argv[2])
+path, n, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 def once():
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
@@ -180,6 +184,7 @@ for _ in range(5):
     once()
 times = []
 for _ in range(n):
+    time.sleep(pause)
     t0 = time.perf_counter_ns(); once(); times.append((time.perf_counter_ns() - t0) / 1e6)
 times.sort()
 med = (times[(n - 1) // 2] + times[n // 2]) / 2
@@ -262,6 +267,9 @@ if command -v python3 >/dev/null; then
     control_round_trips "$TMP/run-hello128/control.sock" "$RUNS"
     row "  round trip, 128 workers, $(procs) procs" "${MED}ms" "${P95}ms" "${MAX}ms" \
         "$(mb "$(rss_kb "$CD_PID" VmRSS)")" ""
+    # Each 1.1 s after the last: a new measurement of the workers every time.
+    control_round_trips "$TMP/run-hello128/control.sock" "$FRESH_RUNS" 1.1
+    row "  same, 1.1 s apart ($FRESH_RUNS runs)" "${MED}ms" "${P95}ms" "${MAX}ms" "" ""
     stop_crowd
     stop_clusterd
 fi

@@ -459,6 +459,11 @@ impl Containment {
             .ok()
     }
 
+    /// `worker`'s cgroup directory, unless it is contained by its process group only.
+    pub fn cgroup_dir(&self, worker: &str) -> Option<PathBuf> {
+        Some(self.tree_of(worker)?.worker_dir(worker))
+    }
+
     /// The tree `worker` is contained by, unless it is in its process group only.
     fn tree_of(&self, worker: &str) -> Option<&CgroupTree> {
         match self {
@@ -1001,6 +1006,8 @@ mod tests {
             describe.contains(&format!("web.0.1 in its process group only: {why}")),
             "{describe}"
         );
+        // Status measures it by its process group too.
+        assert_eq!(containment.cgroup_dir("web.0.1"), None);
         // Process-group semantics for it: not empty while its group lives, killed with it.
         assert!(!containment.is_empty("web.0.1", leader));
         containment.kill("web.0.1", leader);
@@ -1021,6 +1028,11 @@ mod tests {
         let procs = containment.prepare_worker("w").unwrap();
         let leader = start("exec sleep 1000", procs.as_ref());
         assert_eq!(containment.check_joined("w", leader), Ok(()));
+        assert!(
+            containment
+                .cgroup_dir("w")
+                .is_some_and(|d| d.ends_with("w-w"))
+        );
         assert!(!containment.describe().contains("process group only"));
         containment.kill("w", leader);
         reap(leader);

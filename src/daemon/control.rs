@@ -2,7 +2,9 @@
 //! every connection's peer credentials are checked (same uid, or root). Each connection is
 //! served by its own small task: it reads one request line (bounded in size and time), hands
 //! the decoded request to the supervisor's loop, and writes back the reply lines the
-//! supervisor sends. A slow, silent or malicious client only ever occupies its own task.
+//! supervisor sends. A slow, silent or malicious client only ever occupies its own task,
+//! and a connection costs little: no buffer beyond its request line, freed when it ends. At
+//! most [`MAX_CONNECTIONS`] are served at once; one more is answered `busy` and closed.
 //!
 //! `logs` is answered here, from the supervisor's memory of recent lines ([`crate::daemon::logs`]),
 //! without a trip through the loop: the last lines, then for `--follow` every new line from a
@@ -16,17 +18,22 @@ use std::time::Duration;
 
 use clusterd_proto::{ErrorKind, MAX_FRAME, Reply, Request, decode_request, encode_line};
 use nix::sys::socket::{getsockopt, sockopt};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use crate::daemon::logs::{Filter, Logs, format};
+use crate::daemon::memory;
 
 /// How long a client may take to send its request, and to read each reply line.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Lines queued for one `logs --follow` client before it is dropped.
 const FOLLOWER_QUEUE: usize = 4096;
+
+/// Control connections served at once (`logs --follow` and `reload --wait` clients hold one
+/// each); one more is answered with a `busy` error and closed.
+pub const MAX_CONNECTIONS: usize = 512;
 
 /// A decoded request and where its replies go.
 pub struct ControlRequest {
@@ -121,6 +128,8 @@ impl Drop for ControlServer {
 
 async fn accept_loop(listener: UnixListener, requests: mpsc::Sender<ControlRequest>, logs: Logs) {
     let our_uid = nix::unistd::getuid().as_raw();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let burst = memory::Burst::default();
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -131,8 +140,25 @@ async fn accept_loop(listener: UnixListener, requests: mpsc::Sender<ControlReque
                 continue;
             }
         };
-        tokio::task::spawn_local(serve(stream, our_uid, requests.clone(), logs.clone()));
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tokio::task::spawn_local(refuse(stream));
+            continue;
+        };
+        let requests = requests.clone();
+        let logs = logs.clone();
+        let open = burst.open();
+        tokio::task::spawn_local(async move {
+            serve(stream, our_uid, requests, logs).await;
+            drop((slot, open));
+        });
     }
+}
+
+/// Answers a connection over [`MAX_CONNECTIONS`] with a `busy` error.
+async fn refuse(mut stream: UnixStream) {
+    let message =
+        format!("clusterd serves {MAX_CONNECTIONS} control connections at once; try again");
+    let _ = send(&mut stream, &Reply::error(ErrorKind::Busy, &message)).await;
 }
 
 async fn serve(
@@ -271,15 +297,30 @@ async fn serve_logs(stream: UnixStream, logs: &Logs, filter: Filter, lines: usiz
     }
 }
 
-/// Reads one newline-terminated request of at most [`MAX_FRAME`] bytes.
+/// Reads one newline-terminated request of at most [`MAX_FRAME`] bytes, into a buffer that
+/// grows only as far as the request does (anything the client sent after its newline is
+/// ignored: it sends nothing more).
 async fn read_request(stream: &mut UnixStream) -> Result<Request, (ErrorKind, String)> {
-    let mut line = Vec::with_capacity(256);
+    let mut line = Vec::with_capacity(128);
     let limit = MAX_FRAME as u64 + 1;
-    let mut reader = BufReader::new(stream.take(limit));
-    reader
-        .read_until(b'\n', &mut line)
-        .await
-        .map_err(|e| (ErrorKind::Malformed, format!("read failed: {e}")))?;
+    let mut reader = stream.take(limit);
+    loop {
+        let read = line.len();
+        if line.len() == line.capacity() {
+            line.reserve(line.len());
+        }
+        let n = reader
+            .read_buf(&mut line)
+            .await
+            .map_err(|e| (ErrorKind::Malformed, format!("read failed: {e}")))?;
+        if let Some(end) = line[read..].iter().position(|b| *b == b'\n') {
+            line.truncate(read + end + 1);
+            break;
+        }
+        if n == 0 {
+            break;
+        }
+    }
     if line.last() != Some(&b'\n') {
         return Err(if line.len() as u64 >= limit {
             (

@@ -406,6 +406,7 @@ const REFUSAL: &[u8] = concat!(
 
 async fn serve(listener: TcpListener, queries: mpsc::Sender<Query>) {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let burst = crate::daemon::memory::Burst::default();
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -428,8 +429,9 @@ async fn serve(listener: TcpListener, queries: mpsc::Sender<Query>) {
             continue;
         };
         let queries = queries.clone();
+        let open = burst.open();
         tokio::task::spawn_local(async move {
-            let _slot = slot;
+            let _slot = (slot, open);
             let service =
                 hyper::service::service_fn(move |request| respond(request, queries.clone()));
             let io = hyper_util::rt::TokioIo::new(stream);

@@ -16,6 +16,7 @@ pub mod intercept;
 pub mod ipc;
 pub mod logs;
 pub mod manager;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod os;

@@ -1,12 +1,234 @@
-//! CPU time and resident memory of process groups, read from `/proc`. A worker's figures are
-//! those of its whole process group, so a worker that forks helpers is measured with them; the
-//! group's members are found by walking down clusterd's own process tree, never all of `/proc`.
+//! CPU time and resident memory of the workers, read from what clusterd owns: a worker's
+//! cgroup where containment is by cgroup (its `cpu.stat` and `cgroup.procs`), else its process
+//! group, found by walking down clusterd's own process tree, never all of `/proc`. [`Meter`]
+//! measures off the event loop (on tokio's blocking pool) and keeps a measurement for
+//! [`FRESH`], so a burst of status calls and scrapes costs one measurement.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use nix::unistd::{Pid, SysconfVar, sysconf};
 
 use clusterd_core::Usage;
+use clusterd_core::status::CpuSampler;
+
+/// How long a measurement answers for. Also the shortest window of a status's CPU percent
+/// (except right after a worker's start, or when a new worker needs a new measurement).
+pub const FRESH: Duration = Duration::from_secs(1);
+
+/// A worker to measure.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Its process group (its pid).
+    pub group: clusterd_core::Pid,
+    /// Its cgroup directory, where it is contained by one.
+    pub cgroup: Option<PathBuf>,
+    /// When it was spawned (the start of its first CPU percent window).
+    pub started: Instant,
+}
+
+/// One measurement of every worker, by process group.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// When it was taken.
+    pub at: Instant,
+    /// CPU seconds and resident bytes.
+    pub usage: HashMap<clusterd_core::Pid, Usage>,
+    /// CPU use since the previous measurement (or the worker's start), percent of one core.
+    pub cpu_percent: HashMap<clusterd_core::Pid, f64>,
+}
+
+/// Measures workers off the loop, one measurement at a time, each answering for a while
+/// ([`FRESH`]). Lives on the loop's thread (a `LocalSet`).
+#[derive(Clone)]
+pub struct Meter(Rc<RefCell<MeterState>>);
+
+struct MeterState {
+    fresh: Duration,
+    last: Option<Rc<Snapshot>>,
+    /// Who waits for the measurement under way, if one is.
+    waiting: Option<Vec<tokio::sync::oneshot::Sender<Rc<Snapshot>>>>,
+    sampler: CpuSampler,
+}
+
+impl Meter {
+    /// A meter whose measurements answer for `fresh`.
+    pub fn new(fresh: Duration) -> Meter {
+        Meter(Rc::new(RefCell::new(MeterState {
+            fresh,
+            last: None,
+            waiting: None,
+            sampler: CpuSampler::default(),
+        })))
+    }
+
+    /// The usage of `targets`: the last measurement if it is younger than `fresh` and has
+    /// every target, else the one under way, else a new one (on tokio's blocking pool: the
+    /// loop never waits for `/proc` or cgroup files). Must run inside a `LocalSet`.
+    pub fn usage(&self, targets: Vec<Target>) -> impl Future<Output = Rc<Snapshot>> + 'static {
+        let meter = self.clone();
+        async move {
+            let now = Instant::now();
+            let answer = {
+                let mut state = meter.0.borrow_mut();
+                if let Some(last) = &state.last
+                    && now < last.at + state.fresh
+                    && targets.iter().all(|t| last.usage.contains_key(&t.group))
+                {
+                    return last.clone();
+                }
+                let (sender, answer) = tokio::sync::oneshot::channel();
+                match &mut state.waiting {
+                    Some(waiting) => waiting.push(sender),
+                    None => {
+                        state.waiting = Some(vec![sender]);
+                        tokio::task::spawn_local(meter.clone().measure(targets));
+                    }
+                }
+                answer
+            };
+            answer.await.unwrap_or_else(|_| {
+                Rc::new(Snapshot {
+                    at: now,
+                    usage: HashMap::new(),
+                    cpu_percent: HashMap::new(),
+                })
+            })
+        }
+    }
+
+    async fn measure(self, targets: Vec<Target>) {
+        let started: HashMap<clusterd_core::Pid, Instant> =
+            targets.iter().map(|t| (t.group, t.started)).collect();
+        let usage = tokio::task::spawn_blocking(move || measure(&targets))
+            .await
+            .unwrap_or_default();
+        let now = Instant::now();
+        let mut state = self.0.borrow_mut();
+        let cpu_percent = state.sampler.sample(now, &usage, |group| {
+            started.get(&group).copied().unwrap_or(now)
+        });
+        let snapshot = Rc::new(Snapshot {
+            at: now,
+            usage,
+            cpu_percent,
+        });
+        state.last = Some(snapshot.clone());
+        for waiter in state.waiting.take().unwrap_or_default() {
+            let _ = waiter.send(snapshot.clone());
+        }
+    }
+}
+
+/// Usage of every target, by process group (zero for one that is gone). A target with a
+/// cgroup is read from it: CPU from `cpu.stat` (`usage_usec`: its processes, those that left
+/// its process group and those that have exited included), resident memory as the sum of its
+/// members' (`cgroup.procs`, and of the cgroups below it, if any) `/proc/<pid>/statm`. The
+/// others, and any whose cgroup cannot be read, are measured by process group
+/// ([`group_usage`]), in one walk.
+pub fn measure(targets: &[Target]) -> HashMap<clusterd_core::Pid, Usage> {
+    let mut usage = HashMap::new();
+    let mut buf = Vec::with_capacity(4096);
+    let page = page_size();
+    let mut by_group = Vec::new();
+    let mut in_cgroups = HashSet::new();
+    for target in targets {
+        match target
+            .cgroup
+            .as_deref()
+            .and_then(|dir| cgroup_usage(dir, page, &mut buf))
+        {
+            Some(measured) => {
+                usage.insert(target.group, measured);
+                in_cgroups.insert(target.group.as_raw());
+            }
+            None => by_group.push(target.group),
+        }
+    }
+    if !by_group.is_empty() {
+        usage.extend(walk_groups(&by_group, &in_cgroups));
+    }
+    usage
+}
+
+/// The usage of the cgroup `dir`; `None` when its `cpu.stat` cannot be read (gone).
+fn cgroup_usage(dir: &Path, page: u64, buf: &mut Vec<u8>) -> Option<Usage> {
+    let usec: u64 = read_file(&dir.join("cpu.stat"), buf)?
+        .lines()
+        .find_map(|line| line.strip_prefix("usage_usec "))?
+        .trim()
+        .parse()
+        .ok()?;
+    let mut members = Vec::new();
+    cgroup_members(dir, buf, &mut members);
+    let rss_pages: u64 = members
+        .into_iter()
+        .filter_map(|pid| {
+            read_file(Path::new(&format!("/proc/{pid}/statm")), buf)?
+                .split(' ')
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    Some(Usage {
+        cpu_seconds: usec as f64 / 1e6,
+        rss_bytes: rss_pages * page,
+    })
+}
+
+/// The processes in the cgroup `dir` and in the cgroups below it.
+fn cgroup_members(dir: &Path, buf: &mut Vec<u8>, members: &mut Vec<i32>) {
+    if let Some(procs) = read_file(&dir.join("cgroup.procs"), buf) {
+        members.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    // A cgroup directory's link count is 2 plus its child cgroups: list it only when a worker
+    // made cgroups of its own.
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata(dir).is_ok_and(|m| m.nlink() > 2)
+        && let Ok(entries) = std::fs::read_dir(dir)
+    {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                cgroup_members(&entry.path(), buf, members);
+            }
+        }
+    }
+}
+
+/// The text of a `/proc` or cgroup file, read into `buf` (no size probes: such files have none).
+fn read_file<'a>(path: &Path, buf: &'a mut Vec<u8>) -> Option<&'a str> {
+    let mut file = std::fs::File::open(path).ok()?;
+    buf.clear();
+    loop {
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(4096);
+        }
+        let start = buf.len();
+        buf.resize(buf.capacity(), 0);
+        match file.read(&mut buf[start..]) {
+            Ok(0) => {
+                buf.truncate(start);
+                break;
+            }
+            Ok(n) => buf.truncate(start + n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => buf.truncate(start),
+            Err(_) => return None,
+        }
+    }
+    std::str::from_utf8(buf).ok()
+}
+
+fn page_size() -> u64 {
+    sysconf(SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64
+}
 
 /// Usage of every process group in `groups`, by group id. The processes are found without
 /// walking all of `/proc`: from the group leaders and clusterd itself (whose children include
@@ -14,21 +236,27 @@ use clusterd_core::Usage;
 /// with clusterd's process tree, not with the host. Where the kernel lacks the `children` files,
 /// one pass over `/proc` instead.
 pub fn group_usage(groups: &[clusterd_core::Pid]) -> HashMap<clusterd_core::Pid, Usage> {
+    walk_groups(groups, &HashSet::new())
+}
+
+/// [`group_usage`], not descending from clusterd into the workers in `skip` (measured by
+/// their cgroups).
+fn walk_groups(
+    groups: &[clusterd_core::Pid],
+    skip: &HashSet<i32>,
+) -> HashMap<clusterd_core::Pid, Usage> {
     let mut usage: HashMap<clusterd_core::Pid, Usage> =
         groups.iter().map(|g| (*g, Usage::default())).collect();
     if groups.is_empty() {
         return usage;
     }
     let ticks = sysconf(SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
-    let page = sysconf(SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .unwrap_or(4096) as u64;
+    let page = page_size();
+    let mut buf = Vec::with_capacity(1024);
     let mut add = |pid: i32| {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            return;
-        };
-        let Some(fields) = parse_stat(&stat) else {
+        let Some(fields) =
+            read_file(Path::new(&format!("/proc/{pid}/stat")), &mut buf).and_then(parse_stat)
+        else {
             return;
         };
         if let Some(total) = usage.get_mut(&clusterd_core::Pid::from_raw(fields.pgrp)) {
@@ -40,7 +268,14 @@ pub fn group_usage(groups: &[clusterd_core::Pid]) -> HashMap<clusterd_core::Pid,
     match children_of(me) {
         Some(_) => {
             let roots = groups.iter().map(|g| g.as_raw()).chain([me]);
-            for pid in descendants(roots, |pid| children_of(pid).unwrap_or_default()) {
+            let children = |pid: i32| {
+                let mut children = children_of(pid).unwrap_or_default();
+                if pid == me {
+                    children.retain(|child| !skip.contains(child));
+                }
+                children
+            };
+            for pid in descendants(roots, children) {
                 add(pid);
             }
         }
@@ -98,10 +333,7 @@ fn children_of(pid: i32) -> Option<Vec<i32>> {
 
 /// clusterd's own resident memory, bytes.
 pub fn self_rss() -> u64 {
-    let page = sysconf(SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .unwrap_or(4096) as u64;
+    let page = page_size();
     std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split(' ').nth(1)?.parse::<u64>().ok())
@@ -245,6 +477,12 @@ mod tests {
         };
         let measured = group_usage(&[clusterd_core::Pid::from_raw(group)])
             [&clusterd_core::Pid::from_raw(group)];
+        // A worker whose cgroup cannot be read (it could not join it) is measured by its group.
+        let fallback = measure(&[Target {
+            group: clusterd_core::Pid::from_raw(group),
+            cgroup: Some("/nonexistent/cgroup/w-x".into()),
+            started: std::time::Instant::now(),
+        }])[&clusterd_core::Pid::from_raw(group)];
         let _ = nix::sys::signal::killpg(Pid::from_raw(group), nix::sys::signal::SIGKILL);
         let _ = leader.wait();
         assert_eq!(members, 3, "leader and two children in the group");
@@ -255,6 +493,11 @@ mod tests {
             "walk {} bytes, scan {scanned} bytes",
             measured.rss_bytes
         );
+        assert!(
+            fallback.rss_bytes + one / 2 > scanned && fallback.rss_bytes < scanned + one / 2,
+            "by group {} bytes, scan {scanned} bytes",
+            fallback.rss_bytes
+        );
     }
 
     #[test]
@@ -263,5 +506,50 @@ mod tests {
         let usage = group_usage(&[me]);
         assert!(usage[&me].rss_bytes > 0);
         assert!(self_rss() > 0);
+    }
+
+    #[test]
+    fn a_burst_costs_one_measurement_and_a_new_worker_a_new_one() {
+        use std::os::unix::process::CommandExt;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async {
+            let meter = Meter::new(Duration::from_secs(3600));
+            let target = |group: i32| Target {
+                group: clusterd_core::Pid::from_raw(group),
+                cgroup: None,
+                started: Instant::now(),
+            };
+            let me = nix::unistd::getpgrp().as_raw();
+            // Ten at once wait for one measurement; later ones get it too, while fresh.
+            let burst: Vec<_> = (0..10)
+                .map(|_| tokio::task::spawn_local(meter.usage(vec![target(me)])))
+                .collect();
+            let mut snapshots = Vec::new();
+            for waiter in burst {
+                snapshots.push(waiter.await.unwrap());
+            }
+            snapshots.push(meter.usage(vec![target(me)]).await);
+            assert!(snapshots.iter().all(|s| Rc::ptr_eq(s, &snapshots[0])));
+            assert!(snapshots[0].usage[&clusterd_core::Pid::from_raw(me)].rss_bytes > 0);
+            // A worker the last measurement does not have: a new measurement.
+            let mut other = std::process::Command::new("sleep")
+                .arg("30")
+                .process_group(0)
+                .spawn()
+                .unwrap();
+            let group = other.id() as i32;
+            let next = meter.usage(vec![target(me), target(group)]).await;
+            let _ = other.kill();
+            let _ = other.wait();
+            assert!(!Rc::ptr_eq(&next, &snapshots[0]));
+            assert!(
+                next.usage
+                    .contains_key(&clusterd_core::Pid::from_raw(group))
+            );
+        });
     }
 }

@@ -342,9 +342,10 @@ fn metrics_parse_and_match_status() {
     assert!(clusterd.stop().success());
 }
 
-/// (cpu seconds, rss bytes, members) of process group `group`, summed from every
-/// `/proc/*/stat` on the host: the reference the status figures must agree with.
-fn group_from_proc(group: i32) -> (f64, u64, Vec<i32>) {
+/// (cpu seconds, rss bytes, members) of the processes `member` selects by pid, process group
+/// and `/proc/<pid>/cgroup` text, summed from every `/proc/*/stat` on the host: the reference
+/// the status figures must agree with.
+fn usage_from_proc(member: impl Fn(i32, i32, &str) -> bool) -> (f64, u64, Vec<i32>) {
     let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
@@ -369,7 +370,11 @@ fn group_from_proc(group: i32) -> (f64, u64, Vec<i32>) {
             continue;
         };
         let f: Vec<&str> = rest.split(' ').collect();
-        if f.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(group) {
+        let Some(group) = f.get(2).and_then(|g| g.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if member(pid, group, &cgroup) {
             let field = |n: usize| f.get(n).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
             cpu += (field(11) + field(12)) as f64 / ticks;
             rss += field(21) * page;
@@ -379,27 +384,53 @@ fn group_from_proc(group: i32) -> (f64, u64, Vec<i32>) {
     (cpu, rss, members)
 }
 
+/// The `0::` line of `/proc/<pid>/cgroup` (the cgroup v2 path), if any.
+fn cgroup_line(cgroups: &str) -> Option<&str> {
+    cgroups.lines().find(|l| l.starts_with("0::"))
+}
+
 #[test]
 fn status_counts_a_workers_children_as_proc_does() {
+    // Two children in the worker's process group, and one that leaves it (setsid).
     let mut clusterd = Clusterd::start(
         r#"
 [apps.forks]
-command = ["sh", "-c", "sleep 1000 & sleep 1000 & wait"]
+command = ["sh", "-c", "sleep 1000 & sleep 1000 & setsid sleep 1000 & wait"]
 workers = 1
 "#,
     );
     clusterd.wait_ready("forks", 1, 20 * SECOND);
     let worker = clusterd.serving_pids("forks")[0].as_raw();
-    // Both children are up and have become `sleep` (not forked shells any more).
+    // Contained by its cgroup, the worker is measured from it: every process in the cgroup,
+    // the one that left the group too. Otherwise, by its process group.
+    let containment = clusterd.status()["containment"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let by_cgroup =
+        containment.starts_with("cgroup v2") && !containment.contains("process group only");
+    let own_cgroup = std::fs::read_to_string(format!("/proc/{worker}/cgroup")).unwrap();
+    let own_cgroup = cgroup_line(&own_cgroup).unwrap_or("none").to_owned();
+    if by_cgroup {
+        assert!(own_cgroup.contains("/w-forks."), "{own_cgroup}");
+    }
+    let reference = || {
+        usage_from_proc(|_, group, cgroups| match by_cgroup {
+            true => cgroup_line(cgroups) == Some(&own_cgroup),
+            false => group == worker,
+        })
+    };
+    // The children are up and have become `sleep` (not forked shells any more).
+    let expected = if by_cgroup { 4 } else { 3 };
     assert!(wait_until(10 * SECOND, || {
-        let (_, _, members) = group_from_proc(worker);
-        members.len() == 3
+        let (_, _, members) = reference();
+        members.len() == expected
             && members.iter().filter(|p| **p != worker).all(|p| {
                 std::fs::read_to_string(format!("/proc/{p}/comm"))
                     .is_ok_and(|c| c.trim() == "sleep")
             })
     }));
-    let (_, _, members) = group_from_proc(worker);
+    let (_, _, members) = reference();
     let child_rss = members
         .iter()
         .filter(|p| **p != worker)
@@ -421,16 +452,51 @@ workers = 1
     let agree = wait_until(10 * SECOND, || {
         let status = clusterd.status();
         let slot = &status["apps"][0]["workers"][0];
-        let (cpu, rss, _) = group_from_proc(worker);
+        let (cpu, rss, _) = reference();
         let (Some(s_cpu), Some(s_rss)) = (slot["cpu_seconds"].as_f64(), slot["rss_bytes"].as_u64())
         else {
             last = format!("no usage in {slot}");
             return false;
         };
-        last = format!("status cpu {s_cpu} rss {s_rss}; /proc cpu {cpu} rss {rss}");
+        last = format!("status cpu {s_cpu} rss {s_rss}; /proc cpu {cpu} rss {rss} ({containment})");
         s_rss.abs_diff(rss) < child_rss / 2 && (s_cpu - cpu).abs() < 0.05
     });
     assert!(agree, "{last}");
+    assert!(clusterd.stop().success());
+}
+
+#[test]
+fn control_connections_over_the_cap_are_answered_busy_and_the_next_ones_served() {
+    // The test holds 512 connections: room for them beside the other tests' descriptors.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+    let mut clusterd = Clusterd::start(HELLO);
+    clusterd.wait_ready("web", 3, 20 * SECOND);
+    let socket = clusterd.control_socket();
+    // 512 clients that have sent half a request each (clusterd times them out after 5 s).
+    let held: Vec<UnixStream> = (0..512)
+        .map(|_| {
+            let mut stream = UnixStream::connect(&socket).expect("connect");
+            stream.write_all(b"{\"v\":1,").expect("write");
+            stream
+        })
+        .collect();
+    let refused = raw_exchange(&socket, b"{\"v\":1,\"cmd\":\"status\"}\n", false);
+    assert!(
+        refused.contains("\"kind\":\"busy\"") && refused.contains("512"),
+        "{refused}"
+    );
+    drop(held);
+    // Their slots come free as they close: status answers again.
+    let mut last = String::new();
+    assert!(
+        wait_until(10 * SECOND, || {
+            last = raw_exchange(&socket, b"{\"v\":1,\"cmd\":\"status\"}\n", false);
+            last.contains("\"reply\":\"status\"")
+        }),
+        "{last}"
+    );
     assert!(clusterd.stop().success());
 }
 

@@ -248,6 +248,8 @@ pub enum ErrorKind {
     Forbidden,
     /// A `logs --follow` client that fell too far behind was dropped.
     TooSlow,
+    /// The server has as many connections open as it serves at once; try again.
+    Busy,
 }
 
 /// Why a line could not be read as a request.

@@ -24,7 +24,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinSet;
 
 use clusterd_core::host::{HostMessage, HostNotifier};
-use clusterd_core::status::{CpuSampler, Measured};
+use clusterd_core::status::Measured;
 use clusterd_core::{
     Action, Core, Event, Observation, Pid, ReplyTo, SpawnFailure, SupervisorSignal, WorkerId,
 };
@@ -230,7 +230,7 @@ struct Driver {
     exe: Option<String>,
     dev_null: OwnedFd,
     started: Instant,
-    metrics: Metrics,
+    metrics: std::rc::Rc<Metrics>,
     /// The tasks forwarding workers' output.
     output_tasks: JoinSet<()>,
     /// Control clients still owed a reply.
@@ -240,8 +240,8 @@ struct Driver {
     /// wait for.
     last_replies: Vec<UnboundedSender<Reply>>,
     next_reply: u64,
-    /// CPU percentages for `clusterd status` (scrapes do not use them).
-    status_cpu: CpuSampler,
+    /// The workers' CPU and memory, measured off the loop for status and scrapes.
+    meter: procstat::Meter,
     /// What holds each worker and its descendants (cgroups or process groups).
     containment: Containment,
     /// Each worker's name in the containment (its cgroup), from spawn until forgotten.
@@ -298,12 +298,12 @@ impl Driver {
             exe: None,
             dev_null: std::fs::File::open("/dev/null")?.into(),
             started: Instant::now(),
-            metrics: Metrics::default(),
+            metrics: std::rc::Rc::default(),
             output_tasks: JoinSet::new(),
             replies: HashMap::new(),
             last_replies: Vec::new(),
             next_reply: 0,
-            status_cpu: CpuSampler::default(),
+            meter: procstat::Meter::new(procstat::FRESH),
             containment,
             contained: HashMap::new(),
             intercepts: Intercepts::default(),
@@ -544,9 +544,7 @@ impl Driver {
 
     fn on_control(&mut self, core: &mut Core, ControlRequest { request, reply }: ControlRequest) {
         if let Request::Status {} = request {
-            let status = self.status(core, true);
-            let _ = reply.send(Reply::Status(Box::new(status)));
-            return;
+            return self.answer_status(core, reply);
         }
         if let Request::Upgrade { binary } = request {
             self.pending_upgrade = Some(UpgradeRequest {

@@ -1,5 +1,9 @@
 //! The read-only views the loop answers without the core deciding anything: `status` and
-//! the metrics' scrapes.
+//! the metrics' scrapes. The loop takes the core's part of the view at once; the workers' CPU
+//! and memory come from the [`procstat::Meter`] (measured off the loop, a measurement
+//! answering for [`procstat::FRESH`]), and a task of its own fills them in and answers.
+
+use std::rc::Rc;
 
 use super::*;
 
@@ -7,8 +11,12 @@ impl Driver {
     pub(super) fn on_query(&mut self, core: &Core, query: Query) {
         match query {
             Query::Metrics(answer) => {
-                let status = self.status(core, false);
-                let _ = answer.send(self.metrics.encode(&status));
+                let (mut status, usage) = self.status(core);
+                let metrics = self.metrics.clone();
+                tokio::task::spawn_local(async move {
+                    fill(&mut status, &*usage.await, false);
+                    let _ = answer.send(metrics.encode(&status));
+                });
             }
             Query::Ready(answer) => {
                 let _ = answer.send(core.readiness());
@@ -19,24 +27,41 @@ impl Driver {
         }
     }
 
-    /// A snapshot for status (`with_cpu_percent`) or for a scrape.
-    pub(super) fn status(&mut self, core: &Core, with_cpu_percent: bool) -> Status {
+    /// `clusterd status`: answered on `reply` once the workers are measured.
+    pub(super) fn answer_status(&mut self, core: &Core, reply: UnboundedSender<Reply>) {
+        let (mut status, usage) = self.status(core);
+        tokio::task::spawn_local(async move {
+            fill(&mut status, &*usage.await, true);
+            let _ = reply.send(Reply::Status(Box::new(status)));
+        });
+    }
+
+    /// The core's part of a status now, and the workers' measurement to come.
+    fn status(
+        &mut self,
+        core: &Core,
+    ) -> (
+        Status,
+        impl Future<Output = Rc<procstat::Snapshot>> + 'static,
+    ) {
         let now = Instant::now();
-        let groups = core.groups();
-        let pids: Vec<Pid> = groups.iter().map(|(pid, _)| *pid).collect();
-        let usage = procstat::group_usage(&pids);
-        let cpu_percent = if with_cpu_percent {
-            let started: HashMap<Pid, Instant> = groups.into_iter().collect();
-            self.status_cpu
-                .sample(now, &usage, |pid| started.get(&pid).copied().unwrap_or(now))
-        } else {
-            HashMap::new()
+        let targets = core
+            .groups()
+            .into_iter()
+            .map(|(group, started)| procstat::Target {
+                group,
+                cgroup: core
+                    .worker_by_pid(group)
+                    .and_then(|id| self.containment.cgroup_dir(self.key(id))),
+                started,
+            })
+            .collect();
+        let usage = self.meter.usage(targets);
+        let unmeasured = Measured {
+            usage: &HashMap::new(),
+            cpu_percent: &HashMap::new(),
         };
-        let measured = Measured {
-            usage: &usage,
-            cpu_percent: &cpu_percent,
-        };
-        let mut apps = core.app_statuses(now, &measured);
+        let mut apps = core.app_statuses(now, &unmeasured);
         for worker in apps.iter_mut().flat_map(|app| app.workers.iter_mut()) {
             let id = worker
                 .pid
@@ -45,7 +70,7 @@ impl Driver {
                 worker.messages_dropped = self.channels.dropped(id);
             }
         }
-        Status {
+        let status = Status {
             pid: std::process::id(),
             manifest: self.manifest.path.display().to_string(),
             uptime_ms: u64::try_from((now - self.started).as_millis()).unwrap_or(u64::MAX),
@@ -69,6 +94,28 @@ impl Driver {
             upgraded_ms: self
                 .upgraded_at
                 .map(|at| u64::try_from((now - at).as_millis()).unwrap_or(u64::MAX)),
+        };
+        (status, usage)
+    }
+}
+
+/// Puts each worker's measured CPU and memory (and CPU percent, `with_cpu_percent`) into
+/// `status`.
+fn fill(status: &mut Status, measured: &procstat::Snapshot, with_cpu_percent: bool) {
+    for worker in status
+        .apps
+        .iter_mut()
+        .flat_map(|app| app.workers.iter_mut())
+    {
+        let Some(group) = worker.pid.map(|pid| Pid::from_raw(pid as i32)) else {
+            continue;
+        };
+        if let Some(usage) = measured.usage.get(&group) {
+            worker.cpu_seconds = Some(usage.cpu_seconds);
+            worker.rss_bytes = Some(usage.rss_bytes);
+        }
+        if with_cpu_percent {
+            worker.cpu_percent = measured.cpu_percent.get(&group).copied();
         }
     }
 }
