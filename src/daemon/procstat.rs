@@ -466,14 +466,19 @@ mod tests {
             }
             (members.len(), rss, execed)
         };
-        // The children are settled once both run `sleep` (not a forked shell any more).
+        // The children are settled once both run `sleep` (not a forked shell any more) and
+        // their pages have stopped growing (the loader maps libc after the exec): two scans in
+        // a row agree.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut last = None;
         let (members, scanned) = loop {
             let (members, rss, execed) = scan();
-            if execed || std::time::Instant::now() > deadline {
+            let settled = execed && last == Some(rss);
+            if settled || std::time::Instant::now() > deadline {
                 break (members, rss);
             }
-            std::thread::yield_now();
+            last = Some(rss);
+            std::thread::sleep(std::time::Duration::from_millis(20));
         };
         let measured = group_usage(&[clusterd_core::Pid::from_raw(group)])
             [&clusterd_core::Pid::from_raw(group)];

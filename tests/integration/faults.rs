@@ -230,7 +230,7 @@ fn a_sighup_failing_on_its_second_new_socket_binds_nothing_and_a_corrected_one_a
     let output = clusterd.output();
     assert_eq!(clusterd.count("manifest re-read rejected"), 1, "{output}");
     // Named, for whoever filters clusterd's own warnings.
-    assert_eq!(clusterd.count("event=\"reread_rejected\""), 1, "{output}");
+    assert_eq!(clusterd.count("event=reread_rejected"), 1, "{output}");
 }
 
 /// Runs `clusterd ARGS -f MANIFEST` with its stdout a pipe whose reader has already gone.

@@ -189,7 +189,7 @@ fn an_intercepted_run_app_is_upgraded_twice_under_load_and_keeps_every_pid() {
         &[("child.js", script.as_bytes())],
     );
     let addr: SocketAddr = listen.parse().expect("addr");
-    clusterd.wait_ready("tick", 2, 20 * SECOND);
+    clusterd.wait_ready("node", 2, 20 * SECOND);
     let before = clusterd.status();
     let pids = worker_pids(&before);
     assert_eq!(pids.len(), 2);
