@@ -47,6 +47,7 @@ use crate::daemon::sockets::Sockets;
 use crate::daemon::spawn::env::WorkerEnv;
 use crate::daemon::spawn::{self, SpawnError, SpawnSpec};
 use crate::daemon::steering::{self, Steering};
+use crate::daemon::watch::Watches;
 use crate::error::Chain;
 
 /// How long, at exit, the workers' last output may take to drain.
@@ -139,6 +140,7 @@ pub async fn run(parts: Parts, manager: Option<Manager>) -> anyhow::Result<()> {
                 let ipc::Message { worker, text, ready } = message;
                 driver.feed(&mut core, Event::Message { worker, text, ready });
             }
+            Some(event) = driver.watches.recv() => driver.feed(&mut core, event),
             Some(query) = async { match metrics_server.as_mut() { Some(m) => m.recv().await, None => None } } => {
                 driver.on_query(&core, query);
             }
@@ -233,6 +235,8 @@ struct Driver {
     channels: Channels,
     /// The background process of `start --detach`.
     detached: bool,
+    /// The apps' `watch`es.
+    watches: Watches,
 }
 
 impl Driver {
@@ -247,6 +251,7 @@ impl Driver {
             .filter(|(k, _)| !clusterd_manifest::RESERVED_ENV.contains(&k.as_str()))
             .collect();
         let steered = steering::steered(&manifest);
+        let watches = Watches::new(&manifest);
         logs::hub().set_apps(manifest.apps.keys());
         Ok(Driver {
             manifest,
@@ -279,6 +284,7 @@ impl Driver {
             checked: None,
             channels: Channels::default(),
             detached: false,
+            watches,
         })
     }
 
@@ -553,6 +559,7 @@ impl Driver {
             );
         }
         logs::hub().set_apps(manifest.apps.keys());
+        self.watches.update(&manifest);
         self.manifest = manifest.clone();
         Some(manifest)
     }
