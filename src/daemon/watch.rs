@@ -24,11 +24,13 @@
 //!   watch that has since been replaced is discarded.
 //! - **Failures are warnings**: a watched path that does not exist, an inotify instance that
 //!   cannot be made, or the inotify watch limit (`ENOSPC`: `fs.inotify.max_user_watches`)
-//!   leave the app running, with what could be watched watched.
+//!   leave the app running, with what could be watched watched; the next SIGHUP builds such a
+//!   watch again.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use clusterd_core::Event;
@@ -52,6 +54,9 @@ struct AppWatch {
     /// What it was built from, to tell whether a SIGHUP changed it.
     spec: Spec,
     stop: mpsc::Sender<Message>,
+    /// Set by the thread when something could not be watched (a path missing, the watch
+    /// limit): a SIGHUP then builds the watch again even if it did not change.
+    incomplete: Arc<AtomicBool>,
 }
 
 impl Drop for AppWatch {
@@ -99,8 +104,9 @@ impl Watches {
             .iter()
             .filter_map(|(name, app)| Some((name, Spec::of(name, app, &owned)?)))
             .collect();
-        self.apps
-            .retain(|name, watch| specs.get(name) == Some(&watch.spec));
+        self.apps.retain(|name, watch| {
+            specs.get(name) == Some(&watch.spec) && !watch.incomplete.load(Ordering::Relaxed)
+        });
         for (name, spec) in specs {
             if self.apps.contains_key(name) {
                 continue;
@@ -160,6 +166,8 @@ fn start(id: u64, spec: Spec, sender: UnboundedSender<(u64, Event)>) -> Option<A
     let events = stop.clone();
     let app = spec.app.clone();
     let thread_spec = spec.clone();
+    let incomplete = Arc::new(AtomicBool::new(false));
+    let thread_incomplete = Arc::clone(&incomplete);
     let spawned = std::thread::Builder::new()
         .name("clusterd-watch".into())
         .spawn(move || {
@@ -167,7 +175,9 @@ fn start(id: u64, spec: Spec, sender: UnboundedSender<(u64, Event)>) -> Option<A
                 let _ = events.send(Message::Fs(event));
             };
             match notify::recommended_watcher(handler) {
-                Ok(watcher) => Thread::new(id, thread_spec, watcher, sender).run(&messages),
+                Ok(watcher) => {
+                    Thread::new(id, thread_spec, watcher, sender, thread_incomplete).run(&messages)
+                }
                 Err(error) => tracing::warn!(
                     "{}: cannot watch files: {} (inotify instances are limited by \
                      fs.inotify.max_user_instances)",
@@ -177,7 +187,12 @@ fn start(id: u64, spec: Spec, sender: UnboundedSender<(u64, Event)>) -> Option<A
             }
         });
     match spawned {
-        Ok(_) => Some(AppWatch { id, spec, stop }),
+        Ok(_) => Some(AppWatch {
+            id,
+            spec,
+            stop,
+            incomplete,
+        }),
         Err(error) => {
             tracing::warn!("{app}: cannot watch files: no thread: {error}");
             None
@@ -201,6 +216,8 @@ struct Thread {
     pending: Option<(PathBuf, HashSet<PathBuf>, Instant)>,
     /// The watch limit was reported already.
     limit_reported: bool,
+    /// Something could not be watched (see [`AppWatch`]).
+    incomplete: Arc<AtomicBool>,
 }
 
 impl Thread {
@@ -209,6 +226,7 @@ impl Thread {
         spec: Spec,
         watcher: notify::RecommendedWatcher,
         sender: UnboundedSender<(u64, Event)>,
+        incomplete: Arc<AtomicBool>,
     ) -> Thread {
         let patterns = spec.watch.ignore.iter().map(String::as_str);
         let ignore = Ignore::new(
@@ -231,6 +249,7 @@ impl Thread {
             sender,
             pending: None,
             limit_reported: false,
+            incomplete,
         }
     }
 
@@ -278,11 +297,14 @@ impl Thread {
                         self.add(&parent);
                     }
                 }
-                Err(error) => tracing::warn!(
-                    "{}: watch: {}: {error}; not watched (a SIGHUP or an upgrade looks again)",
-                    self.spec.app,
-                    path.display()
-                ),
+                Err(error) => {
+                    self.incomplete.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        "{}: watch: {}: {error}; not watched (a SIGHUP or an upgrade looks again)",
+                        self.spec.app,
+                        path.display()
+                    )
+                }
             }
         }
     }
@@ -324,6 +346,7 @@ impl Thread {
         if matches!(error.kind, notify::ErrorKind::MaxFilesWatch) {
             if !self.limit_reported {
                 self.limit_reported = true;
+                self.incomplete.store(true, Ordering::Relaxed);
                 let limit = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
                     .map(|s| s.trim().to_owned())
                     .unwrap_or_else(|_| "?".into());

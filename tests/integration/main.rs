@@ -20,3 +20,4 @@ mod reload;
 mod socketio;
 mod upgrade;
 mod util;
+mod watch;
