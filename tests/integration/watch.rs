@@ -19,10 +19,11 @@ use crate::util::{Clusterd, alive, app_in, skip, wait_until};
 
 const SECOND: Duration = Duration::from_secs(1);
 
-/// How many inotify watches `pid` holds: the `inotify wd:` lines of its inotify descriptors.
-fn inotify_watches(pid: Pid) -> usize {
+/// The inotify descriptors of `pid`, each with the number of its watches (its `inotify wd:`
+/// lines).
+fn inotify_watches(pid: Pid) -> Vec<usize> {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return 0;
+        return Vec::new();
     };
     fds.filter_map(Result::ok)
         .filter(|fd| {
@@ -37,7 +38,7 @@ fn inotify_watches(pid: Pid) -> usize {
                 .filter(|l| l.starts_with("inotify wd:"))
                 .count()
         })
-        .sum()
+        .collect()
 }
 
 /// How many of `pid`'s threads are watch threads.
@@ -52,15 +53,16 @@ fn watch_threads(pid: Pid) -> usize {
         .count()
 }
 
-/// Waits until clusterd holds exactly `n` inotify watches.
+/// Waits until clusterd holds one inotify descriptor, with exactly `n` watches (a watch that
+/// replaced another is complete, and the other gone).
 fn wait_watches(clusterd: &Clusterd, n: usize) {
-    let mut held = 0;
+    let mut held = Vec::new();
     assert!(
         wait_until(20 * SECOND, || {
             held = inotify_watches(clusterd.pid());
-            held == n
+            held == [n]
         }),
-        "clusterd holds {held} inotify watches, not {n}; output:\n{}",
+        "clusterd holds inotify descriptors with {held:?} watches, not [{n}]; output:\n{}",
         clusterd.output()
     );
 }
@@ -295,7 +297,7 @@ bake = "0s"
     wait_rolled(&clusterd, "web", 2);
     assert_eq!(
         inotify_watches(clusterd.pid()),
-        1,
+        [1],
         "nothing ignored got a watch"
     );
     assert!(clusterd.stop().success());
@@ -333,12 +335,12 @@ bake = "0s"
     let mut clusterd = Clusterd::start_with_files(manifest, &[("src/app.js", "// app\n")]);
     clusterd.wait_ready("web", 1, 20 * SECOND);
     // Nothing is watched unless asked.
-    assert_eq!(inotify_watches(clusterd.pid()), 0);
+    assert!(inotify_watches(clusterd.pid()).is_empty());
     assert_eq!(watch_threads(clusterd.pid()), 0);
 
     let watched = manifest.replace(
         "command = [\"sleep\", \"1000\"]\n",
-        "command = [\"sleep\", \"1000\"]\nwatch = [\"src\"]\n",
+        "command = [\"sleep\", \"1000\"]\nwatch = [\"src\", \"later\"]\n",
     );
     clusterd.rewrite_manifest(&watched);
     clusterd.signal(Signal::SIGHUP);
@@ -346,6 +348,14 @@ bake = "0s"
     assert_eq!(watch_threads(clusterd.pid()), 1);
     touch(&clusterd.dir.path().join("src/app.js"));
     wait_rolled(&clusterd, "web", 2);
+
+    // `later` did not exist: once it does, a SIGHUP (no change) watches it too.
+    std::fs::create_dir(clusterd.dir.path().join("later")).expect("mkdir");
+    clusterd.signal(Signal::SIGHUP);
+    wait_watches(&clusterd, 2);
+    touch(&clusterd.dir.path().join("later/x.js"));
+    clusterd.wait_event("watch_reload", 20 * SECOND, |e| e["path"] == "later/x.js");
+    wait_rolled(&clusterd, "web", 3);
 
     // The upgraded clusterd (same pid) builds its watch again from the manifest.
     let upgrade = clusterd.ctl(&["upgrade"]);
@@ -355,20 +365,20 @@ bake = "0s"
         String::from_utf8_lossy(&upgrade.stdout),
         String::from_utf8_lossy(&upgrade.stderr)
     );
-    wait_watches(&clusterd, 1);
+    wait_watches(&clusterd, 2);
     touch(&clusterd.dir.path().join("src/app.js"));
-    wait_rolled(&clusterd, "web", 3);
+    wait_rolled(&clusterd, "web", 4);
 
     // Removing `watch` ends the watch thread and its inotify descriptor.
     clusterd.rewrite_manifest(manifest);
     clusterd.signal(Signal::SIGHUP);
     assert!(
         wait_until(20 * SECOND, || watch_threads(clusterd.pid()) == 0
-            && inotify_watches(clusterd.pid()) == 0),
+            && inotify_watches(clusterd.pid()).is_empty()),
         "the watch outlived its removal; output:\n{}",
         clusterd.output()
     );
-    assert_eq!(watch_reloads(&clusterd).len(), 2);
+    assert_eq!(watch_reloads(&clusterd).len(), 3);
     assert!(clusterd.stop().success());
 }
 
@@ -406,16 +416,13 @@ bake = "0s"
             "-r",
             "sh",
             "-c",
-            "echo 3 > /proc/sys/user/max_inotify_watches && exec \"$0\" \"$@\"",
+            "mkdir -p src/a src/b src/c src/d src/e \
+             && echo 3 > /proc/sys/user/max_inotify_watches && exec \"$0\" \"$@\"",
         ],
         |_| {},
     );
-    for sub in ["a", "b", "c", "d", "e"] {
-        std::fs::create_dir_all(clusterd.dir.path().join("src").join(sub)).expect("mkdir");
-    }
     clusterd.wait_ready("web", 1, 20 * SECOND);
-    // src did not exist at start: a SIGHUP looks again.
-    clusterd.signal(Signal::SIGHUP);
+    // src and two of its five directories.
     wait_watches(&clusterd, 3);
     clusterd.wait_for_line("inotify watch limit is reached", 20 * SECOND);
     touch(&clusterd.dir.path().join("src/app.js"));
