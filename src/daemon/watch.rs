@@ -353,7 +353,7 @@ impl Thread {
                 tracing::warn!(
                     "{}: watch: the inotify watch limit is reached (fs.inotify.max_user_watches \
                      = {limit}): {} and what is created after it are not watched; raise it \
-                     (sysctl) or add watch_ignore patterns",
+                     (sysctl) and send SIGHUP, or add watch_ignore patterns",
                     self.spec.app,
                     error
                         .paths

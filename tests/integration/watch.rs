@@ -196,6 +196,10 @@ bake = "0s"
     let reloads = sentinel(&clusterd, "src/app.js");
     assert_eq!(reloads.len(), 2, "one reload for the burst: {reloads:?}");
     wait_rolled(&clusterd, "web", 3);
+    // (The log travels apart from status: wait for its lines, then count.)
+    assert!(wait_until(10 * SECOND, || {
+        clusterd.events("rollout_done").len() >= 2
+    }));
     assert_eq!(clusterd.events("rollout_started").len(), 2);
     assert!(clusterd.stop().success());
 }
@@ -304,6 +308,41 @@ bake = "0s"
 }
 
 #[test]
+fn a_watched_file_saved_by_rename_reloads_each_time_and_its_neighbours_do_not() {
+    let mut clusterd = Clusterd::start_with_files(
+        r#"
+[supervisor]
+log_format = "json"
+
+[apps.web]
+command = ["sleep", "1000"]
+watch = ["app.js"]
+
+[apps.web.reload]
+bake = "0s"
+"#,
+        &[("app.js", "// v1\n"), ("other.js", "// other\n")],
+    );
+    clusterd.wait_ready("web", 1, 20 * SECOND);
+    wait_watches(&clusterd, 1); // the file's directory
+    let dir = clusterd.dir.path().to_owned();
+    for (n, version) in ["// v2\n", "// v3\n"].into_iter().enumerate() {
+        // An editor's save: a new file renamed over the old one (a new inode each time).
+        std::fs::write(dir.join("other.js"), version).expect("write");
+        std::fs::write(dir.join(".app.js.new"), version).expect("write");
+        std::fs::rename(dir.join(".app.js.new"), dir.join("app.js")).expect("rename");
+        let generation = n as u64 + 2;
+        wait_rolled(&clusterd, "web", generation);
+    }
+    assert!(wait_until(10 * SECOND, || watch_reloads(&clusterd).len() >= 2));
+    assert_eq!(
+        watch_reloads(&clusterd),
+        [("app.js".into(), 1), ("app.js".into(), 1)]
+    );
+    assert!(clusterd.stop().success());
+}
+
+#[test]
 fn clusterd_run_watch_reloads_on_a_change_of_the_current_directory() {
     let mut clusterd = start_run(
         &["--watch", "--name", "w", "--", "sleep", "1000"],
@@ -378,6 +417,7 @@ bake = "0s"
         "the watch outlived its removal; output:\n{}",
         clusterd.output()
     );
+    assert!(wait_until(10 * SECOND, || watch_reloads(&clusterd).len() >= 3));
     assert_eq!(watch_reloads(&clusterd).len(), 3);
     assert!(clusterd.stop().success());
 }

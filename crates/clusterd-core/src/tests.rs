@@ -952,6 +952,14 @@ fn watched_files_changing_roll_the_app_and_coalesce_during_a_rollout() {
         sim.last_reload("web"),
         Some(ReloadOutcome::Completed { generation: 3 })
     );
+    // A SIGHUP that only adds a watch rolls nothing and says what changed.
+    let watched = WEB3.replace("ready = \"notify\"", "ready = \"notify\"\nwatch = true");
+    sim.on(Event::Reconfigure(Box::new(manifest(&watched))));
+    assert_eq!(sim.core.apps["web"].generation, 3);
+    assert!(sim.events.iter().any(|n| matches!(
+        &n.what,
+        What::Reconfigured { changes } if changes == &["web: watch changed"]
+    )));
     // An app that is gone, or a shutdown, starts nothing.
     sim.on(Event::FilesChanged {
         app: "gone".into(),
