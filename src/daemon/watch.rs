@@ -178,12 +178,15 @@ fn start(id: u64, spec: Spec, sender: UnboundedSender<(u64, Event)>) -> Option<A
                 Ok(watcher) => {
                     Thread::new(id, thread_spec, watcher, sender, thread_incomplete).run(&messages)
                 }
-                Err(error) => tracing::warn!(
-                    "{}: cannot watch files: {} (inotify instances are limited by \
-                     fs.inotify.max_user_instances)",
-                    thread_spec.app,
-                    describe(&error)
-                ),
+                Err(error) => {
+                    thread_incomplete.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        "{}: cannot watch files: {} (inotify instances are limited by \
+                         fs.inotify.max_user_instances)",
+                        thread_spec.app,
+                        describe(&error)
+                    )
+                }
             }
         });
     match spawned {
