@@ -171,7 +171,14 @@ fn start(id: u64, spec: Spec, sender: UnboundedSender<(u64, Event)>) -> Option<A
     let spawned = std::thread::Builder::new()
         .name("clusterd-watch".into())
         .spawn(move || {
-            let handler = move |event| {
+            // Opens and reads are dropped on notify's thread: no wake-up of this one.
+            let handler = move |event: notify::Result<notify::Event>| {
+                if event
+                    .as_ref()
+                    .is_ok_and(|e| !e.need_rescan() && !is_change(&e.kind))
+                {
+                    return;
+                }
                 let _ = events.send(Message::Fs(event));
             };
             match notify::recommended_watcher(handler) {
