@@ -43,6 +43,10 @@ pub struct RunArgs {
     /// `ip-hash`, or `shared` (one accept queue).
     #[arg(long, value_name = "BALANCE")]
     pub balance: Option<String>,
+    /// Reload (rolling) when files change: these paths (directories with what is below them),
+    /// or the current directory when none is given. Repeatable.
+    #[arg(long, value_name = "PATH", num_args = 0.., action = clap::ArgAction::Append)]
+    pub watch: Option<Vec<String>>,
     /// Print the equivalent manifest and exit.
     #[arg(long)]
     pub print_manifest: bool,
@@ -120,6 +124,16 @@ impl RunArgs {
         }
         if let Some(ready) = &self.ready {
             let _ = writeln!(text, "ready = {}", quote(ready));
+        }
+        match self.watch.as_deref() {
+            None => {}
+            Some([]) => {
+                let _ = writeln!(text, "watch = true");
+            }
+            Some(paths) => {
+                let paths: Vec<String> = paths.iter().map(|p| quote(p)).collect();
+                let _ = writeln!(text, "watch = [{}]", paths.join(", "));
+            }
         }
         Ok(text)
     }

@@ -5,7 +5,8 @@
 //! ([`sockets`], [`intercept`] and [`steering`]), the channels to workers ([`notify`]:
 //! sd_notify from workers; [`ipc`]: message channels), to clusterd's own manager
 //! ([`manager`]: sd_notify to systemd) and to operators ([`control`], [`metrics`], [`logs`]),
-//! and [`handover`], what crosses `clusterd upgrade`'s exec.
+//! [`watch`], files whose changes reload an app, and [`handover`], what crosses `clusterd
+//! upgrade`'s exec.
 
 pub mod boot;
 pub mod containment;
@@ -27,6 +28,7 @@ pub mod signals;
 pub mod sockets;
 pub mod spawn;
 pub mod steering;
+pub mod watch;
 
 pub use driver::{Parts, run};
 pub use handover::{

@@ -21,3 +21,4 @@ mod reload;
 mod socketio;
 mod upgrade;
 mod util;
+mod watch;

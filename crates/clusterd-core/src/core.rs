@@ -204,6 +204,9 @@ impl Core {
                 text,
                 ready,
             } => self.on_message(now, worker, text, ready),
+            Event::FilesChanged { app, path, count } => {
+                self.on_files_changed(now, &app, path, count)
+            }
         }
         self.tick(now)
     }

@@ -72,6 +72,16 @@ pub enum Event {
         /// It is `"ready"` or `{"type":"ready"}`.
         ready: bool,
     },
+    /// Files an app watches changed (`watch`), and then nothing for `watch_delay`: a rolling
+    /// reload, as `clusterd reload APP` would start.
+    FilesChanged {
+        /// The app.
+        app: String,
+        /// One of the changed paths (the first), for people.
+        path: String,
+        /// How many paths changed.
+        count: usize,
+    },
 }
 
 /// Why a spawn failed.
@@ -285,6 +295,13 @@ pub enum What {
     },
     /// A reload asked for during a rollout: it follows that one.
     ReloadQueued,
+    /// Watched files changed: the app is reloaded (or once more after its rollout).
+    WatchReload {
+        /// One of the changed paths.
+        path: String,
+        /// How many paths changed.
+        count: usize,
+    },
     /// The manifest was re-read (SIGHUP).
     Reconfigured {
         /// What changed (empty: nothing).
@@ -377,6 +394,7 @@ impl What {
             What::KvStale { .. } => "kv_stale",
             What::Scaled { .. } => "scaled",
             What::ReloadQueued => "reload_queued",
+            What::WatchReload { .. } => "watch_reload",
             What::Reconfigured { .. } => "reconfigured",
             What::Killing { .. } => "killing",
             What::Reaped { .. } => "reaped",

@@ -66,6 +66,9 @@ impl Core {
                 app.next_config = Some(config);
                 reloads.push(name.clone());
             } else {
+                if old.watch != config.watch {
+                    changes.push(format!("{name}: watch changed"));
+                }
                 if !same_apart_from_workers(&old, &config) {
                     changes.push(format!("{name}: settings changed (apply to new workers)"));
                 }
@@ -99,8 +102,10 @@ fn needs_new_generation(old: &AppConfig, new: &AppConfig) -> bool {
         || old.sockets != new.sockets
 }
 
+/// Whether nothing the workers use changed (`workers` and `watch` are clusterd's own).
 fn same_apart_from_workers(old: &AppConfig, new: &AppConfig) -> bool {
     let mut old = old.clone();
     old.workers = new.workers;
+    old.watch.clone_from(&new.watch);
     old == *new
 }

@@ -256,6 +256,24 @@ impl Core {
         }
     }
 
+    /// Watched files of `app` changed: a rollout, or one more after the one in progress
+    /// (coalesced as any reload request). Nothing while shutting down or for an app that is gone.
+    pub(super) fn on_files_changed(&mut self, now: Instant, app: &str, path: String, count: usize) {
+        if self.shutting_down || !self.apps.contains_key(app) {
+            return;
+        }
+        let generation = self.apps[app].generation;
+        self.push_notice(Notice {
+            level: Level::Info,
+            app: Some(app.to_owned()),
+            slot: None,
+            pid: None,
+            generation: Some(generation),
+            what: What::WatchReload { path, count },
+        });
+        self.request_reload(now, Some(app));
+    }
+
     /// Moves a rollout forward as far as it can go at `now`.
     pub(super) fn advance_rollout(&mut self, name: &str, now: Instant) {
         let Some(app) = self.apps.get_mut(name) else {

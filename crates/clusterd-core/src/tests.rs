@@ -936,6 +936,59 @@ fn reloads_during_a_rollout_coalesce_into_one_more() {
 }
 
 #[test]
+fn watched_files_changing_roll_the_app_and_coalesce_during_a_rollout() {
+    let mut sim = Sim::new(WEB3);
+    ready_all(&mut sim, "web");
+    let changed = |sim: &mut Sim, count| {
+        sim.on(Event::FilesChanged {
+            app: "web".into(),
+            path: "src/app.js".into(),
+            count,
+        })
+    };
+    changed(&mut sim, 1);
+    let named: Vec<&str> = events_of(&sim, "web").iter().map(|e| e.0).collect();
+    assert!(
+        named.ends_with(&["watch_reload", "rollout_started", "started"]),
+        "{named:?}"
+    );
+    assert!(sim.events.iter().any(|n| matches!(
+        &n.what,
+        What::WatchReload { path, count: 1 } if path == "src/app.js"
+    )));
+    // Changes during the rollout: one more rollout after it, however many.
+    changed(&mut sim, 500);
+    changed(&mut sim, 3);
+    roll(&mut sim, "web");
+    assert_eq!(
+        sim.core.apps["web"].generation, 3,
+        "two rollouts, not three"
+    );
+    assert_eq!(
+        sim.last_reload("web"),
+        Some(ReloadOutcome::Completed { generation: 3 })
+    );
+    // A SIGHUP that only adds a watch rolls nothing and says what changed.
+    let watched = WEB3.replace("ready = \"notify\"", "ready = \"notify\"\nwatch = true");
+    sim.on(Event::Reconfigure(Box::new(manifest(&watched))));
+    assert_eq!(sim.core.apps["web"].generation, 3);
+    assert!(sim.events.iter().any(|n| matches!(
+        &n.what,
+        What::Reconfigured { changes } if changes == &["web: watch changed"]
+    )));
+    // An app that is gone, or a shutdown, starts nothing.
+    sim.on(Event::FilesChanged {
+        app: "gone".into(),
+        path: "x".into(),
+        count: 1,
+    });
+    assert_eq!(sim.core.apps["web"].generation, 3);
+    sim.signal(SupervisorSignal::Stop(Signal::SIGTERM));
+    changed(&mut sim, 1);
+    assert_eq!(sim.core.apps["web"].generation, 3);
+}
+
+#[test]
 fn scaling_down_during_a_rollout_forgets_the_removed_slots() {
     let mut sim = Sim::new(&WEB3.replace("bake = \"0s\"", "bake = \"0s\"\nsurge = 3"));
     ready_all(&mut sim, "web");

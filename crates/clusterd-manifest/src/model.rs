@@ -217,7 +217,43 @@ pub struct AppConfig {
     /// `log`, `log_format`, `log_max_size`, `log_keep`, with what the app does not set taken
     /// from `[supervisor]`.
     pub log: LogConfig,
+    /// `watch`, `watch_ignore`, `watch_delay`: a rolling reload when files change (off unless
+    /// `watch` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchConfig>,
 }
+
+/// `watch`: the files whose changes roll an app (PM2's `--watch`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchConfig {
+    /// What is watched, absolute (relative paths resolved against the app's `cwd`; `watch =
+    /// true` is the `cwd` itself): a directory with everything below it, or one file.
+    pub paths: Vec<PathBuf>,
+    /// `watch_ignore`: glob patterns of what does not count, besides the defaults
+    /// ([`WATCH_IGNORE_DEFAULTS`] and the log files). A pattern without `/` matches any name in
+    /// a path below a watched directory (`*.tmp`, `dist`); one with `/` matches a path
+    /// relative to the app's `cwd` (`src/generated`), and everything below it.
+    pub ignore: Vec<String>,
+    /// `watch_delay` (default 500ms): the reload starts once nothing has changed for this
+    /// long, so a burst of changes (a `git checkout`) is one reload.
+    pub delay: Duration,
+}
+
+/// What `watch` ignores in any case: dependencies, version control, clusterd's default run
+/// directory, Python's bytecode caches, log files and editors' swap and backup files.
+pub const WATCH_IGNORE_DEFAULTS: &[&str] = &[
+    "node_modules",
+    ".git",
+    ".hg",
+    ".svn",
+    ".clusterd",
+    "__pycache__",
+    "*.log",
+    "*.log.[0-9]*",
+    "*.swp",
+    "*~",
+];
 
 /// `restart_limit`: the give-up rule for a slot that keeps dying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

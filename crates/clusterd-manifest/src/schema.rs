@@ -34,6 +34,8 @@ const READY_DELAY: Duration = Duration::from_secs(1);
 const DRAIN: Duration = Duration::from_secs(1);
 /// Default `ready_timeout`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `watch_delay`.
+const WATCH_DELAY: Duration = Duration::from_millis(500);
 /// Default `[apps.NAME.reload] bake`: a new worker must stay up this long after it is ready
 /// before its old worker stops, so that a version that dies right after READY=1 (or right
 /// after a guessed readiness) aborts the rollout instead of replacing a healthy worker.
@@ -90,6 +92,9 @@ const APP_KEYS: &[&str] = &[
     "log_format",
     "log_max_size",
     "log_keep",
+    "watch",
+    "watch_ignore",
+    "watch_delay",
 ];
 const RESTART_LIMIT_KEYS: &[&str] = &["burst", "interval"];
 const RELOAD_KEYS: &[&str] = &["surge", "bake", "bake_each"];
@@ -552,6 +557,7 @@ fn app(
     let max_memory = cx.field(&table, "max_memory", values::size).optional();
     let restart_limit = restart_limit(cx, &table);
     let log = log(cx, &table, origin, &defaults.log);
+    let watch = watch(cx, &table, cwd.as_ref());
 
     Some(AppConfig {
         command: command?,
@@ -578,7 +584,85 @@ fn app(
         ipc: ipc?.0,
         ipc_broadcast: ipc?.1,
         stop_disconnect: stop_disconnect?,
+        watch: watch?,
     })
+}
+
+/// `watch` (`true`: the app's `cwd`; or paths relative to it), `watch_ignore` and
+/// `watch_delay`. `cwd` is `None` when it was invalid (reported already): then the paths are
+/// checked but not resolved.
+fn watch(
+    cx: &mut Checker<'_>,
+    table: &Table<'_, '_>,
+    cwd: Option<&PathBuf>,
+) -> Option<Option<WatchConfig>> {
+    let here = cwd.cloned().unwrap_or_default();
+    let paths = cx.field(table, "watch", |v| match v.get_ref() {
+        DeValue::Boolean(true) => Ok(vec![here.clone()]),
+        DeValue::Boolean(false) => Ok(Vec::new()),
+        DeValue::Array(items) if !items.is_empty() => {
+            items.iter().map(|item| values::path(item, &here)).collect()
+        }
+        _ => Err(Bad::expected(
+            "true, false or a non-empty array of paths (relative to the app's cwd)",
+        )),
+    });
+    let ignore = match cx.field(table, "watch_ignore", |v| match v.get_ref() {
+        DeValue::Array(items) => Ok(items),
+        _ => Err(Bad::expected(
+            "an array of glob patterns, like [\"*.tmp\", \"dist\"]",
+        )),
+    }) {
+        Field::Absent => Some(Vec::new()),
+        Field::Invalid => None,
+        Field::Valid(items) => {
+            let key = table.key.child("watch_ignore");
+            let mut patterns = Vec::with_capacity(items.len());
+            for item in items.iter() {
+                match glob(item) {
+                    Ok(pattern) => patterns.push(pattern),
+                    Err(bad) => cx.reject(item, &key, bad),
+                }
+            }
+            (patterns.len() == items.len()).then_some(patterns)
+        }
+    };
+    let delay = cx
+        .field(table, "watch_delay", values::positive_duration)
+        .or(WATCH_DELAY);
+    let paths = match paths {
+        Field::Invalid => return None,
+        Field::Valid(paths) if !paths.is_empty() => paths,
+        Field::Absent | Field::Valid(_) => {
+            for key in ["watch_ignore", "watch_delay"] {
+                if let Some(value) = table.get(key) {
+                    cx.report(
+                        value.span(),
+                        &table.key.child(key),
+                        format!("{key} applies to watched files: set watch too"),
+                    );
+                }
+            }
+            return Some(None);
+        }
+    };
+    cwd?;
+    Some(Some(WatchConfig {
+        paths,
+        ignore: ignore?,
+        delay: delay?,
+    }))
+}
+
+/// A glob pattern of `watch_ignore`.
+fn glob(value: &Value<'_>) -> Result<String, Bad> {
+    let pattern = values::c_string(value)?;
+    if pattern.is_empty() {
+        return Err(Bad::expected("a non-empty glob pattern"));
+    }
+    globset::Glob::new(pattern)
+        .map_err(|e| Bad::Message(format!("not a glob pattern: {}", e.kind())))?;
+    Ok(pattern.to_owned())
 }
 
 /// What an app takes from `[supervisor]` unless it sets it.

@@ -669,3 +669,59 @@ fn ip_hash_needs_its_sockets_to_itself() {
         "{error}"
     );
 }
+
+#[test]
+fn watch_paths_resolve_against_the_app_cwd_and_its_keys_need_it() {
+    use clusterd_manifest::WatchConfig;
+    let app = |extra: &str| format!("[apps.web]\ncommand = [\"node\", \"app.js\"]\n{extra}\n");
+    let manifest = parse_srv(&app("")).unwrap();
+    assert_eq!(
+        manifest.apps["web"].watch, None,
+        "nothing is watched unless asked"
+    );
+    let manifest = parse_srv(&app("watch = false")).unwrap();
+    assert_eq!(manifest.apps["web"].watch, None);
+    let manifest = parse_srv(&app("watch = true")).unwrap();
+    assert_eq!(
+        manifest.apps["web"].watch,
+        Some(WatchConfig {
+            paths: vec![PathBuf::from("/srv/app")],
+            ignore: Vec::new(),
+            delay: Duration::from_millis(500),
+        })
+    );
+    let manifest = parse_srv(&app(
+        "cwd = \"web\"\nwatch = [\"src\", \"./app.js\", \"/etc/app.conf\"]\n\
+         watch_ignore = [\"*.tmp\", \"src/generated\"]\nwatch_delay = \"1s\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        manifest.apps["web"].watch,
+        Some(WatchConfig {
+            paths: vec![
+                PathBuf::from("/srv/app/web/src"),
+                PathBuf::from("/srv/app/web/app.js"),
+                PathBuf::from("/etc/app.conf"),
+            ],
+            ignore: vec!["*.tmp".into(), "src/generated".into()],
+            delay: Duration::from_secs(1),
+        })
+    );
+    assert_eq!(
+        only_problem(&app("watch = []")),
+        "3:9: apps.web.watch: expected true, false or a non-empty array of paths (relative to \
+         the app's cwd), found an empty array"
+    );
+    assert_eq!(
+        only_problem(&app("watch = true\nwatch_ignore = [\"src/[\"]")),
+        "4:17: apps.web.watch_ignore: not a glob pattern: unclosed character class; missing ']'"
+    );
+    assert_eq!(
+        only_problem(&app("watch = true\nwatch_delay = \"0s\"")),
+        "4:15: apps.web.watch_delay: expected a duration greater than zero, found \"0s\""
+    );
+    assert_eq!(
+        only_problem(&app("watch_ignore = [\"dist\"]")),
+        "3:16: apps.web.watch_ignore: watch_ignore applies to watched files: set watch too"
+    );
+}

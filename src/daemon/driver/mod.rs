@@ -48,6 +48,7 @@ use crate::daemon::sockets::Sockets;
 use crate::daemon::spawn::env::WorkerEnv;
 use crate::daemon::spawn::{self, SpawnError, SpawnSpec};
 use crate::daemon::steering::{self, Steering};
+use crate::daemon::watch::Watches;
 use crate::error::Chain;
 
 /// How long, at exit, the workers' last output may take to drain.
@@ -177,6 +178,7 @@ pub async fn run(
                 let ipc::Message { worker, text, ready } = message;
                 driver.feed(&mut core, Event::Message { worker, text, ready });
             }
+            Some(event) = driver.watches.recv() => driver.feed(&mut core, event),
             Some(query) = async { match metrics_server.as_mut() { Some(m) => m.recv().await, None => None } } => {
                 driver.on_query(&core, query);
             }
@@ -274,6 +276,8 @@ struct Driver {
     logs: Logs,
     /// The background process of `start --detach`.
     detached: bool,
+    /// The apps' `watch`es.
+    watches: Watches,
 }
 
 impl Driver {
@@ -290,6 +294,7 @@ impl Driver {
             .collect();
         let steered = steering::reserved(sockets.parts().map(|(name, fd, ..)| (name, fd)));
         logs.hub().set_apps(manifest.apps.keys());
+        let watches = Watches::new(&manifest);
         Ok(Driver {
             manifest,
             sockets,
@@ -320,6 +325,7 @@ impl Driver {
             channels: Channels::default(),
             detached: false,
             logs,
+            watches,
         })
     }
 
@@ -636,6 +642,7 @@ impl Driver {
             );
         }
         self.logs.hub().set_apps(manifest.apps.keys());
+        self.watches.update(&manifest);
         self.manifest = manifest.clone();
         Some(manifest)
     }

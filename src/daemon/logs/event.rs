@@ -148,6 +148,10 @@ pub fn text(notice: &Notice) -> String {
         What::ReloadQueued => {
             format!("reload of {app} requested during a rollout; another one will follow it")
         }
+        What::WatchReload { path, count: 1 } => format!("{app}: {path} changed; reloading"),
+        What::WatchReload { path, count } => {
+            format!("{app}: {path} and {} more changed; reloading", count - 1)
+        }
         What::Reconfigured { changes } if changes.is_empty() => {
             "manifest re-read: no changes".to_owned()
         }
@@ -248,6 +252,7 @@ fn fields(what: &What) -> Map<String, Value> {
         What::KvStale { stale } => json!({ "stale_ms": stale.as_millis() as u64 }),
         What::Scaled { from, to } => json!({ "from": from, "to": to }),
         What::Reconfigured { changes } => json!({ "changes": changes }),
+        What::WatchReload { path, count } => json!({ "path": path, "count": count }),
     };
     match value {
         Value::Object(mut map) => {
