@@ -506,10 +506,12 @@ impl Core {
                                 ready_by: now + config.ready_timeout,
                                 ready_at: Some(now),
                             },
-                            Readiness::Delay(delay) => Phase::Starting {
-                                ready_by: now + config.ready_timeout,
-                                ready_at: Some(now + delay),
-                            },
+                            Readiness::Delay(delay) | Readiness::ListenOrDelay(delay) => {
+                                Phase::Starting {
+                                    ready_by: now + config.ready_timeout,
+                                    ready_at: Some(now + delay),
+                                }
+                            }
                             Readiness::Notify | Readiness::Listen | Readiness::Message => {
                                 Phase::Starting {
                                     ready_by: now + config.ready_timeout,
@@ -598,13 +600,15 @@ impl Core {
     }
 
     /// An intercepted worker called `listen()` on a socket it was handed: with
-    /// `ready = "listen"`, a starting worker is ready. Later listens change nothing.
+    /// `ready = "listen"` (with or without `ready_delay`), a starting worker is ready. Later listens change nothing.
     fn on_listening(&mut self, now: Instant, id: WorkerId) {
         let Some(worker) = self.workers.get(&id) else {
             return;
         };
-        if worker.config.ready == Readiness::Listen
-            && matches!(worker.phase, Phase::Starting { .. })
+        if matches!(
+            worker.config.ready,
+            Readiness::Listen | Readiness::ListenOrDelay(_)
+        ) && matches!(worker.phase, Phase::Starting { .. })
         {
             self.become_ready(now, id);
         }
