@@ -311,6 +311,24 @@ pub enum What {
         /// Workers being stopped.
         workers: usize,
     },
+    /// An intercepted worker bound an address no socket declares: clusterd bound it for the
+    /// app (the worker's `bind()` and every later one of the app are answered with it).
+    PortBound {
+        /// The name it was given (`port-8001`).
+        socket: String,
+        /// The address (`[::]:8001`).
+        address: String,
+        /// Each worker gets a steered socket of its own on it.
+        steered: bool,
+    },
+    /// An intercepted worker's `bind()` of an address no socket declares failed: it gets the
+    /// error its own `bind()` would have.
+    PortRefused {
+        /// The address.
+        address: String,
+        /// Why (with who holds the port, when it is in use).
+        reason: String,
+    },
 }
 
 /// How a worker ended.
@@ -352,6 +370,8 @@ impl What {
             What::ReloadQueued => "reload_queued",
             What::Reconfigured { .. } => "reconfigured",
             What::Killing { .. } => "killing",
+            What::PortBound { .. } => "port_bound",
+            What::PortRefused { .. } => "port_refused",
         }
     }
 }

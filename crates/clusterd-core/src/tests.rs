@@ -609,7 +609,10 @@ fn listen_or_delay_is_ready_at_whichever_comes_first() {
     sim.advance(100 * MS);
     let worker = sim.core.worker_by_pid(server).unwrap();
     sim.on(Event::Listening(worker));
-    assert!(matches!(sim.phase(server), Phase::Ready { .. }), "it listened");
+    assert!(
+        matches!(sim.phase(server), Phase::Ready { .. }),
+        "it listened"
+    );
     assert!(matches!(sim.phase(consumer), Phase::Starting { .. }));
     sim.advance(899 * MS);
     assert!(matches!(sim.phase(consumer), Phase::Starting { .. }));

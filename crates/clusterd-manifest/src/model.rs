@@ -123,6 +123,21 @@ pub struct SocketConfig {
     pub reuseport: bool,
 }
 
+impl SocketConfig {
+    /// `listen` with every default of `[sockets.NAME]`: what clusterd binds on demand for an
+    /// intercepted app's `bind()` of an address no socket declares.
+    pub fn with_defaults(listen: Listen) -> SocketConfig {
+        SocketConfig {
+            listen,
+            backlog: crate::schema::BACKLOG,
+            mode: None,
+            tcp_nodelay: true,
+            keepalive: Keepalive::Off,
+            reuseport: false,
+        }
+    }
+}
+
 /// `keepalive` of a TCP socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

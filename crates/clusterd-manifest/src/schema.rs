@@ -21,7 +21,7 @@ use crate::values::{self, NAME_CHARS};
 /// Default `[supervisor].stop_timeout`.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default `backlog`.
-const BACKLOG: u32 = 1024;
+pub(crate) const BACKLOG: u32 = 1024;
 /// Default `backoff_initial`.
 const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 /// Default `backoff_max`.

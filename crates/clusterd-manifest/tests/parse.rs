@@ -95,6 +95,11 @@ fn socket_defaults() {
     )
     .unwrap();
     assert!(!off.sockets["http"].tcp_nodelay);
+    // A socket bound on demand gets the same defaults.
+    assert_eq!(
+        clusterd_manifest::SocketConfig::with_defaults(http.listen.clone()),
+        *http
+    );
 }
 
 #[test]

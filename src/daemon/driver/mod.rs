@@ -7,6 +7,7 @@
 //! escaped their worker get a bounded poll).
 
 mod launch;
+mod ports;
 mod queries;
 mod upgrade;
 
@@ -85,7 +86,7 @@ pub struct Parts {
 /// them from the hand-over); signals are handled here. Returns when every worker has exited.
 pub async fn run(parts: Parts, manager: Option<Manager>) -> anyhow::Result<()> {
     let Parts {
-        manifest,
+        mut manifest,
         sockets,
         notify,
         mut control,
@@ -97,6 +98,9 @@ pub async fn run(parts: Parts, manager: Option<Manager>) -> anyhow::Result<()> {
     // Install the SIGCHLD listener and the other signal handlers before the first fork.
     let mut reaper = Reaper::new()?;
     let mut signals = Signals::new()?;
+    if resumed.is_none() {
+        intercept::resolve_defaults(&mut manifest);
+    }
     let mut driver = Driver::new(manifest, sockets, notify.path().to_path_buf(), containment)?;
     driver.manager = manager;
     driver.detached = detached;
@@ -132,9 +136,12 @@ pub async fn run(parts: Parts, manager: Option<Manager>) -> anyhow::Result<()> {
             }
             notification = notify.recv() => driver.on_notify(&mut core, notification),
             Some(request) = control.recv() => driver.on_control(&mut core, request),
-            Some(worker) = driver.intercepts.listening() => {
-                driver.feed(&mut core, Event::Listening(worker));
-            }
+            Some(trapped) = driver.intercepts.next() => match trapped {
+                intercept::Trapped::Listening(worker) => {
+                    driver.feed(&mut core, Event::Listening(worker));
+                }
+                intercept::Trapped::Unmatched(request) => driver.on_unmatched(&core, request),
+            },
             Some(message) = driver.channels.recv() => {
                 let ipc::Message { worker, text, ready } = message;
                 driver.feed(&mut core, Event::Message { worker, text, ready });
@@ -159,6 +166,10 @@ pub async fn run(parts: Parts, manager: Option<Manager>) -> anyhow::Result<()> {
             driver.start_upgrade(&mut core, request, &parts);
         }
         if let Some((check, status)) = driver.checked.take() {
+            // A bind waiting for its socket is answered before the exec.
+            for request in driver.intercepts.unmatched_now() {
+                driver.on_unmatched(&core, request);
+            }
             driver.upgrade(&mut core, check, status, &parts).await;
         }
     }
@@ -246,7 +257,14 @@ impl Driver {
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| !clusterd_manifest::RESERVED_ENV.contains(&k.as_str()))
             .collect();
-        let steered = steering::steered(&manifest);
+        let mut steered = steering::steered(&manifest);
+        // Ports bound on demand (handed over by an upgrade).
+        steered.extend(
+            sockets
+                .iter()
+                .filter(|(_, s)| s.on_demand.as_ref().is_some_and(|d| d.steered))
+                .map(|(name, _)| name.clone()),
+        );
         logs::hub().set_apps(manifest.apps.keys());
         Ok(Driver {
             manifest,
@@ -524,7 +542,7 @@ impl Driver {
     /// SIGHUP: re-reads the manifest and binds its new sockets (all or nothing). `None` when
     /// either fails: then nothing changed.
     fn reread(&mut self) -> Option<Manifest> {
-        let manifest = match clusterd_manifest::load(&self.manifest.path) {
+        let mut manifest = match clusterd_manifest::load(&self.manifest.path) {
             Ok(manifest) => manifest,
             Err(error) => {
                 tracing::error!(
@@ -552,8 +570,10 @@ impl Driver {
                 "socket {name}: a changed address takes effect only after a restart of clusterd"
             );
         }
+        intercept::resolve_defaults(&mut manifest);
         logs::hub().set_apps(manifest.apps.keys());
         self.manifest = manifest.clone();
+        self.release_ports();
         Some(manifest)
     }
 }

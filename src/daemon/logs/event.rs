@@ -155,6 +155,21 @@ pub fn text(notice: &Notice) -> String {
         }
         What::Reconfigured { changes } => format!("manifest re-read: {}", changes.join(", ")),
         What::Killing { why, workers } => format!("{why} again: killing {workers} workers"),
+        What::PortBound {
+            socket,
+            address,
+            steered,
+        } => format!(
+            "{label} {pid} binds {address}: socket {socket} bound for {app} on demand{}",
+            if *steered {
+                " (steered: each worker listens on a socket of its own)"
+            } else {
+                ""
+            }
+        ),
+        What::PortRefused { address, reason } => {
+            format!("{label} {pid} cannot bind {address}: {reason}")
+        }
     }
 }
 
@@ -228,6 +243,12 @@ fn fields(what: &What) -> Map<String, Value> {
         What::KvStale { stale } => json!({ "stale_ms": stale.as_millis() as u64 }),
         What::Scaled { from, to } => json!({ "from": from, "to": to }),
         What::Reconfigured { changes } => json!({ "changes": changes }),
+        What::PortBound {
+            socket,
+            address,
+            steered,
+        } => json!({ "socket": socket, "address": address, "steered": steered }),
+        What::PortRefused { address, reason } => json!({ "address": address, "reason": reason }),
     };
     match value {
         Value::Object(mut map) => {
