@@ -602,9 +602,10 @@ impl Core {
     /// An intercepted worker called `listen()` on a socket it was handed: with
     /// `ready = "listen"` (with or without `ready_delay`), a starting worker is ready. Later listens change nothing.
     fn on_listening(&mut self, now: Instant, id: WorkerId) {
-        let Some(worker) = self.workers.get(&id) else {
+        let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
+        worker.listened = true;
         if matches!(
             worker.config.ready,
             Readiness::Listen | Readiness::ListenOrDelay(_)
@@ -941,6 +942,7 @@ impl Core {
                 phase: Phase::Spawning,
                 status_text: None,
                 inbox: Default::default(),
+                listened: false,
             },
         );
         id
@@ -965,8 +967,15 @@ impl Core {
             }
             _ => {}
         }
-        // An app that cannot drain itself: no new connections first, its signal later.
-        let drain = worker.config.drain.filter(|_| why != StopReason::Shutdown);
+        // An app that cannot drain itself: no new connections first, its signal later. An
+        // intercepted app without sockets has only the ports bound on demand for its workers'
+        // binds: a worker that never listened on one (a queue consumer) has nothing to drain.
+        let on_demand_only = worker.config.intercept && worker.config.sockets.is_empty();
+        let drain = worker
+            .config
+            .drain
+            .filter(|_| why != StopReason::Shutdown)
+            .filter(|_| worker.listened || !on_demand_only);
         // `stop_signal = "disconnect"`: its channel is closed first, the signal follows.
         let disconnect = worker.config.stop_disconnect;
         if disconnect {

@@ -621,6 +621,23 @@ fn listen_or_delay_is_ready_at_whichever_comes_first() {
         matches!(sim.phase(consumer), Phase::Ready { .. }),
         "a worker that never listens is ready after ready_delay"
     );
+    // On a reload the one that listened drains (steered out first); the one that never
+    // listened has nothing to drain: its stop signal comes at once.
+    sim.signal(SupervisorSignal::Reload);
+    for slot in 0..2 {
+        let candidate = sim.candidate("web", slot).expect("a candidate");
+        let worker = sim.core.worker_by_pid(candidate).unwrap();
+        sim.on(Event::Listening(worker));
+        sim.advance(Duration::from_secs(1));
+    }
+    assert!(
+        sim.steered
+            .contains(&(sim.core.worker_by_pid(server).unwrap(), false)),
+        "the server is steered out"
+    );
+    let consumer_id = sim.core.worker_by_pid(consumer).unwrap();
+    assert!(!sim.steered.contains(&(consumer_id, false)));
+    assert!(sim.sent(consumer, Signal::SIGTERM));
 }
 
 #[test]
