@@ -299,7 +299,7 @@ pub struct Backoff {
 pub struct AutoIntercept {
     /// Its `drain` (default 1s, as for any intercepted app).
     pub drain: Option<Duration>,
-    /// Its `ready` (default: listen, or alive `ready_delay` (1s), whichever comes first).
+    /// Its `ready` (default: listen, or alive 5s, whichever comes first).
     pub ready: Readiness,
 }
 
@@ -338,7 +338,7 @@ pub enum Readiness {
     /// it calls `listen()` on a socket it was handed in place of its own `bind()`.
     Listen,
     /// `ready = "listen"` with `ready_delay` (default for apps intercepted by default, with
-    /// 1s): it listens, or it has been alive that long, whichever comes first (a worker that
+    /// 5s): it listens, or it has been alive that long, whichever comes first (a worker that
     /// never listens, such as a queue consumer, still becomes ready).
     ListenOrDelay(Duration),
     /// `ready = "message"` (needs `ipc`): it sends `"ready"` or `{"type":"ready"}` on its

@@ -30,6 +30,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const BACKOFF_RESET: Duration = Duration::from_secs(10);
 /// Default `ready_delay`.
 const READY_DELAY: Duration = Duration::from_secs(1);
+/// How long a worker of an app intercepted by default may run without listening before it
+/// counts as ready all the same: a queue consumer never listens, and a server that listens
+/// late must not be counted on (its old worker steered out) before it does.
+const LISTEN_FALLBACK: Duration = Duration::from_secs(5);
 /// Default `drain` of intercepted apps.
 const DRAIN: Duration = Duration::from_secs(1);
 /// Default `ready_timeout`.
@@ -840,7 +844,7 @@ enum ReadyKind {
 /// never signal readiness, and a rollout must not stop every old worker before the new ones
 /// listen), an intercepted app is `"listen"` (its `listen()` is trapped, so it says when it
 /// listens) and an app without sockets is `"immediate"`. `"listen"` needs `intercept = true`;
-/// with `ready_delay` it is "listen or alive that long", the default (with 1s) of an app
+/// with `ready_delay` it is "listen or alive that long", the default (with 5s) of an app
 /// intercepted by default, which may never listen (a queue consumer).
 fn readiness(
     cx: &mut Checker<'_>,
@@ -885,7 +889,7 @@ fn readiness(
         (ReadyKind::Delay, delay) => delay.or(READY_DELAY).map(Readiness::Delay),
         (ReadyKind::Listen, Field::Valid(delay)) => Some(Readiness::ListenOrDelay(delay)),
         (ReadyKind::Listen, Field::Absent) if intercept_auto && table.get("ready").is_none() => {
-            Some(Readiness::ListenOrDelay(READY_DELAY))
+            Some(Readiness::ListenOrDelay(LISTEN_FALLBACK))
         }
         (_, Field::Invalid) => None,
         (kind, Field::Valid(_)) => {

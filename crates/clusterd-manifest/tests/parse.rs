@@ -654,7 +654,7 @@ fn several_workers_without_sockets_are_intercepted_where_the_kernel_can() {
     assert_eq!((web.drain, web.ready), (None, Readiness::Immediate));
     let auto = AutoIntercept {
         drain: Some(Duration::from_secs(1)),
-        ready: Readiness::ListenOrDelay(Duration::from_secs(1)),
+        ready: Readiness::ListenOrDelay(Duration::from_secs(5)),
     };
     assert_eq!(web.intercept_auto, Some(auto));
     let mut unavailable = manifest.clone();
