@@ -65,6 +65,9 @@ pub enum Command {
     /// Run one app without a manifest file, exactly as the equivalent one-app manifest would
     /// (`--print-manifest` prints it). With --listen, the app's own bind() of that address is
     /// answered with clusterd's socket (intercept = true) and it is ready once it listens.
+    /// Without it, several workers (`--workers 2`) are intercepted all the same: the port the
+    /// app binds is bound by clusterd on the first worker's request and shared by all, as
+    /// Node's cluster module does (`clusterd run --workers 2 -- node app.js`).
     Run(run::RunArgs),
     /// Validate a manifest: exit 0, or print every problem and exit 2.
     Check {

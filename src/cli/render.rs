@@ -43,7 +43,14 @@ pub fn status_table(status: &Status) -> String {
         );
     }
     for socket in &status.sockets {
-        let _ = writeln!(out, "socket {} {}", socket.name, socket.address);
+        let _ = match &socket.app {
+            Some(app) => writeln!(
+                out,
+                "socket {} {} (bound on demand for {app})",
+                socket.name, socket.address
+            ),
+            None => writeln!(out, "socket {} {}", socket.name, socket.address),
+        };
     }
     for app in &status.apps {
         let _ = write!(
@@ -219,6 +226,7 @@ mod tests {
             sockets: vec![SocketStatus {
                 name: "http".into(),
                 address: "127.0.0.1:8000".into(),
+                app: None,
             }],
             apps: vec![AppStatus {
                 name: "web".into(),

@@ -20,10 +20,13 @@ pub struct RunArgs {
     #[arg(long, default_value = "1")]
     pub workers: String,
     /// An address the app binds (`127.0.0.1:8001`, `[::1]:8001`, `unix:app.sock`): clusterd
-    /// holds it and answers the app's own bind() with it. Repeatable.
+    /// holds it and answers the app's own bind() with it. Repeatable. Not needed with several
+    /// workers: clusterd then binds each TCP port the app binds on the first worker's request
+    /// and shares it among them.
     #[arg(long = "listen", value_name = "ADDR")]
     pub listen: Vec<String>,
-    /// Readiness: `listen` (default with --listen), `delay`, `notify` or `immediate`.
+    /// Readiness: `listen` (default with --listen; without it, with several workers: it
+    /// listens or has run 1s, whichever comes first), `delay`, `notify` or `immediate`.
     #[arg(long)]
     pub ready: Option<String>,
     /// The app's name (default: the program's file name).
@@ -32,7 +35,8 @@ pub struct RunArgs {
     /// Directory for the pid file, control and notify sockets (default `.clusterd/NAME`).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
-    /// Do not trap the app's bind(): it takes its sockets at fd 3, 4, ... itself.
+    /// Do not trap the app's bind(): it takes its sockets at fd 3, 4, ... itself (without
+    /// --listen, its workers bind on their own).
     #[arg(long)]
     pub no_intercept: bool,
     /// How long a retiring worker gets without new connections before its stop signal
@@ -121,6 +125,11 @@ impl RunArgs {
             if let Some(balance) = &self.balance {
                 let _ = writeln!(text, "balance = {}", quote(balance));
             }
+        } else if self.no_intercept {
+            let _ = writeln!(text, "intercept = false");
+        } else if let Some(drain) = &self.drain {
+            // Intercepted by default with several workers (ports bound on demand).
+            let _ = writeln!(text, "drain = {}", quote(drain));
         }
         if let Some(ready) = &self.ready {
             let _ = writeln!(text, "ready = {}", quote(ready));

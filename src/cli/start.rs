@@ -194,7 +194,9 @@ fn start_timeout(manifest: &Manifest) -> Duration {
         .apps
         .values()
         .map(|app| match app.ready {
-            Readiness::Delay(delay) => delay.max(app.ready_timeout),
+            Readiness::Delay(delay) | Readiness::ListenOrDelay(delay) => {
+                delay.max(app.ready_timeout)
+            }
             _ => app.ready_timeout,
         })
         .max()

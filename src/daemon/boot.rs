@@ -229,6 +229,7 @@ fn resumed(handover: Handover, run_dir: &RunDir, logs: &Logs) -> anyhow::Result<
             adopt(s.fd)?,
             s.address.clone(),
             s.unix_path.clone(),
+            s.on_demand.clone(),
         ));
     }
     let containment = Containment::detect(&containment::key_for(&run_dir.path));

@@ -90,6 +90,9 @@ pub struct HandedSocket {
     pub address: String,
     /// The socket file clusterd created (removed at exit).
     pub unix_path: Option<PathBuf>,
+    /// Bound on demand for an intercepted app (absent from the manifest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand: Option<crate::daemon::sockets::OnDemand>,
 }
 
 /// A unix socket with its path.

@@ -25,6 +25,34 @@ pub struct BoundSocket {
     pub address: String,
     /// The socket file clusterd created, removed again at exit.
     unix_path: Option<PathBuf>,
+    /// Bound on demand for an intercepted app (not in the manifest).
+    pub on_demand: Option<OnDemand>,
+}
+
+/// A socket clusterd bound when a worker of an intercepted app bound an address that no
+/// `[sockets.*]` declares (as Node's cluster primary does): named `port-PORT`, kept until the
+/// app is removed or clusterd exits, never given to another app.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnDemand {
+    /// The app it was bound for.
+    pub app: String,
+    /// Each worker listens on a steered socket of its own (clusterd's only reserves the
+    /// address).
+    pub steered: bool,
+}
+
+/// Why a socket could not be bound on demand: `errno` is what the worker's own `bind()` gets.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address}")]
+pub struct OnDemandError {
+    /// The address.
+    pub address: std::net::SocketAddr,
+    /// The error number of the failed call.
+    pub errno: i32,
+    /// What went wrong (with who holds the port, when it is in use).
+    #[source]
+    pub cause: io::Error,
 }
 
 impl BoundSocket {
@@ -44,6 +72,40 @@ impl BoundSocket {
             .local_addr()
             .ok()?
             .as_socket()
+    }
+
+    /// `IPV6_V6ONLY` of an IPv6 socket (false for others).
+    pub fn only_v6(&self) -> bool {
+        self.local_addr().is_some_and(|a| a.is_ipv6())
+            && socket2::SockRef::from(&self.fd).only_v6().unwrap_or(false)
+    }
+}
+
+/// Whether a TCP socket bound to `a` (`IPV6_V6ONLY` as `a_v6only`) and one bound to `b` would
+/// take the same connections, as Linux decides a bind conflict without `SO_REUSEPORT`: the
+/// same port, and the same address or a wildcard that reaches the other (a dual-stack `::`
+/// reaches IPv4 too; with `IPV6_V6ONLY` it does not).
+pub fn overlaps(
+    a: std::net::SocketAddr,
+    a_v6only: bool,
+    b: std::net::SocketAddr,
+    b_v6only: bool,
+) -> bool {
+    use std::net::IpAddr;
+    if a.port() != b.port() {
+        return false;
+    }
+    let mixed = |v4: std::net::Ipv4Addr, v6: std::net::Ipv6Addr, v6only: bool| {
+        !v6only
+            && (v6.is_unspecified()
+                || v6.to_ipv4_mapped() == Some(v4)
+                || (v4.is_unspecified() && v6.to_ipv4_mapped().is_some()))
+    };
+    match (a.ip(), b.ip()) {
+        (IpAddr::V4(x), IpAddr::V4(y)) => x == y || x.is_unspecified() || y.is_unspecified(),
+        (IpAddr::V6(x), IpAddr::V6(y)) => x == y || x.is_unspecified() || y.is_unspecified(),
+        (IpAddr::V4(x), IpAddr::V6(y)) => mixed(x, y, b_v6only),
+        (IpAddr::V6(x), IpAddr::V4(y)) => mixed(y, x, a_v6only),
     }
 }
 
@@ -119,27 +181,38 @@ impl Sockets {
         Ok(sockets)
     }
 
-    /// Every socket as (name, fd, address, unix file), for an upgrade's hand-over.
-    pub fn parts(&self) -> impl Iterator<Item = (&String, RawFd, &String, Option<&PathBuf>)> {
-        self.by_name
-            .iter()
-            .map(|(name, s)| (name, s.fd.as_raw_fd(), &s.address, s.unix_path.as_ref()))
+    /// Every socket as (name, fd, address, unix file, bound on demand), for an upgrade's
+    /// hand-over.
+    #[allow(clippy::type_complexity)]
+    pub fn parts(
+        &self,
+    ) -> impl Iterator<Item = (&String, RawFd, &String, Option<&PathBuf>, Option<&OnDemand>)> {
+        self.by_name.iter().map(|(name, s)| {
+            (
+                name,
+                s.fd.as_raw_fd(),
+                &s.address,
+                s.unix_path.as_ref(),
+                s.on_demand.as_ref(),
+            )
+        })
     }
 
     /// The sockets handed over by the previous clusterd (see [`Sockets::parts`]).
     pub fn from_parts(
-        parts: impl IntoIterator<Item = (String, OwnedFd, String, Option<PathBuf>)>,
+        parts: impl IntoIterator<Item = (String, OwnedFd, String, Option<PathBuf>, Option<OnDemand>)>,
     ) -> Self {
         Sockets {
             by_name: parts
                 .into_iter()
-                .map(|(name, fd, address, unix_path)| {
+                .map(|(name, fd, address, unix_path, on_demand)| {
                     (
                         name,
                         BoundSocket {
                             fd,
                             address,
                             unix_path,
+                            on_demand,
                         },
                     )
                 })
@@ -194,6 +267,77 @@ impl Sockets {
             self.by_name.insert(name, socket);
         }
         Ok(changed)
+    }
+
+    /// Binds `address` for a worker of `app` whose `bind()` matched no socket, with the
+    /// defaults of `[sockets.*]` (and `IPV6_V6ONLY` as the worker set it on its own socket);
+    /// a `steered` one only reserves the address. Named `port-PORT` (`APP-port-PORT` when
+    /// that name is taken); returns the name.
+    pub fn bind_on_demand(
+        &mut self,
+        app: &str,
+        address: std::net::SocketAddr,
+        v6only: bool,
+        steered: bool,
+    ) -> Result<String, OnDemandError> {
+        let config = SocketConfig::with_defaults(Listen::Tcp(address));
+        let fail = |cause: io::Error| OnDemandError {
+            address,
+            errno: cause.raw_os_error().unwrap_or(libc::EINVAL),
+            cause,
+        };
+        let socket = Socket::new(Domain::for_address(address), Type::STREAM, None).map_err(fail)?;
+        socket.set_reuse_address(true).map_err(fail)?;
+        if address.is_ipv6() {
+            socket.set_only_v6(v6only).map_err(fail)?;
+        }
+        apply_tcp_options(&socket, &config).map_err(fail)?;
+        if steered {
+            socket.set_reuse_port(true).map_err(fail)?;
+        }
+        if let Err(error) = socket.bind(&SockAddr::from(address)) {
+            let errno = error.raw_os_error().unwrap_or(libc::EINVAL);
+            let cause = name_holders(error, address.port());
+            return Err(OnDemandError {
+                address,
+                errno,
+                cause,
+            });
+        }
+        if !steered {
+            let backlog = i32::try_from(config.backlog).unwrap_or(i32::MAX);
+            socket.listen(backlog).map_err(fail)?;
+        }
+        let mut name = format!("port-{}", address.port());
+        if self.by_name.contains_key(&name) {
+            name = format!("{app}-port-{}", address.port());
+        }
+        let bound = BoundSocket {
+            fd: socket.into(),
+            address: address.to_string(),
+            unix_path: None,
+            on_demand: Some(OnDemand {
+                app: app.to_owned(),
+                steered,
+            }),
+        };
+        self.by_name.insert(name.clone(), bound);
+        Ok(name)
+    }
+
+    /// Closes the sockets bound on demand for apps that `keep` does not keep (removed from
+    /// the manifest); returns their names. Workers still running keep their own duplicates.
+    pub fn release_on_demand(&mut self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let released: Vec<String> = self
+            .by_name
+            .iter()
+            .filter(|(_, s)| s.on_demand.as_ref().is_some_and(|d| !keep(&d.app)))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &released {
+            self.by_name.remove(name);
+        }
+        released
     }
 
     /// Removes the unix socket files clusterd created. Called once at exit.
@@ -299,6 +443,7 @@ fn adopt(fd: OwnedFd) -> io::Result<BoundSocket> {
         fd,
         address: format!("{address} (inherited)"),
         unix_path: None,
+        on_demand: None,
     })
 }
 
@@ -328,6 +473,7 @@ fn bind(config: &SocketConfig, steered: bool) -> io::Result<BoundSocket> {
                 fd: socket.into(),
                 address: local,
                 unix_path: None,
+                on_demand: None,
             })
         }
         Listen::Unix(path) => {
@@ -342,6 +488,7 @@ fn bind(config: &SocketConfig, steered: bool) -> io::Result<BoundSocket> {
                 fd: socket.into(),
                 address: format!("unix:{}", path.display()),
                 unix_path: Some(path.clone()),
+                on_demand: None,
             })
         }
     }
@@ -495,6 +642,84 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
         let me = format!("pid {} (", std::process::id());
         assert!(error.to_string().contains(&me), "{error}");
+    }
+
+    #[test]
+    fn wildcards_overlap_as_the_kernel_decides() {
+        let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let dual = at("[::]:8001");
+        assert!(overlaps(dual, false, at("0.0.0.0:8001"), false));
+        assert!(overlaps(at("0.0.0.0:8001"), false, dual, false));
+        assert!(
+            !overlaps(dual, true, at("0.0.0.0:8001"), false),
+            "v6only: IPv6 only"
+        );
+        assert!(overlaps(dual, true, at("[::1]:8001"), true));
+        assert!(overlaps(
+            at("0.0.0.0:8001"),
+            false,
+            at("127.0.0.1:8001"),
+            false
+        ));
+        assert!(!overlaps(
+            at("127.0.0.1:8001"),
+            false,
+            at("10.0.0.1:8001"),
+            false
+        ));
+        assert!(!overlaps(
+            at("0.0.0.0:8001"),
+            false,
+            at("0.0.0.0:8002"),
+            false
+        ));
+        assert!(overlaps(
+            at("127.0.0.1:8001"),
+            false,
+            at("[::ffff:127.0.0.1]:8001"),
+            false
+        ));
+    }
+
+    #[test]
+    fn a_socket_bound_on_demand_gets_the_defaults_and_is_released_with_its_app() {
+        let mut sockets = Sockets::default();
+        // Unprivileged: the worker's bind gets EACCES, as its own would (root may bind it).
+        match sockets.bind_on_demand("low", "127.0.0.1:80".parse().unwrap(), false, false) {
+            Err(error) if nix::unistd::geteuid().is_root() => {
+                assert_eq!(error.errno, libc::EADDRINUSE, "{error:?}")
+            }
+            Err(error) => assert_eq!(error.errno, libc::EACCES, "{error:?}"),
+            Ok(_) => assert_eq!(sockets.release_on_demand(|app| app != "low").len(), 1),
+        }
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = taken.local_addr().unwrap();
+        let error = sockets
+            .bind_on_demand("web", address, false, false)
+            .unwrap_err();
+        assert_eq!(error.errno, libc::EADDRINUSE);
+        let me = format!("pid {} (", std::process::id());
+        assert!(error.cause.to_string().contains(&me), "{}", error.cause);
+        drop(taken);
+
+        let name = sockets
+            .bind_on_demand("web", address, false, false)
+            .unwrap();
+        assert_eq!(name, format!("port-{}", address.port()));
+        let socket = sockets.get(&name).unwrap();
+        let listener = socket2::SockRef::from(&socket.fd);
+        assert!(
+            listener.tcp_nodelay().unwrap(),
+            "the default of [sockets.*]"
+        );
+        assert!(listening(&address.to_string()));
+        let dual = sockets
+            .bind_on_demand("api", "[::]:0".parse().unwrap(), true, false)
+            .unwrap();
+        assert!(sockets.get(&dual).unwrap().only_v6());
+        assert_eq!(sockets.release_on_demand(|app| app == "api"), vec![name]);
+        assert!(!listening(&address.to_string()));
+        assert!(sockets.get(&dual).is_some());
     }
 
     #[test]

@@ -465,6 +465,12 @@ pub fn plan(manifest: &Manifest) -> BTreeSet<String> {
     decide(wanted, &drained, probe(), enable_migration)
 }
 
+/// Whether one more socket, bound after start (a port bound on demand), can be steered here:
+/// as [`plan`] decides for the sockets of the manifest (`drained`: its app has `drain`).
+pub fn available(drained: bool) -> bool {
+    probe().is_ok() && (drained || enable_migration())
+}
+
 /// [`plan`] given what the host can do (`migration` is asked only when needed).
 fn decide(
     wanted: BTreeSet<String>,

@@ -25,7 +25,7 @@ pub fn free_port() -> u16 {
 
 /// Asks `addr` over fresh connections until `n` different bodies (per-process answers) were
 /// seen; returns them.
-fn distinct_bodies(
+pub(crate) fn distinct_bodies(
     addr: SocketAddr,
     n: usize,
     extract: impl Fn(&str) -> String,
@@ -115,7 +115,7 @@ pub(crate) fn child_js() -> Option<Vec<u8>> {
 }
 
 /// The port child.js hard-codes; the test fails (it cannot rewrite the file) when it is taken.
-const CHILD_JS_PORT: u16 = 8001;
+pub(crate) const CHILD_JS_PORT: u16 = 8001;
 
 /// Starts `clusterd run ARGS...` in a new temp dir holding `files` (written byte for byte,
 /// executable),
@@ -338,7 +338,7 @@ restart = "never"
 }
 
 /// A Go server that binds its own port: `http.ListenAndServe(":PORT")`.
-const GO_SERVER: &str = r#"package main
+pub(crate) const GO_SERVER: &str = r#"package main
 
 import (
 	"fmt"
@@ -359,7 +359,7 @@ func main() {
 
 /// `source` built as a static Go binary; `None` (the test is skipped, and says so) where `go`
 /// cannot run outside CI.
-fn go_build(source: &str) -> Option<Vec<u8>> {
+pub(crate) fn go_build(source: &str) -> Option<Vec<u8>> {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(dir.path().join("main.go"), source).expect("write main.go");
     let built = Command::new("go")

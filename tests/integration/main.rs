@@ -9,6 +9,7 @@ mod examples;
 mod faults;
 mod host;
 mod intercept;
+mod intercept_ports;
 mod ipc;
 mod kv;
 mod limits;

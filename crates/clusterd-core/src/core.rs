@@ -554,10 +554,12 @@ impl Core {
                                 ready_by: now + config.ready_timeout,
                                 ready_at: Some(now),
                             },
-                            Readiness::Delay(delay) => Phase::Starting {
-                                ready_by: now + config.ready_timeout,
-                                ready_at: Some(now + delay),
-                            },
+                            Readiness::Delay(delay) | Readiness::ListenOrDelay(delay) => {
+                                Phase::Starting {
+                                    ready_by: now + config.ready_timeout,
+                                    ready_at: Some(now + delay),
+                                }
+                            }
                             Readiness::Notify | Readiness::Listen | Readiness::Message => {
                                 Phase::Starting {
                                     ready_by: now + config.ready_timeout,
@@ -646,13 +648,16 @@ impl Core {
     }
 
     /// An intercepted worker called `listen()` on a socket it was handed: with
-    /// `ready = "listen"`, a starting worker is ready. Later listens change nothing.
+    /// `ready = "listen"` (with or without `ready_delay`), a starting worker is ready. Later listens change nothing.
     fn on_listening(&mut self, now: Instant, id: WorkerId) {
-        let Some(worker) = self.workers.get(&id) else {
+        let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
-        if worker.config.ready == Readiness::Listen
-            && matches!(worker.phase, Phase::Starting { .. })
+        worker.listened = true;
+        if matches!(
+            worker.config.ready,
+            Readiness::Listen | Readiness::ListenOrDelay(_)
+        ) && matches!(worker.phase, Phase::Starting { .. })
         {
             self.become_ready(now, id);
         }
@@ -982,6 +987,7 @@ impl Core {
                 phase: Phase::Spawning,
                 status_text: None,
                 inbox: Default::default(),
+                listened: false,
             },
         );
         id
@@ -1006,8 +1012,15 @@ impl Core {
             }
             _ => {}
         }
-        // An app that cannot drain itself: no new connections first, its signal later.
-        let drain = worker.config.drain.filter(|_| why != StopReason::Shutdown);
+        // An app that cannot drain itself: no new connections first, its signal later. An
+        // intercepted app without sockets has only the ports bound on demand for its workers'
+        // binds: a worker that never listened on one (a queue consumer) has nothing to drain.
+        let on_demand_only = worker.config.intercept && worker.config.sockets.is_empty();
+        let drain = worker
+            .config
+            .drain
+            .filter(|_| why != StopReason::Shutdown)
+            .filter(|_| worker.listened || !on_demand_only);
         // `stop_signal = "disconnect"`: its channel is closed first, the signal follows.
         let disconnect = worker.config.stop_disconnect;
         if disconnect {

@@ -347,6 +347,24 @@ pub enum What {
     ReloadAfterAbort,
     /// A worker said `STOPPING=1` (a debug line: it may say so as often as it likes).
     SaysStopping,
+    /// An intercepted worker bound an address no socket declares: clusterd bound it for the
+    /// app (the worker's `bind()` and every later one of the app are answered with it).
+    PortBound {
+        /// The name it was given (`port-8001`).
+        socket: String,
+        /// The address (`[::]:8001`).
+        address: String,
+        /// Each worker gets a steered socket of its own on it.
+        steered: bool,
+    },
+    /// An intercepted worker's `bind()` of an address no socket declares failed: it gets the
+    /// error its own `bind()` would have.
+    PortRefused {
+        /// The address.
+        address: String,
+        /// Why (with who holds the port, when it is in use).
+        reason: String,
+    },
 }
 
 /// The hint of [`What::BindsItself`], also kept in the slot's last exit for status.
@@ -403,6 +421,8 @@ impl What {
             What::RerunDone { .. } => "rerun_done",
             What::ReloadAfterAbort => "reload_after_abort",
             What::SaysStopping => "says_stopping",
+            What::PortBound { .. } => "port_bound",
+            What::PortRefused { .. } => "port_refused",
         }
     }
 }

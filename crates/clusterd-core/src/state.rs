@@ -296,6 +296,9 @@ pub struct Worker {
     pub status_text: Option<String>,
     /// What it said on its channel (`ipc`).
     pub inbox: Inbox,
+    /// It called `listen()` on a socket handed to it (intercepted apps).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub listened: bool,
 }
 
 /// How many of a worker's last messages status shows, and how much of each.

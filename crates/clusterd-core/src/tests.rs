@@ -601,6 +601,48 @@ fn an_intercepted_worker_is_ready_when_it_listens_and_a_reload_waits_for_it() {
 }
 
 #[test]
+fn listen_or_delay_is_ready_at_whichever_comes_first() {
+    // The default of an app intercepted by default (`workers > 1`, no sockets), written out.
+    let mut sim = Sim::new(
+        "[apps.web]\ncommand = [\"x\"]\nworkers = 2\nintercept = true\nready = \"listen\"\n\
+         ready_delay = \"1s\"\n",
+    );
+    let (server, consumer) = (sim.pid("web", 0).unwrap(), sim.pid("web", 1).unwrap());
+    sim.advance(100 * MS);
+    let worker = sim.core.worker_by_pid(server).unwrap();
+    sim.on(Event::Listening(worker));
+    assert!(
+        matches!(sim.phase(server), Phase::Ready { .. }),
+        "it listened"
+    );
+    assert!(matches!(sim.phase(consumer), Phase::Starting { .. }));
+    sim.advance(899 * MS);
+    assert!(matches!(sim.phase(consumer), Phase::Starting { .. }));
+    sim.advance(MS);
+    assert!(
+        matches!(sim.phase(consumer), Phase::Ready { .. }),
+        "a worker that never listens is ready after ready_delay"
+    );
+    // On a reload the one that listened drains (steered out first); the one that never
+    // listened has nothing to drain: its stop signal comes at once.
+    sim.signal(SupervisorSignal::Reload);
+    for slot in 0..2 {
+        let candidate = sim.candidate("web", slot).expect("a candidate");
+        let worker = sim.core.worker_by_pid(candidate).unwrap();
+        sim.on(Event::Listening(worker));
+        sim.advance(Duration::from_secs(1));
+    }
+    assert!(
+        sim.steered
+            .contains(&(sim.core.worker_by_pid(server).unwrap(), false)),
+        "the server is steered out"
+    );
+    let consumer_id = sim.core.worker_by_pid(consumer).unwrap();
+    assert!(!sim.steered.contains(&(consumer_id, false)));
+    assert!(sim.sent(consumer, Signal::SIGTERM));
+}
+
+#[test]
 fn a_worker_that_fails_at_once_beside_a_held_socket_is_told_to_intercept() {
     let text = "[sockets.http]\nlisten = \"127.0.0.1:8001\"\n\n[apps.web]\ncommand = [\"x\"]\n\
                 sockets = [\"http\"]\n";

@@ -123,6 +123,21 @@ pub struct SocketConfig {
     pub reuseport: bool,
 }
 
+impl SocketConfig {
+    /// `listen` with every default of `[sockets.NAME]`: what clusterd binds on demand for an
+    /// intercepted app's `bind()` of an address no socket declares.
+    pub fn with_defaults(listen: Listen) -> SocketConfig {
+        SocketConfig {
+            listen,
+            backlog: crate::schema::BACKLOG,
+            mode: None,
+            tcp_nodelay: true,
+            keepalive: Keepalive::Off,
+            reuseport: false,
+        }
+    }
+}
+
 /// `keepalive` of a TCP socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -183,9 +198,16 @@ pub struct AppConfig {
     /// `restart_limit = { burst, interval }`: more unexpected exits than `burst` within
     /// `interval` fail the slot until `clusterd restart` (systemd's `StartLimitBurst`).
     pub restart_limit: Option<RestartLimit>,
-    /// `intercept` (default false): trap the workers' own `bind()`/`listen()` with seccomp
-    /// and hand them the app's held sockets instead (unmodified servers).
+    /// `intercept`: trap the workers' own `bind()`/`listen()` with seccomp and hand them the
+    /// app's held sockets instead, or a socket clusterd binds on the first worker's request
+    /// for an address no socket declares (unmodified servers). Default: true for an app with
+    /// `workers > 1` and no `sockets` ([`AppConfig::intercept_auto`]), else false.
     pub intercept: bool,
+    /// Interception by default (`workers > 1`, no `sockets`, `intercept` not written): what
+    /// the app becomes where this kernel can trap calls, which only the supervisor can tell
+    /// ([`Manifest::resolve_interception`]). Until then the app is as without interception.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intercept_auto: Option<AutoIntercept>,
     /// `drain` (apps with steered sockets; default 1s for intercepted apps, else off; `"0s"`
     /// turns it off): a retiring worker first stops getting new connections and has this long
     /// to finish what it has before its stop signal (without it, an app that drains itself is
@@ -317,6 +339,36 @@ pub struct Backoff {
     pub reset_after: Duration,
 }
 
+/// The settings of an app intercepted by default, applied once interception is known to work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoIntercept {
+    /// Its `drain` (default 1s, as for any intercepted app).
+    pub drain: Option<Duration>,
+    /// Its `ready` (default: listen, or alive 5s, whichever comes first).
+    pub ready: Readiness,
+}
+
+impl Manifest {
+    /// Applies interception by default ([`AppConfig::intercept_auto`]) where `available`, and
+    /// returns the names of the apps it applies to (or, where not available, would have).
+    pub fn resolve_interception(&mut self, available: bool) -> Vec<String> {
+        let mut names = Vec::new();
+        for (name, app) in &mut self.apps {
+            let Some(auto) = app.intercept_auto.take() else {
+                continue;
+            };
+            if available {
+                app.intercept = true;
+                app.drain = auto.drain;
+                app.ready = auto.ready;
+            }
+            names.push(name.clone());
+        }
+        names
+    }
+}
+
 /// How the supervisor learns that a new worker is ready to serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -331,6 +383,10 @@ pub enum Readiness {
     /// `ready = "listen"` (default for apps with `intercept = true`, and only valid with it):
     /// it calls `listen()` on a socket it was handed in place of its own `bind()`.
     Listen,
+    /// `ready = "listen"` with `ready_delay` (default for apps intercepted by default, with
+    /// 5s): it listens, or it has been alive that long, whichever comes first (a worker that
+    /// never listens, such as a queue consumer, still becomes ready).
+    ListenOrDelay(Duration),
     /// `ready = "message"` (needs `ipc`): it sends `"ready"` or `{"type":"ready"}` on its
     /// channel (Node's `process.send('ready')`, PM2's `wait_ready`).
     Message,

@@ -21,7 +21,7 @@ use crate::values::{self, NAME_CHARS};
 /// Default `[supervisor].stop_timeout`.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default `backlog`.
-const BACKLOG: u32 = 1024;
+pub(crate) const BACKLOG: u32 = 1024;
 /// Default `backoff_initial`.
 const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 /// Default `backoff_max`.
@@ -30,6 +30,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const BACKOFF_RESET: Duration = Duration::from_secs(10);
 /// Default `ready_delay`.
 const READY_DELAY: Duration = Duration::from_secs(1);
+/// How long a worker of an app intercepted by default may run without listening before it
+/// counts as ready all the same: a queue consumer never listens, and a server that listens
+/// late must not be counted on (its old worker steered out) before it does.
+const LISTEN_FALLBACK: Duration = Duration::from_secs(5);
 /// Default `drain` of intercepted apps.
 const DRAIN: Duration = Duration::from_secs(1);
 /// Default `ready_timeout`.
@@ -450,19 +454,13 @@ fn app(
     // An app with sockets that says nothing about readiness is given a moment to start
     // listening before a rollout counts on it (see `readiness`).
     let has_sockets = table.get("sockets").is_some();
+    // Several workers and no socket declared: they would all bind the same port; like Node's
+    // cluster primary, clusterd binds it on the first one's request and shares it.
+    let intercept_auto =
+        table.get("intercept").is_none() && !has_sockets && workers.is_some_and(|w| w > 1);
     let intercept = cx.field(&table, "intercept", values::boolean).or(false);
-    if intercept == Some(true) && app_sockets.as_ref().is_some_and(|s| s.is_empty()) {
-        if let Some(value) = table.get("intercept") {
-            cx.report(
-                value.span(),
-                &table.key.child("intercept"),
-                "intercept = true needs at least one socket in `sockets`: the app's own bind() \
-                 is answered with one of them",
-            );
-        }
-    }
     let drain = cx.field(&table, "drain", values::duration);
-    let drain = match (intercept, drain) {
+    let drain = match (intercept.map(|i| i || intercept_auto), drain) {
         (Some(true), drain) => drain.or(DRAIN).map(|d| (!d.is_zero()).then_some(d)),
         // Any other app with sockets: a delay only when it asks for it.
         (_, Field::Valid(drain)) if has_sockets => Some((!drain.is_zero()).then_some(drain)),
@@ -526,7 +524,26 @@ fn app(
         _ => drain,
     };
     let ipc = ipc(cx, &table, command.as_deref(), stop_disconnect);
-    let ready = readiness(cx, &table, has_sockets, intercept == Some(true));
+    let ready = readiness(
+        cx,
+        &table,
+        has_sockets,
+        intercept == Some(true) || intercept_auto,
+        intercept_auto,
+    );
+    // Applied by the supervisor where this kernel can trap calls; until then (and where it
+    // cannot) the app is what it would be without interception.
+    let (intercept_auto, drain, ready) = match (intercept_auto, drain, ready) {
+        (true, Some(drain), Some(ready)) => {
+            let fallback = match ready {
+                Readiness::Listen | Readiness::ListenOrDelay(_) => Readiness::Immediate,
+                other => other,
+            };
+            let auto = AutoIntercept { drain, ready };
+            (Some(auto), Some(None), Some(fallback))
+        }
+        (_, drain, ready) => (None, drain, ready),
+    };
     if ready == Some(Readiness::Message) && ipc.is_some_and(|(ipc, _)| !ipc) {
         if let Some(value) = table.get("ready") {
             cx.report(
@@ -576,6 +593,7 @@ fn app(
         max_memory: max_memory?,
         restart_limit: restart_limit?,
         intercept: intercept?,
+        intercept_auto,
         drain: drain?,
         balance: balance?,
         kv_segment: kv_segment?,
@@ -938,12 +956,15 @@ enum ReadyKind {
 /// sockets is `"delay"` (it must stay up `ready_delay` before it counts as ready: most servers
 /// never signal readiness, and a rollout must not stop every old worker before the new ones
 /// listen), an intercepted app is `"listen"` (its `listen()` is trapped, so it says when it
-/// listens) and an app without sockets is `"immediate"`. `"listen"` needs `intercept = true`.
+/// listens) and an app without sockets is `"immediate"`. `"listen"` needs `intercept = true`;
+/// with `ready_delay` it is "listen or alive that long", the default (with 5s) of an app
+/// intercepted by default, which may never listen (a queue consumer).
 fn readiness(
     cx: &mut Checker<'_>,
     table: &Table<'_, '_>,
     has_sockets: bool,
     intercept: bool,
+    intercept_auto: bool,
 ) -> Option<Readiness> {
     let default = if intercept {
         ReadyKind::Listen
@@ -979,13 +1000,15 @@ fn readiness(
     let delay = cx.field(table, "ready_delay", values::duration);
     match (kind?, delay) {
         (ReadyKind::Delay, delay) => delay.or(READY_DELAY).map(Readiness::Delay),
+        (ReadyKind::Listen, Field::Valid(delay)) => Some(Readiness::ListenOrDelay(delay)),
+        (ReadyKind::Listen, Field::Absent) if intercept_auto && table.get("ready").is_none() => {
+            Some(Readiness::ListenOrDelay(LISTEN_FALLBACK))
+        }
         (_, Field::Invalid) => None,
         (kind, Field::Valid(_)) => {
             let written = match kind {
                 ReadyKind::Notify => "ready is \"notify\"",
                 ReadyKind::Message => "ready is \"message\"",
-                ReadyKind::Listen if table.get("ready").is_some() => "ready is \"listen\"",
-                ReadyKind::Listen => "ready defaults to \"listen\" with intercept = true",
                 _ if table.get("ready").is_some() => "ready is \"immediate\"",
                 _ => "ready defaults to \"immediate\"",
             };
@@ -993,7 +1016,10 @@ fn readiness(
                 cx.report(
                     value.span(),
                     &table.key.child("ready_delay"),
-                    format!("ready_delay only applies with ready = \"delay\", but {written}"),
+                    format!(
+                        "ready_delay only applies with ready = \"delay\" or \"listen\", but \
+                         {written}"
+                    ),
                 );
             }
             None

@@ -95,6 +95,11 @@ fn socket_defaults() {
     )
     .unwrap();
     assert!(!off.sockets["http"].tcp_nodelay);
+    // A socket bound on demand gets the same defaults.
+    assert_eq!(
+        clusterd_manifest::SocketConfig::with_defaults(http.listen.clone()),
+        *http
+    );
 }
 
 #[test]
@@ -723,5 +728,64 @@ fn watch_paths_resolve_against_the_app_cwd_and_its_keys_need_it() {
     assert_eq!(
         only_problem(&app("watch_ignore = [\"dist\"]")),
         "3:16: apps.web.watch_ignore: watch_ignore applies to watched files: set watch too"
+    );
+}
+
+#[test]
+fn several_workers_without_sockets_are_intercepted_where_the_kernel_can() {
+    use clusterd_manifest::AutoIntercept;
+    let app = |extra: &str| format!("[apps.web]\ncommand = [\"node\", \"child.js\"]\n{extra}\n");
+    // Just `command` and `workers`: as without interception until the supervisor resolves it.
+    let mut manifest = parse_srv(&app("workers = 2")).unwrap();
+    let web = &manifest.apps["web"];
+    assert!(!web.intercept);
+    assert_eq!((web.drain, web.ready), (None, Readiness::Immediate));
+    let auto = AutoIntercept {
+        drain: Some(Duration::from_secs(1)),
+        ready: Readiness::ListenOrDelay(Duration::from_secs(5)),
+    };
+    assert_eq!(web.intercept_auto, Some(auto));
+    let mut unavailable = manifest.clone();
+    assert_eq!(unavailable.resolve_interception(false), vec!["web"]);
+    assert!(!unavailable.apps["web"].intercept && unavailable.apps["web"].intercept_auto.is_none());
+    assert_eq!(manifest.resolve_interception(true), vec!["web"]);
+    let web = &manifest.apps["web"];
+    assert!(web.intercept && web.intercept_auto.is_none());
+    assert_eq!((web.drain, web.ready), (auto.drain, auto.ready));
+    // What the app says wins.
+    let written = parse_srv(&app("workers = 2\nready = \"notify\"\ndrain = \"0s\"")).unwrap();
+    let written = written.apps["web"].intercept_auto.unwrap();
+    assert_eq!((written.drain, written.ready), (None, Readiness::Notify));
+    let listen = parse_srv(&app("workers = 2\nready = \"listen\"")).unwrap();
+    assert_eq!(
+        listen.apps["web"].intercept_auto.unwrap().ready,
+        Readiness::Listen
+    );
+    // One worker, declared sockets, or `intercept` written: no default.
+    for text in [
+        app("workers = 1"),
+        app("workers = 2\nintercept = false"),
+        format!(
+            "[sockets.http]\nlisten = \"127.0.0.1:8080\"\n{}",
+            app("workers = 2\nsockets = [\"http\"]")
+        ),
+    ] {
+        assert_eq!(
+            parse_srv(&text).unwrap().apps["web"].intercept_auto,
+            None,
+            "{text}"
+        );
+    }
+    // intercept = true needs no socket: binds are answered with sockets bound on demand.
+    let explicit = parse_srv(&app("intercept = true")).unwrap();
+    assert!(explicit.apps["web"].intercept);
+    assert_eq!(explicit.apps["web"].ready, Readiness::Listen);
+    let timed = parse_srv(&app(
+        "intercept = true\nready = \"listen\"\nready_delay = \"3s\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        timed.apps["web"].ready,
+        Readiness::ListenOrDelay(Duration::from_secs(3))
     );
 }

@@ -53,6 +53,10 @@ pub struct SocketStatus {
     pub name: String,
     /// The address it is bound to (`127.0.0.1:8000`, `unix:/path`).
     pub address: String,
+    /// The app it was bound for on demand (an intercepted worker's `bind()` of an address no
+    /// `[sockets.*]` declares; named `port-PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
 }
 
 /// One app.

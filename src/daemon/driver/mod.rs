@@ -8,6 +8,7 @@
 //! worker get a bounded poll).
 
 mod launch;
+mod ports;
 mod queries;
 mod upgrade;
 
@@ -108,7 +109,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let Parts {
-        manifest,
+        mut manifest,
         sockets,
         notify,
         mut control,
@@ -122,6 +123,9 @@ pub async fn run(
     } = parts;
     // Install the SIGCHLD listener before the first fork.
     let mut reaper = Reaper::new()?;
+    if resumed.is_none() {
+        intercept::resolve_defaults(&mut manifest);
+    }
     let mut shutdown = std::pin::pin!(shutdown);
     let mut shutdown_asked = false;
     let mut signals_open = true;
@@ -171,9 +175,12 @@ pub async fn run(
             }
             notification = notify.recv() => driver.on_notify(&mut core, notification),
             Some(request) = control.recv() => driver.on_control(&mut core, request),
-            Some(worker) = driver.intercepts.listening() => {
-                driver.feed(&mut core, Event::Listening(worker));
-            }
+            Some(trapped) = driver.intercepts.next() => match trapped {
+                intercept::Trapped::Listening(worker) => {
+                    driver.feed(&mut core, Event::Listening(worker));
+                }
+                intercept::Trapped::Unmatched(request) => driver.on_unmatched(&core, request),
+            },
             Some(message) = driver.channels.recv() => {
                 let ipc::Message { worker, text, ready } = message;
                 driver.feed(&mut core, Event::Message { worker, text, ready });
@@ -199,6 +206,10 @@ pub async fn run(
             driver.start_upgrade(&mut core, request, &parts);
         }
         if let Some((check, status)) = driver.checked.take() {
+            // A bind waiting for its socket is answered before the exec.
+            for request in driver.intercepts.unmatched_now() {
+                driver.on_unmatched(&core, request);
+            }
             driver.upgrade(&mut core, check, status, &parts).await;
         }
     }
@@ -582,7 +593,7 @@ impl Driver {
     /// SIGHUP: re-reads the manifest and binds its new sockets (all or nothing). `None` when
     /// either fails: then nothing changed.
     fn reread(&mut self) -> Option<Manifest> {
-        let manifest = match clusterd_manifest::load(&self.manifest.path) {
+        let mut manifest = match clusterd_manifest::load(&self.manifest.path) {
             Ok(manifest) => manifest,
             Err(error) => {
                 tracing::error!(
@@ -614,6 +625,7 @@ impl Driver {
                 "socket {name}: a changed address takes effect only after a restart of clusterd"
             );
         }
+        intercept::resolve_defaults(&mut manifest);
         // A socket stays as it was bound (sockets new here: one shared queue). Said once, when
         // its apps' balance changes across the line or it is new.
         let (before, wanted) = (
@@ -644,6 +656,7 @@ impl Driver {
         self.logs.hub().set_apps(manifest.apps.keys());
         self.watches.update(&manifest);
         self.manifest = manifest.clone();
+        self.release_ports();
         Some(manifest)
     }
 }

@@ -82,6 +82,7 @@ impl Driver {
                 .map(|(name, s)| SocketStatus {
                     name: name.clone(),
                     address: s.address.clone(),
+                    app: s.on_demand.as_ref().map(|d| d.app.clone()),
                 })
                 .collect(),
             apps,

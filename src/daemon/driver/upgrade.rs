@@ -224,13 +224,14 @@ impl Driver {
         let sockets: Vec<handover::HandedSocket> = self
             .sockets
             .parts()
-            .map(|(name, fd, address, unix_path)| {
+            .map(|(name, fd, address, unix_path, on_demand)| {
                 fds.push(fd);
                 handover::HandedSocket {
                     name: name.clone(),
                     fd,
                     address: address.clone(),
                     unix_path: unix_path.cloned(),
+                    on_demand: on_demand.cloned(),
                 }
             })
             .collect();

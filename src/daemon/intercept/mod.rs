@@ -19,6 +19,14 @@
 //! - `listen(fd)` on a handed-off socket returns 0 without touching the shared socket (its
 //!   backlog is the manifest's), and tells the driver (`Event::Listening`): the worker is
 //!   ready with `ready = "listen"`.
+//! - `bind(fd, addr)` of a stream socket to a TCP address with a non-zero port that matches
+//!   **no** held socket: the call stays pending and goes to the driver ([`Unmatched`]), which
+//!   answers it as Node's cluster primary does: with the socket it bound for that address on
+//!   the first such call of the app (`port-PORT`, see `sockets::Sockets::bind_on_demand`), or
+//!   the worker's own steered socket on it, installed as above; or with the error the
+//!   worker's own `bind()` would have got (`EADDRINUSE`, `EACCES`), returned as the call's
+//!   errno ([`Intercepts::answer_unmatched`]). Port 0 and datagram sockets stay the worker's
+//!   own.
 //! - anything else continues unchanged (`SECCOMP_USER_NOTIF_FLAG_CONTINUE`).
 //!
 //! - `fcntl`, `ioctl`, `getsockopt` or `getsockname` on one of the fds 3.. the worker
@@ -53,6 +61,7 @@
 //! mid-notification is harmless: the ioctls then fail with `ENOENT` and the notification is
 //! dropped.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -182,19 +191,67 @@ fn matches(bind: &BindAddr, held: &Listen, cwd: Option<&Path>) -> bool {
     }
 }
 
-/// The interception tasks of all workers, and the channel they report `listen()`s on.
+/// Interception by default (apps with `workers > 1` and no `sockets`, see
+/// `AppConfig::intercept_auto`): applied where this kernel can trap calls; where it cannot,
+/// those apps run without it, and the log says why.
+pub fn resolve_defaults(manifest: &mut clusterd_manifest::Manifest) {
+    if manifest
+        .apps
+        .values()
+        .all(|app| app.intercept_auto.is_none())
+    {
+        return;
+    }
+    let available = probe();
+    let apps = manifest.resolve_interception(available.is_ok());
+    if let Err(error) = available {
+        tracing::warn!(
+            "apps {}: several workers and no sockets, so their binds would be trapped and each \
+             port shared (as Node's cluster module does), but {error}; they run without \
+             interception: declare their port in [sockets.NAME] and `sockets` (and have them \
+             take fd 3), or run one worker",
+            apps.join(", ")
+        );
+    }
+}
+
+/// The interception tasks of all workers, and the channels they report `listen()`s and
+/// unmatched `bind()`s on.
 pub struct Intercepts {
     tasks: HashMap<WorkerId, Watched>,
     listening_tx: UnboundedSender<WorkerId>,
     listening_rx: UnboundedReceiver<WorkerId>,
+    unmatched_tx: UnboundedSender<Unmatched>,
+    unmatched_rx: UnboundedReceiver<Unmatched>,
 }
 
 /// One worker's interception: what its task uses, kept for an upgrade's hand-over.
 struct Watched {
     label: String,
     fd: Rc<AsyncFd<OwnedFd>>,
-    held: Rc<[Held]>,
+    /// The app's held sockets, then the sockets its binds were answered with on demand.
+    held: Rc<RefCell<Vec<Held>>>,
     task: AbortHandle,
+}
+
+/// A worker's trapped `bind()` of a stream socket to a TCP address with a non-zero port that
+/// matches none of its held sockets. The worker waits in `bind` until the driver answers with
+/// [`Intercepts::answer_unmatched`].
+#[derive(Debug)]
+pub struct Unmatched {
+    /// The worker.
+    pub worker: WorkerId,
+    /// The process that called `bind`.
+    pub pid: libc::pid_t,
+    /// The address it binds.
+    pub address: SocketAddr,
+    /// `IPV6_V6ONLY` of its socket (IPv6 addresses).
+    pub v6only: bool,
+    /// The notification.
+    id: u64,
+    /// The socket's fd number in the worker, and its close-on-exec flag.
+    target: RawFd,
+    cloexec: bool,
 }
 
 /// A worker's interception as it crosses an upgrade's exec (the descriptors stay open: the
@@ -227,10 +284,13 @@ pub struct HandedHeld {
 impl Default for Intercepts {
     fn default() -> Self {
         let (listening_tx, listening_rx) = unbounded_channel();
+        let (unmatched_tx, unmatched_rx) = unbounded_channel();
         Intercepts {
             tasks: HashMap::new(),
             listening_tx,
             listening_rx,
+            unmatched_tx,
+            unmatched_rx,
         }
     }
 }
@@ -249,14 +309,17 @@ impl Intercepts {
         let fd =
             unsafe { AsyncFd::register_with_interest(notify_fd, tokio::io::Interest::READABLE) }
                 .map_err(io::Error::from)?;
-        let (fd, held) = (Rc::new(fd), Rc::<[Held]>::from(held));
-        let tx = self.listening_tx.clone();
+        let (fd, held) = (Rc::new(fd), Rc::new(RefCell::new(held)));
+        let report = Report {
+            listening: self.listening_tx.clone(),
+            unmatched: self.unmatched_tx.clone(),
+        };
         let task = tokio::task::spawn_local(serve(
             worker,
             label.clone(),
             Rc::clone(&fd),
             Rc::clone(&held),
-            tx,
+            report,
         ));
         let task = task.abort_handle();
         let watched = Watched {
@@ -280,6 +343,7 @@ impl Intercepts {
                 notify: watched.fd.get_ref().as_raw_fd(),
                 held: watched
                     .held
+                    .borrow()
                     .iter()
                     .map(|held| HandedHeld {
                         name: held.name.clone(),
@@ -299,10 +363,108 @@ impl Intercepts {
         }
     }
 
-    /// The next worker that called `listen()` on a handed-off socket.
-    pub async fn listening(&mut self) -> Option<WorkerId> {
-        self.listening_rx.recv().await
+    /// The next worker that called `listen()` on a handed-off socket, or the next `bind()`
+    /// that matched no held socket.
+    pub async fn next(&mut self) -> Option<Trapped> {
+        tokio::select! {
+            Some(worker) = self.listening_rx.recv() => Some(Trapped::Listening(worker)),
+            Some(request) = self.unmatched_rx.recv() => Some(Trapped::Unmatched(request)),
+            else => None,
+        }
     }
+
+    /// The unmatched `bind()`s waiting for an answer right now (before an upgrade's exec).
+    pub fn unmatched_now(&mut self) -> Vec<Unmatched> {
+        std::iter::from_fn(|| self.unmatched_rx.try_recv().ok()).collect()
+    }
+
+    /// Answers an unmatched `bind()`: `Ok(socket)` installs the socket at the worker's fd
+    /// (the call returns 0, and a later `listen()` on it is the worker's), `Err(errno)` makes
+    /// the call fail with that errno. A worker that is gone is not answered (its call went
+    /// with it).
+    pub fn answer_unmatched(&mut self, request: &Unmatched, answer: Result<Held, i32>) {
+        let Some(watched) = self.tasks.get(&request.worker) else {
+            return;
+        };
+        let fd = watched.fd.get_ref();
+        let (pid, address, label) = (request.pid, request.address, &watched.label);
+        let errno = match answer {
+            Ok(socket) => match hand(fd, request.id, &socket, request.target, request.cloexec) {
+                Ok(()) => {
+                    tracing::info!(
+                        "{label}: pid {pid} bind({address}) on fd {} answered with socket \
+                             {} ({}), bound on demand",
+                        request.target,
+                        socket.name,
+                        crate::daemon::sockets::display_listen(&socket.listen)
+                    );
+                    respond(fd, request.id, 0);
+                    watched.held.borrow_mut().push(socket);
+                    return;
+                }
+                Err(error) if error.raw_os_error() == Some(libc::ENOENT) => return,
+                Err(error) => {
+                    tracing::warn!(
+                        "{label}: pid {pid} bind({address}): cannot hand it socket {}: \
+                             {error}",
+                        socket.name
+                    );
+                    error.raw_os_error().unwrap_or(libc::EADDRNOTAVAIL)
+                }
+            },
+            Err(errno) => errno,
+        };
+        respond(fd, request.id, errno);
+    }
+}
+
+/// What the driver acts on.
+pub enum Trapped {
+    /// A worker called `listen()` on a handed-off socket (or took a first look at one).
+    Listening(WorkerId),
+    /// A `bind()` waits for the driver's answer.
+    Unmatched(Unmatched),
+}
+
+/// Where a worker's task reports what the driver acts on.
+struct Report {
+    listening: UnboundedSender<WorkerId>,
+    unmatched: UnboundedSender<Unmatched>,
+}
+
+/// Answers notification `id` with 0 (`errno` 0) or -1 and `errno`.
+fn respond(fd: &OwnedFd, id: u64, errno: i32) {
+    let response = libc::seccomp_notif_resp {
+        id,
+        val: 0,
+        error: -errno,
+        flags: 0,
+    };
+    // SAFETY: a valid response struct for this notification; an error (ENOENT: the caller
+    // is gone) leaves nothing to do.
+    unsafe { libc::ioctl(fd.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &response) };
+}
+
+/// Installs `socket` at fd `target` of the worker whose notification `id` is still pending.
+fn hand(fd: &OwnedFd, id: u64, socket: &Held, target: RawFd, cloexec: bool) -> io::Result<()> {
+    // The pid, the memory and the fd read for this call belong to it only if the notification
+    // is still pending.
+    // SAFETY: the ioctl reads one u64.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &id) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let addfd = libc::seccomp_notif_addfd {
+        id,
+        flags: libc::SECCOMP_ADDFD_FLAG_SETFD as u32,
+        srcfd: socket.fd.as_raw_fd() as u32,
+        newfd: target as u32,
+        newfd_flags: if cloexec { libc::O_CLOEXEC as u32 } else { 0 },
+    };
+    // SAFETY: a valid addfd struct; the kernel duplicates our fd into the worker.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ADDFD, &addfd) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// One worker's task: answers notifications until every process of the worker is gone.
@@ -310,8 +472,8 @@ async fn serve(
     worker: WorkerId,
     label: String,
     fd: Rc<AsyncFd<OwnedFd>>,
-    held: Rc<[Held]>,
-    listening: UnboundedSender<WorkerId>,
+    held: Rc<RefCell<Vec<Held>>>,
+    report: Report,
 ) {
     loop {
         let Ok(mut guard) = fd.readable().await else {
@@ -325,8 +487,16 @@ async fn serve(
         while pending(fd.get_ref()) {
             match receive(fd.get_ref()) {
                 Ok(notification) => {
-                    if answer(fd.get_ref(), &notification, &held, &label) {
-                        let _ = listening.send(worker);
+                    let answered = answer(fd.get_ref(), &notification, &held.borrow(), &label);
+                    match answered {
+                        Answered::Listened => {
+                            let _ = report.listening.send(worker);
+                        }
+                        Answered::Unmatched(mut request) => {
+                            request.worker = worker;
+                            let _ = report.unmatched.send(request);
+                        }
+                        Answered::Done => {}
                     }
                 }
                 // The caller died or was interrupted before we took the notification.
@@ -378,12 +548,29 @@ enum Answer {
     Continue,
     /// Return 0 without running it.
     Success,
+    /// A bind the driver answers ([`Unmatched`]).
+    Defer(Unmatched),
 }
 
-/// Answers one notification; returns true for a `listen()` on a handed-off socket or a first
-/// look at one (the driver's core ignores all but the first). Every error from the ioctls
+/// What came of one notification.
+enum Answered {
+    /// Nothing for the driver.
+    Done,
+    /// A `listen()` on a handed-off socket or a first look at one (the driver's core ignores
+    /// all but the first).
+    Listened,
+    /// A bind the driver must answer (its `worker` is set by the caller).
+    Unmatched(Unmatched),
+}
+
+/// Answers one notification, or defers it to the driver. Every error from the ioctls
 /// (`ENOENT`: the worker died meanwhile) drops the notification.
-fn answer(fd: &OwnedFd, notification: &libc::seccomp_notif, held: &[Held], label: &str) -> bool {
+fn answer(
+    fd: &OwnedFd,
+    notification: &libc::seccomp_notif,
+    held: &[Held],
+    label: &str,
+) -> Answered {
     let pid = notification.pid as libc::pid_t;
     let nr = i64::from(notification.data.nr);
     let target = notification.data.args[0] as RawFd;
@@ -402,12 +589,18 @@ fn answer(fd: &OwnedFd, notification: &libc::seccomp_notif, held: &[Held], label
         error: 0,
         flags: 0,
     };
-    if let Answer::Continue = answer {
-        response.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32;
+    match answer {
+        Answer::Continue => response.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
+        Answer::Success => {}
+        Answer::Defer(request) => return Answered::Unmatched(request),
     }
     // SAFETY: a valid response struct for this notification.
     let sent = unsafe { libc::ioctl(fd.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &response) };
-    sent == 0 && listened
+    if sent == 0 && listened {
+        Answered::Listened
+    } else {
+        Answered::Done
+    }
 }
 
 /// The held socket at `target` in process `pid`, if it is one of `held`.
@@ -418,7 +611,8 @@ fn handed_off(pid: libc::pid_t, target: RawFd, held: &[Held]) -> Option<&Held> {
         .find(|h| link == format!("socket:[{}]", h.inode))
 }
 
-/// A trapped `bind`: hand off a matching held socket, else continue.
+/// A trapped `bind`: hand off a matching held socket; defer a TCP one that matches none (port
+/// not 0, a stream socket) to the driver; else continue.
 fn bind(fd: &OwnedFd, notification: &libc::seccomp_notif, held: &[Held], label: &str) -> Answer {
     let pid = notification.pid as libc::pid_t;
     let [target, addr_ptr, addr_len, ..] = notification.data.args;
@@ -430,38 +624,30 @@ fn bind(fd: &OwnedFd, notification: &libc::seccomp_notif, held: &[Held], label: 
     }
     let address = decode(&bytes[..len]);
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
-    let Some(socket) = held
+    let socket = held
         .iter()
-        .find(|h| matches(&address, &h.listen, cwd.as_deref()))
-    else {
+        .find(|h| matches(&address, &h.listen, cwd.as_deref()));
+    let Some(socket) = socket else {
+        return match (address, stream_socket(pid, target)) {
+            (BindAddr::Tcp(address), Some(own)) if address.port() != 0 => {
+                Answer::Defer(Unmatched {
+                    worker: WorkerId(0),
+                    pid,
+                    address,
+                    v6only: address.is_ipv6()
+                        && socket2::SockRef::from(&own.fd).only_v6().unwrap_or(false),
+                    id: notification.id,
+                    target,
+                    cloexec: own.cloexec,
+                })
+            }
+            _ => Answer::Continue,
+        };
+    };
+    let Some(own) = stream_socket(pid, target) else {
         return Answer::Continue;
     };
-    let Some(cloexec) = stream_socket_cloexec(pid, target) else {
-        return Answer::Continue;
-    };
-    // The pid, the memory and the fd read above belong to this very call only if the
-    // notification is still pending.
-    // SAFETY: the ioctl reads one u64.
-    if unsafe {
-        libc::ioctl(
-            fd.as_raw_fd(),
-            libc::SECCOMP_IOCTL_NOTIF_ID_VALID,
-            &notification.id,
-        )
-    } < 0
-    {
-        return Answer::Continue;
-    }
-    let addfd = libc::seccomp_notif_addfd {
-        id: notification.id,
-        flags: libc::SECCOMP_ADDFD_FLAG_SETFD as u32,
-        srcfd: socket.fd.as_raw_fd() as u32,
-        newfd: target as u32,
-        newfd_flags: if cloexec { libc::O_CLOEXEC as u32 } else { 0 },
-    };
-    // SAFETY: a valid addfd struct; the kernel duplicates our fd into the worker.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ADDFD, &addfd) } < 0 {
-        let error = io::Error::last_os_error();
+    if let Err(error) = hand(fd, notification.id, socket, target, own.cloexec) {
         if error.raw_os_error() != Some(libc::ENOENT) {
             tracing::warn!(
                 event = "intercept_handoff_failed",
@@ -501,9 +687,17 @@ fn read_memory(pid: libc::pid_t, addr: u64, buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// `Some(close_on_exec)` when fd `target` of `pid` is a stream socket; `None` otherwise (or
-/// when it cannot be seen).
-fn stream_socket_cloexec(pid: libc::pid_t, target: RawFd) -> Option<bool> {
+/// A worker's own socket, as seen from clusterd.
+struct Own {
+    /// A duplicate of it.
+    fd: OwnedFd,
+    /// Its close-on-exec flag in the worker.
+    cloexec: bool,
+}
+
+/// Fd `target` of `pid` when it is a stream socket; `None` otherwise (or when it cannot be
+/// seen).
+fn stream_socket(pid: libc::pid_t, target: RawFd) -> Option<Own> {
     // SAFETY: pidfd_open and pidfd_getfd return new fds (or -1), which we own.
     let copy = unsafe {
         let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
@@ -525,7 +719,10 @@ fn stream_socket_cloexec(pid: libc::pid_t, target: RawFd) -> Option<bool> {
         .lines()
         .find_map(|l| l.strip_prefix("flags:"))
         .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())?;
-    Some(flags & libc::O_CLOEXEC as u32 != 0)
+    Some(Own {
+        fd: copy,
+        cloexec: flags & libc::O_CLOEXEC as u32 != 0,
+    })
 }
 
 #[cfg(test)]

@@ -172,6 +172,21 @@ pub fn text(notice: &Notice) -> String {
             "running the reload requested during the aborted rollout".to_owned()
         }
         What::SaysStopping => format!("{label} {pid} says it is stopping"),
+        What::PortBound {
+            socket,
+            address,
+            steered,
+        } => format!(
+            "{label} {pid} binds {address}: socket {socket} bound for {app} on demand{}",
+            if *steered {
+                " (steered: each worker listens on a socket of its own)"
+            } else {
+                ""
+            }
+        ),
+        What::PortRefused { address, reason } => {
+            format!("{label} {pid} cannot bind {address}: {reason}")
+        }
     }
 }
 
@@ -253,6 +268,12 @@ fn fields(what: &What) -> Map<String, Value> {
         What::Scaled { from, to } => json!({ "from": from, "to": to }),
         What::Reconfigured { changes } => json!({ "changes": changes }),
         What::WatchReload { path, count } => json!({ "path": path, "count": count }),
+        What::PortBound {
+            socket,
+            address,
+            steered,
+        } => json!({ "socket": socket, "address": address, "steered": steered }),
+        What::PortRefused { address, reason } => json!({ "address": address, "reason": reason }),
     };
     match value {
         Value::Object(mut map) => {

@@ -6,7 +6,8 @@
 //! logging), because the parent is a running tokio process. Failures in the child are reported to
 //! the parent through a close-on-exec pipe: the parent reads EOF when `execve` succeeded, or the
 //! step that failed and its errno. For an intercepted app the last step before `execve` is
-//! [`Trap::install_in_child`] (seccomp filter, notification fd sent to the supervisor).
+//! [`Trap::install_in_child`] (seccomp filter, notification fd sent to the supervisor), then
+//! only the restore of the soft descriptor limit.
 
 use std::ffi::{CString, OsStr};
 use std::fmt;
@@ -454,11 +455,6 @@ unsafe fn child_after_fork(
             libc::CLOSE_RANGE_CLOEXEC,
         );
 
-        if let Some(limit) = &prepared.nofile {
-            // Best effort: the worker runs with the raised limit if this fails.
-            libc::setrlimit(libc::RLIMIT_NOFILE, limit);
-        }
-
         if libc::chdir(prepared.cwd.as_ptr()) < 0 {
             fail(ChildStep::Chdir);
         }
@@ -486,6 +482,13 @@ unsafe fn child_after_fork(
             && trap.install_in_child() < 0
         {
             fail(ChildStep::Intercept);
+        }
+        // After the trap: its notification fd is opened while this child still holds every
+        // descriptor clusterd had (close-on-exec, closed only by the exec), which may be more
+        // than the worker's soft limit allows.
+        if let Some(limit) = &prepared.nofile {
+            // Best effort: the worker runs with the raised limit if this fails.
+            libc::setrlimit(libc::RLIMIT_NOFILE, limit);
         }
 
         libc::execve(
