@@ -35,9 +35,47 @@ impl Target {
         if let Some(socket) = &self.socket {
             return Ok(socket.clone());
         }
+        if self.run_dir.is_none()
+            && !self.manifest.exists()
+            && let Some(socket) = only_supervisor_here(&self.manifest)?
+        {
+            return Ok(socket);
+        }
         let run_dir = RunDir::for_manifest_file(&self.manifest, self.run_dir.as_deref())
             .with_context(|| format!("cannot read manifest {}", self.manifest.display()))?;
         Ok(run_dir.control_socket())
+    }
+}
+
+/// With no manifest `missing` here: the control socket of the one supervisor answering from
+/// `./.clusterd/` (where `clusterd run` keeps its run directory), so that `clusterd status`
+/// finds the app `clusterd run` started from this directory as `pm2 status` would. `None`
+/// when there is none; an error naming them when there are several.
+fn only_supervisor_here(missing: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(".clusterd") else {
+        return Ok(None);
+    };
+    let mut answering: Vec<PathBuf> = entries
+        .flatten()
+        .map(|entry| entry.path().join("control.sock"))
+        .filter(|socket| UnixStream::connect(socket).is_ok())
+        .collect();
+    answering.sort();
+    match answering.len() {
+        0 | 1 => Ok(answering.pop()),
+        _ => {
+            let dirs: Vec<String> = answering
+                .iter()
+                .filter_map(|s| s.parent().map(|d| d.display().to_string()))
+                .collect();
+            bail!(
+                "no manifest {} here, and {} supervisors run from this directory ({}): name one \
+                 with --run-dir",
+                missing.display(),
+                dirs.len(),
+                dirs.join(", ")
+            )
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use clusterd_manifest::{Manifest, ManifestError};
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Number of workers, or `auto` (one per CPU).
-    #[arg(long, default_value = "1")]
+    #[arg(short = 'w', long, default_value = "1")]
     pub workers: String,
     /// An address the app binds (`127.0.0.1:8001`, `[::1]:8001`, `unix:app.sock`): clusterd
     /// holds it and answers the app's own bind() with it. Repeatable. Not needed with several
@@ -26,7 +26,7 @@ pub struct RunArgs {
     #[arg(long = "listen", value_name = "ADDR")]
     pub listen: Vec<String>,
     /// Readiness: `listen` (default with --listen; without it, with several workers: it
-    /// listens or has run 1s, whichever comes first), `delay`, `notify` or `immediate`.
+    /// listens or has run 5s, whichever comes first), `delay`, `notify` or `immediate`.
     #[arg(long)]
     pub ready: Option<String>,
     /// The app's name (default: the program's file name).

@@ -181,6 +181,60 @@ workers = 2
     assert!(clusterd.stop().success());
 }
 
+/// The README's shortest path, `clusterd run -w auto -- COMMAND`, for a server that binds its
+/// own port: one worker per CPU, all serving that port (one bound by clusterd when there are
+/// several), none restarted.
+#[test]
+fn clusterd_run_w_auto_runs_a_worker_per_cpu_on_the_port_the_app_binds() {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let port_arg = port.to_string();
+    let mut clusterd = start_run(
+        &[
+            "-w",
+            "auto",
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port_arg,
+        ],
+        &[("index.html", b"hello\n")],
+    );
+    clusterd.wait_ready("python3", cpus, 30 * SECOND);
+    // http.server logs each request on stderr: `python3[SLOT]! ... "GET /index.html ...`.
+    let served = |slot| {
+        let prefix = format!("python3[{slot}]");
+        clusterd
+            .output()
+            .lines()
+            .any(|l| l.contains(&prefix) && l.contains("GET /index.html"))
+    };
+    assert!(
+        wait_until(30 * SECOND, || {
+            let _ = crate::util::http_get(addr, "/index.html");
+            (0..cpus).all(served)
+        }),
+        "not every one of the {cpus} workers served:\n{}",
+        clusterd.output()
+    );
+    assert_eq!(restarts(&clusterd, "python3"), 0);
+    // `clusterd status` from the same directory, with no manifest there, finds it.
+    let status = std::process::Command::new(crate::util::clusterd_bin())
+        .args(["status", "--json"])
+        .current_dir(clusterd.dir.path())
+        .output()
+        .expect("clusterd status");
+    assert!(status.status.success(), "{status:?}");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("JSON");
+    assert_eq!(app_in(&status, "python3").expect("the app")["ready"], cpus);
+    assert!(clusterd.stop().success());
+    assert!(wait_until(10 * SECOND, || !taken(addr)), "port {port} kept");
+}
+
 /// Binds `HOST PORT [V6ONLY]` with the worker's own `bind()`, then answers `hi` to every
 /// connection; prints `bound PORT` or `refused ERRNO` (and then only sleeps).
 const BINDER: &str = r#"import errno, select, socket, sys, time
