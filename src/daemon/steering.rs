@@ -157,6 +157,12 @@ impl Steering {
         }
     }
 
+    /// The socket `name` is gone (a port bound on demand whose app was removed): closes every
+    /// per-worker socket of it, the one kept for the next worker too.
+    pub fn close(&mut self, name: &str) {
+        self.groups.remove(name);
+    }
+
     /// `worker` is gone: closes its sockets (the kernel moves the last one into the hole,
     /// and so does the mirror), but for the last socket of a group, kept as the [`KEEPER`]
     /// until the next worker's socket listens.

@@ -135,6 +135,13 @@ pub(super) fn socket_addresses(manifest: &Manifest) -> BTreeMap<String, String> 
 /// How soon after its start a failed, never-ready worker counts as "could not bind".
 const EARLY_EXIT: Duration = Duration::from_secs(1);
 
+/// Whether a worker of this app may have steered sockets of its own: declared ones, or (an
+/// intercepted app) ports bound on demand. Only the daemon knows which it has; a `Steer` for a
+/// worker with none does nothing.
+fn may_be_steered(config: &AppConfig) -> bool {
+    !config.sockets.is_empty() || config.intercept
+}
+
 /// Say what is wrong, by a documented heuristic: a worker of an app that has sockets but does
 /// not intercept, which fails within [`EARLY_EXIT`] of its start and before it was ready, most
 /// often tried to bind the address clusterd already holds (EADDRINUSE): unmodified servers
@@ -893,7 +900,7 @@ impl Core {
             seconds: waited.as_secs_f64(),
         }));
         // Its own steered sockets, if it has any (the daemon knows), now get connections.
-        if !worker.config.sockets.is_empty() {
+        if may_be_steered(&worker.config) {
             self.out.push(Action::Steer {
                 worker: id,
                 serving: true,
@@ -1037,7 +1044,7 @@ impl Core {
                 until: now + grace,
             };
             // No new connections while it drains or closes its channel.
-            let sockets = !worker.config.sockets.is_empty();
+            let sockets = may_be_steered(&worker.config);
             if drain.is_some() || (sockets && disconnect && why != StopReason::Shutdown) {
                 self.out.push(Action::Steer {
                     worker: id,
@@ -1056,7 +1063,7 @@ impl Core {
         };
         // An app that drains itself: no new connections on its own steered sockets from now
         // (one with `drain` or `stop_signal = "disconnect"` was steered out at its stop).
-        if !worker.config.sockets.is_empty()
+        if may_be_steered(&worker.config)
             && worker.config.drain.is_none()
             && !worker.config.stop_disconnect
             && why != StopReason::Shutdown

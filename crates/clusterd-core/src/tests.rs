@@ -1574,6 +1574,22 @@ fn a_self_draining_worker_is_steered_out_right_before_its_stop_signal() {
 }
 
 #[test]
+fn an_intercepted_app_without_sockets_is_steered_for_the_ports_it_may_bind_on_demand() {
+    // Its sockets are bound on demand, which only the daemon knows of: the core steers its
+    // workers in when ready as it would those of an app with declared sockets (steered out:
+    // by its drain, once it listened — `Worker::listened`).
+    let mut sim = Sim::new(
+        "[apps.web]\ncommand = [\"node\", \"child.js\"]\nworkers = 2\nintercept = true\n\
+         ready = \"immediate\"\n",
+    );
+    sim.advance(Duration::from_secs(1));
+    let old_id = sim.core.worker_by_pid(sim.pid("web", 0).unwrap()).unwrap();
+    let other = sim.core.worker_by_pid(sim.pid("web", 1).unwrap()).unwrap();
+    assert!(sim.steered.contains(&(old_id, true)), "{:?}", sim.steered);
+    assert!(sim.steered.contains(&(other, true)), "{:?}", sim.steered);
+}
+
+#[test]
 fn a_disconnected_worker_is_steered_out_when_its_channel_closes() {
     let mut sim = Sim::new(
         "[sockets.http]\nlisten = \"127.0.0.1:0\"\n[apps.web]\ncommand = [\"node\", \"w.js\"]\n\

@@ -149,6 +149,7 @@ impl Driver {
         let apps = &self.manifest.apps;
         for name in self.sockets.release_on_demand(|app| apps.contains_key(app)) {
             self.steered.remove(&name);
+            self.steering.close(&name);
             tracing::info!("socket {name} closed: its app was removed");
         }
     }
