@@ -384,6 +384,18 @@ fn usage_from_proc(member: impl Fn(i32, i32, &str) -> bool) -> (f64, u64, Vec<i3
     (cpu, rss, members)
 }
 
+/// `pid:comm:statm` of each of `pids`, to tell what a failed comparison counted.
+fn members_of(pids: &[i32]) -> String {
+    let read = |pid: &i32, file: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default()
+    };
+    let members: Vec<String> = pids
+        .iter()
+        .map(|p| format!("{p}:{}:{}", read(p, "comm").trim(), read(p, "statm").trim()))
+        .collect();
+    members.join(", ")
+}
+
 /// The `0::` line of `/proc/<pid>/cgroup` (the cgroup v2 path), if any.
 fn cgroup_line(cgroups: &str) -> Option<&str> {
     cgroups.lines().find(|l| l.starts_with("0::"))
@@ -458,7 +470,11 @@ workers = 1
             last = format!("no usage in {slot}");
             return false;
         };
-        last = format!("status cpu {s_cpu} rss {s_rss}; /proc cpu {cpu} rss {rss} ({containment})");
+        let (_, _, now) = reference();
+        last = format!(
+            "status cpu {s_cpu} rss {s_rss}; /proc cpu {cpu} rss {rss} of {} ({containment})",
+            members_of(&now)
+        );
         s_rss.abs_diff(rss) < child_rss / 2 && (s_cpu - cpu).abs() < 0.05
     });
     assert!(agree, "{last}");

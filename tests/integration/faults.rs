@@ -219,7 +219,7 @@ fn a_sighup_failing_on_its_second_new_socket_binds_nothing_and_a_corrected_one_a
     // "a" sorts first and binds; "b" fails on the port held above.
     clusterd.rewrite_manifest(&manifest(a, taken_port));
     clusterd.signal(Signal::SIGHUP);
-    clusterd.wait_for_line("manifest re-read rejected", 10 * SECOND);
+    clusterd.wait_for_line("event=reread_rejected", 10 * SECOND);
     assert!(!listening(a), "the rejected re-read left socket a bound");
 
     let b = free_port();

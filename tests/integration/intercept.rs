@@ -216,7 +216,7 @@ fn the_tutorials_child_js_runs_unmodified_as_two_workers_and_reloads_without_err
         &[("child.js", &script)],
     );
     let addr: SocketAddr = listen.parse().expect("addr");
-    clusterd.wait_for_lines("ready after", 2, 20 * SECOND);
+    clusterd.wait_ready("node", 2, 20 * SECOND);
     let pids = distinct_bodies(addr, 2, |body| body.trim().to_owned());
     assert_eq!(pids.len(), 2, "{pids:?}");
     assert_eq!(restarts(&clusterd, "node"), 0);
@@ -402,7 +402,7 @@ fn a_static_go_binary_binding_its_own_port_runs_as_three_workers() {
         ],
         &[("server", &server)],
     );
-    clusterd.wait_for_lines("ready after", 3, 30 * SECOND);
+    clusterd.wait_ready("server", 3, 30 * SECOND);
     let pids = distinct_bodies(listen.parse().expect("addr"), 3, |b| b.trim().to_owned());
     assert_eq!(pids.len(), 3, "{pids:?}");
     assert!(clusterd.stop().success());

@@ -180,7 +180,7 @@ command = ["{dir}/count.sh"]
     assert!(
         file_lines(&logs.join("clusterd.log"))
             .iter()
-            .any(|l| l.ends_with("clusterd INFO SIGUSR1: log files reopened"))
+            .any(|l| l.ends_with("clusterd INFO SIGUSR1: log files reopened event=logs_reopened"))
     );
     assert!(clusterd.stop().success());
 }

@@ -207,7 +207,7 @@ fn an_intercepted_run_app_is_upgraded_twice_under_load_and_keeps_every_pid() {
         );
     }
     kill(clusterd.pid(), Signal::SIGUSR1).expect("SIGUSR1");
-    clusterd.wait_for_line("SIGUSR1: log files reopened", 10 * SECOND);
+    clusterd.wait_for_line("event=logs_reopened", 10 * SECOND);
     let at_usr1 = clusterd.count(served);
     assert!(
         wait_until(20 * SECOND, || clusterd.count(served) > at_usr1 + 20),
@@ -273,7 +273,7 @@ fn a_node_app_with_ipc_is_upgraded_and_its_messages_still_flow() {
         String::from_utf8_lossy(&upgrade.stdout),
         String::from_utf8_lossy(&upgrade.stderr)
     );
-    clusterd.wait_for_line("upgraded in place from clusterd", 10 * SECOND);
+    clusterd.wait_for_line("event=upgraded", 10 * SECOND);
     // Broadcasts go on, both ways, through the channels the new clusterd serves.
     let counts = (clusterd.count(&heard(a, b)), clusterd.count(&heard(b, a)));
     assert!(

@@ -337,7 +337,7 @@ impl Logs {
         tokio::task::spawn_local(async move {
             while usr1.recv().await.is_some() {
                 logs.reopen_files();
-                tracing::info!("SIGUSR1: log files reopened");
+                tracing::info!(event = "logs_reopened", "SIGUSR1: log files reopened");
             }
         });
         Ok(())
