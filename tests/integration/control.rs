@@ -377,7 +377,12 @@ fn usage_from_proc(member: impl Fn(i32, i32, &str) -> bool) -> (f64, u64, Vec<i3
         if member(pid, group, &cgroup) {
             let field = |n: usize| f.get(n).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
             cpu += (field(11) + field(12)) as f64 / ticks;
-            rss += field(21) * page;
+            // `statm`'s resident count, as clusterd reads it: `stat`'s is the kernel's
+            // approximate per-CPU sum (newer kernels make `statm` exact), off by hundreds of
+            // pages when processes move between CPUs.
+            let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
+            let resident = statm.split(' ').nth(1).and_then(|v| v.parse::<u64>().ok());
+            rss += resident.unwrap_or(0) * page;
             members.push(pid);
         }
     }
