@@ -159,7 +159,7 @@ measure() {
     c=$(field "$out.wrk.out" connect); r=$(field "$out.wrk.out" read)
     w=$(field "$out.wrk.out" write); to=$(field "$out.wrk.out" timeout)
     bad=$((non2xx + c + r + w + to))
-    ROWS+=("$(printf '| %-66s | %-9s | %8d | %7d | %15s | %7s | %-18s | %8d |' "$4" "$mode" "$req" "$non2xx" \
+    ROWS+=("$(printf '| %-66s | %-9s | %8d | %7d | %16s | %7s | %-18s | %8d |' "$4" "$mode" "$req" "$non2xx" \
         "$c/$r/$w/$to" "$(awk "BEGIN{printf \"%.3f%%\", 100 * $bad / ($req > 0 ? $req : 1)}")" \
         "$ok/$RELOADS (${times[*]} s)" "$restarts")")
     log "${ROWS[-1]}"
