@@ -40,8 +40,9 @@ fn reload_under_load(clusterd: &Clusterd, addr: SocketAddr, times: usize) {
         let output = clusterd.ctl(&["reload", "--wait"]);
         assert!(
             output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stdout)
+            "{}\nclusterd's output:\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            clusterd.output()
         );
     }
     let (answered, failures) = load.finish();

@@ -89,7 +89,9 @@ fn the_guides_node_workers_hear_each_other_and_clusterd_send_reaches_every_one()
         assert!(
             clusterd
                 .output()
-                .contains(&format!("worker {pid} disconnected; exiting"))
+                .contains(&format!("worker {pid} disconnected; exiting")),
+            "{}",
+            clusterd.output()
         );
     }
     assert_eq!(

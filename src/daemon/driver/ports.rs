@@ -107,7 +107,15 @@ impl Driver {
             let fd = self
                 .steering
                 .socket_for(&name, (request.worker, slot), local, &config, policy)
-                .map_err(errno)?;
+                .map_err(|error| {
+                    tracing::warn!(
+                        event = "steering_failed",
+                        app,
+                        slot,
+                        "socket {name}: no steered socket for {app}[{slot}]: {error}"
+                    );
+                    errno(error)
+                })?;
             // Its `listen()` will not make it ready again: it serves on this socket at once.
             if matches!(worker.phase, Phase::Ready { .. }) {
                 self.steering.set_serving(request.worker, true);

@@ -698,9 +698,12 @@ struct Own {
 /// Fd `target` of `pid` when it is a stream socket; `None` otherwise (or when it cannot be
 /// seen).
 fn stream_socket(pid: libc::pid_t, target: RawFd) -> Option<Own> {
+    // A notification names the calling thread, and `pidfd_open` takes only a thread group's
+    // leader (Go, for one, binds from any of its threads): open the process's.
+    let process = thread_group(pid)?;
     // SAFETY: pidfd_open and pidfd_getfd return new fds (or -1), which we own.
     let copy = unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, process, 0);
         if pidfd < 0 {
             return None;
         }
@@ -725,6 +728,17 @@ fn stream_socket(pid: libc::pid_t, target: RawFd) -> Option<Own> {
     })
 }
 
+/// The process (thread group) thread `tid` belongs to, from `/proc/<tid>/status`.
+fn thread_group(tid: libc::pid_t) -> Option<libc::pid_t> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::trap::{AUDIT_ARCH, DATA_ARCH, DATA_ARG0_LOW, DATA_NR, filter};
@@ -732,6 +746,21 @@ mod tests {
 
     fn tcp(s: &str) -> BindAddr {
         BindAddr::Tcp(s.parse().unwrap())
+    }
+
+    #[test]
+    fn a_thread_is_found_in_its_process() {
+        let me = std::process::id() as libc::pid_t;
+        assert_eq!(thread_group(me), Some(me));
+        // Asked from a thread of its own, while it runs: its process, not itself.
+        let (tid, group) = std::thread::spawn(|| {
+            let tid = nix::unistd::gettid().as_raw();
+            (tid, thread_group(tid))
+        })
+        .join()
+        .unwrap();
+        assert_ne!(tid, me);
+        assert_eq!(group, Some(me));
     }
 
     #[test]
