@@ -581,6 +581,22 @@ fn enable_migration_at(path: &std::path::Path) -> bool {
 mod tests {
     use super::*;
 
+    /// A free loopback address and a plain socket config for it.
+    fn free_loopback() -> (SocketAddr, SocketConfig) {
+        let reserve = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = reserve.local_addr().unwrap();
+        drop(reserve);
+        let config = SocketConfig {
+            listen: clusterd_manifest::Listen::Tcp(address),
+            backlog: 128,
+            mode: None,
+            tcp_nodelay: false,
+            keepalive: clusterd_manifest::Keepalive::Off,
+            reuseport: false,
+        };
+        (address, config)
+    }
+
     #[test]
     fn tcp_migrate_req_is_written_only_when_it_is_not_1() {
         let dir = tempfile::tempdir().unwrap();
@@ -764,17 +780,7 @@ mod tests {
 
     #[test]
     fn the_kernel_runs_ip_hash_a_client_address_always_reaches_the_same_socket() {
-        let reserve = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = reserve.local_addr().unwrap();
-        drop(reserve);
-        let config = SocketConfig {
-            listen: clusterd_manifest::Listen::Tcp(address),
-            backlog: 128,
-            mode: None,
-            tcp_nodelay: false,
-            keepalive: clusterd_manifest::Keepalive::Off,
-            reuseport: false,
-        };
+        let (address, config) = free_loopback();
         let policy = Policy {
             balance: Balance::IpHash,
             slots: 2,
@@ -819,17 +825,7 @@ mod tests {
             eprintln!("SKIPPED: net.ipv4.tcp_migrate_req cannot be set here");
             return;
         }
-        let reserve = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = reserve.local_addr().unwrap();
-        drop(reserve);
-        let config = SocketConfig {
-            listen: clusterd_manifest::Listen::Tcp(address),
-            backlog: 128,
-            mode: None,
-            tcp_nodelay: false,
-            keepalive: clusterd_manifest::Keepalive::Off,
-            reuseport: false,
-        };
+        let (address, config) = free_loopback();
         let policy = Policy {
             balance: Balance::Random,
             slots: 1,
@@ -874,17 +870,7 @@ mod tests {
 
     #[test]
     fn connections_go_only_to_serving_sockets_and_a_forgotten_socket_leaves_the_group() {
-        let reserve = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = reserve.local_addr().unwrap();
-        drop(reserve);
-        let config = SocketConfig {
-            listen: clusterd_manifest::Listen::Tcp(address),
-            backlog: 128,
-            mode: None,
-            tcp_nodelay: false,
-            keepalive: clusterd_manifest::Keepalive::Off,
-            reuseport: false,
-        };
+        let (address, config) = free_loopback();
         let mut steering = Steering::default();
         let (a, b, c) = (WorkerId(1), WorkerId(2), WorkerId(3));
         let fds: Vec<std::net::TcpListener> = [a, b, c]
