@@ -43,8 +43,8 @@ pub struct RunArgs {
     /// (default 1s; `0s`: none, it is steered out right before its signal).
     #[arg(long, value_name = "DURATION")]
     pub drain: Option<String>,
-    /// How connections reach the workers: `random` (default: a steered socket each),
-    /// `ip-hash`, or `shared` (one accept queue).
+    /// How connections reach the workers: `round-robin` (default: a steered socket each,
+    /// taking connections in turn), `random`, `ip-hash`, or `shared` (one accept queue).
     #[arg(long, value_name = "BALANCE")]
     pub balance: Option<String>,
     /// Reload (rolling) when files change: these paths (directories with what is below them),

@@ -1,7 +1,7 @@
 //! Unmodified servers (`intercept = true`): apps that bind their own port, run as several
 //! workers on clusterd's held socket with no code change.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -578,6 +578,24 @@ drain = "1s"
 bake = "0s"
 "#,
     );
+    // The default takes turns: 40 new connections, 10 to each worker (where clusterd may load
+    // its eBPF program; else its log says connections are spread at random).
+    let addr = steered_addr(&clusterd, true);
+    let pids = ready_pids(&clusterd, "web", 4);
+    if clusterd.output().contains("steering_fallback") {
+        eprintln!("SKIPPED the turns: {}", clusterd.output());
+    } else {
+        let mut per_pid: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..40 {
+            let response = http_get(addr, "/").expect("an answer");
+            *per_pid.entry(hello_pid(&response.body)).or_default() += 1;
+        }
+        assert_eq!(per_pid.keys().cloned().collect::<BTreeSet<_>>(), pids);
+        assert!(
+            per_pid.values().all(|n| *n == 10),
+            "not in turn: {per_pid:?}"
+        );
+    }
     takes_fd3_through_reload_and_kill(clusterd, "web", 4, true, hello_pid);
 }
 
@@ -608,6 +626,24 @@ sockets = ["http"]
 bake = "0s"
 "#,
     );
+    // The default takes turns: 40 new connections, 10 to each worker (where clusterd may load
+    // its eBPF program; else its log says connections are spread at random).
+    let addr = steered_addr(&clusterd, true);
+    let pids = ready_pids(&clusterd, "web", 4);
+    if clusterd.output().contains("steering_fallback") {
+        eprintln!("SKIPPED the turns: {}", clusterd.output());
+    } else {
+        let mut per_pid: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..40 {
+            let response = http_get(addr, "/").expect("an answer");
+            *per_pid.entry(hello_pid(&response.body)).or_default() += 1;
+        }
+        assert_eq!(per_pid.keys().cloned().collect::<BTreeSet<_>>(), pids);
+        assert!(
+            per_pid.values().all(|n| *n == 10),
+            "not in turn: {per_pid:?}"
+        );
+    }
     takes_fd3_through_reload_and_kill(clusterd, "web", 4, true, hello_pid);
 }
 

@@ -213,11 +213,11 @@ pub struct AppConfig {
     /// to finish what it has before its stop signal (without it, an app that drains itself is
     /// steered out right before its signal).
     pub drain: Option<Duration>,
-    /// `balance` (apps with sockets; default `"random"` with `workers` > 1 or `"auto"`, with
-    /// `drain` or `intercept`, else `"shared"`): how new connections reach the workers of its
-    /// TCP sockets: each worker its own steered socket (`"random"`, `"ip-hash"`), or one
-    /// accept queue shared by all (`"shared"`; unix sockets always are).
-    #[serde(default, skip_serializing_if = "Balance::is_random")]
+    /// `balance` (apps with sockets; default `"round-robin"` with `workers` > 1 or `"auto"`,
+    /// with `drain` or `intercept`, else `"shared"`): how new connections reach the workers of
+    /// its TCP sockets: each worker its own steered socket (`"round-robin"`, `"random"`,
+    /// `"ip-hash"`), or one accept queue shared by all (`"shared"`; unix sockets always are).
+    #[serde(default, skip_serializing_if = "Balance::is_default")]
     pub balance: Balance,
     /// `kv_segment`: name prefix of the KV client's shared-memory segment, passed to workers
     /// as `CLUSTERD_KV_SEGMENT`.
@@ -291,9 +291,13 @@ pub struct RestartLimit {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub enum Balance {
+    /// Each worker listens on a steered socket of its own; the serving workers take new
+    /// connections in turn (where the kernel lets clusterd load an eBPF program: else as
+    /// `Random`).
+    #[default]
+    RoundRobin,
     /// Each worker listens on a steered socket of its own; each connection goes to a serving
     /// worker picked at random.
-    #[default]
     Random,
     /// Sticky: a hash of the client's address picks a slot, and the connection goes to that
     /// slot's serving worker (to the other serving workers only while the slot has none).
@@ -303,9 +307,9 @@ pub enum Balance {
 }
 
 impl Balance {
-    /// `"random"`, the serialized default.
-    pub fn is_random(&self) -> bool {
-        *self == Balance::Random
+    /// `"round-robin"`, the serialized default.
+    pub fn is_default(&self) -> bool {
+        *self == Balance::RoundRobin
     }
 
     /// Whether each worker gets a steered socket of its own (not `"shared"`).

@@ -489,6 +489,7 @@ fn app(
             values::choice(
                 v,
                 &[
+                    ("round-robin", Balance::RoundRobin),
                     ("random", Balance::Random),
                     ("ip-hash", Balance::IpHash),
                     ("shared", Balance::Shared),
@@ -496,7 +497,7 @@ fn app(
             )
         })
         .or(if steered_by_default {
-            Balance::Random
+            Balance::RoundRobin
         } else {
             Balance::Shared
         });

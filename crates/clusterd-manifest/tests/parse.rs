@@ -585,7 +585,7 @@ fn balance_is_for_apps_with_sockets() {
         )
     };
     let manifest = parse_srv(&intercepted("")).unwrap();
-    assert_eq!(manifest.apps["web"].balance, Balance::Random);
+    assert_eq!(manifest.apps["web"].balance, Balance::RoundRobin);
     let manifest = parse_srv(&intercepted("balance = \"ip-hash\"")).unwrap();
     assert_eq!(manifest.apps["web"].balance, Balance::IpHash);
     let manifest = parse_srv(&intercepted("balance = \"random\"")).unwrap();
@@ -596,7 +596,7 @@ fn balance_is_for_apps_with_sockets() {
     assert_eq!(manifest.apps["web"].drain, None);
     assert_eq!(
         only_problem(&intercepted("balance = \"least\"")),
-        "7:11: apps.web.balance: expected one of \"random\", \"ip-hash\", \"shared\", found \"least\""
+        "7:11: apps.web.balance: expected one of \"round-robin\", \"random\", \"ip-hash\", \"shared\", found \"least\""
     );
     let error = only_problem(&intercepted("drain = \"2s\"\nbalance = \"shared\""));
     assert!(
@@ -626,14 +626,15 @@ fn multi_worker_apps_are_steered_by_default_and_one_worker_shares_its_queue() {
     let balance = |extra: &str| parse_srv(&app(extra)).unwrap().apps["web"].balance;
     assert_eq!(balance(""), Balance::Shared);
     assert_eq!(balance("workers = 1"), Balance::Shared);
-    assert_eq!(balance("workers = 2"), Balance::Random);
-    assert_eq!(balance("workers = \"auto\""), Balance::Random);
-    assert_eq!(balance("drain = \"1s\""), Balance::Random);
+    assert_eq!(balance("workers = 2"), Balance::RoundRobin);
+    assert_eq!(balance("workers = \"auto\""), Balance::RoundRobin);
+    assert_eq!(balance("drain = \"1s\""), Balance::RoundRobin);
     assert_eq!(
         balance("workers = 2\nbalance = \"shared\""),
         Balance::Shared
     );
     assert_eq!(balance("balance = \"random\""), Balance::Random);
+    assert_eq!(balance("balance = \"round-robin\""), Balance::RoundRobin);
     let manifest = parse_srv(&app("workers = 2")).unwrap();
     assert_eq!(manifest.apps["web"].drain, None);
 }

@@ -1,12 +1,15 @@
-//! Balanced accept: for every TCP socket of multi-worker apps (`balance = "random"`, the
-//! default with `workers` > 1, or `"ip-hash"`; and apps with `drain`, intercepted ones by
-//! default), instead of one shared listening socket, each worker gets a listening socket of its
-//! own (at fd 3 as before: the app sees no difference), all bound by clusterd to the same
-//! address with `SO_REUSEPORT`, and clusterd attaches a classic BPF program to the group
-//! (`SO_ATTACH_REUSEPORT_CBPF`) that spreads new connections at random over the sockets of the
-//! workers that are **serving**. With one shared queue the kernel hands each connection to
-//! whichever worker waits in `epoll_wait` first, so under keep-alive a few connections pile up
-//! on one worker; here each worker gets its share.
+//! Balanced accept: for every TCP socket of multi-worker apps (`balance = "round-robin"`, the
+//! default with `workers` > 1, `"random"` or `"ip-hash"`; and apps with `drain`, intercepted
+//! ones by default), instead of one shared listening socket, each worker gets a listening
+//! socket of its own (at fd 3 as before: the app sees no difference), all bound by clusterd to
+//! the same address with `SO_REUSEPORT`, and clusterd attaches a program to the group that
+//! picks, for each new connection, one of the sockets of the workers that are **serving**:
+//! in turn (an eBPF program counting turns in a map, [`ebpf`]; where the kernel or the
+//! process's privileges refuse it, at random instead, with one log line), at random (a
+//! classic BPF program, `SO_ATTACH_REUSEPORT_CBPF`), or by the client's address. With one
+//! shared queue the kernel hands each connection to whichever worker waits in `epoll_wait`
+//! first, so an app that accepts all it can (Go's `net/http`, for one) may take a burst of
+//! keep-alive connections into one worker; here each worker gets its share.
 //!
 //! To retire a worker, clusterd takes its socket out of the program: the worker gets no new
 //! connections. An app with `drain` (one that cannot drain itself) accepts what is already
@@ -34,12 +37,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use clusterd_manifest::{AppConfig, Balance, Listen, Manifest, SocketConfig};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use clusterd_core::WorkerId;
+
+mod ebpf;
 
 /// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h; the libc crate has it for Android only).
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
@@ -69,6 +74,47 @@ struct Group {
     slots: usize,
     /// The next `Member::since` handed out.
     clock: u64,
+    /// Round robin's turn counter.
+    turns: Turns,
+}
+
+/// A round-robin group's turn counter, made on its first program.
+#[derive(Default)]
+enum Turns {
+    #[default]
+    Untried,
+    Counter(ebpf::Counter),
+    /// The kernel refused the map or the program: connections are spread at random.
+    Unavailable,
+}
+
+impl Turns {
+    /// The counter, made now if it was not tried yet.
+    fn counter(&mut self, name: &str) -> Option<&ebpf::Counter> {
+        if matches!(self, Turns::Untried) {
+            *self = match ebpf::Counter::new() {
+                Ok(counter) => Turns::Counter(counter),
+                Err(error) => {
+                    fall_back_to_random(name, &error);
+                    Turns::Unavailable
+                }
+            };
+        }
+        match self {
+            Turns::Counter(counter) => Some(counter),
+            _ => None,
+        }
+    }
+}
+
+/// One log line: `name`'s round robin is not possible here.
+fn fall_back_to_random(name: &str, error: &io::Error) {
+    tracing::info!(
+        event = "steering_fallback",
+        socket = %name,
+        "socket {name}: connections spread at random, not in turn (balance = \"round-robin\" \
+         needs an eBPF program, which this kernel or process may not load: {error})"
+    );
 }
 
 struct Member {
@@ -126,11 +172,11 @@ impl Steering {
             slot,
             since: 0,
         });
-        group.attach()?;
+        group.attach(name)?;
         if let Some(index) = group.members.iter().position(|m| m.worker == KEEPER) {
             // Its queued connections move to the new socket (`tcp_migrate_req`).
             drop(group.members.swap_remove(index));
-            group.attach()?;
+            group.attach(name)?;
         }
         Ok(handed)
     }
@@ -147,7 +193,7 @@ impl Steering {
                     member.since = group.clock;
                 }
             }
-            if changed && let Err(error) = group.attach() {
+            if changed && let Err(error) = group.attach(name) {
                 tracing::error!(
                     event = "steering_failed",
                     socket = %name,
@@ -179,7 +225,7 @@ impl Steering {
             }
             drop(group.members.swap_remove(index));
             if !group.members.is_empty()
-                && let Err(error) = group.attach()
+                && let Err(error) = group.attach(name)
             {
                 tracing::error!(
                     event = "steering_failed",
@@ -232,7 +278,7 @@ impl Steering {
                     .iter()
                     .map(|m| (m.worker, m.fd.as_raw_fd(), m.serving))
                     .collect(),
-                balance: (!group.balance.is_random()).then(|| HandedBalance {
+                balance: (group.balance != Balance::Random).then(|| HandedBalance {
                     balance: group.balance,
                     slots: group.slots,
                     members: group.members.iter().map(|m| (m.slot, m.since)).collect(),
@@ -267,13 +313,14 @@ impl Steering {
                 }
             })
             .collect();
-        let group_state = Group {
+        let mut group_state = Group {
             members,
             balance: balance.balance,
             slots: balance.slots,
             clock: balance.clock,
+            turns: Turns::Untried,
         };
-        group_state.attach()?;
+        group_state.attach(&group.name)?;
         self.groups.insert(group.name, group_state);
         Ok(())
     }
@@ -281,13 +328,28 @@ impl Steering {
 
 impl Group {
     /// Attaches the program for the current members (through any of them: it is the group's).
-    fn attach(&self) -> io::Result<()> {
-        let Some(first) = self.members.first() else {
+    /// `name` is the socket's, for the log.
+    fn attach(&mut self, name: &str) -> io::Result<()> {
+        if self.members.is_empty() {
             return Ok(());
-        };
+        }
+        if self.balance == Balance::RoundRobin {
+            let targets = self.targets();
+            if let Some(counter) = self.turns.counter(name) {
+                let code = ebpf::round_robin(counter, &targets);
+                match ebpf::attach(self.members[0].fd.as_fd(), &code) {
+                    Ok(()) => return Ok(()),
+                    Err(error) => {
+                        fall_back_to_random(name, &error);
+                        self.turns = Turns::Unavailable;
+                    }
+                }
+            }
+        }
         let mut code = match self.balance {
-            // A worker of an app that became `"shared"` by a re-read, on a socket still steered.
-            Balance::Random | Balance::Shared => program(&self.targets()),
+            // `Shared`: a worker of an app that became `"shared"` by a re-read, on a socket
+            // still steered.
+            Balance::RoundRobin | Balance::Random | Balance::Shared => program(&self.targets()),
             Balance::IpHash => ip_hash_program(&self.buckets()),
         };
         let prog = libc::sock_fprog {
@@ -297,7 +359,7 @@ impl Group {
         // SAFETY: a valid socket and a program that outlives the call, of the size given.
         let rc = unsafe {
             libc::setsockopt(
-                first.fd.as_raw_fd(),
+                self.members[0].fd.as_raw_fd(),
                 libc::SOL_SOCKET,
                 SO_ATTACH_REUSEPORT_CBPF,
                 (&prog as *const libc::sock_fprog).cast(),
@@ -524,7 +586,7 @@ fn probe() -> io::Result<()> {
     socket.bind(&SockAddr::from(SocketAddr::from(([127, 0, 0, 1], 0))))?;
     socket.listen(1)?;
     let fd: OwnedFd = socket.into();
-    let probe = Group {
+    let mut probe = Group {
         members: vec![Member {
             worker: WorkerId(0),
             fd,
@@ -532,9 +594,10 @@ fn probe() -> io::Result<()> {
             slot: 0,
             since: 0,
         }],
+        balance: Balance::Random,
         ..Group::default()
     };
-    probe.attach()
+    probe.attach("probe")
 }
 
 /// The TCP sockets of `sockets` (name, fd) that clusterd only reserves (bound, never
@@ -756,6 +819,7 @@ mod tests {
             balance: Balance::IpHash,
             slots,
             clock: 10,
+            turns: Turns::Untried,
         }
     }
 
@@ -866,6 +930,52 @@ mod tests {
             n += 1;
         }
         n
+    }
+
+    #[test]
+    fn round_robin_gives_each_serving_socket_its_turn() {
+        if ebpf::Counter::new().is_err() {
+            eprintln!("SKIPPED: this process may not create BPF maps");
+            return;
+        }
+        let (address, config) = free_loopback();
+        let mut steering = Steering::default();
+        let policy = Policy {
+            balance: Balance::RoundRobin,
+            slots: 3,
+        };
+        let workers = [WorkerId(1), WorkerId(2), WorkerId(3)];
+        let fds: Vec<std::net::TcpListener> = workers
+            .iter()
+            .enumerate()
+            .map(|(slot, w)| {
+                steering
+                    .socket_for("http", (*w, slot), address, &config, policy)
+                    .unwrap()
+                    .into()
+            })
+            .collect();
+        assert!(matches!(steering.groups["http"].turns, Turns::Counter(_)));
+        steering.set_serving(workers[0], true);
+        steering.set_serving(workers[2], true);
+        let mut clients = Vec::new();
+        let mut connect = |n| {
+            for _ in 0..n {
+                clients.push(std::net::TcpStream::connect(address).unwrap());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        connect(61);
+        let counts: Vec<usize> = fds.iter().map(accepted).collect();
+        assert!(
+            counts == [31, 0, 30] || counts == [30, 0, 31],
+            "not in turn: {counts:?}"
+        );
+        // All three serve now: the next 30 go ten to each.
+        steering.set_serving(workers[1], true);
+        connect(30);
+        let counts: Vec<usize> = fds.iter().map(accepted).collect();
+        assert_eq!(counts, [10, 10, 10]);
     }
 
     #[test]

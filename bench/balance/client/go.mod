@@ -1,0 +1,3 @@
+module clusterd/bench/balance/client
+
+go 1.19

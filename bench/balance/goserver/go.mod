@@ -1,0 +1,3 @@
+module clusterd/bench/balance/goserver
+
+go 1.19
