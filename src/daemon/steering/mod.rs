@@ -978,6 +978,78 @@ mod tests {
         assert_eq!(counts, [10, 10, 10]);
     }
 
+    /// Takes `CAP_BPF` and `CAP_SYS_ADMIN` out of this thread's effective capabilities (a test
+    /// thread's own: capabilities are per thread), as for clusterd run by an ordinary user.
+    fn drop_bpf_capabilities() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: libc::c_int,
+        }
+        #[repr(C)]
+        #[derive(Default, Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        // _LINUX_CAPABILITY_VERSION_3: two words of each set.
+        let mut header = Header {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget/capset with a version 3 header and two data words, as they expect.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                0
+            );
+            data[0].effective &= !(1 << 21); // CAP_SYS_ADMIN
+            data[1].effective &= !(1 << (39 - 32)); // CAP_BPF
+            assert_eq!(libc::syscall(libc::SYS_capset, &header, data.as_ptr()), 0);
+        }
+    }
+
+    #[test]
+    fn without_the_right_to_load_ebpf_round_robin_spreads_at_random() {
+        std::thread::spawn(|| {
+            drop_bpf_capabilities();
+            let (address, config) = free_loopback();
+            let mut steering = Steering::default();
+            let policy = Policy {
+                balance: Balance::RoundRobin,
+                slots: 2,
+            };
+            let workers = [WorkerId(1), WorkerId(2), WorkerId(3)];
+            let fds: Vec<std::net::TcpListener> = workers
+                .iter()
+                .enumerate()
+                .map(|(slot, w)| {
+                    let fd = steering.socket_for("http", (*w, slot), address, &config, policy);
+                    fd.expect("a steered socket with or without eBPF").into()
+                })
+                .collect();
+            steering.set_serving(workers[0], true);
+            steering.set_serving(workers[1], true);
+            let mut clients = Vec::new();
+            for _ in 0..60 {
+                clients.push(std::net::TcpStream::connect(address).unwrap());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let counts: Vec<usize> = fds.iter().map(accepted).collect();
+            assert_eq!(counts[0] + counts[1], 60, "{counts:?}");
+            match steering.groups["http"].turns {
+                // kernel.unprivileged_bpf_disabled = 0: anyone may load it.
+                Turns::Counter(_) => assert_eq!(counts, [30, 30, 0]),
+                Turns::Unavailable => assert!(counts[0] > 5 && counts[1] > 5, "{counts:?}"),
+                Turns::Untried => panic!("round robin was never tried"),
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
     #[test]
     fn connections_go_only_to_serving_sockets_and_a_forgotten_socket_leaves_the_group() {
         let (address, config) = free_loopback();
