@@ -521,6 +521,28 @@ fn takes_fd3_through_reload_and_kill(
     assert!(clusterd.stop().success());
 }
 
+/// The default, round robin, takes turns: 10 new connections per worker of `app`'s `n` go 10
+/// to each (where clusterd may load its eBPF program; else its log says connections are spread
+/// at random, and this says it skipped).
+fn takes_turns(clusterd: &Clusterd, app: &str, n: usize) {
+    let addr = steered_addr(clusterd, true);
+    let pids = ready_pids(clusterd, app, n);
+    if clusterd.output().contains("steering_fallback") {
+        eprintln!("SKIPPED the turns: {}", clusterd.output());
+        return;
+    }
+    let mut per_pid: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..10 * n {
+        let response = http_get(addr, "/").expect("an answer");
+        *per_pid.entry(hello_pid(&response.body)).or_default() += 1;
+    }
+    assert_eq!(per_pid.keys().cloned().collect::<BTreeSet<_>>(), pids);
+    assert!(
+        per_pid.values().all(|count| *count == 10),
+        "not in turn: {per_pid:?}"
+    );
+}
+
 /// The bundled `hello` (fd 3 when `LISTEN_FDS` is set, else it binds), intercepted.
 fn intercepted_hello(extra: &str) -> Clusterd {
     Clusterd::start(&format!(
@@ -578,24 +600,7 @@ drain = "1s"
 bake = "0s"
 "#,
     );
-    // The default takes turns: 40 new connections, 10 to each worker (where clusterd may load
-    // its eBPF program; else its log says connections are spread at random).
-    let addr = steered_addr(&clusterd, true);
-    let pids = ready_pids(&clusterd, "web", 4);
-    if clusterd.output().contains("steering_fallback") {
-        eprintln!("SKIPPED the turns: {}", clusterd.output());
-    } else {
-        let mut per_pid: BTreeMap<String, usize> = BTreeMap::new();
-        for _ in 0..40 {
-            let response = http_get(addr, "/").expect("an answer");
-            *per_pid.entry(hello_pid(&response.body)).or_default() += 1;
-        }
-        assert_eq!(per_pid.keys().cloned().collect::<BTreeSet<_>>(), pids);
-        assert!(
-            per_pid.values().all(|n| *n == 10),
-            "not in turn: {per_pid:?}"
-        );
-    }
+    takes_turns(&clusterd, "web", 4);
     takes_fd3_through_reload_and_kill(clusterd, "web", 4, true, hello_pid);
 }
 
@@ -626,24 +631,7 @@ sockets = ["http"]
 bake = "0s"
 "#,
     );
-    // The default takes turns: 40 new connections, 10 to each worker (where clusterd may load
-    // its eBPF program; else its log says connections are spread at random).
-    let addr = steered_addr(&clusterd, true);
-    let pids = ready_pids(&clusterd, "web", 4);
-    if clusterd.output().contains("steering_fallback") {
-        eprintln!("SKIPPED the turns: {}", clusterd.output());
-    } else {
-        let mut per_pid: BTreeMap<String, usize> = BTreeMap::new();
-        for _ in 0..40 {
-            let response = http_get(addr, "/").expect("an answer");
-            *per_pid.entry(hello_pid(&response.body)).or_default() += 1;
-        }
-        assert_eq!(per_pid.keys().cloned().collect::<BTreeSet<_>>(), pids);
-        assert!(
-            per_pid.values().all(|n| *n == 10),
-            "not in turn: {per_pid:?}"
-        );
-    }
+    takes_turns(&clusterd, "web", 4);
     takes_fd3_through_reload_and_kill(clusterd, "web", 4, true, hello_pid);
 }
 
