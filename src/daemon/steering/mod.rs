@@ -923,6 +923,32 @@ mod tests {
         assert_eq!(&byte, b"x");
     }
 
+    /// Steering group `http` on a free loopback address with the sockets of three workers
+    /// (slots 0 to 2, none serving yet) under `balance`: the steering, the address, the workers
+    /// and their sockets.
+    fn three_workers(
+        balance: Balance,
+    ) -> (
+        Steering,
+        SocketAddr,
+        [WorkerId; 3],
+        Vec<std::net::TcpListener>,
+    ) {
+        let (address, config) = free_loopback();
+        let mut steering = Steering::default();
+        let policy = Policy { balance, slots: 3 };
+        let workers = [WorkerId(1), WorkerId(2), WorkerId(3)];
+        let fds = workers
+            .iter()
+            .enumerate()
+            .map(|(slot, w)| {
+                let fd = steering.socket_for("http", (*w, slot), address, &config, policy);
+                fd.expect("a steered socket").into()
+            })
+            .collect();
+        (steering, address, workers, fds)
+    }
+
     /// Accepts on `listener` until `count` connections arrived or nothing more comes.
     fn accepted(listener: &std::net::TcpListener) -> usize {
         let mut n = 0;
@@ -938,23 +964,7 @@ mod tests {
             eprintln!("SKIPPED: this process may not create BPF maps");
             return;
         }
-        let (address, config) = free_loopback();
-        let mut steering = Steering::default();
-        let policy = Policy {
-            balance: Balance::RoundRobin,
-            slots: 3,
-        };
-        let workers = [WorkerId(1), WorkerId(2), WorkerId(3)];
-        let fds: Vec<std::net::TcpListener> = workers
-            .iter()
-            .enumerate()
-            .map(|(slot, w)| {
-                steering
-                    .socket_for("http", (*w, slot), address, &config, policy)
-                    .unwrap()
-                    .into()
-            })
-            .collect();
+        let (mut steering, address, workers, fds) = three_workers(Balance::RoundRobin);
         assert!(matches!(steering.groups["http"].turns, Turns::Counter(_)));
         steering.set_serving(workers[0], true);
         steering.set_serving(workers[2], true);
@@ -1015,21 +1025,7 @@ mod tests {
     fn without_the_right_to_load_ebpf_round_robin_spreads_at_random() {
         std::thread::spawn(|| {
             drop_bpf_capabilities();
-            let (address, config) = free_loopback();
-            let mut steering = Steering::default();
-            let policy = Policy {
-                balance: Balance::RoundRobin,
-                slots: 2,
-            };
-            let workers = [WorkerId(1), WorkerId(2), WorkerId(3)];
-            let fds: Vec<std::net::TcpListener> = workers
-                .iter()
-                .enumerate()
-                .map(|(slot, w)| {
-                    let fd = steering.socket_for("http", (*w, slot), address, &config, policy);
-                    fd.expect("a steered socket with or without eBPF").into()
-                })
-                .collect();
+            let (mut steering, address, workers, fds) = three_workers(Balance::RoundRobin);
             steering.set_serving(workers[0], true);
             steering.set_serving(workers[1], true);
             let mut clients = Vec::new();
@@ -1052,22 +1048,7 @@ mod tests {
 
     #[test]
     fn connections_go_only_to_serving_sockets_and_a_forgotten_socket_leaves_the_group() {
-        let (address, config) = free_loopback();
-        let mut steering = Steering::default();
-        let (a, b, c) = (WorkerId(1), WorkerId(2), WorkerId(3));
-        let fds: Vec<std::net::TcpListener> = [a, b, c]
-            .iter()
-            .map(|w| {
-                let policy = Policy {
-                    balance: Balance::Random,
-                    slots: 3,
-                };
-                steering
-                    .socket_for("http", (*w, w.0 as usize - 1), address, &config, policy)
-                    .unwrap()
-                    .into()
-            })
-            .collect();
+        let (mut steering, address, [a, b, c], fds) = three_workers(Balance::Random);
         steering.set_serving(a, true);
         steering.set_serving(c, true);
         let mut clients = Vec::new();
