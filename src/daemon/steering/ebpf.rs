@@ -98,17 +98,8 @@ impl Counter {
             max_entries: 1,
             map_flags: 0,
         };
-        // SAFETY: BPF_MAP_CREATE with a valid attribute of the size given; the kernel returns
-        // a new fd or -1.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_CREATE,
-                &attr as *const MapCreate,
-                std::mem::size_of::<MapCreate>(),
-            )
-        };
-        owned(fd).map(Counter)
+        // SAFETY: the attribute of BPF_MAP_CREATE, with no pointers.
+        unsafe { bpf(BPF_MAP_CREATE, &attr) }.map(Counter)
     }
 }
 
@@ -167,37 +158,26 @@ pub(super) fn attach(socket: BorrowedFd<'_>, code: &[Insn]) -> io::Result<()> {
         kern_version: 0,
         prog_flags: 0,
     };
-    // SAFETY: BPF_PROG_LOAD with a valid attribute of the size given, whose pointers (the
-    // instructions, the license) outlive the call.
+    // SAFETY: the attribute of BPF_PROG_LOAD, whose pointers (the instructions, the license)
+    // outlive the call.
+    let program = unsafe { bpf(BPF_PROG_LOAD, &attr) }?;
+    super::set_socket_option(socket, SO_ATTACH_REUSEPORT_EBPF, &program.as_raw_fd())
+}
+
+/// `bpf(cmd, attr)` for a command that returns a new fd.
+///
+/// # Safety
+/// `attr` must be the attribute `cmd` takes, and whatever it points to valid for the call.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<OwnedFd> {
+    // SAFETY: as the caller promises; the size given is the attribute's.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &attr as *const ProgLoad,
-            std::mem::size_of::<ProgLoad>(),
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>(),
         )
     };
-    let program = owned(fd)?;
-    let raw = program.as_raw_fd();
-    // SAFETY: a valid socket and an int option value of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_EBPF,
-            (&raw as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// The fd a `bpf(2)` call returned, or its error.
-fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

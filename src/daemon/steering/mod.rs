@@ -356,21 +356,27 @@ impl Group {
             len: code.len() as u16,
             filter: code.as_mut_ptr(),
         };
-        // SAFETY: a valid socket and a program that outlives the call, of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.members[0].fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                SO_ATTACH_REUSEPORT_CBPF,
-                (&prog as *const libc::sock_fprog).cast(),
-                std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        set_socket_option(self.members[0].fd.as_fd(), SO_ATTACH_REUSEPORT_CBPF, &prog)
+    }
+}
+
+/// `setsockopt(socket, SOL_SOCKET, option, value)`, for a `value` whose pointers (a classic
+/// program's instructions) outlive the call.
+fn set_socket_option<T>(socket: BorrowedFd<'_>, option: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: a valid socket, and a value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
