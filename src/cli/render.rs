@@ -43,13 +43,21 @@ pub fn status_table(status: &Status) -> String {
         );
     }
     for socket in &status.sockets {
-        let _ = match &socket.app {
-            Some(app) => writeln!(
-                out,
-                "socket {} {} (bound on demand for {app})",
-                socket.name, socket.address
-            ),
-            None => writeln!(out, "socket {} {}", socket.name, socket.address),
+        let notes: Vec<String> = [
+            socket.balance.clone(),
+            socket
+                .app
+                .as_ref()
+                .map(|app| format!("bound on demand for {app}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let _ = if notes.is_empty() {
+            writeln!(out, "socket {} {}", socket.name, socket.address)
+        } else {
+            let notes = notes.join(", ");
+            writeln!(out, "socket {} {} ({notes})", socket.name, socket.address)
         };
     }
     for app in &status.apps {
@@ -227,6 +235,7 @@ mod tests {
                 name: "http".into(),
                 address: "127.0.0.1:8000".into(),
                 app: None,
+                balance: Some("round-robin".into()),
             }],
             apps: vec![AppStatus {
                 name: "web".into(),

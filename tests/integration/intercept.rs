@@ -477,6 +477,9 @@ fn takes_fd3_through_reload_and_kill(
 ) {
     let addr = steered_addr(&clusterd, steered);
     let pids = ready_pids(&clusterd, app, n);
+    if !steered {
+        assert_eq!(clusterd.status()["sockets"][0]["balance"], "shared");
+    }
     assert_eq!(distinct_bodies(addr, n, pid_of), pids);
     assert_eq!(restarts(&clusterd, app), 0, "{}", clusterd.output());
     let listening = listening_inodes();
@@ -527,10 +530,13 @@ fn takes_fd3_through_reload_and_kill(
 fn takes_turns(clusterd: &Clusterd, app: &str, n: usize) {
     let addr = steered_addr(clusterd, true);
     let pids = ready_pids(clusterd, app, n);
+    let shown = clusterd.status()["sockets"][0]["balance"].clone();
     if clusterd.output().contains("steering_fallback") {
+        assert_eq!(shown, "random", "status shows what the host does");
         eprintln!("SKIPPED the turns: {}", clusterd.output());
         return;
     }
+    assert_eq!(shown, "round-robin");
     let mut per_pid: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..10 * n {
         let response = http_get(addr, "/").expect("an answer");

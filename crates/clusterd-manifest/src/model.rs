@@ -307,6 +307,16 @@ pub enum Balance {
 }
 
 impl Balance {
+    /// Its name in a manifest: `round-robin`, `random`, `ip-hash`, `shared`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round-robin",
+            Balance::Random => "random",
+            Balance::IpHash => "ip-hash",
+            Balance::Shared => "shared",
+        }
+    }
+
     /// `"round-robin"`, the serialized default.
     pub fn is_default(&self) -> bool {
         *self == Balance::RoundRobin

@@ -57,6 +57,11 @@ pub struct SocketStatus {
     /// `[sockets.*]` declares; named `port-PORT`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app: Option<String>,
+    /// How new connections reach the workers, as the host does it now: `shared` (one accept
+    /// queue), or a steered socket per worker picked `round-robin`, `random` (also where round
+    /// robin fell back) or by `ip-hash` (absent from a clusterd older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<String>,
 }
 
 /// One app.

@@ -83,6 +83,7 @@ impl Driver {
                     name: name.clone(),
                     address: s.address.clone(),
                     app: s.on_demand.as_ref().map(|d| d.app.clone()),
+                    balance: Some(self.balance_of(name).to_owned()),
                 })
                 .collect(),
             apps,
@@ -97,6 +98,26 @@ impl Driver {
                 .map(|at| u64::try_from((now - at).as_millis()).unwrap_or(u64::MAX)),
         };
         (status, usage)
+    }
+
+    /// How socket `name` spreads new connections now: one shared queue, or its steering
+    /// group's program (before the group's first worker: the balance of the app it is for).
+    fn balance_of(&self, name: &str) -> &'static str {
+        if !self.steered.contains(name) {
+            return clusterd_manifest::Balance::Shared.name();
+        }
+        if let Some(balance) = self.steering.balance_of(name) {
+            return balance;
+        }
+        let on_demand_for = self.sockets.get(name).and_then(|s| s.on_demand.as_ref());
+        let app = self.manifest.apps.iter().find(|(app, config)| {
+            on_demand_for.is_some_and(|d| d.app == **app)
+                || config.sockets.iter().any(|s| s == name)
+        });
+        app.map_or(clusterd_manifest::Balance::default(), |(_, config)| {
+            config.balance
+        })
+        .name()
     }
 }
 

@@ -203,6 +203,18 @@ impl Steering {
         }
     }
 
+    /// How the steered socket `name` spreads connections now (`round-robin` that fell back is
+    /// `random`); `None` before its first worker's socket.
+    pub fn balance_of(&self, name: &str) -> Option<&'static str> {
+        let group = self.groups.get(name)?;
+        Some(match (group.balance, &group.turns) {
+            (Balance::RoundRobin, Turns::Unavailable) => Balance::Random.name(),
+            // A worker of an app that became `"shared"` by a re-read: the random program.
+            (Balance::Shared, _) => Balance::Random.name(),
+            (balance, _) => balance.name(),
+        })
+    }
+
     /// The socket `name` is gone (a port bound on demand whose app was removed): closes every
     /// per-worker socket of it, the one kept for the next worker too.
     pub fn close(&mut self, name: &str) {
@@ -972,6 +984,7 @@ mod tests {
         }
         let (mut steering, address, workers, fds) = three_workers(Balance::RoundRobin);
         assert!(matches!(steering.groups["http"].turns, Turns::Counter(_)));
+        assert_eq!(steering.balance_of("http"), Some("round-robin"));
         steering.set_serving(workers[0], true);
         steering.set_serving(workers[2], true);
         let mut clients = Vec::new();
@@ -1044,7 +1057,10 @@ mod tests {
             match steering.groups["http"].turns {
                 // kernel.unprivileged_bpf_disabled = 0: anyone may load it.
                 Turns::Counter(_) => assert_eq!(counts, [30, 30, 0]),
-                Turns::Unavailable => assert!(counts[0] > 5 && counts[1] > 5, "{counts:?}"),
+                Turns::Unavailable => {
+                    assert!(counts[0] > 5 && counts[1] > 5, "{counts:?}");
+                    assert_eq!(steering.balance_of("http"), Some("random"));
+                }
                 Turns::Untried => panic!("round robin was never tried"),
             }
         })
