@@ -7,6 +7,8 @@
 # under:
 #   - clusterd, balance = "shared" (one accept queue for both workers: the old default),
 #   - clusterd, the default (a steered socket per worker, balance = "round-robin"),
+#   - clusterd, balance = "least-queued" (steered, each connection to the worker with the
+#     fewest connections waiting to be accepted),
 #   - clusterd, balance = "random" (steered, each connection to a worker at random),
 #   - PM2 cluster mode (`pm2 start server.js -i 2`: Node's cluster module; node only),
 #   - circus (2 processes sharing one socket it binds, `use_sockets`), when pip installs it.
@@ -17,7 +19,7 @@
 #
 # Settings: BENCH_PORT (18090; circus also uses the next three for its endpoints),
 # BENCH_SECONDS, BENCH_CONNECTIONS, BUSY_MS, BENCH_SKIP_BUILD=1, BENCH_APPS ("node go"),
-# BENCH_SETUPS ("shared steered random pm2 circus"), BENCH_NICE (a niceness for the servers
+# BENCH_SETUPS ("shared steered least-queued random pm2 circus"), BENCH_NICE (a niceness for the servers
 # and the client, e.g. -10 on a machine busy with other work; default: none). Installs Go
 # (apt-get) when missing, PM2 (npm) and circus (pip, in a venv) under bench/.tools.
 set -euo pipefail
@@ -28,7 +30,7 @@ TOOLS=$ROOT/bench/.tools
 PORT=${BENCH_PORT:-18090}
 SECS=${BENCH_SECONDS:-10}
 CONNS=${BENCH_CONNECTIONS:-64}
-SETUPS=${BENCH_SETUPS:-shared steered random pm2 circus}
+SETUPS=${BENCH_SETUPS:-shared steered least-queued random pm2 circus}
 APPS=${BENCH_APPS:-node go}
 export BUSY_MS=${BUSY_MS:-1.5}
 URL="http://127.0.0.1:$PORT/"
@@ -159,6 +161,7 @@ for app in $APPS; do
         case $setup in
         shared) clusterd_setup "$app" 'balance = "shared" (one queue, the old default)' "$app-shared" 'balance = "shared"' ;;
         steered) clusterd_setup "$app" 'default (round-robin, a steered socket per worker)' "$app-steered" '' ;;
+        least-queued) clusterd_setup "$app" 'balance = "least-queued"' "$app-least-queued" 'balance = "least-queued"' ;;
         random) clusterd_setup "$app" 'balance = "random"' "$app-random" 'balance = "random"' ;;
         pm2)
             [[ $app == node ]] || continue

@@ -44,7 +44,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION")]
     pub drain: Option<String>,
     /// How connections reach the workers: `round-robin` (default: a steered socket each,
-    /// taking connections in turn), `random`, `ip-hash`, or `shared` (one accept queue).
+    /// taking connections in turn), `least-queued` (to the one with the fewest waiting),
+    /// `random`, `ip-hash`, or `shared` (one accept queue).
     #[arg(long, value_name = "BALANCE")]
     pub balance: Option<String>,
     /// Reload (rolling) when files change: these paths (directories with what is below them),

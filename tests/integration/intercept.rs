@@ -525,18 +525,21 @@ fn takes_fd3_through_reload_and_kill(
 }
 
 /// The default, round robin, takes turns: 10 new connections per worker of `app`'s `n` go 10
-/// to each (where clusterd may load its eBPF program; else its log says connections are spread
-/// at random, and this says it skipped).
+/// to each (where clusterd may load its eBPF program: `clusterd status` says what the host
+/// does, and without the turns this skips).
 fn takes_turns(clusterd: &Clusterd, app: &str, n: usize) {
     let addr = steered_addr(clusterd, true);
     let pids = ready_pids(clusterd, app, n);
     let shown = clusterd.status()["sockets"][0]["balance"].clone();
-    if clusterd.output().contains("steering_fallback") {
-        assert_eq!(shown, "random", "status shows what the host does");
+    assert!(
+        shown == "round-robin" || clusterd.output().contains("steering_fallback"),
+        "{shown}: {}",
+        clusterd.output()
+    );
+    if shown == "random" {
         eprintln!("SKIPPED the turns: {}", clusterd.output());
         return;
     }
-    assert_eq!(shown, "round-robin");
     let mut per_pid: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..10 * n {
         let response = http_get(addr, "/").expect("an answer");
@@ -639,6 +642,67 @@ bake = "0s"
     );
     takes_turns(&clusterd, "web", 4);
     takes_fd3_through_reload_and_kill(clusterd, "web", 4, true, hello_pid);
+}
+
+/// `balance = "least-queued"`: while one worker is stopped (SIGSTOP: it accepts nothing), new
+/// connections go past it to the other as soon as one waits on its socket, where round robin
+/// would give it every other one; once it runs again, every request is answered.
+#[test]
+fn least_queued_sends_new_connections_past_a_worker_that_stopped_accepting() {
+    use std::io::{Read, Write};
+    let clusterd = Clusterd::start(
+        r#"
+[supervisor]
+stop_timeout = "5s"
+
+[sockets.http]
+listen = "127.0.0.1:0"
+
+[apps.web]
+command = ["{hello}"]
+workers = 2
+sockets = ["http"]
+balance = "least-queued"
+"#,
+    );
+    let addr = steered_addr(&clusterd, true);
+    let pids = ready_pids(&clusterd, "web", 2);
+    let shown = clusterd.status()["sockets"][0]["balance"].clone();
+    if shown != "least-queued" {
+        assert!(clusterd.output().contains("steering_fallback"), "{shown}");
+        eprintln!("SKIPPED: {shown}: {}", clusterd.output());
+        return;
+    }
+    let stopped = pids.first().expect("a pid").clone();
+    let pid = Pid::from_raw(stopped.parse().expect("pid"));
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    let streams: Vec<std::net::TcpStream> = (0..10)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+            let request = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+            stream.write_all(request).expect("request");
+            // Time for the running worker to accept it.
+            std::thread::sleep(Duration::from_millis(50));
+            stream
+        })
+        .collect();
+    nix::sys::signal::kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    let mut per_pid: BTreeMap<String, usize> = BTreeMap::new();
+    for mut stream in streams {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("an answer");
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+        *per_pid.entry(hello_pid(body)).or_default() += 1;
+    }
+    assert_eq!(per_pid.values().sum::<usize>(), 10, "{per_pid:?}");
+    let to_stopped = per_pid.get(&stopped).copied().unwrap_or(0);
+    assert!(
+        to_stopped <= 2,
+        "the stopped worker got {to_stopped} of 10: {per_pid:?}"
+    );
 }
 
 /// A SIGHUP that asks for `balance = "shared"` rolls the app (its env changed too) under load

@@ -215,8 +215,9 @@ pub struct AppConfig {
     pub drain: Option<Duration>,
     /// `balance` (apps with sockets; default `"round-robin"` with `workers` > 1 or `"auto"`,
     /// with `drain` or `intercept`, else `"shared"`): how new connections reach the workers of
-    /// its TCP sockets: each worker its own steered socket (`"round-robin"`, `"random"`,
-    /// `"ip-hash"`), or one accept queue shared by all (`"shared"`; unix sockets always are).
+    /// its TCP sockets: each worker its own steered socket (`"round-robin"`, `"least-queued"`,
+    /// `"random"`, `"ip-hash"`), or one accept queue shared by all (`"shared"`; unix sockets
+    /// always are).
     #[serde(default, skip_serializing_if = "Balance::is_default")]
     pub balance: Balance,
     /// `kv_segment`: name prefix of the KV client's shared-memory segment, passed to workers
@@ -296,6 +297,11 @@ pub enum Balance {
     /// `Random`).
     #[default]
     RoundRobin,
+    /// Each worker listens on a steered socket of its own; each connection goes to the serving
+    /// worker with the fewest connections waiting to be accepted, ties in turn (where the
+    /// kernel lets clusterd attach a lookup program that reads the sockets' queues: else as
+    /// `RoundRobin`).
+    LeastQueued,
     /// Each worker listens on a steered socket of its own; each connection goes to a serving
     /// worker picked at random.
     Random,
@@ -310,6 +316,7 @@ impl Balance {
     /// Its name in a manifest: `round-robin`, `random`, `ip-hash`, `shared`.
     pub fn name(&self) -> &'static str {
         match self {
+            Balance::LeastQueued => "least-queued",
             Balance::RoundRobin => "round-robin",
             Balance::Random => "random",
             Balance::IpHash => "ip-hash",

@@ -490,6 +490,7 @@ fn app(
                 v,
                 &[
                     ("round-robin", Balance::RoundRobin),
+                    ("least-queued", Balance::LeastQueued),
                     ("random", Balance::Random),
                     ("ip-hash", Balance::IpHash),
                     ("shared", Balance::Shared),

@@ -596,7 +596,7 @@ fn balance_is_for_apps_with_sockets() {
     assert_eq!(manifest.apps["web"].drain, None);
     assert_eq!(
         only_problem(&intercepted("balance = \"least\"")),
-        "7:11: apps.web.balance: expected one of \"round-robin\", \"random\", \"ip-hash\", \"shared\", found \"least\""
+        "7:11: apps.web.balance: expected one of \"round-robin\", \"least-queued\", \"random\", \"ip-hash\", \"shared\", found \"least\""
     );
     let error = only_problem(&intercepted("drain = \"2s\"\nbalance = \"shared\""));
     assert!(
@@ -635,6 +635,7 @@ fn multi_worker_apps_are_steered_by_default_and_one_worker_shares_its_queue() {
     );
     assert_eq!(balance("balance = \"random\""), Balance::Random);
     assert_eq!(balance("balance = \"round-robin\""), Balance::RoundRobin);
+    assert_eq!(balance("balance = \"least-queued\""), Balance::LeastQueued);
     let manifest = parse_srv(&app("workers = 2")).unwrap();
     assert_eq!(manifest.apps["web"].drain, None);
 }

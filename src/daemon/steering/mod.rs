@@ -1,15 +1,17 @@
-//! Balanced accept: for every TCP socket of multi-worker apps (`balance = "round-robin"`, the
-//! default with `workers` > 1, `"random"` or `"ip-hash"`; and apps with `drain`, intercepted
-//! ones by default), instead of one shared listening socket, each worker gets a listening
-//! socket of its own (at fd 3 as before: the app sees no difference), all bound by clusterd to
-//! the same address with `SO_REUSEPORT`, and clusterd attaches a program to the group that
-//! picks, for each new connection, one of the sockets of the workers that are **serving**:
-//! in turn (an eBPF program counting turns in a map, [`ebpf`]; where the kernel or the
-//! process's privileges refuse it, at random instead, with one log line), at random (a
-//! classic BPF program, `SO_ATTACH_REUSEPORT_CBPF`), or by the client's address. With one
-//! shared queue the kernel hands each connection to whichever worker waits in `epoll_wait`
-//! first, so an app that accepts all it can (Go's `net/http`, for one) may take a burst of
-//! keep-alive connections into one worker; here each worker gets its share.
+//! Balanced accept: for every TCP socket of multi-worker apps (`balance = "least-queued"`, the
+//! default with `workers` > 1, `"round-robin"`, `"random"` or `"ip-hash"`; and apps with
+//! `drain`, intercepted ones by default), instead of one shared listening socket, each worker
+//! gets a listening socket of its own (at fd 3 as before: the app sees no difference), all
+//! bound by clusterd to the same address with `SO_REUSEPORT`, and clusterd attaches programs
+//! that pick, for each new connection, one of the sockets of the workers that are
+//! **serving**: the one with the fewest connections waiting to be accepted, ties in turn (a
+//! lookup program, [`ebpf`]); in turn (an eBPF reuseport program counting turns in a map); at
+//! random (a classic BPF program, `SO_ATTACH_REUSEPORT_CBPF`); or by the client's address.
+//! Where the kernel or the process's privileges refuse a program, one log line and the next
+//! in that list. With one shared queue the kernel hands each connection to whichever worker
+//! waits in `epoll_wait` first, so an app that accepts all it can (Go's `net/http`, for one)
+//! may take a burst of keep-alive connections into one worker; here each worker gets its
+//! share, and a worker that falls behind (its queue grows) gets fewer.
 //!
 //! To retire a worker, clusterd takes its socket out of the program: the worker gets no new
 //! connections. An app with `drain` (one that cannot drain itself) accepts what is already
@@ -44,6 +46,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use clusterd_core::WorkerId;
 
+mod btf;
 mod ebpf;
 
 /// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h; the libc crate has it for Android only).
@@ -74,8 +77,33 @@ struct Group {
     slots: usize,
     /// The next `Member::since` handed out.
     clock: u64,
-    /// Round robin's turn counter.
+    /// The turn counter of round robin (and least-queued's ties).
     turns: Turns,
+    /// Least-queued's lookup program.
+    queued: Queued,
+}
+
+/// The most serving sockets least-queued looks at: its program grows with them and is
+/// verified again at each change of the serving set (about 3 ms at 64 here); a group with more
+/// takes turns.
+const MAX_QUEUED: usize = 64;
+
+/// The kernel's type information, for where `sk_ack_backlog` lies in `struct sock`.
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// A least-queued group's lookup program.
+#[derive(Default)]
+enum Queued {
+    #[default]
+    Untried,
+    /// Where `sk_ack_backlog` lies in the kernel's `struct sock`, and the program attached
+    /// now (none over [`MAX_QUEUED`] serving sockets).
+    Ready {
+        backlog: i16,
+        attached: Option<ebpf::Lookup>,
+    },
+    /// The kernel or the process's privileges refused it: connections go in turn.
+    Unavailable,
 }
 
 /// A round-robin group's turn counter, made on its first program.
@@ -112,8 +140,19 @@ fn fall_back_to_random(name: &str, error: &io::Error) {
     tracing::info!(
         event = "steering_fallback",
         socket = %name,
-        "socket {name}: connections spread at random, not in turn (balance = \"round-robin\" \
-         needs an eBPF program, which this kernel or process may not load: {error})"
+        "socket {name}: connections spread at random, not in turn (round robin needs an eBPF \
+         program, which this kernel or process may not load: {error})"
+    );
+}
+
+/// One log line: `name`'s least-queued choice is not possible here.
+fn fall_back_to_turns(name: &str, error: &io::Error) {
+    tracing::info!(
+        event = "steering_fallback",
+        socket = %name,
+        "socket {name}: connections go in turn, not to the worker with the fewest waiting \
+         (balance = \"least-queued\" needs a lookup program that reads the kernel's sockets: \
+         CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, and the kernel's BTF: {error})"
     );
 }
 
@@ -203,12 +242,22 @@ impl Steering {
         }
     }
 
-    /// How the steered socket `name` spreads connections now (`round-robin` that fell back is
-    /// `random`); `None` before its first worker's socket.
+    /// How the steered socket `name` spreads connections now (what fell back says what it fell
+    /// back to); `None` before its first worker's socket.
     pub fn balance_of(&self, name: &str) -> Option<&'static str> {
         let group = self.groups.get(name)?;
+        let looking = matches!(
+            group.queued,
+            Queued::Ready {
+                attached: Some(_),
+                ..
+            }
+        );
         Some(match (group.balance, &group.turns) {
-            (Balance::RoundRobin, Turns::Unavailable) => Balance::Random.name(),
+            (Balance::LeastQueued | Balance::RoundRobin, Turns::Unavailable) => {
+                Balance::Random.name()
+            }
+            (Balance::LeastQueued, _) if !looking => Balance::RoundRobin.name(),
             // A worker of an app that became `"shared"` by a re-read: the random program.
             (Balance::Shared, _) => Balance::Random.name(),
             (balance, _) => balance.name(),
@@ -331,6 +380,7 @@ impl Steering {
             slots: balance.slots,
             clock: balance.clock,
             turns: Turns::Untried,
+            queued: Queued::Untried,
         };
         group_state.attach(&group.name)?;
         self.groups.insert(group.name, group_state);
@@ -345,15 +395,21 @@ impl Group {
         if self.members.is_empty() {
             return Ok(());
         }
-        if self.balance == Balance::RoundRobin {
+        if matches!(self.balance, Balance::LeastQueued | Balance::RoundRobin) {
             let targets = self.targets();
             if let Some(counter) = self.turns.counter(name) {
                 let code = ebpf::round_robin(counter, &targets);
                 match ebpf::attach(self.members[0].fd.as_fd(), &code) {
-                    Ok(()) => return Ok(()),
+                    Ok(()) => {
+                        if self.balance == Balance::LeastQueued {
+                            self.attach_lookup(name, &targets);
+                        }
+                        return Ok(());
+                    }
                     Err(error) => {
                         fall_back_to_random(name, &error);
                         self.turns = Turns::Unavailable;
+                        self.queued = Queued::Unavailable;
                     }
                 }
             }
@@ -361,7 +417,9 @@ impl Group {
         let mut code = match self.balance {
             // `Shared`: a worker of an app that became `"shared"` by a re-read, on a socket
             // still steered.
-            Balance::RoundRobin | Balance::Random | Balance::Shared => program(&self.targets()),
+            Balance::LeastQueued | Balance::RoundRobin | Balance::Random | Balance::Shared => {
+                program(&self.targets())
+            }
             Balance::IpHash => ip_hash_program(&self.buckets()),
         };
         let prog = libc::sock_fprog {
@@ -369,6 +427,59 @@ impl Group {
             filter: code.as_mut_ptr(),
         };
         set_socket_option(self.members[0].fd.as_fd(), SO_ATTACH_REUSEPORT_CBPF, &prog)
+    }
+}
+
+impl Group {
+    /// Least-queued: a lookup program over the sockets of `targets`, in place of the one
+    /// before (none over [`MAX_QUEUED`] targets: the round robin already attached decides).
+    /// Where the kernel refuses, one log line, and round robin from then on.
+    fn attach_lookup(&mut self, name: &str, targets: &[u32]) {
+        let Turns::Counter(counter) = &self.turns else {
+            return;
+        };
+        if matches!(self.queued, Queued::Untried) {
+            let offset = btf::member_offset(VMLINUX_BTF, "sock", "sk_ack_backlog");
+            self.queued = match offset.and_then(|o| i16::try_from(o).map_err(io::Error::other)) {
+                Ok(backlog) => Queued::Ready {
+                    backlog,
+                    attached: None,
+                },
+                Err(error) => {
+                    fall_back_to_turns(name, &error);
+                    Queued::Unavailable
+                }
+            };
+        }
+        let Queued::Ready { backlog, attached } = &mut self.queued else {
+            return;
+        };
+        if targets.len() > MAX_QUEUED {
+            *attached = None;
+            return;
+        }
+        let fds: Vec<BorrowedFd<'_>> = targets
+            .iter()
+            .map(|i| self.members[*i as usize].fd.as_fd())
+            .collect();
+        let address = socket2::SockRef::from(&self.members[0].fd)
+            .local_addr()
+            .and_then(|a| {
+                a.as_socket()
+                    .ok_or_else(|| io::Error::other("not an IP socket"))
+            });
+        let lookup = address.and_then(|address| {
+            let sockets = ebpf::SockMap::new(&fds)?;
+            let code = ebpf::least_queued(counter, &sockets, *backlog, address, fds.len());
+            ebpf::Lookup::attach(&code)
+        });
+        match lookup {
+            Ok(lookup) => *attached = Some(lookup),
+            Err(error) => {
+                fall_back_to_turns(name, &error);
+                self.queued = Queued::Unavailable;
+            }
+        }
     }
 }
 
@@ -838,6 +949,7 @@ mod tests {
             slots,
             clock: 10,
             turns: Turns::Untried,
+            queued: Queued::Untried,
         }
     }
 
@@ -1007,9 +1119,9 @@ mod tests {
         assert_eq!(counts, [10, 10, 10]);
     }
 
-    /// Takes `CAP_BPF` and `CAP_SYS_ADMIN` out of this thread's effective capabilities (a test
-    /// thread's own: capabilities are per thread), as for clusterd run by an ordinary user.
-    fn drop_bpf_capabilities() {
+    /// Takes `capabilities` out of this thread's effective set (a test thread's own:
+    /// capabilities are per thread), as for clusterd run without them.
+    fn drop_capabilities(capabilities: &[u32]) {
         #[repr(C)]
         struct Header {
             version: u32,
@@ -1034,16 +1146,76 @@ mod tests {
                 libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
                 0
             );
-            data[0].effective &= !(1 << 21); // CAP_SYS_ADMIN
-            data[1].effective &= !(1 << (39 - 32)); // CAP_BPF
+            for capability in capabilities {
+                data[*capability as usize / 32].effective &= !(1 << (capability % 32));
+            }
             assert_eq!(libc::syscall(libc::SYS_capset, &header, data.as_ptr()), 0);
         }
+    }
+
+    /// `CAP_SYS_ADMIN`, `CAP_PERFMON`, `CAP_BPF` (linux/capability.h).
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+
+    /// Connects `n` clients to `address` and lets the kernel queue them.
+    fn connect(address: SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+        let clients = (0..n)
+            .map(|_| std::net::TcpStream::connect(address).unwrap())
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        clients
+    }
+
+    #[test]
+    fn least_queued_sends_each_connection_to_the_serving_socket_with_the_fewest_waiting() {
+        let (mut steering, address, workers, fds) = three_workers(Balance::LeastQueued);
+        steering.set_serving(workers[0], true);
+        steering.set_serving(workers[2], true);
+        if steering.balance_of("http") != Some("least-queued") {
+            eprintln!("SKIPPED: this process may not attach lookup programs");
+            return;
+        }
+        // The queues grow together...
+        let _first = connect(address, 10);
+        assert_eq!(accepted(&fds[0]), 5);
+        // ...and with the first one emptied, the next five all go there (the third still has
+        // the five of before).
+        let _second = connect(address, 5);
+        let counts: Vec<usize> = fds.iter().map(accepted).collect();
+        assert_eq!(counts, [5, 0, 5]);
+        // A worker that stops serving gets nothing, however empty its queue.
+        steering.set_serving(workers[0], false);
+        let _third = connect(address, 4);
+        let counts: Vec<usize> = fds.iter().map(accepted).collect();
+        assert_eq!(counts, [0, 0, 4]);
+    }
+
+    #[test]
+    fn without_perfmon_least_queued_takes_turns() {
+        std::thread::spawn(|| {
+            drop_capabilities(&[CAP_PERFMON, CAP_SYS_ADMIN]);
+            let (mut steering, address, workers, fds) = three_workers(Balance::LeastQueued);
+            steering.set_serving(workers[0], true);
+            steering.set_serving(workers[1], true);
+            let balance = steering.balance_of("http");
+            let _clients = connect(address, 60);
+            let counts: Vec<usize> = fds.iter().map(accepted).collect();
+            match balance {
+                Some("round-robin") => assert_eq!(counts, [30, 30, 0]),
+                // Without the turns too (no CAP_BPF here either?).
+                Some("random") => assert_eq!(counts[0] + counts[1], 60, "{counts:?}"),
+                other => panic!("least-queued without CAP_PERFMON: {other:?}"),
+            }
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
     fn without_the_right_to_load_ebpf_round_robin_spreads_at_random() {
         std::thread::spawn(|| {
-            drop_bpf_capabilities();
+            drop_capabilities(&[CAP_BPF, CAP_SYS_ADMIN]);
             let (mut steering, address, workers, fds) = three_workers(Balance::RoundRobin);
             steering.set_serving(workers[0], true);
             steering.set_serving(workers[1], true);
