@@ -694,10 +694,12 @@ fn matrix_one_shot_beside_a_web_app_foreground_under_a_manager() {
     m.stop_and_report(|_| {});
 }
 
-/// A hello app with `intercept = true` and steered sockets (`drain`), taking its socket at
-/// fd 3: each worker's fd 3 must be a listening socket it can accept on (issue 23).
+/// A hello app with `intercept = true` and steered sockets (`drain`, `balance =
+/// "least-queued"`), taking its socket at fd 3: each worker's fd 3 must be a listening socket
+/// it can accept on (issue 23), and after every event the socket is still least-queued (its
+/// lookup program made again after an upgrade) where the host allows it.
 #[test]
-fn matrix_intercepted_hello_on_fd_3_with_drain() {
+fn matrix_intercepted_hello_on_fd_3_with_drain_least_queued() {
     let port = free_port();
     let manifest = |version: u32| {
         format!(
@@ -714,6 +716,7 @@ workers = 2
 sockets = ["http"]
 intercept = true
 drain = "300ms"
+balance = "least-queued"
 ready = "notify"
 env = {{ VERSION = "{version}" }}
 
@@ -725,7 +728,7 @@ bake = "200ms"
     let clusterd = Clusterd::start(&manifest(1));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let mut m = Matrix::new(
-        "intercepted hello on fd 3 + drain",
+        "intercepted hello on fd 3 + drain + least-queued",
         Supervisor::Foreground(clusterd),
         &[("web", Kind::Serving(2))],
     )
@@ -744,6 +747,11 @@ bake = "200ms"
                 .count(),
             0,
             "a worker found fd 3 not listening"
+        );
+        let balance = m.sup.status()["sockets"][0]["balance"].clone();
+        assert!(
+            balance == "least-queued" || m.log().contains("steering_fallback"),
+            "balance {balance}"
         );
     });
     if m.started("foreground", |_| {}) {
