@@ -554,7 +554,16 @@ fn takes_turns(clusterd: &Clusterd, app: &str, n: usize) {
 
 /// The bundled `hello` (fd 3 when `LISTEN_FDS` is set, else it binds), intercepted.
 fn intercepted_hello(extra: &str) -> Clusterd {
-    Clusterd::start(&format!(
+    Clusterd::start(&hello_manifest(
+        4,
+        &format!("intercept = true\n{extra}\n{NO_BAKE}"),
+    ))
+}
+
+/// A manifest of `workers` hello workers (app `web`) on a loopback socket (`http`, port 0),
+/// with `extra` lines at the end of the app's table.
+fn hello_manifest(workers: usize, extra: &str) -> String {
+    format!(
         r#"
 [supervisor]
 stop_timeout = "5s"
@@ -564,16 +573,15 @@ listen = "127.0.0.1:0"
 
 [apps.web]
 command = ["{{hello}}"]
-workers = 4
+workers = {workers}
 sockets = ["http"]
-intercept = true
 {extra}
-
-[apps.web.reload]
-bake = "0s"
 "#
-    ))
+    )
 }
+
+/// `extra` for [`hello_manifest`]: reloads without a bake.
+const NO_BAKE: &str = "\n[apps.web.reload]\nbake = \"0s\"";
 
 /// The pid in hello's `hello from web[0] pid 123 generation 1`.
 fn hello_pid(body: &str) -> String {
@@ -591,24 +599,7 @@ fn hello_intercepted_takes_its_own_steered_socket_at_fd_3() {
 
 #[test]
 fn hello_on_fd_3_with_drain_takes_its_own_steered_socket_without_intercept() {
-    let clusterd = Clusterd::start(
-        r#"
-[supervisor]
-stop_timeout = "5s"
-
-[sockets.http]
-listen = "127.0.0.1:0"
-
-[apps.web]
-command = ["{hello}"]
-workers = 4
-sockets = ["http"]
-drain = "1s"
-
-[apps.web.reload]
-bake = "0s"
-"#,
-    );
+    let clusterd = Clusterd::start(&hello_manifest(4, &format!("drain = \"1s\"\n{NO_BAKE}")));
     takes_turns(&clusterd, "web", 4);
     takes_fd3_through_reload_and_kill(clusterd, "web", 4, true, hello_pid);
 }
@@ -623,48 +614,18 @@ fn hello_intercepted_with_balance_shared_takes_the_shared_socket_at_fd_3() {
 /// fd 3, without `drain` — hello drains itself on SIGTERM, steered out right before it.
 #[test]
 fn hello_on_fd_3_takes_its_own_steered_socket_by_default_and_reloads_without_drain() {
-    let clusterd = Clusterd::start(
-        r#"
-[supervisor]
-stop_timeout = "5s"
-
-[sockets.http]
-listen = "127.0.0.1:0"
-
-[apps.web]
-command = ["{hello}"]
-workers = 4
-sockets = ["http"]
-
-[apps.web.reload]
-bake = "0s"
-"#,
-    );
+    let clusterd = Clusterd::start(&hello_manifest(4, NO_BAKE));
     takes_turns(&clusterd, "web", 4);
     takes_fd3_through_reload_and_kill(clusterd, "web", 4, true, hello_pid);
 }
 
 /// `balance = "least-queued"`: while one worker is stopped (SIGSTOP: it accepts nothing), new
 /// connections go past it to the other as soon as one waits on its socket, where round robin
-/// would give it every other one; once it runs again, every request is answered.
+/// would give it every other one; once it runs again, it answers the one it got.
 #[test]
 fn least_queued_sends_new_connections_past_a_worker_that_stopped_accepting() {
     use std::io::{Read, Write};
-    let clusterd = Clusterd::start(
-        r#"
-[supervisor]
-stop_timeout = "5s"
-
-[sockets.http]
-listen = "127.0.0.1:0"
-
-[apps.web]
-command = ["{hello}"]
-workers = 2
-sockets = ["http"]
-balance = "least-queued"
-"#,
-    );
+    let clusterd = Clusterd::start(&hello_manifest(2, "balance = \"least-queued\""));
     let addr = steered_addr(&clusterd, true);
     let pids = ready_pids(&clusterd, "web", 2);
     let shown = clusterd.status()["sockets"][0]["balance"].clone();
@@ -676,33 +637,37 @@ balance = "least-queued"
     let stopped = pids.first().expect("a pid").clone();
     let pid = Pid::from_raw(stopped.parse().expect("pid"));
     nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
-    let streams: Vec<std::net::TcpStream> = (0..10)
-        .map(|_| {
-            let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-            let request = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
-            stream.write_all(request).expect("request");
-            // Time for the running worker to accept it.
-            std::thread::sleep(Duration::from_millis(50));
-            stream
-        })
-        .collect();
-    nix::sys::signal::kill(pid, Signal::SIGCONT).expect("SIGCONT");
-    let mut per_pid: BTreeMap<String, usize> = BTreeMap::new();
-    for mut stream in streams {
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+    // One request at a time: the running worker answers at once; a request that gets no
+    // answer within 2 s waits on the stopped worker's socket.
+    let answer = |stream: &mut std::net::TcpStream, within: Duration| {
+        stream.set_read_timeout(Some(within)).unwrap();
         let mut response = String::new();
-        stream.read_to_string(&mut response).expect("an answer");
-        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
-        *per_pid.entry(hello_pid(body)).or_default() += 1;
+        let _ = stream.read_to_string(&mut response);
+        let body = response.split("\r\n\r\n").nth(1).map(hello_pid);
+        body.filter(|_| !response.is_empty())
+    };
+    let mut waiting = Vec::new();
+    for _ in 0..10 {
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        let request = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+        stream.write_all(request).expect("request");
+        match answer(&mut stream, Duration::from_secs(2)) {
+            Some(from) => assert_ne!(from, stopped, "a stopped worker answered"),
+            None => waiting.push(stream),
+        }
     }
-    assert_eq!(per_pid.values().sum::<usize>(), 10, "{per_pid:?}");
-    let to_stopped = per_pid.get(&stopped).copied().unwrap_or(0);
-    assert!(
-        to_stopped <= 2,
-        "the stopped worker got {to_stopped} of 10: {per_pid:?}"
+    // The turns give it one while its queue is as short as the other's (empty), then none.
+    assert_eq!(
+        waiting.len(),
+        1,
+        "the stopped worker got {} of 10",
+        waiting.len()
     );
+    nix::sys::signal::kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    for mut stream in waiting {
+        let from = answer(&mut stream, Duration::from_secs(10));
+        assert_eq!(from.as_deref(), Some(stopped.as_str()));
+    }
 }
 
 /// A SIGHUP that asks for `balance = "shared"` rolls the app (its env changed too) under load
@@ -710,26 +675,7 @@ balance = "least-queued"
 /// worker's fd 3 is its own listening socket.
 #[test]
 fn a_sighup_to_balance_shared_keeps_the_socket_steered_and_rolls_without_failures() {
-    let manifest = |extra: &str| {
-        format!(
-            r#"
-[supervisor]
-stop_timeout = "5s"
-
-[sockets.http]
-listen = "127.0.0.1:0"
-
-[apps.web]
-command = ["{{hello}}"]
-workers = 2
-sockets = ["http"]
-{extra}
-
-[apps.web.reload]
-bake = "0s"
-"#
-        )
-    };
+    let manifest = |extra: &str| hello_manifest(2, &format!("{extra}\n{NO_BAKE}"));
     let mut clusterd = Clusterd::start(&manifest(""));
     let addr = steered_addr(&clusterd, true);
     let old = ready_pids(&clusterd, "web", 2);
@@ -759,21 +705,7 @@ bake = "0s"
 #[test]
 fn a_steered_app_with_no_worker_left_queues_connections_for_the_next_one() {
     use std::io::{Read, Write};
-    let mut clusterd = Clusterd::start(
-        r#"
-[supervisor]
-stop_timeout = "5s"
-
-[sockets.http]
-listen = "127.0.0.1:0"
-
-[apps.web]
-command = ["{hello}"]
-workers = 2
-sockets = ["http"]
-restart = "never"
-"#,
-    );
+    let mut clusterd = Clusterd::start(&hello_manifest(2, "restart = \"never\""));
     let addr = steered_addr(&clusterd, true);
     let pids = ready_pids(&clusterd, "web", 2);
     for pid in &pids {
@@ -985,24 +917,9 @@ fn ip_hash_on_fd_3_without_intercept_sends_each_client_address_to_the_same_worke
 /// its socket): 16 client addresses each always reach one worker, both workers get clients,
 /// before and after a rolling reload.
 fn sticky(steering: &str) {
-    let mut clusterd = Clusterd::start(&format!(
-        r#"
-[supervisor]
-stop_timeout = "5s"
-
-[sockets.http]
-listen = "127.0.0.1:0"
-
-[apps.web]
-command = ["{{hello}}"]
-workers = 2
-sockets = ["http"]
-{steering}
-balance = "ip-hash"
-
-[apps.web.reload]
-bake = "0s"
-"#
+    let mut clusterd = Clusterd::start(&hello_manifest(
+        2,
+        &format!("{steering}\nbalance = \"ip-hash\"\n{NO_BAKE}"),
     ));
     let addr = steered_addr(&clusterd, true);
     for round in ["before", "after"] {

@@ -261,11 +261,9 @@ pub(super) fn least_queued(
             insn(JLT_K, r1, 0, 1, n),
             insn(ADD64_K, r1, 0, 0, -n),
             insn(STX_MEM_W, fp, r1, -4, 0),
-            insn(MOV64_X, r2, fp, 0, 0),
-            insn(ADD64_K, r2, 0, 0, -4),
-            insn(LD_IMM64, r1, BPF_PSEUDO_MAP_FD, 0, sockets.0.as_raw_fd()),
-            insn(0, 0, 0, 0, 0),
-            insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM),
+        ]);
+        code.extend(lookup_key_at_fp_4(&sockets.0));
+        code.extend([
             insn(JEQ_K, r0, 0, 16, 0), // to the next socket
             insn(MOV64_X, r8, r0, 0, 0),
             insn(MOV64_X, r1, r0, 0, 0),
@@ -286,13 +284,9 @@ pub(super) fn least_queued(
             insn(CALL, 0, 0, 0, HELPER_SK_RELEASE),
         ]);
     }
+    code.extend([insn(STX_MEM_W, fp, r7, -4, 0)]);
+    code.extend(lookup_key_at_fp_4(&sockets.0));
     code.extend([
-        insn(STX_MEM_W, fp, r7, -4, 0),
-        insn(MOV64_X, r2, fp, 0, 0),
-        insn(ADD64_K, r2, 0, 0, -4),
-        insn(LD_IMM64, r1, BPF_PSEUDO_MAP_FD, 0, sockets.0.as_raw_fd()),
-        insn(0, 0, 0, 0, 0),
-        insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM),
         insn(JEQ_K, r0, 0, 7, 0), // to PASS
         insn(MOV64_X, r8, r0, 0, 0),
         insn(LDX_MEM_DW, r1, fp, -16, 0),
@@ -333,19 +327,28 @@ impl Lookup {
 /// The start of both programs: `r1 = fetch_add(counter, 1)`, or return -1 (the kernel's own
 /// hash) if the counter's lookup failed (it cannot: the verifier wants the check).
 fn turn(counter: &Counter) -> Vec<Insn> {
-    let (r0, r1, r2, fp) = (0, 1, 2, 10);
-    vec![
-        insn(ST_MEM_W, fp, 0, -4, 0),
-        insn(MOV64_X, r2, fp, 0, 0),
-        insn(ADD64_K, r2, 0, 0, -4),
-        insn(LD_IMM64, r1, BPF_PSEUDO_MAP_FD, 0, counter.0.as_raw_fd()),
-        insn(0, 0, 0, 0, 0),
-        insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM),
+    let (r0, r1, fp) = (0, 1, 10);
+    let mut code = vec![insn(ST_MEM_W, fp, 0, -4, 0)];
+    code.extend(lookup_key_at_fp_4(&counter.0));
+    code.extend([
         insn(JNE_K, r0, 0, 2, 0),
         insn(MOV64_K, r0, 0, 0, -1),
         insn(EXIT, 0, 0, 0, 0),
         insn(MOV64_K, r1, 0, 0, 1),
         insn(ATOMIC_DW, r0, r1, 0, FETCH_ADD),
+    ]);
+    code
+}
+
+/// `r0 = bpf_map_lookup_elem(map, fp - 4)`: the key is stored at `fp - 4` before.
+fn lookup_key_at_fp_4(map: &OwnedFd) -> [Insn; 5] {
+    let (r1, r2, fp) = (1, 2, 10);
+    [
+        insn(MOV64_X, r2, fp, 0, 0),
+        insn(ADD64_K, r2, 0, 0, -4),
+        insn(LD_IMM64, r1, BPF_PSEUDO_MAP_FD, 0, map.as_raw_fd()),
+        insn(0, 0, 0, 0, 0),
+        insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM),
     ]
 }
 
