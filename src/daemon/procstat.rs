@@ -167,13 +167,7 @@ fn cgroup_usage(dir: &Path, page: u64, buf: &mut Vec<u8>) -> Option<Usage> {
     cgroup_members(dir, buf, &mut members);
     let rss_pages: u64 = members
         .into_iter()
-        .filter_map(|pid| {
-            read_file(Path::new(&format!("/proc/{pid}/statm")), buf)?
-                .split(' ')
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-        })
+        .filter_map(|pid| resident_pages(pid, buf))
         .sum();
     Some(Usage {
         cpu_seconds: usec as f64 / 1e6,
@@ -261,7 +255,7 @@ fn walk_groups(
         };
         if let Some(total) = usage.get_mut(&clusterd_core::Pid::from_raw(fields.pgrp)) {
             total.cpu_seconds += (fields.utime + fields.stime) as f64 / ticks;
-            total.rss_bytes += fields.rss_pages * page;
+            total.rss_bytes += resident_pages(pid, &mut buf).unwrap_or(0) * page;
         }
     };
     let me = std::process::id() as i32;
@@ -358,7 +352,16 @@ struct StatFields {
     pgrp: i32,
     utime: u64,
     stime: u64,
-    rss_pages: u64,
+}
+
+/// The resident pages of `pid`, from `/proc/<pid>/statm` (exact; the `rss` of `stat` is
+/// summed from per-CPU counters without folding them, and can be off by hundreds of pages).
+fn resident_pages(pid: i32, buf: &mut Vec<u8>) -> Option<u64> {
+    read_file(Path::new(&format!("/proc/{pid}/statm")), buf)?
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// The fields we need from `/proc/<pid>/stat` (see proc(5)); the command name in field 2 may
@@ -372,7 +375,6 @@ fn parse_stat(stat: &str) -> Option<StatFields> {
         pgrp: fields.get(2)?.parse().ok()?,
         utime: fields.get(11)?.parse().ok()?,
         stime: fields.get(12)?.parse().ok()?,
-        rss_pages: fields.get(21)?.parse().ok()?,
     })
 }
 
@@ -385,10 +387,7 @@ mod tests {
         let line =
             "42 (a) b (c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 123 4096 77 rest";
         let f = parse_stat(line).expect("parse");
-        assert_eq!(
-            (f.ppid, f.pgrp, f.utime, f.stime, f.rss_pages),
-            (1, 42, 250, 50, 77)
-        );
+        assert_eq!((f.ppid, f.pgrp, f.utime, f.stime), (1, 42, 250, 50));
     }
 
     #[test]
@@ -461,7 +460,7 @@ mod tests {
                     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"));
                     execed &= pid == group || comm.is_ok_and(|c| c.trim() == "sleep");
                     members.push(pid);
-                    rss += f.rss_pages * page;
+                    rss += resident_pages(pid, &mut Vec::new()).unwrap_or(0) * page;
                 }
             }
             (members.len(), rss, execed)
