@@ -238,12 +238,7 @@ bake = "0s"
 "#,
         dir = deps.path().display()
     ));
-    let line = clusterd.wait_for_line("socket http listening on ", 10 * SECOND);
-    let addr: SocketAddr = line
-        .split_once("listening on ")
-        .and_then(|(_, rest)| rest.split(' ').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address: {line}"));
+    let addr = clusterd.socket_addr("http");
     let before = ready_pids(&clusterd);
     chat_round(addr, &before);
 
