@@ -44,6 +44,7 @@ pub fn status_table(status: &Status) -> String {
     }
     for socket in &status.sockets {
         let notes: Vec<String> = [
+            socket.inherited.then(|| "inherited".to_owned()),
             socket.balance.clone(),
             socket
                 .app
@@ -236,6 +237,7 @@ mod tests {
                 address: "127.0.0.1:8000".into(),
                 app: None,
                 balance: Some("round-robin".into()),
+                inherited: false,
             }],
             apps: vec![AppStatus {
                 name: "web".into(),

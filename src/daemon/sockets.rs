@@ -23,6 +23,8 @@ pub struct BoundSocket {
     fd: OwnedFd,
     /// What it is bound to, for logs and status: `127.0.0.1:8000` or `unix:/path`.
     pub address: String,
+    /// Inherited from clusterd's own manager (socket activation).
+    pub inherited: bool,
     /// The socket file clusterd created, removed again at exit.
     unix_path: Option<PathBuf>,
     /// Bound on demand for an intercepted app (not in the manifest).
@@ -56,6 +58,14 @@ pub struct OnDemandError {
 }
 
 impl BoundSocket {
+    /// Its address as the log says it: with ` (inherited)` after an inherited one's.
+    pub fn described(&self) -> String {
+        match self.inherited {
+            true => format!("{}{INHERITED}", self.address),
+            false => self.address.clone(),
+        }
+    }
+
     /// The raw fd, to hand to a spawn.
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
@@ -158,7 +168,8 @@ impl Sockets {
                     } else {
                         ""
                     };
-                    tracing::info!("socket {name} listening on {}{steered}", socket.address);
+                    let address = socket.described();
+                    tracing::info!("socket {name} listening on {address}{steered}");
                     sockets.by_name.insert(name.clone(), socket);
                 }
                 Err(cause) => {
@@ -181,17 +192,17 @@ impl Sockets {
         Ok(sockets)
     }
 
-    /// Every socket as (name, fd, address, unix file, bound on demand), for an upgrade's
-    /// hand-over.
+    /// Every socket as (name, fd, address as [`BoundSocket::described`], unix file, bound on
+    /// demand), for an upgrade's hand-over.
     #[allow(clippy::type_complexity)]
     pub fn parts(
         &self,
-    ) -> impl Iterator<Item = (&String, RawFd, &String, Option<&PathBuf>, Option<&OnDemand>)> {
+    ) -> impl Iterator<Item = (&String, RawFd, String, Option<&PathBuf>, Option<&OnDemand>)> {
         self.by_name.iter().map(|(name, s)| {
             (
                 name,
                 s.fd.as_raw_fd(),
-                &s.address,
+                s.described(),
                 s.unix_path.as_ref(),
                 s.on_demand.as_ref(),
             )
@@ -205,12 +216,17 @@ impl Sockets {
         Sockets {
             by_name: parts
                 .into_iter()
-                .map(|(name, fd, address, unix_path, on_demand)| {
+                .map(|(name, fd, described, unix_path, on_demand)| {
+                    let (address, inherited) = match described.strip_suffix(INHERITED) {
+                        Some(address) => (address.to_owned(), true),
+                        None => (described, false),
+                    };
                     (
                         name,
                         BoundSocket {
                             fd,
                             address,
+                            inherited,
                             unix_path,
                             on_demand,
                         },
@@ -263,7 +279,7 @@ impl Sockets {
             }
         }
         for (name, socket) in prepared.by_name {
-            tracing::info!("socket {name} listening on {}", socket.address);
+            tracing::info!("socket {name} listening on {}", socket.described());
             self.by_name.insert(name, socket);
         }
         Ok(changed)
@@ -313,6 +329,7 @@ impl Sockets {
             name = format!("{app}-port-{}", address.port());
         }
         let bound = BoundSocket {
+            inherited: false,
             fd: socket.into(),
             address: address.to_string(),
             unix_path: None,
@@ -430,6 +447,9 @@ pub fn take_inherited() -> Result<BTreeMap<String, OwnedFd>, BindError> {
     Ok(inherited)
 }
 
+/// What the log and the hand-over add after an inherited socket's address.
+const INHERITED: &str = " (inherited)";
+
 /// An inherited socket, as it is.
 fn adopt(fd: OwnedFd) -> io::Result<BoundSocket> {
     let local = socket2::SockRef::from(&fd).local_addr()?;
@@ -441,7 +461,8 @@ fn adopt(fd: OwnedFd) -> io::Result<BoundSocket> {
     // Not ours to remove at exit: the socket unit owns the file.
     Ok(BoundSocket {
         fd,
-        address: format!("{address} (inherited)"),
+        address,
+        inherited: true,
         unix_path: None,
         on_demand: None,
     })
@@ -470,6 +491,7 @@ fn bind(config: &SocketConfig, steered: bool) -> io::Result<BoundSocket> {
                 .as_socket()
                 .map_or_else(|| addr.to_string(), |a| a.to_string());
             Ok(BoundSocket {
+                inherited: false,
                 fd: socket.into(),
                 address: local,
                 unix_path: None,
@@ -485,6 +507,7 @@ fn bind(config: &SocketConfig, steered: bool) -> io::Result<BoundSocket> {
             }
             socket.listen(backlog)?;
             Ok(BoundSocket {
+                inherited: false,
                 fd: socket.into(),
                 address: format!("unix:{}", path.display()),
                 unix_path: Some(path.clone()),
@@ -632,6 +655,26 @@ mod tests {
     /// Whether some socket listens on `addr` (a connection is accepted into its queue).
     fn listening(addr: &str) -> bool {
         std::net::TcpStream::connect(addr).is_ok()
+    }
+
+    #[test]
+    fn an_inherited_socket_crosses_a_hand_over_as_inherited_with_its_address_as_it_is() {
+        let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let parts = [(
+            "http".to_owned(),
+            fd,
+            "127.0.0.1:8000 (inherited)".to_owned(),
+            None,
+            None,
+        )];
+        let sockets = Sockets::from_parts(parts);
+        let http = sockets.get("http").unwrap();
+        assert_eq!(
+            (http.address.as_str(), http.inherited),
+            ("127.0.0.1:8000", true)
+        );
+        let handed: Vec<String> = sockets.parts().map(|(_, _, address, ..)| address).collect();
+        assert_eq!(handed, ["127.0.0.1:8000 (inherited)"]);
     }
 
     #[test]

@@ -482,6 +482,9 @@ fn sockets_from_socket_activation_are_passed_through_by_name() {
     );
     let line = clusterd.wait_for_line("socket http listening on", 10 * SECOND);
     assert!(line.ends_with(&format!("{addr} (inherited)")), "{line}");
+    // Status: the address as it is, and that it was inherited.
+    assert_eq!(clusterd.socket_addr("http"), addr);
+    assert_eq!(clusterd.status()["sockets"][0]["inherited"], true);
     clusterd.wait_ready("web", 2, 20 * SECOND);
     drop(listener); // only clusterd and its workers hold it now
     let response = http_get(addr, "/").expect("request");

@@ -225,7 +225,7 @@ fn a_sighup_failing_on_its_second_new_socket_binds_nothing_and_a_corrected_one_a
     let b = free_port();
     clusterd.rewrite_manifest(&manifest(a, b));
     clusterd.signal(Signal::SIGHUP);
-    clusterd.wait_for_line("socket b listening on", 10 * SECOND);
+    clusterd.socket_addr("b");
     assert!(listening(a) && listening(b));
     let output = clusterd.output();
     assert_eq!(clusterd.count("manifest re-read rejected"), 1, "{output}");

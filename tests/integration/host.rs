@@ -143,7 +143,7 @@ fn the_manager_hears_ready_after_the_workers_then_status_reloading_watchdog_and_
     let manager = Manager::new();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let mut clusterd = start_activated(&gated_manifest(""), "http", &listener, &manager, 600_000);
-    clusterd.wait_for_line("socket http listening on", 10 * SECOND);
+    clusterd.socket_addr("http");
 
     // The hello workers get ready; the gated ones cannot: no READY=1 yet.
     manager.wait("STATUS with web ready", |m| m.contains("web 2/2 ready"));

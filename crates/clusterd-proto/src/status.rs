@@ -62,6 +62,9 @@ pub struct SocketStatus {
     /// robin fell back) or by `ip-hash` (absent from a clusterd older than this field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balance: Option<String>,
+    /// Inherited from clusterd's own manager (socket activation), not bound by clusterd.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inherited: bool,
 }
 
 /// One app.

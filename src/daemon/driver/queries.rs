@@ -84,6 +84,7 @@ impl Driver {
                     address: s.address.clone(),
                     app: s.on_demand.as_ref().map(|d| d.app.clone()),
                     balance: Some(self.balance_of(name).to_owned()),
+                    inherited: s.inherited,
                 })
                 .collect(),
             apps,
