@@ -42,6 +42,9 @@ pub fn status_table(status: &Status) -> String {
             status.output_dropped
         );
     }
+    if let Some(metrics) = &status.metrics {
+        let _ = writeln!(out, "metrics on http://{metrics}/metrics");
+    }
     for socket in &status.sockets {
         let notes: Vec<String> = [
             socket.inherited.then(|| "inherited".to_owned()),
@@ -232,6 +235,7 @@ mod tests {
             uptime_ms: 1000,
             rss_bytes: 4_000_000,
             stopping: false,
+            metrics: Some("127.0.0.1:9100".into()),
             sockets: vec![SocketStatus {
                 name: "http".into(),
                 address: "127.0.0.1:8000".into(),

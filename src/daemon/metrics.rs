@@ -351,6 +351,8 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The HTTP listener; queries arrive through [`MetricsServer::recv`].
 pub struct MetricsServer {
+    /// Where it listens.
+    pub address: SocketAddr,
     queries: mpsc::Receiver<Query>,
     /// A duplicate of the listener, handed to the next clusterd by an upgrade.
     kept: std::os::fd::OwnedFd,
@@ -373,10 +375,15 @@ impl MetricsServer {
     }
 
     fn serve_listener(listener: TcpListener) -> std::io::Result<Self> {
+        let address = listener.local_addr()?;
         let kept = std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned()?;
         let (sender, queries) = mpsc::channel(16);
         tokio::task::spawn_local(serve(listener, sender));
-        Ok(MetricsServer { queries, kept })
+        Ok(MetricsServer {
+            address,
+            queries,
+            kept,
+        })
     }
 
     /// The listener's descriptor, for an upgrade's hand-over.

@@ -276,13 +276,7 @@ fn parse_exposition(text: &str) -> Vec<(String, f64)> {
 fn metrics_parse_and_match_status() {
     let mut clusterd = Clusterd::start(&format!("[metrics]\nlisten = \"127.0.0.1:0\"\n{HELLO}"));
     clusterd.wait_ready("web", 3, 20 * SECOND);
-    let line = clusterd.wait_for_line("metrics on http://", 5 * SECOND);
-    let addr: std::net::SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.strip_suffix("/metrics"))
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let addr = clusterd.metrics_addr();
     let scrape = || {
         let response = crate::util::http_get(addr, "/metrics").expect("scrape");
         assert_eq!(response.status, 200);
@@ -524,13 +518,7 @@ fn control_connections_over_the_cap_are_answered_busy_and_the_next_ones_served()
 #[test]
 fn metrics_connections_over_the_cap_are_refused_with_503() {
     let mut clusterd = Clusterd::start(&format!("[metrics]\nlisten = \"127.0.0.1:0\"\n{HELLO}"));
-    let line = clusterd.wait_for_line("metrics on http://", 5 * SECOND);
-    let addr: std::net::SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.strip_suffix("/metrics"))
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let addr = clusterd.metrics_addr();
     // 64 idle connections hold every slot (accepted in order, before the next one).
     let mut held: Vec<std::net::TcpStream> = (0..64)
         .map(|_| std::net::TcpStream::connect(addr).expect("connect"))

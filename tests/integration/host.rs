@@ -242,13 +242,7 @@ fn readyz_and_status_check_follow_the_workers_and_an_aborting_rollout() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let manifest = gated_manifest("[metrics]\nlisten = \"127.0.0.1:0\"\n");
     let mut clusterd = start_activated(&manifest, "http", &listener, &manager, 0);
-    let line = clusterd.wait_for_line("metrics on http://", 10 * SECOND);
-    let metrics: std::net::SocketAddr = line
-        .rsplit("http://")
-        .next()
-        .and_then(|rest| rest.strip_suffix("/metrics"))
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let metrics = clusterd.metrics_addr();
 
     assert_eq!(http_get(metrics, "/healthz").expect("healthz").status, 200);
     let not_yet = http_get(metrics, "/readyz").expect("readyz");

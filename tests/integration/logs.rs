@@ -683,16 +683,10 @@ fn start_detach_with_a_one_shot_beside_a_web_app_succeeds_and_readyz_counts_what
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains("migrate: 0/0 ready, 1 done"), "{table}");
     // /readyz says the same.
-    let log = file_lines(&detached.dir.path().join(".clusterd/app/clusterd.log"));
-    let metrics: std::net::SocketAddr = log
-        .iter()
-        .find_map(|l| {
-            l.rsplit("metrics on http://")
-                .next()?
-                .strip_suffix("/metrics")
-        })
+    let metrics: std::net::SocketAddr = status["metrics"]
+        .as_str()
         .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no metrics address in {log:#?}"));
+        .unwrap_or_else(|| panic!("no metrics address in {status}"));
     let readyz = crate::util::http_get(metrics, "/readyz").expect("readyz");
     assert_eq!(readyz.status, 200, "{}", readyz.body);
     assert!(cli(&detached.manifest, &["stop"]).status.success());

@@ -375,6 +375,17 @@ impl Clusterd {
             .unwrap_or_else(|_| panic!("not an address: {address:?}"))
     }
 
+    /// Where clusterd serves `/metrics` (`[metrics] listen`), from status.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let mut address = None;
+        let found = self.status_until(Duration::from_secs(20), |status| {
+            address = status["metrics"].as_str().and_then(|a| a.parse().ok());
+            address.is_some()
+        });
+        assert!(found, "no metrics address in status:\n{}", self.output());
+        address.expect("address")
+    }
+
     /// The pid of the first worker started for `label` (`app[slot]`), waiting (bounded) for
     /// status to show one. If the slot has been restarted since, the first pid is no longer
     /// in status and comes from the first typed `started` event of the slot (a test that lets

@@ -18,6 +18,9 @@ pub struct Status {
     pub stopping: bool,
     /// The listening sockets.
     pub sockets: Vec<SocketStatus>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`[supervisor] metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
     /// The apps, by name.
     pub apps: Vec<AppStatus>,
     /// What holds each worker and everything it starts: `cgroup v2 (...)` or

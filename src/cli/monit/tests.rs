@@ -63,6 +63,7 @@ fn status(apps: Vec<AppStatus>) -> Status {
         rss_bytes: 3 << 20,
         stopping: false,
         sockets: Vec::new(),
+        metrics: None,
         apps,
         containment: String::new(),
         output_dropped: 0,

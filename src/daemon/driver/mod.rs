@@ -137,6 +137,7 @@ pub async fn run(
         logs,
     )?;
     driver.manager = manager;
+    driver.metrics_address = metrics_server.as_ref().map(|m| m.address);
     driver.exe = exe.map(|p| p.display().to_string());
     driver.detached = detached;
     let mut core = match resumed {
@@ -244,6 +245,8 @@ struct Driver {
     dev_null: OwnedFd,
     started: Instant,
     metrics: std::rc::Rc<Metrics>,
+    /// Where the metrics listener is, for status.
+    metrics_address: Option<std::net::SocketAddr>,
     /// The tasks forwarding workers' output.
     output_tasks: JoinSet<()>,
     /// Control clients still owed a reply.
@@ -315,6 +318,7 @@ impl Driver {
             dev_null: std::fs::File::open("/dev/null")?.into(),
             started: Instant::now(),
             metrics: std::rc::Rc::default(),
+            metrics_address: None,
             output_tasks: JoinSet::new(),
             replies: HashMap::new(),
             last_replies: Vec::new(),

@@ -87,6 +87,7 @@ impl Driver {
                     inherited: s.inherited,
                 })
                 .collect(),
+            metrics: self.metrics_address.map(|a| a.to_string()),
             apps,
             containment: self.containment.describe(),
             output_dropped: self.logs.dropped_lines(),

@@ -15,7 +15,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use redis_cluster_fixture::RedisCluster;
 
-use super::{Detached, Event, Expect, Kind, Matrix, Supervisor, log_files, metrics_addr};
+use super::{Detached, Event, Expect, Kind, Matrix, Supervisor, log_files};
 use crate::intercept::free_port;
 use crate::util::{Clusterd, clusterd_bin, example_bin, wait_until, write_executable};
 
@@ -29,14 +29,17 @@ fn socket_address(m: &Matrix) -> SocketAddr {
         .expect("a socket address in status")
 }
 
-/// Waits for the metrics listener's address in clusterd's log.
+/// Waits for the metrics listener's address in status.
 fn find_metrics(m: &mut Matrix) {
     let mut found = None;
     wait_until(20 * SECOND, || {
-        found = metrics_addr(&m.log());
+        found = m
+            .sup
+            .try_status()
+            .and_then(|status| status["metrics"].as_str()?.parse().ok());
         found.is_some()
     });
-    m.metrics = Some(found.expect("no `metrics on http://` line in clusterd's log"));
+    m.metrics = Some(found.expect("no metrics address in status"));
 }
 
 /// The walk every feature takes after its start, on `app` (long-running, `n` workers, a
@@ -575,12 +578,13 @@ fn matrix_socket_activation_sd_notify_and_readyz() {
         assert!(ok, "the manager heard {:?}", &all[since.min(all.len())..]);
         seen.set(all.len());
         let status = m.sup.status();
+        let socket = &status["sockets"][0];
         assert!(
-            status["sockets"][0]["address"]
-                .as_str()
-                .is_some_and(|a| a.contains("inherited")),
-            "the socket is not shown as inherited: {}",
-            status["sockets"]
+            socket["inherited"] == true
+                && socket["address"]
+                    .as_str()
+                    .is_some_and(|a| a.parse::<SocketAddr>().is_ok()),
+            "the socket is not shown as inherited, at its address: {socket}"
         );
     });
     if m.started("foreground, socket-activated", find_metrics) {

@@ -442,14 +442,6 @@ fn files_problem(targets: &[String]) -> Option<String> {
         .map(|f| format!("{f} is still open after the reopen"))
 }
 
-/// The address in a `metrics on http://ADDR/metrics` log line.
-pub fn metrics_addr(log: &str) -> Option<SocketAddr> {
-    log.lines()
-        .find_map(|l| l.split_once("metrics on http://"))
-        .and_then(|(_, rest)| rest.strip_suffix("/metrics"))
-        .and_then(|a| a.trim().parse().ok())
-}
-
 impl Matrix {
     /// A matrix over `sup`, whose `apps` are expected as given. The start case is recorded by
     /// [`Matrix::started`].
