@@ -37,30 +37,11 @@ URL="http://127.0.0.1:$PORT/"
 NICE=()
 [[ -n ${BENCH_NICE:-} ]] && NICE=(nice -n "$BENCH_NICE")
 
-log() { printf '[balance-bench] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_NAME=balance
+source "$HERE/../lib.sh"
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/clusterd-balance-bench.XXXXXX")
-PIDS=()
-PM2_STARTED=0
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    if [[ $PM2_STARTED == 1 ]]; then pm2 kill >/dev/null 2>&1 || true; fi
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_temp
 
-wait_until() { # wait_until SECONDS COMMAND...
-    local deadline=$(( $(date +%s%N) + $1 * 1000000000 )); shift
-    until "$@"; do (( $(date +%s%N) < deadline )) || return 1; sleep 0.05; done
-}
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 # Two distinct pids answer: both workers serve.
 two_serve() {
     local seen

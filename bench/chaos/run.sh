@@ -21,7 +21,8 @@ KILL_EVERY=${BENCH_KILL_EVERY:-0.5}
 WORKERS=${BENCH_WORKERS:-4}
 CONNS=${BENCH_CONNECTIONS:-16}
 
-log() { printf '[chaos-bench] %s\n' "$*" >&2; }
+BENCH_NAME=chaos
+source "$HERE/../lib.sh"
 
 if ! command -v wrk >/dev/null; then
     log "installing wrk"

@@ -23,8 +23,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 PORT=${BENCH_PORT:-18300}
 
-log() { printf '[faults-bench] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_NAME=faults
+source "$HERE/../lib.sh"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/clusterd-faults-bench.XXXXXX")
 PIDS=()          # processes this bench started, killed by pid at exit
@@ -41,14 +41,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-wait_until() { # wait_until SECONDS COMMAND...
-    local deadline=$(( $(date +%s%N) + $1 * 1000000000 )); shift
-    until "$@"; do
-        (( $(date +%s%N) < deadline )) || return 1
-        sleep 0.05
-    done
-}
 
 if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
     log "building clusterd and hello (release)"

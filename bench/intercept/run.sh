@@ -25,30 +25,13 @@ THREADS=${BENCH_THREADS:-2}
 PORT=8001
 URL="http://127.0.0.1:$PORT/"
 
-log() { printf '[intercept-bench] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_NAME=intercept
+# Start-up times are measured with wait_until: poll every 10 ms.
+WAIT_STEP=0.01
+source "$HERE/../lib.sh"
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/clusterd-intercept-bench.XXXXXX")
-PIDS=()
-PM2_STARTED=0
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    if [[ $PM2_STARTED == 1 ]]; then pm2 kill >/dev/null 2>&1 || true; fi
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_temp
 
-wait_until() { # wait_until SECONDS COMMAND...
-    local deadline=$(( $(date +%s%N) + $1 * 1000000000 )); shift
-    until "$@"; do (( $(date +%s%N) < deadline )) || return 1; sleep 0.01; done
-}
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 http_ok() { curl -fsS -o /dev/null --max-time 1 "$URL" 2>/dev/null; }
 stop_pid() { # stop_pid PID: SIGTERM, wait, forget
     kill -TERM "$1" 2>/dev/null || true

@@ -24,8 +24,8 @@ ROOT=$(cd "$HERE/../.." && pwd)
 N=${BENCH_IPC_WORKERS:-4}
 M=${BENCH_IPC_MESSAGES:-20000}
 
-log() { printf '[ipc-bench] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_NAME=ipc
+source "$HERE/../lib.sh"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/clusterd-ipc-bench.XXXXXX")
 MASTER=""
@@ -41,13 +41,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_until() { # wait_until SECONDS COMMAND...
-    local deadline=$(( $(date +%s%N) + $1 * 1000000000 )); shift
-    until "$@"; do
-        (( $(date +%s%N) < deadline )) || return 1
-        sleep 0.05
-    done
-}
 count() { local n; n=$(grep -c -- "$2" "$1" 2>/dev/null) || true; echo "${n:-0}"; }
 have() { (( $(count "$1" "$2") >= $3 )); }
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }

@@ -27,23 +27,10 @@ SCENARIOS=${BENCH_SCENARIOS:-text json rotate pm2}
 WORKERS=4
 EXPECTED=$((RATE * SECS * WORKERS))
 
-log() { printf '[logs-bench] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_NAME=logs
+source "$HERE/../lib.sh"
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/clusterd-logs-bench.XXXXXX")
-PIDS=()
-PM2_STARTED=0
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    if [[ $PM2_STARTED == 1 ]]; then pm2 kill >/dev/null 2>&1 || true; fi
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
+bench_temp
 
 NODE=$(command -v node || true)
 [[ -n $NODE ]] || die "node is missing"

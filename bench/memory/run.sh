@@ -26,8 +26,8 @@ SCRAPES=${BENCH_MEM_SCRAPES:-20}
 M=${BENCH_MEM_MESSAGES:-20000}
 N=4
 
-log() { printf '[memory-bench] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_NAME=memory
+source "$HERE/../lib.sh"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/clusterd-memory-bench.XXXXXX")
 CD_PID=""
@@ -43,13 +43,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_until() { # wait_until SECONDS COMMAND...
-    local deadline=$(( $(date +%s%N) + $1 * 1000000000 )); shift
-    until "$@"; do
-        (( $(date +%s%N) < deadline )) || return 1
-        sleep 0.05
-    done
-}
 count() { local n; n=$(grep -c -- "$2" "$1" 2>/dev/null) || true; echo "${n:-0}"; }
 have() { (( $(count "$1" "$2") >= $3 )); }
 rss_kb() { awk '$1 == "VmRSS:" { print $2 }' "/proc/$CD_PID/status"; }

@@ -20,8 +20,8 @@ ROOT=$(cd "$HERE/../.." && pwd)
 PORT=${BENCH_PORT:-18100}
 SECS=${BENCH_MONIT_SECS:-30}
 
-log() { printf '[monit-bench] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_NAME=monit
+source "$HERE/../lib.sh"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/clusterd-monit-bench.XXXXXX")
 TMUX_SOCKET=clusterd-monit-bench-$$
@@ -38,14 +38,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_until() { # wait_until SECONDS COMMAND...
-    local deadline=$(( $(date +%s%N) + $1 * 1000000000 )); shift
-    until "$@"; do
-        (( $(date +%s%N) < deadline )) || return 1
-        sleep 0.05
-    done
-}
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 # cpu_ticks PID: utime + stime of that process (fields 14 and 15, after the command's parens).
 cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
 TCK=$(getconf CLK_TCK)

@@ -28,7 +28,8 @@ CLUSTERD=${BENCH_CLUSTERD_BIN:-$ROOT/target/release/clusterd}
 VENV=$ROOT/bench/.tools/uvicorn
 RESULTS=$ROOT/bench/results/nodelay-$(date -u +%Y%m%dT%H%M%SZ)
 
-log() { printf '[nodelay-bench] %s\n' "$*" >&2; }
+BENCH_NAME=nodelay
+source "$HERE/../lib.sh"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/clusterd-nodelay-bench.XXXXXX")
 PID=

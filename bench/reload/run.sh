@@ -51,8 +51,8 @@ SPEED_RELOADS=${BENCH_SPEED_RELOADS:-3}
 WORKERS=4
 URL="http://127.0.0.1:$PORT/"
 
-log() { printf '[reload-bench] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_NAME=reload
+source "$HERE/../lib.sh"
 
 # --- cleanup: everything this script started, by pid --------------------------------------
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/clusterd-reload-bench.XXXXXX")
@@ -80,16 +80,6 @@ forget_pid() { # removes $1 from PIDS
     PIDS=("${keep[@]}")
 }
 
-# wait_until SECONDS COMMAND...: polls COMMAND every 50 ms; fails after SECONDS.
-wait_until() {
-    local deadline=$(( $(date +%s%N) + $1 * 1000000000 )); shift
-    until "$@"; do
-        (( $(date +%s%N) < deadline )) || return 1
-        sleep 0.05
-    done
-}
-
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 http_ok() { curl -fsS -o /dev/null --max-time 1 "$URL" 2>/dev/null; }
 
 # --- tools and binaries ------------------------------------------------------------------------

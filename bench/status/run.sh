@@ -35,8 +35,8 @@ PM2_RUNS=${BENCH_PM2_RUNS:-10}
 HOST_PROCS=${BENCH_STATUS_HOST_PROCS:-5000}
 FRESH_RUNS=${BENCH_STATUS_FRESH_RUNS:-10}
 
-log() { printf '[status-bench] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_NAME=status
+source "$HERE/../lib.sh"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/clusterd-status-bench.XXXXXX")
 CD_PID=""
@@ -63,14 +63,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_until() { # wait_until SECONDS COMMAND...
-    local deadline=$(( $(date +%s%N) + $1 * 1000000000 )); shift
-    until "$@"; do
-        (( $(date +%s%N) < deadline )) || return 1
-        sleep 0.05
-    done
-}
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 http_ok() { curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$PORT/" 2>/dev/null; }
 count_lines() { local n; n=$(grep -c -- "$2" "$1" 2>/dev/null) || true; echo "${n:-0}"; }
 rss_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }

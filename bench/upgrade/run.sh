@@ -36,8 +36,8 @@ APPS=${BENCH_APPS:-hello intercepted node-ipc}
 CLUSTERD=$ROOT/target/release/clusterd
 HELLO=$ROOT/target/release/hello
 
-log() { printf '[upgrade-bench] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_NAME=upgrade
+source "$HERE/../lib.sh"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/clusterd-upgrade-bench.XXXXXX")
 PIDS=()
