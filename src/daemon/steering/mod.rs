@@ -775,7 +775,12 @@ mod tests {
 
     /// A free loopback address and a plain socket config for it.
     fn free_loopback() -> (SocketAddr, SocketConfig) {
-        let reserve = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        free_address(std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// A free port on `ip` and a plain socket config for it.
+    fn free_address(ip: std::net::IpAddr) -> (SocketAddr, SocketConfig) {
+        let reserve = std::net::TcpListener::bind(SocketAddr::new(ip, 0)).unwrap();
         let address = reserve.local_addr().unwrap();
         drop(reserve);
         let config = SocketConfig {
@@ -1064,7 +1069,19 @@ mod tests {
         [WorkerId; 3],
         Vec<std::net::TcpListener>,
     ) {
-        let (address, config) = free_loopback();
+        three_workers_on(free_loopback(), balance)
+    }
+
+    /// [`three_workers`] on `(address, config)`.
+    fn three_workers_on(
+        (address, config): (SocketAddr, SocketConfig),
+        balance: Balance,
+    ) -> (
+        Steering,
+        SocketAddr,
+        [WorkerId; 3],
+        Vec<std::net::TcpListener>,
+    ) {
         let mut steering = Steering::default();
         let policy = Policy { balance, slots: 3 };
         let workers = [WorkerId(1), WorkerId(2), WorkerId(3)];
@@ -1196,6 +1213,36 @@ mod tests {
         })
         .join()
         .unwrap()
+    }
+
+    #[test]
+    fn least_queued_takes_the_connections_to_its_address_whatever_the_family() {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let (v4, v6): (IpAddr, IpAddr) = (Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into());
+        let (any4, any6) = (Ipv4Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into());
+        if std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_err() {
+            eprintln!("SKIPPED: no IPv6 loopback");
+            return;
+        }
+        // (bound to, connected to); `::` is dual-stack here.
+        for (bound, to) in [(v4, v4), (v6, v6), (any4, v4), (any6, v6), (any6, v4)] {
+            let (mut steering, address, workers, fds) =
+                three_workers_on(free_address(bound), Balance::LeastQueued);
+            steering.set_serving(workers[0], true);
+            steering.set_serving(workers[1], true);
+            if steering.balance_of("http") != Some("least-queued") {
+                eprintln!("SKIPPED: this process may not attach lookup programs");
+                return;
+            }
+            let to = SocketAddr::new(to, address.port());
+            // Two each; the first socket emptied; the next two both go there (in turn, one
+            // would go to the second).
+            let _first = connect(to, 4);
+            assert_eq!(accepted(&fds[0]), 2, "{bound} <- {to}");
+            let _second = connect(to, 2);
+            let counts: Vec<usize> = fds.iter().map(accepted).collect();
+            assert_eq!(counts, [2, 2, 0], "{bound} <- {to}");
+        }
     }
 
     #[test]
