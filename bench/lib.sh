@@ -5,8 +5,9 @@
 #
 # log and die print as [NAME-bench] on stderr; wait_until polls a command (every WAIT_STEP
 # seconds, default 0.05); port_free checks a loopback port. bench_temp makes $TMP and, on
-# exit, stops the processes listed in PIDS (SIGTERM, SIGKILL after 5 s), runs `pm2 kill`
-# when PM2_STARTED is 1 (the script's own `pm2` function) and removes $TMP.
+# exit, stops the processes listed in PIDS (SIGTERM, SIGKILL after STOP_TENTHS tenths of a
+# second, default 50), runs `pm2 kill` when PM2_STARTED is 1 (the script's own `pm2`
+# function) and removes $TMP.
 
 log() { printf '[%s-bench] %s\n' "$BENCH_NAME" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -35,7 +36,7 @@ bench_cleanup() {
     local pid
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        for _ in $(seq "${STOP_TENTHS:-50}"); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$pid" 2>/dev/null || true
     done
     if [[ $PM2_STARTED == 1 ]]; then pm2 kill >/dev/null 2>&1 || true; fi

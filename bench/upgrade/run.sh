@@ -39,18 +39,9 @@ HELLO=$ROOT/target/release/hello
 BENCH_NAME=upgrade
 source "$HERE/../lib.sh"
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/clusterd-upgrade-bench.XXXXXX")
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
+# Workers of an upgraded clusterd get up to 10 s to stop.
+STOP_TENTHS=100
+bench_temp
 
 command -v wrk >/dev/null || die "wrk is missing (apt-get install wrk)"
 command -v python3 >/dev/null || die "python3 is missing"

@@ -1061,27 +1061,23 @@ mod tests {
     /// Steering group `http` on a free loopback address with the sockets of three workers
     /// (slots 0 to 2, none serving yet) under `balance`: the steering, the address, the workers
     /// and their sockets.
-    fn three_workers(
-        balance: Balance,
-    ) -> (
+    fn three_workers(balance: Balance) -> ThreeWorkers {
+        three_workers_on(free_loopback(), balance)
+    }
+
+    /// What [`three_workers`] makes: the steering, the address, the workers, their sockets.
+    type ThreeWorkers = (
         Steering,
         SocketAddr,
         [WorkerId; 3],
         Vec<std::net::TcpListener>,
-    ) {
-        three_workers_on(free_loopback(), balance)
-    }
+    );
 
     /// [`three_workers`] on `(address, config)`.
     fn three_workers_on(
         (address, config): (SocketAddr, SocketConfig),
         balance: Balance,
-    ) -> (
-        Steering,
-        SocketAddr,
-        [WorkerId; 3],
-        Vec<std::net::TcpListener>,
-    ) {
+    ) -> ThreeWorkers {
         let mut steering = Steering::default();
         let policy = Policy { balance, slots: 3 };
         let workers = [WorkerId(1), WorkerId(2), WorkerId(3)];
