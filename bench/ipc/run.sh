@@ -52,42 +52,11 @@ CLUSTERD=${BENCH_CLUSTERD_BIN:-$ROOT/target/release/clusterd}
 command -v node >/dev/null || die "node is needed"
 HZ=$(getconf CLK_TCK)
 
-cat > "$TMP/worker.js" <<JS
-const N = $N, M = $M;
-let got = 0, started = 0, last = 0, timer = null;
-function finish(what) { console.log(what + ' ' + got + ' ' + last); clearTimeout(timer); }
-function idle() { clearTimeout(timer); timer = setTimeout(() => finish('partial'), 3000); }
-process.on('message', (msg) => {
-  if (msg === 'go') {
-    if (started) return;
-    started = Date.now();
-    console.log('go ' + started);
-    let n = 0;
-    const pump = () => {
-      while (n < M) {
-        n++;
-        const msg = { type: 'status', pid: process.pid, n };
-        // Node's own backpressure: with a full write queue, wait for this write.
-        if (process.channel.writeQueueSize >= 65536) return process.send(msg, () => pump());
-        process.send(msg);
-      }
-    };
-    pump();
-    idle();
-    return;
-  }
-  got++;
-  last = Date.now();
-  idle();
-  if (got === (N - 1) * M) finish('done');
-});
-process.send('ready');
-setInterval(() => {}, 1 << 30);
-JS
+export IPC_N=$N IPC_M=$M
 
 cat > "$TMP/primary.js" <<JS
 const cluster = require('cluster');
-cluster.setupPrimary({ exec: '$TMP/worker.js' });
+cluster.setupPrimary({ exec: '$HERE/worker.js' });
 const workers = [];
 let online = 0;
 for (let i = 0; i < $N; i++) {
@@ -105,7 +74,7 @@ JS
 
 cat > "$TMP/ipc.toml" <<TOML
 [apps.web]
-command = ["node", "$TMP/worker.js"]
+command = ["node", "$HERE/worker.js"]
 workers = $N
 ipc_broadcast = true
 ready = "message"

@@ -56,45 +56,14 @@ fi
 CLUSTERD=${BENCH_CLUSTERD_BIN:-$ROOT/target/release/clusterd}
 [[ -x $CLUSTERD ]] || die "$CLUSTERD is missing"
 
-# The worker of bench/ipc: on "go", sends M messages (with Node's backpressure), then says
-# how many it received.
-cat > "$TMP/worker.js" <<JS
-const N = $N, M = $M;
-let got = 0, started = 0, last = 0, timer = null;
-function finish(what) { console.log(what + ' ' + got + ' ' + last); clearTimeout(timer); }
-function idle() { clearTimeout(timer); timer = setTimeout(() => finish('partial'), 3000); }
-process.on('message', (msg) => {
-  if (msg === 'go') {
-    if (started) return;
-    started = Date.now();
-    console.log('go ' + started);
-    let n = 0;
-    const pump = () => {
-      while (n < M) {
-        n++;
-        const msg = { type: 'status', pid: process.pid, n };
-        if (process.channel.writeQueueSize >= 65536) return process.send(msg, () => pump());
-        process.send(msg);
-      }
-    };
-    pump();
-    idle();
-    return;
-  }
-  got++;
-  last = Date.now();
-  idle();
-  if (got === (N - 1) * M) finish('done');
-});
-process.send('ready');
-setInterval(() => {}, 1 << 30);
-JS
+# The worker of bench/ipc, for a burst of messages.
+export IPC_N=$N IPC_M=$M
 cat > "$TMP/memory.toml" <<TOML
 [metrics]
 listen = "127.0.0.1:$PORT"
 
 [apps.web]
-command = ["node", "$TMP/worker.js"]
+command = ["node", "$HERE/../ipc/worker.js"]
 workers = $N
 ipc_broadcast = true
 ready = "message"
