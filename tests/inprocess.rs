@@ -14,9 +14,11 @@ mod daemon;
 #[path = "../src/error.rs"]
 #[allow(dead_code, unused_imports)]
 mod error;
+#[path = "common/http.rs"]
+mod http;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -320,20 +322,14 @@ fn status(socket: &Path) -> Status {
 
 /// `GET /whoami` from hello: the pid of the worker that answered.
 fn whoami(addr: SocketAddr) -> std::io::Result<u32> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET /whoami HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw)?;
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("incomplete response: {raw:?}")))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(format!("not 200: {head:?}")));
+    let response = http::http_get(addr, "/whoami")?;
+    if response.status != 200 {
+        return Err(std::io::Error::other(format!(
+            "not 200: {}",
+            response.status
+        )));
     }
+    let body = &response.body;
     let json: serde_json::Value = serde_json::from_str(body).map_err(std::io::Error::other)?;
     json["pid"]
         .as_u64()

@@ -533,7 +533,10 @@ fn takes_turns(clusterd: &Clusterd, app: &str, n: usize) {
         clusterd.output()
     );
     if shown == "random" {
-        eprintln!("SKIPPED the turns: {}", clusterd.output());
+        crate::util::require(&format!(
+            "round robin's eBPF program: {}",
+            clusterd.output()
+        ));
         return;
     }
     let mut per_pid: BTreeMap<String, usize> = BTreeMap::new();
@@ -627,7 +630,10 @@ fn least_queued_sends_new_connections_past_a_worker_that_stopped_accepting() {
     let shown = clusterd.status()["sockets"][0]["balance"].clone();
     if shown != "least-queued" {
         assert!(clusterd.output().contains("steering_fallback"), "{shown}");
-        eprintln!("SKIPPED: {shown}: {}", clusterd.output());
+        crate::util::require(&format!(
+            "least-queued's lookup program: {}",
+            clusterd.output()
+        ));
         return;
     }
     let stopped = pids.first().expect("a pid").clone();

@@ -13,7 +13,7 @@
 //!   fails the test instead.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +22,10 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+
+#[path = "../common/http.rs"]
+mod http;
+pub use http::http_get;
 
 /// The longest any supervisor started by a test may live.
 const WATCHDOG: Duration = Duration::from_secs(180);
@@ -860,39 +864,6 @@ pub fn env_var(pid: Pid, key: &str) -> Option<String> {
         .into_iter()
         .find(|(k, _)| k == key)
         .map(|(_, v)| v)
-}
-
-/// A response: status code and body.
-pub struct Response {
-    /// The status code.
-    pub status: u16,
-    /// The body.
-    pub body: String,
-}
-
-/// A minimal HTTP/1.1 GET over a fresh connection (`Connection: close`), with timeouts.
-pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw)?;
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("incomplete response: {raw:?}")))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head:?}")))?;
-    Ok(Response {
-        status,
-        body: body.to_owned(),
-    })
 }
 
 /// `GET /whoami` from the hello example: (slot, pid).
