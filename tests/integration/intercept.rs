@@ -624,7 +624,7 @@ fn hello_on_fd_3_takes_its_own_steered_socket_by_default_and_reloads_without_dra
 #[test]
 fn least_queued_sends_new_connections_past_a_worker_that_stopped_accepting() {
     use std::io::{Read, Write};
-    let clusterd = Clusterd::start(&hello_manifest(2, "balance = \"least-queued\""));
+    let mut clusterd = Clusterd::start(&hello_manifest(2, "balance = \"least-queued\""));
     let addr = steered_addr(&clusterd, true);
     let pids = ready_pids(&clusterd, "web", 2);
     let shown = clusterd.status()["sockets"][0]["balance"].clone();
@@ -670,6 +670,58 @@ fn least_queued_sends_new_connections_past_a_worker_that_stopped_accepting() {
         let from = answer(&mut stream, Duration::from_secs(10));
         assert_eq!(from.as_deref(), Some(stopped.as_str()));
     }
+    // The lookup program is clusterd's for as long as it runs: its link goes with it.
+    let links = bpf_links(clusterd.pid());
+    assert_eq!(links.len(), 1, "clusterd holds one lookup link: {links:?}");
+    assert!(bpf_link_exists(links[0]));
+    assert!(clusterd.stop().success());
+    assert!(
+        wait_until(5 * SECOND, || links.iter().all(|id| !bpf_link_exists(*id))),
+        "a lookup link outlived clusterd: {links:?}"
+    );
+}
+
+/// The ids of the BPF links `pid` holds (`link_id` in its descriptors' fdinfo).
+fn bpf_links(pid: Pid) -> Vec<u32> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo");
+    dir.flatten()
+        .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+        .filter_map(|info| {
+            let line = info.lines().find(|l| l.starts_with("link_id:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .collect()
+}
+
+/// Whether the kernel still has BPF link `id` (`BPF_LINK_GET_FD_BY_ID`).
+fn bpf_link_exists(id: u32) -> bool {
+    #[repr(C)]
+    struct Attr {
+        link_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+    let attr = Attr {
+        link_id: id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    // SAFETY: BPF_LINK_GET_FD_BY_ID with its attribute, of the size given.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_GET_FD_BY_ID,
+            &attr as *const Attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: the fd the kernel just returned, ours alone.
+    drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) });
+    true
 }
 
 /// A SIGHUP that asks for `balance = "shared"` rolls the app (its env changed too) under load
